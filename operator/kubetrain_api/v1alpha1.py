@@ -1,0 +1,775 @@
+"""TrainingRun API, version v1alpha1 (group kubetrain.dev): the single source of truth.
+
+The CRD schema (`kubetrain crds`), the operator, the trainer and the CLI all read these
+models. Field descriptions come from the attribute docstrings, so they show up in
+`kubectl explain trainingrun.spec...` and in the generated API reference.
+
+This module must stay light: pydantic and the standard library only (no torch, ray, kopf).
+Rules that span several fields live in `validation.py`, because the Kubernetes 1.20 schema
+cannot express them and the operator must report them with a field path.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetrain.dev"
+VERSION = "v1alpha1"
+API_VERSION: Final = "kubetrain.dev/v1alpha1"
+KIND: Final = "TrainingRun"
+PLURAL = "trainingruns"
+SINGULAR = "trainingrun"
+SHORT_NAMES = ["tr"]
+CATEGORIES = ["kubetrain", "ml"]
+
+# Tiny model configs that need no download; the trainer maps each name to a config.
+BUILTIN_MODELS = ("tiny-llama", "tiny-qwen2")
+# Small datasets the trainer generates or ships, for the quickstart and tests.
+BUILTIN_DATASETS = ("quickstart-corpus", "quickstart-instructions", "quickstart-sentiment")
+
+# Kubernetes-style bounds. Every string and list is bounded so that a spec stays small
+# (the resolved spec is stored in a ConfigMap) and the API server can cost it.
+MAX_NAME = 63
+MAX_SHORT = 253
+MAX_URI = 2048
+MAX_MESSAGE = 32768
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# An env var name as Kubernetes accepts it (C identifier, dots and dashes allowed).
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+URI_SCHEMES = ("hf", "pvc", "s3", "gs", "file", "builtin")
+URI = r"^(hf|pvc|s3|gs|file|builtin)://[^\s]+$"
+# Kubernetes resource.Quantity, as controller-gen writes it for int-or-string quantities.
+QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+Name = Annotated[str, Field(max_length=MAX_NAME, pattern=DNS_LABEL)]
+ShortText = Annotated[str, Field(max_length=MAX_SHORT)]
+Uri = Annotated[str, Field(max_length=MAX_URI, pattern=URI)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must be >= 0")
+    elif not re.match(QUANTITY, value):
+        raise ValueError("must be a Kubernetes quantity such as 4, 500m, 16Gi")
+    return value
+
+
+# int-or-string the way Kubernetes spells quantities, so `cpu: 4` and `memory: 16Gi` both
+# pass the API server and pydantic alike.
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY,
+            "maxLength": 64,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase on the wire, unknown fields are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# spec.model, spec.lora
+# --------------------------------------------------------------------------------------
+
+
+class ModelSpec(ApiModel):
+    """Which model to train, and how to load it."""
+
+    source: Uri
+    """Where the model comes from: `hf://org/name`, `pvc://claim/path`, `s3://bucket/path`,
+    `file:///path`, or `builtin://NAME` for a tiny built-in config (tiny-llama, tiny-qwen2)
+    that needs no download."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """`pretrained` loads the source's weights; `random` builds the model from the source's
+    config with fresh weights (pretraining from scratch). Built-in models are always random."""
+    revision: ShortText | None = None
+    """Hub revision (branch, tag or commit) for `hf://` sources."""
+    tokenizer: Uri | None = None
+    """Tokenizer location; defaults to the model's own. Built-in models get a tokenizer
+    trained on the run's data."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Parameter dtype: `auto` is bfloat16 on GPUs and float32 on CPUs."""
+    config_overrides: Annotated[
+        dict[str, Any],
+        Field(max_length=64),
+        WithJsonSchema(
+            {"type": "object", "maxProperties": 64, "x-kubernetes-preserve-unknown-fields": True}
+        ),
+    ] = Field(default_factory=dict)
+    """Model config fields to override (e.g. `num_hidden_layers`, `hidden_size` for a
+    built-in model, `max_position_embeddings`)."""
+
+
+class LoraSpec(ApiModel):
+    """Low-rank adapters through PEFT; merged into the base weights on export."""
+
+    rank: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Adapter rank r."""
+    alpha: Annotated[float, Field(gt=0, le=4096)] = 32.0
+    """Scaling numerator (the update is scaled by alpha / rank)."""
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Dropout on the adapter input."""
+    # pydantic copies mutable defaults per instance, and a literal default shows in the CRD.
+    target_modules: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=32)] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]
+    """Module names to adapt."""
+
+
+# --------------------------------------------------------------------------------------
+# spec.data
+# --------------------------------------------------------------------------------------
+
+DataFormat = Literal["text", "jsonl", "parquet", "hf-dataset", "chat", "prompt-response"]
+
+
+class FieldMapping(ApiModel):
+    """Which record fields hold the text, for structured formats."""
+
+    text: ShortText = "text"
+    """Field with plain text (text, jsonl, parquet, hf-dataset)."""
+    prompt: ShortText = "prompt"
+    """Field with the prompt (prompt-response)."""
+    response: ShortText = "response"
+    """Field with the response (prompt-response)."""
+    messages: ShortText = "messages"
+    """Field with a list of `{role, content}` messages (chat)."""
+    label: ShortText = "label"
+    """Field with the expected label or answer (evaluation sets)."""
+
+
+class DataSource(ApiModel):
+    """One input dataset."""
+
+    name: Name
+    """Short name, unique within the run; used in summaries and metrics."""
+    uri: Uri
+    """Location: `file://`, `pvc://claim/path`, `s3://`, `gs://`, `hf://org/dataset` or
+    `builtin://NAME` (quickstart-corpus, quickstart-instructions, quickstart-sentiment)."""
+    format: DataFormat = "text"
+    """Record format."""
+    fields: FieldMapping = Field(default_factory=FieldMapping)
+    """Field names for structured formats."""
+    split: ShortText | None = None
+    """Split to read from hub or saved datasets (e.g. `train`)."""
+    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    """Relative sampling weight when mixing sources."""
+
+
+class NearDuplicateSpec(ApiModel):
+    """MinHash + LSH near-duplicate removal."""
+
+    enabled: bool = True
+    """Remove near-duplicates."""
+    threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    """Estimated Jaccard similarity at or above which documents are duplicates."""
+    num_perm: Annotated[int, Field(ge=16, le=1024)] = 128
+    """MinHash permutations."""
+    ngram: Annotated[int, Field(ge=1, le=32)] = 5
+    """Word shingle size."""
+
+
+class Preprocessing(ApiModel):
+    """Cleaning, filtering and deduplication, applied in this order before tokenization."""
+
+    unicode_normalization: Literal["NFC", "NFKC", "none"] = "NFKC"
+    """Unicode normal form."""
+    lowercase: bool = False
+    """Lowercase all text."""
+    collapse_whitespace: bool = True
+    """Collapse runs of whitespace."""
+    strip_markup: bool = True
+    """Remove HTML/XML tags and entities."""
+    remove_control_characters: bool = True
+    """Remove control characters other than newline and tab."""
+    min_chars: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    """Drop documents shorter than this (after cleaning)."""
+    max_chars: Annotated[int, Field(ge=1, le=100_000_000)] = 1_000_000
+    """Drop documents longer than this."""
+    min_words: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    """Drop documents with fewer words."""
+    max_symbol_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    """Drop documents whose share of non-alphanumeric, non-space characters is higher."""
+    max_repetition_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    """Drop documents whose share of repeated lines is higher."""
+    exact_dedup: bool = True
+    """Remove exact duplicates (hash of the normalized text)."""
+    near_dedup: NearDuplicateSpec = Field(default_factory=NearDuplicateSpec)
+    """Near-duplicate removal."""
+
+
+class DataSpec(ApiModel):
+    """Training data: sources, preprocessing and packing."""
+
+    sources: Annotated[list[DataSource], Field(min_length=1, max_length=64)]
+    """Input datasets, mixed by weight."""
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    """Cleaning, filters and deduplication."""
+    sequence_length: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+    """Tokens per training sequence."""
+    packing: bool = True
+    """Pack several documents into each sequence."""
+    validation_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Share of documents held out for validation."""
+    max_documents: Annotated[int, Field(ge=1, le=10_000_000_000)] | None = None
+    """Cap on documents read per source (handy for smoke tests)."""
+
+
+# --------------------------------------------------------------------------------------
+# spec.hyperparameters
+# --------------------------------------------------------------------------------------
+
+
+class LearningRateSchedule(ApiModel):
+    """Learning-rate schedule: linear warmup, then decay."""
+
+    type: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay shape after warmup."""
+    warmup_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    """Linear warmup steps from 0 to the peak learning rate."""
+    min_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    """Final learning rate as a fraction of the peak (cosine and linear)."""
+
+
+class Hyperparameters(ApiModel):
+    """Optimization settings. AdamW; gradient accumulation is derived from the batch sizes."""
+
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 3e-4
+    """Peak learning rate."""
+    schedule: LearningRateSchedule = Field(default_factory=LearningRateSchedule)
+    """Learning-rate schedule."""
+    global_batch_size: Annotated[int, Field(ge=1, le=1_048_576)] = 32
+    """Sequences per optimizer step, over all workers."""
+    micro_batch_size: Annotated[int, Field(ge=1, le=65_536)] = 4
+    """Sequences per forward/backward pass on one worker."""
+    epochs: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    """Passes over the training data (set this or maxSteps)."""
+    max_steps: Annotated[int, Field(ge=1, le=100_000_000)] | None = None
+    """Optimizer steps (set this or epochs; wins when both are set)."""
+    weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
+    """AdamW decoupled weight decay."""
+    adam_beta1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    """AdamW beta1."""
+    adam_beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.95
+    """AdamW beta2."""
+    adam_epsilon: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-8
+    """AdamW epsilon."""
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Dropout probability set on the model config."""
+    max_grad_norm: Annotated[float, Field(ge=0.0, le=1e6)] = 1.0
+    """Gradient clipping by global norm; 0 disables clipping."""
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "auto"
+    """Compute precision: `auto` is bf16-mixed on GPUs and fp32 on CPUs."""
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1234
+    """Seed for weights, data order and dropout."""
+
+
+# --------------------------------------------------------------------------------------
+# spec.resources, spec.distributed
+# --------------------------------------------------------------------------------------
+
+
+class Toleration(ApiModel):
+    """A pod toleration, as in core/v1."""
+
+    key: ShortText | None = None
+    """Taint key to tolerate; empty with operator Exists tolerates everything."""
+    operator: Literal["Equal", "Exists"] = "Equal"
+    """How key and value are compared."""
+    value: ShortText | None = None
+    """Taint value (operator Equal)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; empty matches all effects."""
+    toleration_seconds: Annotated[int, Field(ge=0, le=31_536_000)] | None = None
+    """How long a NoExecute taint is tolerated."""
+
+
+class PodResources(ApiModel):
+    """CPU and memory for one pod."""
+
+    cpu: Quantity = "2"
+    """CPU request and limit."""
+    memory: Quantity = "8Gi"
+    """Memory request and limit."""
+
+
+class Resources(ApiModel):
+    """Where and how large the Ray cluster is."""
+
+    workers: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Ray worker pods; training runs one process per GPU (or one per worker on CPU)."""
+    gpus_per_worker: Annotated[int, Field(ge=0, le=16)] = 0
+    """`nvidia.com/gpu` per worker pod; 0 trains on CPU."""
+    cpu_per_worker: Quantity = "4"
+    """CPU request and limit per worker pod."""
+    memory_per_worker: Quantity = "16Gi"
+    """Memory request and limit per worker pod."""
+    shared_memory: Quantity = "2Gi"
+    """Size of the `/dev/shm` memory volume (NCCL and data loaders need it)."""
+    head: PodResources = Field(default_factory=PodResources)
+    """Resources of the Ray head pod (runs the driver, not training)."""
+    node_selector: Annotated[
+        dict[str, Annotated[str, Field(max_length=MAX_NAME)]], Field(max_length=32)
+    ] = Field(default_factory=dict)
+    """Node labels the pods must match (e.g. a GPU product label)."""
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
+    """Tolerations for tainted GPU nodes."""
+    priority_class_name: Name | None = None
+    """PriorityClass of the pods."""
+    queue_name: Name | None = None
+    """Kueue LocalQueue (set as the `kueue.x-k8s.io/queue-name` label)."""
+
+
+class DistributedSpec(ApiModel):
+    """How the model is spread over workers."""
+
+    strategy: Literal["fsdp", "ddp"] = "fsdp"
+    """`fsdp` shards parameters, gradients and optimizer state (FSDP2); `ddp` replicates
+    small models."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward (less memory, one more all-gather)."""
+
+
+# --------------------------------------------------------------------------------------
+# spec.checkpoint, spec.evaluation, spec.serve, spec.runPolicy
+# --------------------------------------------------------------------------------------
+
+
+class PvcStorage(ApiModel):
+    """A PersistentVolumeClaim for checkpoints and the exported model."""
+
+    claim_name: Name | None = None
+    """Existing claim to use; when empty the operator creates `<run>-storage`."""
+    size: Quantity = "50Gi"
+    """Size of the claim the operator creates."""
+    storage_class_name: Name | None = None
+    """StorageClass of the claim the operator creates (must support ReadWriteMany when
+    workers are on several nodes)."""
+
+
+class CheckpointStorage(ApiModel):
+    """Shared storage reachable from every worker. Set `pvc` or `uri`."""
+
+    pvc: PvcStorage | None = None
+    """Use a PersistentVolumeClaim."""
+    uri: Uri | None = None
+    """Use an object store (`s3://`, `gs://`) or a local path (`file://`, laptop runs)."""
+
+
+class CheckpointSpec(ApiModel):
+    """Distributed checkpoints (torch.distributed.checkpoint), committed atomically."""
+
+    interval_steps: Annotated[int, Field(ge=1, le=10_000_000)] = 500
+    """Save every N optimizer steps (and at the end)."""
+    keep_last: Annotated[int, Field(ge=1, le=1000)] = 3
+    """Committed checkpoints to keep."""
+    storage: CheckpointStorage = Field(default_factory=lambda: CheckpointStorage(pvc=PvcStorage()))
+    """Where checkpoints and the exported model go."""
+    resume: Annotated[
+        str, Field(max_length=MAX_URI, pattern=r"^(auto|never|step-[0-9]+|.+://.+)$")
+    ] = "auto"
+    """`auto` resumes from the latest committed checkpoint, `never` starts fresh, `step-N`
+    or a URI picks one."""
+
+
+EvalMetric = Literal["loss", "perplexity", "accuracy", "precision", "recall", "f1"]
+
+
+class EvalDataset(ApiModel):
+    """A labelled evaluation set (classification-style or exact-answer)."""
+
+    name: Name
+    """Short name, unique within the run."""
+    uri: Uri
+    """Location, as for data sources."""
+    format: Literal["jsonl", "parquet", "hf-dataset", "prompt-response"] = "jsonl"
+    """Record format."""
+    fields: FieldMapping = Field(default_factory=FieldMapping)
+    """Field names: `prompt` for the input and `label` for the expected answer."""
+    task: Literal["classification", "exact-match"] = "classification"
+    """How predictions are compared with labels."""
+    labels: Annotated[list[ShortText], Field(max_length=1000)] = Field(default_factory=list)
+    """Class labels (classification); the model's answer is scored against each."""
+
+
+class GateThreshold(ApiModel):
+    """One condition a finished model must meet to be served."""
+
+    metric: EvalMetric
+    """Metric to check."""
+    min: float | None = None
+    """Lowest allowed value."""
+    max: float | None = None
+    """Highest allowed value."""
+
+
+class EvaluationSpec(ApiModel):
+    """Evaluation during and after training, and the gate to serving."""
+
+    interval_steps: Annotated[int, Field(ge=1, le=10_000_000)] = 500
+    """Evaluate every N optimizer steps (and at the end)."""
+    datasets: Annotated[list[EvalDataset], Field(max_length=16)] = Field(default_factory=list)
+    """Labelled evaluation sets; loss and perplexity use the validation split."""
+    metrics: Annotated[list[EvalMetric], Field(min_length=1, max_length=6)] = [
+        "loss",
+        "perplexity",
+    ]
+    """Metrics to compute."""
+    average: Literal["macro", "micro", "weighted", "binary"] = "macro"
+    """How precision, recall and F1 average over classes."""
+    max_batches: Annotated[int, Field(ge=1, le=1_000_000)] = 50
+    """Cap on validation batches per evaluation."""
+    gate: Annotated[list[GateThreshold], Field(max_length=16)] = Field(default_factory=list)
+    """All must hold for the model to be served; empty passes."""
+
+
+class Autoscaling(ApiModel):
+    """HorizontalPodAutoscaler settings for the serving Deployment."""
+
+    min_replicas: Annotated[int, Field(ge=1, le=100)] = 1
+    """Fewest replicas."""
+    max_replicas: Annotated[int, Field(ge=1, le=100)] = 4
+    """Most replicas."""
+    target_cpu_utilization: Annotated[int, Field(ge=1, le=100)] = 70
+    """Average CPU utilization (percent of request) to aim for."""
+
+
+class ServeSpec(ApiModel):
+    """Serve the finished model with an OpenAI-compatible API when the gate passes."""
+
+    enabled: bool = False
+    """Create a serving Deployment after a successful, gated run."""
+    replicas: Annotated[int, Field(ge=0, le=100)] = 1
+    """Replicas when autoscaling is off."""
+    gpus: Annotated[int, Field(ge=0, le=16)] = 0
+    """`nvidia.com/gpu` per replica."""
+    resources: PodResources = Field(default_factory=PodResources)
+    """CPU and memory per replica."""
+    autoscaling: Autoscaling | None = None
+    """Scale on load; off when empty."""
+    max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] = 512
+    """Largest `max_tokens` a request may ask for."""
+    max_concurrency: Annotated[int, Field(ge=1, le=4096)] = 8
+    """Requests generated at once per replica; more wait in a queue."""
+    max_queue: Annotated[int, Field(ge=0, le=65_536)] = 32
+    """Requests that may wait; beyond this the server answers 429."""
+    max_body_bytes: Annotated[int, Field(ge=1024, le=104_857_600)] = 1_048_576
+    """Largest request body; larger ones get 413."""
+    retain: bool = False
+    """Keep the serving objects when the TrainingRun is deleted."""
+
+
+class RunPolicy(ApiModel):
+    """Retries, deadlines and clean-up."""
+
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    """Retries after retryable failures (signals, OOM kill, node loss); the run fails after
+    backoffLimit + 1 attempts."""
+    eviction_limit: Annotated[int, Field(ge=0, le=1000)] = 10
+    """Restarts after preemption or eviction, counted apart from backoffLimit."""
+    active_deadline_seconds: Annotated[int, Field(ge=1, le=31_536_000)] | None = None
+    """Fail the run with DeadlineExceeded after this long since it started."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=31_536_000)] | None = None
+    """Delete the finished run (and its children) after this long."""
+    suspend: bool = False
+    """Stop the pods and keep the run; resuming continues from the latest checkpoint."""
+
+
+# --------------------------------------------------------------------------------------
+# spec.env, spec.secrets
+# --------------------------------------------------------------------------------------
+
+
+class KeySelector(ApiModel):
+    """A key of a Secret or ConfigMap in the run's namespace, by reference."""
+
+    name: Name
+    """Object name."""
+    key: ShortText
+    """Key within the object."""
+
+
+class EnvVarSource(ApiModel):
+    """Where an env var's value comes from."""
+
+    secret_key_ref: KeySelector | None = None
+    """A key of a Secret."""
+    config_map_key_ref: KeySelector | None = None
+    """A key of a ConfigMap."""
+
+
+class EnvVar(ApiModel):
+    """An environment variable for the training pods. Secret values must come from
+    `valueFrom.secretKeyRef`, never inline."""
+
+    name: Annotated[str, Field(max_length=MAX_SHORT, pattern=ENV_NAME)]
+    """Variable name; RANK, WORLD_SIZE, MASTER_ADDR, RAY_* and KUBETRAIN_* are reserved."""
+    value: Annotated[str, Field(max_length=4096)] | None = None
+    """Literal value."""
+    value_from: EnvVarSource | None = None
+    """Value from a Secret or ConfigMap key."""
+
+
+class SecretRef(ApiModel):
+    """A Secret in the run's namespace, by name."""
+
+    name: Name
+    """Secret name."""
+
+
+class Secrets(ApiModel):
+    """Credentials, by reference only; values never enter the spec or the status."""
+
+    hugging_face_token: KeySelector | None = None
+    """Secret key with a Hugging Face token (mounted as a file, exported as HF_TOKEN_PATH)."""
+    object_store: SecretRef | None = None
+    """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optional AWS_ENDPOINT_URL)
+    for `s3://` data and checkpoints."""
+
+
+# --------------------------------------------------------------------------------------
+# spec
+# --------------------------------------------------------------------------------------
+
+
+class TrainingRunSpec(ApiModel):
+    """What to train, on what, how, and what to do with the result."""
+
+    model: ModelSpec
+    """The model to train."""
+    method: Literal["pretrain", "sft", "instruction"] = "sft"
+    """`pretrain` trains on all tokens; `sft` and `instruction` mask the loss on prompts."""
+    lora: LoraSpec | None = None
+    """Train low-rank adapters instead of all weights."""
+    data: DataSpec
+    """Training data."""
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    """Optimization settings."""
+    resources: Resources = Field(default_factory=Resources)
+    """Cluster size and placement."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """Parallelism."""
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    """Checkpoints."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """Evaluation and the serving gate."""
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    """Serving of the finished model."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Retries, deadline, suspension, clean-up."""
+    image: Annotated[str, Field(max_length=512, pattern=r"^[^\s]+$")] | None = None
+    """Trainer image; defaults to the operator's configured image."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Image pull policy of the training pods."""
+    image_pull_secrets: Annotated[list[SecretRef], Field(max_length=8)] = Field(
+        default_factory=list
+    )
+    """Registry credentials, by Secret name."""
+    env: Annotated[list[EnvVar], Field(max_length=64)] = Field(default_factory=list)
+    """Extra environment variables for the training pods."""
+    secrets: Secrets = Field(default_factory=Secrets)
+    """Credentials, by reference."""
+
+
+# --------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------
+
+Phase = Literal[
+    "Pending", "Provisioning", "Running", "Evaluating", "Succeeded", "Failed", "Suspended"
+]
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
+
+Reason = Annotated[str, Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")]
+Message = Annotated[str, Field(max_length=MAX_MESSAGE)]
+
+
+class Condition(ApiModel):
+    """A standard Kubernetes condition (metav1.Condition shape)."""
+
+    type: Annotated[str, Field(max_length=316, pattern=r"^[A-Za-z][A-Za-z0-9]*$")]
+    """Condition type, e.g. Validated, ClusterReady, Training, Evaluated, Succeeded, Failed,
+    Suspended, Serving."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: Reason
+    """Machine-readable CamelCase reason."""
+    message: Message = ""
+    """Human-readable detail."""
+    last_transition_time: datetime
+    """When status last changed."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The spec generation this condition was computed from."""
+
+
+class Progress(ApiModel):
+    """Training progress, copied by the operator from the head's progress endpoint."""
+
+    step: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps done."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps planned."""
+    epoch: Annotated[float, Field(ge=0)] | None = None
+    """Fractional epoch."""
+    percent: Annotated[int, Field(ge=0, le=100)] | None = None
+    """Percent of steps done."""
+    loss: float | None = None
+    """Latest training loss."""
+    tokens_per_second: Annotated[float, Field(ge=0)] | None = None
+    """Training throughput over all workers."""
+    mfu: Annotated[float, Field(ge=0)] | None = None
+    """Model FLOPs utilization (0-1)."""
+    eta_seconds: Annotated[int, Field(ge=0)] | None = None
+    """Estimated seconds to finish training."""
+    updated_at: datetime | None = None
+    """When these numbers were read."""
+
+
+class CheckpointRef(ApiModel):
+    """A committed checkpoint."""
+
+    step: Annotated[int, Field(ge=0)] | None = None
+    """Step it was taken at."""
+    path: Annotated[str, Field(max_length=MAX_URI)] | None = None
+    """Where it is."""
+    time: datetime | None = None
+    """When it was committed."""
+
+
+class CheckpointStatus(ApiModel):
+    """Checkpoints the run can resume from."""
+
+    latest: CheckpointRef | None = None
+    """Most recent committed checkpoint; retries resume from it."""
+    best: CheckpointRef | None = None
+    """Checkpoint with the lowest validation loss."""
+
+
+class GateResult(ApiModel):
+    """The serving gate's verdict."""
+
+    passed: bool | None = None
+    """True when every threshold holds."""
+    failures: Annotated[list[Annotated[str, Field(max_length=MAX_SHORT)]], Field(max_length=16)] = (
+        Field(default_factory=list)
+    )
+    """Thresholds that did not hold, e.g. `perplexity 41.2 > max 30`."""
+
+
+class EvaluationStatus(ApiModel):
+    """Latest evaluation."""
+
+    step: Annotated[int, Field(ge=0)] | None = None
+    """Step the metrics were computed at."""
+    metrics: Annotated[dict[str, float], Field(max_length=64)] = Field(default_factory=dict)
+    """Metric values by name (e.g. `perplexity`, `validation/accuracy`)."""
+    gate: GateResult | None = None
+    """Gate verdict (final evaluation only)."""
+
+
+class ModelStatus(ApiModel):
+    """The exported model."""
+
+    uri: Annotated[str, Field(max_length=MAX_URI)] | None = None
+    """Hugging Face-format folder of the final model."""
+    version: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    """Version label served with every response."""
+
+
+class ServingStatus(ApiModel):
+    """The serving endpoint."""
+
+    service: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    """Service name."""
+    url: Annotated[str, Field(max_length=MAX_URI)] | None = None
+    """In-cluster base URL of the OpenAI-compatible API."""
+    model_version: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    """Model version being served."""
+
+
+class TrainingRunStatus(ApiModel):
+    """Observed state, written only by the operator."""
+
+    phase: Phase | None = None
+    """One-word summary for `kubectl get`."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The spec generation the status reflects."""
+    conditions: Annotated[list[Condition], Field(max_length=16)] = Field(default_factory=list)
+    """Standard conditions, one per type."""
+    attempts: Annotated[int, Field(ge=0)] | None = None
+    """Ray clusters started for this run (first try plus retries)."""
+    evictions: Annotated[int, Field(ge=0)] | None = None
+    """Restarts caused by preemption or eviction."""
+    progress: Progress | None = None
+    """Training progress."""
+    checkpoints: CheckpointStatus | None = None
+    """Committed checkpoints."""
+    evaluation: EvaluationStatus | None = None
+    """Evaluation results and gate."""
+    model: ModelStatus | None = None
+    """Exported model."""
+    serving: ServingStatus | None = None
+    """Serving endpoint."""
+    start_time: datetime | None = None
+    """When the current attempt's cluster was first requested."""
+    completion_time: datetime | None = None
+    """When the run reached Succeeded or Failed."""
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata kubetrain reads; the rest passes through untouched."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, Field(max_length=MAX_SHORT)] | None = None
+    namespace: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class TrainingRun(ApiModel):
+    """A training job: data preparation, distributed training, evaluation and serving."""
+
+    api_version: Literal["kubetrain.dev/v1alpha1"] = API_VERSION
+    """Always kubetrain.dev/v1alpha1."""
+    kind: Literal["TrainingRun"] = KIND
+    """Always TrainingRun."""
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    """Standard object metadata."""
+    spec: TrainingRunSpec
+    """Desired run."""
+    status: TrainingRunStatus | None = None
+    """Observed state."""

@@ -1,0 +1,490 @@
+"""Validation of TrainingRun documents, shared by `kubetrain validate` and the operator.
+
+Two layers, both reporting `FieldError(path, message)` with the wire (camelCase) path:
+
+1. Structure: the pydantic models in strict mode (types, bounds, enums, patterns, unknown
+   fields), which mirror the CRD schema the API server enforces.
+2. Rules the Kubernetes 1.20 schema cannot express (no CEL there): cross-field constraints,
+   caps, reserved env names, inline secrets, URI shapes. Each rule is a small function that
+   yields errors; `check_rules` runs them all so a user sees every problem at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import pydantic
+import yaml
+
+from kubetrain_api import v1alpha1 as api
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with a document, located by its field path."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class InvalidSpec(ValueError):
+    """A TrainingRun that cannot run; carries every error found."""
+
+    def __init__(self, errors: list[FieldError]):
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps an installation may tighten (the operator reads them from its settings)."""
+
+    max_gpus_per_run: int = 512
+    max_spec_bytes: int = 256 * 1024
+    max_name_length: int = 40  # children append suffixes such as "-ray-worker-12"
+
+
+# --------------------------------------------------------------------------------------
+# YAML
+# --------------------------------------------------------------------------------------
+
+
+class _K8sYamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `3e-4` as a float, as kubectl's YAML parser does (PyYAML's
+    YAML 1.1 resolver wants a dot in the mantissa and would read a string)."""
+
+
+_K8sYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_documents(text: str) -> list[Any]:
+    """All non-empty YAML documents of a (multi-document) stream."""
+    return [doc for doc in yaml.load_all(text, Loader=_K8sYamlLoader) if doc is not None]
+
+
+# --------------------------------------------------------------------------------------
+# Layer 1: structure (pydantic)
+# --------------------------------------------------------------------------------------
+
+_PATTERN_HINTS = {
+    api.URI: "must be a URI with scheme " + ", ".join(f"{s}://" for s in api.URI_SCHEMES),
+    api.DNS_LABEL: "must be a lowercase DNS label (a-z, 0-9 and '-', starting and ending "
+    "with a letter or digit)",
+    api.ENV_NAME: "must be a valid environment variable name",
+}
+# pydantic tags union branches in the location (e.g. `cpu.int`, `cpu.str`); we drop them.
+_UNION_TAGS = {"int", "str", "float", "bool"}
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in _UNION_TAGS:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    simple = {
+        "missing": "required",
+        "extra_forbidden": "unknown field",
+        "int_type": "must be an integer",
+        "int_parsing": "must be an integer",
+        "int_from_float": "must be an integer",
+        "float_type": "must be a number",
+        "float_parsing": "must be a number",
+        "finite_number": "must be a finite number",
+        "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false",
+        "string_type": "must be a string",
+        "model_type": "must be an object",
+        "model_attributes_type": "must be an object",
+        "dict_type": "must be an object",
+        "list_type": "must be a list",
+        "datetime_type": "must be an RFC 3339 date-time",
+        "datetime_parsing": "must be an RFC 3339 date-time",
+    }
+    if kind in simple:
+        return simple[kind]
+    bounds = {
+        "greater_than": ("must be > {gt}", "gt"),
+        "greater_than_equal": ("must be >= {ge}", "ge"),
+        "less_than": ("must be < {lt}", "lt"),
+        "less_than_equal": ("must be <= {le}", "le"),
+        "string_too_long": ("must be at most {max_length} characters", "max_length"),
+        "string_too_short": ("must be at least {min_length} characters", "min_length"),
+        "too_long": ("must have at most {max_length} items", "max_length"),
+        "too_short": ("must have at least {min_length} items", "min_length"),
+    }
+    if kind in bounds:
+        text = bounds[kind][0].format(**ctx)
+        return text.replace(" 1 items", " 1 item")
+    if kind == "string_pattern_mismatch":
+        return _PATTERN_HINTS.get(ctx["pattern"], f"must match the pattern {ctx['pattern']}")
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return str(err["msg"])
+
+
+def _structural_errors(exc: pydantic.ValidationError) -> list[FieldError]:
+    errors: dict[str, list[str]] = {}
+    for err in exc.errors():
+        path, message = _path(err["loc"]), _message(err)
+        errors.setdefault(path, [])
+        if message not in errors[path]:
+            errors[path].append(message)
+    # A union (int or string) fails on both branches: say it once, in words.
+    return [
+        FieldError(path, "must be an integer or a quantity string such as 16Gi")
+        if set(msgs) == {"must be an integer", "must be a string"}
+        else FieldError(path, "; ".join(msgs))
+        for path, msgs in errors.items()
+    ]
+
+
+def parse(doc: Any, limits: Limits = Limits()) -> api.TrainingRun:
+    """Parse and fully validate one TrainingRun document; raise InvalidSpec with every error."""
+    if not isinstance(doc, Mapping):
+        raise InvalidSpec([FieldError("(document)", "must be a YAML mapping")])
+    header = [
+        FieldError(key, f"must be {want}")
+        for key, want in (("apiVersion", api.API_VERSION), ("kind", api.KIND))
+        if doc.get(key) != want
+    ]
+    if header:
+        raise InvalidSpec(header)
+    # Round-trip through JSON and validate strictly, so that "4" is not an integer here
+    # when the API server would refuse it (YAML may hold datetimes, hence default=str).
+    try:
+        run = api.TrainingRun.model_validate_json(json.dumps(doc, default=str), strict=True)
+    except pydantic.ValidationError as exc:
+        raise InvalidSpec(_structural_errors(exc)) from None
+    errors = check_rules(run, limits)
+    if errors:
+        raise InvalidSpec(errors)
+    return run
+
+
+def validate_document(doc: Any, limits: Limits = Limits()) -> list[FieldError]:
+    """Every error of one document; empty when it is a valid TrainingRun."""
+    try:
+        parse(doc, limits)
+    except InvalidSpec as exc:
+        return exc.errors
+    return []
+
+
+# --------------------------------------------------------------------------------------
+# Layer 2: rules beyond the schema
+# --------------------------------------------------------------------------------------
+
+Rule = Callable[[api.TrainingRun, Limits], Iterator[FieldError]]
+
+RESERVED_ENV = frozenset(
+    {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES",
+    }
+)
+RESERVED_ENV_PREFIXES = ("RAY_", "KUBETRAIN_", "TORCHELASTIC_")
+# Names that say "this is a credential": their values must come from a Secret.
+_SECRET_NAME = re.compile(
+    r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL)", re.I
+)
+# Shapes of well-known credentials, wherever they appear.
+_SECRET_VALUE = re.compile(
+    r"(hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|sk-[A-Za-z0-9_-]{20,}"
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|xox[baprs]-[A-Za-z0-9-]{10,}|-----BEGIN [A-Z ]*PRIVATE KEY)"
+)
+_HF_ID = re.compile(r"^[A-Za-z0-9][-\w.]*/[-\w.]+(/.*)?$")
+
+
+def _rule_name(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    name = run.metadata.name
+    if not name:
+        yield FieldError("metadata.name", "required")
+    elif len(name) > limits.max_name_length:
+        yield FieldError(
+            "metadata.name",
+            f"must be at most {limits.max_name_length} characters "
+            "(child objects append suffixes to it)",
+        )
+    elif not re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", name):
+        yield FieldError(
+            "metadata.name",
+            "must be a DNS-1035 label (lowercase letters, digits and '-', starting with a "
+            "letter): it names the run's Services",
+        )
+
+
+def _rule_size(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    size = len(run.spec.model_dump_json(by_alias=True, exclude_none=True))
+    if size > limits.max_spec_bytes:
+        yield FieldError("spec", f"is {size} bytes; the limit is {limits.max_spec_bytes}")
+
+
+def _uris(spec: api.TrainingRunSpec) -> Iterator[tuple[str, str, str]]:
+    """(path, uri, what) for every URI field; `what` picks the builtin:// catalogue."""
+    yield "spec.model.source", spec.model.source, "model"
+    if spec.model.tokenizer:
+        yield "spec.model.tokenizer", spec.model.tokenizer, "model"
+    for i, src in enumerate(spec.data.sources):
+        yield f"spec.data.sources[{i}].uri", src.uri, "dataset"
+    for i, ds in enumerate(spec.evaluation.datasets):
+        yield f"spec.evaluation.datasets[{i}].uri", ds.uri, "dataset"
+    if spec.checkpoint.storage.uri:
+        yield "spec.checkpoint.storage.uri", spec.checkpoint.storage.uri, "storage"
+    if "://" in spec.checkpoint.resume:
+        yield "spec.checkpoint.resume", spec.checkpoint.resume, "storage"
+
+
+def _rule_uris(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    for path, uri, what in _uris(run.spec):
+        parts = urlsplit(uri)
+        scheme, rest = parts.scheme, uri.split("://", 1)[1]
+        if parts.username or parts.password:
+            yield FieldError(path, "must not carry credentials; use spec.secrets")
+        elif scheme == "hf" and not _HF_ID.match(rest):
+            yield FieldError(path, "must be hf://ORG/NAME")
+        elif scheme == "pvc" and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$", rest):
+            yield FieldError(path, "must be pvc://CLAIM/PATH with a lowercase claim name")
+        elif scheme in ("s3", "gs") and not re.match(r"^[a-z0-9][-a-z0-9._]{1,62}(/.*)?$", rest):
+            yield FieldError(path, f"must be {scheme}://BUCKET/KEY")
+        elif scheme == "file" and not rest.startswith("/"):
+            yield FieldError(path, "must be an absolute path: file:///PATH")
+        elif scheme == "builtin":
+            known = {"model": api.BUILTIN_MODELS, "dataset": api.BUILTIN_DATASETS}.get(what, ())
+            if rest not in known:
+                choices = ", ".join(known) or "none here"
+                yield FieldError(path, f"unknown built-in {what} {rest!r} (known: {choices})")
+
+
+def _rule_steps(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    hp = run.spec.hyperparameters
+    if hp.epochs is None and hp.max_steps is None:
+        yield FieldError("spec.hyperparameters.maxSteps", "set maxSteps or epochs")
+    if hp.max_steps is not None and hp.schedule.warmup_steps >= hp.max_steps:
+        yield FieldError(
+            "spec.hyperparameters.schedule.warmupSteps",
+            f"must be < maxSteps ({hp.max_steps})",
+        )
+
+
+def data_parallel_size(spec: api.TrainingRunSpec) -> int:
+    """Training processes: one per GPU, or one per worker pod on CPU."""
+    return spec.resources.workers * max(1, spec.resources.gpus_per_worker)
+
+
+def _rule_batch(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    hp = run.spec.hyperparameters
+    dp = data_parallel_size(run.spec)
+    per_step = hp.micro_batch_size * dp
+    if hp.global_batch_size % per_step:
+        yield FieldError(
+            "spec.hyperparameters.globalBatchSize",
+            f"must be a multiple of microBatchSize x data-parallel processes "
+            f"({hp.micro_batch_size} x {dp} = {per_step})",
+        )
+
+
+def _rule_gpus(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    res, hp = run.spec.resources, run.spec.hyperparameters
+    total = res.workers * res.gpus_per_worker
+    if total > limits.max_gpus_per_run:
+        yield FieldError(
+            "spec.resources.gpusPerWorker",
+            f"workers x gpusPerWorker = {total} GPUs, over this installation's cap of "
+            f"{limits.max_gpus_per_run}",
+        )
+    if res.gpus_per_worker == 0 and hp.precision == "fp16-mixed":
+        yield FieldError("spec.hyperparameters.precision", "fp16-mixed needs GPUs")
+
+
+def _rule_env(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    seen: set[str] = set()
+    for i, var in enumerate(run.spec.env):
+        path = f"spec.env[{i}]"
+        if var.name in RESERVED_ENV or var.name.startswith(RESERVED_ENV_PREFIXES):
+            yield FieldError(f"{path}.name", f"{var.name} is reserved: kubetrain sets it")
+        if var.name in seen:
+            yield FieldError(f"{path}.name", f"duplicate variable {var.name}")
+        seen.add(var.name)
+        if (var.value is None) == (var.value_from is None):
+            yield FieldError(path, "set exactly one of value and valueFrom")
+        if var.value_from is not None:
+            refs = [var.value_from.secret_key_ref, var.value_from.config_map_key_ref]
+            if sum(r is not None for r in refs) != 1:
+                yield FieldError(
+                    f"{path}.valueFrom", "set exactly one of secretKeyRef and configMapKeyRef"
+                )
+        if var.value and (_SECRET_NAME.search(var.name) or _SECRET_VALUE.search(var.value)):
+            # Never echo the value: the error itself ends up in events and logs.
+            yield FieldError(
+                f"{path}.value",
+                "looks like an inline secret; put it in a Secret and use valueFrom.secretKeyRef",
+            )
+
+
+def _rule_no_secret_values(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    """Credential-shaped strings anywhere else in the spec (env has its own rule)."""
+
+    def walk(node: Any, path: str) -> Iterator[FieldError]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not (path == "spec" and key == "env"):
+                    yield from walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from walk(value, f"{path}[{i}]")
+        elif isinstance(node, str) and _SECRET_VALUE.search(node):
+            yield FieldError(path, "looks like an inline secret; reference a Secret instead")
+
+    yield from walk(run.spec.model_dump(by_alias=True, exclude_none=True), "spec")
+
+
+def _rule_data(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    spec = run.spec
+    yield from _unique_names("spec.data.sources", [s.name for s in spec.data.sources])
+    if spec.method == "instruction":
+        for i, src in enumerate(spec.data.sources):
+            if src.format not in ("chat", "prompt-response"):
+                yield FieldError(
+                    f"spec.data.sources[{i}].format",
+                    "method instruction needs chat or prompt-response data",
+                )
+    pre = spec.data.preprocessing
+    if pre.min_chars > pre.max_chars:
+        yield FieldError("spec.data.preprocessing.minChars", "must be <= maxChars")
+
+
+def _unique_names(path: str, names: list[str]) -> Iterator[FieldError]:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            yield FieldError(f"{path}[{i}].name", f"duplicate name {name!r}")
+        seen.add(name)
+
+
+_LABELLED_METRICS = ("accuracy", "precision", "recall", "f1")
+
+
+def _rule_evaluation(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    ev = run.spec.evaluation
+    yield from _unique_names("spec.evaluation.datasets", [d.name for d in ev.datasets])
+    if not ev.datasets:
+        for i, metric in enumerate(ev.metrics):
+            if metric in _LABELLED_METRICS:
+                yield FieldError(
+                    f"spec.evaluation.metrics[{i}]",
+                    f"{metric} needs a labelled set in spec.evaluation.datasets",
+                )
+    for i, ds in enumerate(ev.datasets):
+        if ds.task == "classification" and not ds.labels:
+            yield FieldError(
+                f"spec.evaluation.datasets[{i}].labels", "classification needs its labels"
+            )
+    for i, gate in enumerate(ev.gate):
+        path = f"spec.evaluation.gate[{i}]"
+        if gate.metric not in ev.metrics:
+            yield FieldError(f"{path}.metric", f"{gate.metric} is not in spec.evaluation.metrics")
+        if gate.min is None and gate.max is None:
+            yield FieldError(path, "set min, max or both")
+        elif gate.min is not None and gate.max is not None and gate.min > gate.max:
+            yield FieldError(f"{path}.min", "must be <= max")
+
+
+def _rule_checkpoint(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    storage = run.spec.checkpoint.storage
+    if (storage.pvc is None) == (storage.uri is None):
+        yield FieldError("spec.checkpoint.storage", "set exactly one of pvc and uri")
+
+
+def _rule_serve(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    auto = run.spec.serve.autoscaling
+    if auto is not None and auto.min_replicas > auto.max_replicas:
+        yield FieldError("spec.serve.autoscaling.minReplicas", "must be <= maxReplicas")
+
+
+RULES: tuple[Rule, ...] = (
+    _rule_name,
+    _rule_size,
+    _rule_uris,
+    _rule_steps,
+    _rule_batch,
+    _rule_gpus,
+    _rule_env,
+    _rule_no_secret_values,
+    _rule_data,
+    _rule_evaluation,
+    _rule_checkpoint,
+    _rule_serve,
+)
+
+
+def check_rules(run: api.TrainingRun, limits: Limits = Limits()) -> list[FieldError]:
+    """Every violation of the rules the CRD schema cannot express."""
+    return [error for rule in RULES for error in rule(run, limits)]
+
+
+# --------------------------------------------------------------------------------------
+# Updates
+# --------------------------------------------------------------------------------------
+
+# What may change while a run is active; everything else would silently diverge from the
+# running cluster, so it is refused until the run finishes.
+MUTABLE_WHILE_RUNNING = (
+    "spec.runPolicy",
+    "spec.serve",
+)
+
+
+def immutable_changes(old: api.TrainingRunSpec, new: api.TrainingRunSpec) -> list[FieldError]:
+    """Fields changed between two specs that may not change while the run is active."""
+    changed: list[str] = []
+
+    def diff(a: Any, b: Any, path: str) -> None:
+        if a == b:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                diff(a.get(key), b.get(key), f"{path}.{key}")
+        else:
+            changed.append(path)
+
+    diff(old.model_dump(by_alias=True), new.model_dump(by_alias=True), "spec")
+    return [
+        FieldError(path, "cannot change while the run is active")
+        for path in changed
+        if not path.startswith(MUTABLE_WHILE_RUNNING)
+    ]

@@ -1,0 +1,161 @@
+"""`kubetrain`: one command line for users, the operator image and the trainer image.
+
+Subcommands import their heavy dependencies lazily, so `kubetrain validate` works with
+only the API extra installed and stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from kubetrain_api import crd, validation
+
+DESCRIPTION = """\
+kubetrain trains language models on Kubernetes: a TrainingRun resource becomes a Ray
+cluster whose workers train with FSDP2, reports progress to its status and Prometheus, and
+a model that passes its evaluation gate becomes an OpenAI-compatible endpoint."""
+
+EPILOG = """\
+examples:
+  kubetrain validate examples/*.yaml       check TrainingRun files, errors name the field
+  kubetrain validate -o yaml run.yaml      print the run with every default filled in
+  kubetrain crds                           regenerate crds/ from the API models
+  kubetrain crds --check                   fail if crds/ is out of date
+"""
+
+# Subcommands that later milestones fill in; the names are reserved now so that scripts
+# and images can rely on them.
+RESERVED = {
+    "run": ("FILE", "train a TrainingRun locally on a local Ray cluster (not yet available)"),
+    "operator": (None, "run the Kubernetes operator (not yet available)"),
+    "serve": (
+        "MODEL_DIR",
+        "serve an exported model with an OpenAI-compatible API (not yet available)",
+    ),
+}
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    failed = False
+    for file in args.files:
+        path = Path(file)
+        try:
+            docs = validation.load_documents(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            print(f"{file}: cannot read: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        if not docs:
+            print(f"{file}: no documents", file=sys.stderr)
+            failed = True
+        for index, doc in enumerate(docs):
+            where = file if len(docs) == 1 else f"{file}[{index}]"
+            name = doc.get("metadata", {}).get("name", "?") if isinstance(doc, dict) else "?"
+            try:
+                run = validation.parse(doc)
+            except validation.InvalidSpec as exc:
+                failed = True
+                print(f"{where}: TrainingRun {name}: invalid", file=sys.stderr)
+                for error in exc.errors:
+                    print(f"  {error}", file=sys.stderr)
+                continue
+            if args.output == "name":
+                print(f"{where}: TrainingRun {name}: valid")
+                continue
+            resolved = run.model_dump(by_alias=True, exclude_none=True, mode="json")
+            if args.output == "json":
+                print(json.dumps(resolved, indent=2))
+            else:
+                print("---")
+                print(yaml.safe_dump(resolved, sort_keys=False), end="")
+    return 1 if failed else 0
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    stale = []
+    for filename, text in crd.render_crds().items():
+        target = out / filename
+        if args.check:
+            if not target.exists() or target.read_text() != text:
+                stale.append(str(target))
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        print(f"wrote {target}")
+    if stale:
+        print(
+            "out of date with the API models: " + ", ".join(stale) + "\n"
+            "run `kubetrain crds` and commit the result",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _cmd_reserved(args: argparse.Namespace) -> int:
+    print(
+        f"kubetrain {args.command}: not available in this version yet; see README.md",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetrain",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    validate = commands.add_parser(
+        "validate",
+        help="check TrainingRun YAML files (multi-document too); exit 1 on any error",
+        description="Check TrainingRun files against the API: types, bounds and the rules "
+        "the CRD schema cannot express. Every error names its field path.",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument(
+        "-o",
+        "--output",
+        choices=["name", "yaml", "json"],
+        default="name",
+        help="name: one line per valid run (default); yaml/json: the resolved run with "
+        "defaults filled in",
+    )
+    validate.set_defaults(func=_cmd_validate)
+
+    crds = commands.add_parser(
+        "crds",
+        help="write the CustomResourceDefinitions generated from the API models",
+        description="Generate crds/*.yaml from the pydantic API models.",
+    )
+    crds.add_argument("--out", default="crds", help="output folder (default: crds)")
+    crds.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if the files differ"
+    )
+    crds.set_defaults(func=_cmd_crds)
+
+    for name, (arg, text) in RESERVED.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        if arg:
+            sub.add_argument(arg.lower(), metavar=arg, nargs="?")
+        sub.set_defaults(func=_cmd_reserved)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

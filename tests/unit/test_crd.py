@@ -1,0 +1,184 @@
+"""The generated CRD: no drift from the models, and an API lint of its schema."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetrain_api import crd
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMITTED = ROOT / "crds" / crd.CRD_FILENAME
+
+Node = dict[str, Any]
+
+
+def schema() -> Node:
+    return crd.trainingrun_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def walk(node: Node, path: str = "") -> Iterator[tuple[str, Node]]:
+    """Every schema node with its field path (`[]` for list items, `{}` for map values)."""
+    yield path, node
+    for name, child in node.get("properties", {}).items():
+        yield from walk(child, f"{path}.{name}" if path else name)
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from walk(node["additionalProperties"], f"{path}{{}}")
+    if "items" in node:
+        yield from walk(node["items"], f"{path}[]")
+
+
+def test_committed_crd_matches_the_models() -> None:
+    assert COMMITTED.read_text() == crd.render_crds()[crd.CRD_FILENAME], (
+        "crds/ drifted from operator/kubetrain_api: run `kubetrain crds` and commit"
+    )
+
+
+def test_crd_is_not_hand_edited() -> None:
+    assert COMMITTED.read_text().startswith(crd.HEADER)
+
+
+def test_every_string_is_bounded() -> None:
+    unbounded = [
+        path
+        for path, node in walk(schema())
+        if node.get("type") == "string"
+        and not ({"maxLength", "enum", "format"} & node.keys())
+        and path not in ("apiVersion", "kind")  # checked by the API server itself
+    ]
+    assert unbounded == []
+
+
+def test_every_list_and_map_is_bounded() -> None:
+    lists = [p for p, n in walk(schema()) if n.get("type") == "array" and "maxItems" not in n]
+    maps = [
+        p
+        for p, n in walk(schema())
+        if n.get("type") == "object"
+        and ("additionalProperties" in n or n.get("x-kubernetes-preserve-unknown-fields"))
+        and "maxProperties" not in n
+    ]
+    assert lists == []
+    assert maps == []
+
+
+def test_schema_is_structural() -> None:
+    """The rules of a structural schema that pydantic's output would break."""
+    problems = []
+    for path, node in walk(schema()):
+        if node.get("x-kubernetes-int-or-string"):
+            if "type" in node or node.get("anyOf") != [{"type": "integer"}, {"type": "string"}]:
+                problems.append(f"{path}: malformed int-or-string")
+            continue
+        if "type" not in node:
+            problems.append(f"{path}: no type")
+        for key in ("$ref", "allOf", "oneOf", "anyOf", "const", "default", "title", "$defs"):
+            if key in node:
+                problems.append(f"{path}: has {key}")
+        if "properties" in node and "additionalProperties" in node:
+            problems.append(f"{path}: properties and additionalProperties together")
+        if isinstance(node.get("exclusiveMinimum"), (int, float)) and not isinstance(
+            node["exclusiveMinimum"], bool
+        ):
+            problems.append(f"{path}: exclusiveMinimum must be boolean in OpenAPI v3.0")
+        if (
+            node.get("type") == "object"
+            and not (
+                {"properties", "additionalProperties", "x-kubernetes-preserve-unknown-fields"}
+                & node.keys()
+            )
+            and path != "metadata"
+        ):
+            problems.append(f"{path}: object without properties")
+    assert problems == []
+
+
+def test_every_field_is_described() -> None:
+    undescribed = [
+        path
+        for path, node in walk(schema())
+        if path
+        and path != "metadata"
+        and not path.endswith(("[]", "{}"))
+        and not node.get("description")
+    ]
+    assert undescribed == []
+
+
+def test_status_fields_are_optional_and_conditions_are_keyed_by_type() -> None:
+    status = schema()["properties"]["status"]
+    required_in_status = [
+        path
+        for path, node in walk(status, "status")
+        if node.get("required") and path != "status.conditions[]"
+    ]
+    assert required_in_status == []
+    conditions = status["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    # A list-map key must be required in the items.
+    assert "type" in conditions["items"]["required"]
+    # Only the standard condition fields.
+    assert set(conditions["items"]["properties"]) == {
+        "type",
+        "status",
+        "reason",
+        "message",
+        "lastTransitionTime",
+        "observedGeneration",
+    }
+
+
+def test_spec_is_required_and_status_is_a_subresource() -> None:
+    version = crd.trainingrun_crd()["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert schema()["required"] == ["spec"]
+
+
+def test_names() -> None:
+    names = crd.trainingrun_crd()["spec"]["names"]
+    assert names["shortNames"] == ["tr"]
+    assert "kubetrain" in names["categories"]
+    assert crd.trainingrun_crd()["metadata"]["name"] == "trainingruns.kubetrain.dev"
+
+
+@pytest.mark.parametrize("column", crd.PRINTER_COLUMNS, ids=lambda c: c["name"])
+def test_printer_columns_point_at_schema_fields(column: Node) -> None:
+    if column["jsonPath"].startswith(".metadata."):
+        return
+    path = column["jsonPath"].lstrip(".")
+    fields = dict(walk(schema()))
+    assert path in fields, f"{column['name']} reads {path}, which the schema does not have"
+    expected = {"integer": "integer", "number": "number", "string": "string"}[column["type"]]
+    assert fields[path]["type"] == expected
+
+
+def test_default_columns_are_phase_progress_loss_age() -> None:
+    default = [c["name"] for c in crd.PRINTER_COLUMNS if not c.get("priority")]
+    assert default == ["Phase", "Progress", "Loss", "Age"]
+
+
+def test_defaults_are_documented_not_applied_by_the_server() -> None:
+    spec = schema()["properties"]["spec"]
+    strategy = spec["properties"]["distributed"]["properties"]["strategy"]
+    assert "default" not in strategy
+    assert strategy["description"].endswith("Default: fsdp.")
+
+
+def test_yaml_is_plain_data() -> None:
+    """The file parses with a safe loader and round-trips."""
+    loaded = yaml.safe_load(COMMITTED.read_text())
+    assert loaded == crd.trainingrun_crd()
+
+
+def test_api_reference_is_current() -> None:
+    from kubetrain_api import reference
+
+    committed = (ROOT / "docs" / "api-reference.md").read_text()
+    assert committed == reference.render(), (
+        "docs/api-reference.md drifted: run `make docs` and commit"
+    )
