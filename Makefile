@@ -1,0 +1,60 @@
+# kubetrain: the documented entry points. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CLUSTER_DIR ?= .cluster
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+
+# torch first, pinned: left to itself pip would pick a multi-GB CUDA build. Use
+# TORCH_SPEC to choose another build (e.g. a CUDA wheel on a GPU machine).
+TORCH_SPEC ?= torch==2.13.0
+
+$(BIN)/kubetrain: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet '$(TORCH_SPEC)'
+	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]'
+	@touch $@
+
+install: $(BIN)/kubetrain ## create .venv with kubetrain, its trainer and the dev tools
+
+quickstart: install ## validate the quickstart run and print it with every default resolved
+	$(BIN)/kubetrain validate examples/*.yaml
+	$(BIN)/kubetrain validate -o yaml examples/quickstart.yaml
+
+lint: install ## ruff, formatting and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+crds: install ## regenerate crds/ from the API models
+	$(BIN)/kubetrain crds
+
+docs: install ## regenerate docs/api-reference.md from the API models
+	$(BIN)/python -m kubetrain_api.reference > docs/api-reference.md
+
+check-crds: install ## fail if crds/ is out of date
+	$(BIN)/kubetrain crds --check
+
+test: install lint ## everything CI runs: lint, unit and real control-plane tests
+	$(BIN)/python hack/controlplane.py build
+	$(BIN)/python hack/controlplane.py tools
+	$(BIN)/pytest -v --durations=15
+
+test-unit: install ## fast tests only (no control plane)
+	$(BIN)/pytest -m "not controlplane"
+
+cluster-up: ## start a local control plane in .cluster/ (then: source .cluster/env)
+	$(PYTHON) hack/controlplane.py up --dir $(CLUSTER_DIR)
+	@echo "run: source $(CLUSTER_DIR)/env"
+
+cluster-down: ## stop the local control plane started by cluster-up
+	$(PYTHON) hack/controlplane.py down --dir $(CLUSTER_DIR)
+
+.PHONY: help install quickstart lint crds docs check-crds test test-unit cluster-up cluster-down
