@@ -1,0 +1,207 @@
+"""Tokenizer training, batched tokenization, prompt masking and packing.
+
+Labels are stored aligned with `input_ids` (Hugging Face causal LMs shift them inside the
+loss); positions that must not be trained on hold `IGNORE_INDEX`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .readers import DataError, Record
+
+IGNORE_INDEX = -100
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+# The chat format of tokenizers trained here, and the fallback for tokenizers without one:
+# `<s><|user|>question</s><|assistant|>answer</s>`. Role markers are single special tokens
+# in trained tokenizers, and each turn ends with EOS so the model learns where to stop.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+_BATCH = 1024
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` (any byte sequence stays encodable),
+    with BOS, EOS, PAD and role tokens, and `DEFAULT_CHAT_TEMPLATE` as its chat template."""
+    specials = [PAD, BOS, EOS, *ROLE_TOKENS]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(f"vocab_size must be >= {len(alphabet) + len(specials)}")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=list(ROLE_TOKENS),
+    )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def encode(
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, *, mask_prompts: bool
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and labels of each record, each ending with EOS.
+
+    Plain text is encoded as is, without special tokens; its labels are its ids. Chats are
+    rendered with the tokenizer's chat template (`DEFAULT_CHAT_TEMPLATE` when it has none);
+    with `mask_prompts`, only assistant turns (with their end-of-turn markers) keep labels.
+    """
+    eos = _eos_id(tokenizer)
+    ids: list[list[int]] = [[] for _ in records]
+    labels: list[list[int]] = [[] for _ in records]
+    text_at = [i for i, r in enumerate(records) if r.messages is None]
+    texts = _encode_texts([records[i].content for i in text_at], tokenizer)
+    for i, doc in zip(text_at, texts, strict=True):
+        ids[i] = labels[i] = [*doc, eos]
+    chat_at = [i for i, r in enumerate(records) if r.messages is not None]
+    chats = _encode_chats([records[i].messages or () for i in chat_at], tokenizer, mask_prompts)
+    for i, (doc, doc_labels) in zip(chat_at, chats, strict=True):
+        if not doc or doc[-1] != eos:  # separates documents when packed
+            doc, doc_labels = [*doc, eos], [*doc_labels, IGNORE_INDEX if mask_prompts else eos]
+        ids[i], labels[i] = doc, doc_labels
+    return ids, labels
+
+
+def pack(
+    ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], seq_len: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Concatenate documents and cut rows of exactly `seq_len` tokens; the last row is
+    padded (labels IGNORE_INDEX) so that no token is lost. Returns int32 `input_ids`,
+    `labels` and the number of padding tokens."""
+    total = sum(map(len, ids))
+    rows = math.ceil(total / seq_len)
+    padding = rows * seq_len - total
+    flat_ids = np.full(rows * seq_len, pad_id, dtype=np.int32)
+    flat_labels = np.full(rows * seq_len, IGNORE_INDEX, dtype=np.int32)
+    flat_ids[:total] = np.fromiter(chain.from_iterable(ids), np.int32, total)
+    flat_labels[:total] = np.fromiter(chain.from_iterable(labels), np.int32, total)
+    return flat_ids.reshape(rows, seq_len), flat_labels.reshape(rows, seq_len), padding
+
+
+def pad_each(
+    ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], seq_len: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One document per row, truncated or padded to `seq_len`. Returns int32 `input_ids`,
+    `labels` and the number of padding tokens."""
+    out_ids = np.full((len(ids), seq_len), pad_id, dtype=np.int32)
+    out_labels = np.full((len(ids), seq_len), IGNORE_INDEX, dtype=np.int32)
+    padding = 0
+    for row, (doc, doc_labels) in enumerate(zip(ids, labels, strict=True)):
+        n = min(len(doc), seq_len)
+        out_ids[row, :n] = doc[:n]
+        out_labels[row, :n] = doc_labels[:n]
+        padding += seq_len - n
+    return out_ids, out_labels, padding
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The padding id: the tokenizer's own, else EOS (padding is never trained on)."""
+    pad = tokenizer.pad_token_id
+    return _eos_id(tokenizer) if pad is None else int(pad)
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
+    return int(tokenizer.eos_token_id)
+
+
+def _backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer")
+    return backend
+
+
+def _encode_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    # The Rust tokenizer directly, in batches: encode_batch_fast skips offset tracking.
+    backend = _backend(tokenizer)
+    out: list[list[int]] = []
+    for start in range(0, len(texts), _BATCH):
+        batch = backend.encode_batch_fast(
+            list(texts[start : start + _BATCH]), add_special_tokens=False
+        )
+        out.extend(e.ids for e in batch)
+    return out
+
+
+def _encode_chats(
+    chats: Sequence[Sequence[Mapping[str, str]]],
+    tokenizer: PreTrainedTokenizerBase,
+    mask_prompts: bool,
+) -> list[tuple[list[int], list[int]]]:
+    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    rendered = [_render(list(chat), tokenizer, template) for chat in chats]
+    backend = _backend(tokenizer)
+    out = []
+    for start in range(0, len(rendered), _BATCH):
+        batch = rendered[start : start + _BATCH]
+        encodings = backend.encode_batch([text for text, _ in batch], add_special_tokens=False)
+        for encoding, (_, spans) in zip(encodings, batch, strict=True):
+            ids = encoding.ids
+            if not mask_prompts:
+                out.append((ids, ids))
+                continue
+            starts = np.fromiter((s for s, _ in encoding.offsets), np.int64, len(ids))
+            trained = np.zeros(len(ids), dtype=bool)
+            for lo, hi in spans:
+                trained |= (starts >= lo) & (starts < hi)
+            labels = np.where(trained, ids, IGNORE_INDEX).tolist()
+            out.append((ids, labels))
+    return out
+
+
+def _render(
+    messages: list[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, template: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of its assistant turns. A turn's span runs
+    from the end of the conversation rendered up to it (with the generation prompt) to the
+    end of the conversation rendered through it, so it covers the template's end-of-turn
+    marker too. This needs a template whose renderings extend each other."""
+
+    def render(upto: int, generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(
+            messages[:upto],
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+
+    text = render(len(messages))
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # Templates cannot render an empty conversation: an opening assistant turn starts at 0.
+        before = render(i, generation_prompt=True) if i else ""
+        through = render(i + 1)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError(
+                "the chat template renders a conversation differently from its prefix; "
+                "assistant turns cannot be located for prompt masking"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
