@@ -1,0 +1,327 @@
+"""Models: where weights come from, how a `spec.model` becomes a transformers model, LoRA,
+and the shape facts the FSDP2 code and the MFU meter need.
+
+Every architecture is a plain Hugging Face causal LM, so checkpoints convert to and from the
+exported folder without a mapping table (torchtitan keeps its own model and pays for a
+converter; at this scale the HF classes are the better trade).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import fsspec
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
+
+from kubetrain_api import v1alpha1 as api
+
+PVC_ROOT_ENV = "KUBETRAIN_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+
+# ~0.9M parameters at a 512-token vocabulary, ~2.9M at 8k: a few seconds per hundred steps
+# on two CPU cores, yet a real GQA decoder with RoPE, RMSNorm and SwiGLU.
+_TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 352,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": False,
+}
+BUILTIN_CONFIGS: dict[str, type[PretrainedConfig]] = {
+    "tiny-llama": LlamaConfig,
+    "tiny-qwen2": Qwen2Config,
+}
+
+_DTYPES = {
+    # `auto` keeps fp32 master weights; bf16 compute comes from FSDP2 mixed precision.
+    "auto": torch.float32,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# attention_dropout, hidden_dropout, resid_pdrop, embd_pdrop, dropout, dropout_rate, ...
+# but not `layerdrop`, which skips whole layers and is a different regulariser.
+_DROPOUT_FIELD = re.compile(r"(^|_)(dropout|pdrop)(_rate)?$")
+
+
+# --------------------------------------------------------------------------------------
+# Where the files are
+# --------------------------------------------------------------------------------------
+
+
+def resolve_model_path(uri: str, cache_dir: Path, *, revision: str | None = None) -> Path:
+    """A local folder holding the Hugging Face model at `uri` (downloaded if remote).
+
+    `file:///abs/path` and `pvc://CLAIM/PATH` (under `$KUBETRAIN_PVC_ROOT`, default
+    /mnt/pvc) are read in place; `hf://ORG/NAME[/SUBFOLDER]` goes through the Hub cache under
+    `cache_dir`; `s3://`, `gs://` and other fsspec URLs are copied into `cache_dir` once.
+    """
+    path = _local_folder(uri, cache_dir, revision)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{uri}: {path} has no config.json, so it is not a model folder")
+    return path
+
+
+def _local_folder(uri: str, cache_dir: Path, revision: str | None) -> Path:
+    scheme = urlsplit(uri).scheme
+    if scheme == "file":
+        path = Path(unquote(urlsplit(uri).path))
+    elif scheme == "pvc":
+        path = _pvc_path(uri)
+    elif scheme == "hf":
+        path = _hub_snapshot(uri, cache_dir, revision)
+    elif scheme == "builtin":
+        raise ValueError(f"{uri} is a built-in config, not a folder")
+    else:
+        path = _copy_to_cache(uri, cache_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{uri}: no folder at {path}")
+    return path
+
+
+def _pvc_path(uri: str) -> Path:
+    """pvc://CLAIM/PATH -> $KUBETRAIN_PVC_ROOT/CLAIM/PATH, where the pod mounts each claim."""
+    claim, _, rest = uri.removeprefix("pvc://").partition("/")
+    claim_root = os.path.join(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT), claim)
+    path = os.path.normpath(os.path.join(claim_root, rest))
+    if os.path.commonpath([path, claim_root]) != claim_root:
+        raise ValueError(f"{uri}: path leaves the claim")
+    return Path(path)
+
+
+def _hf_token() -> str | None:
+    """The token in the file named by HF_TOKEN_PATH (the mounted Secret), if any; without
+    one huggingface_hub falls back to its own sources (HF_TOKEN, a cached login)."""
+    token_path = os.environ.get("HF_TOKEN_PATH")
+    return Path(token_path).read_text().strip() if token_path else None
+
+
+def _hub_snapshot(uri: str, cache_dir: Path, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    org, name, *subfolder = uri.removeprefix("hf://").split("/")
+    try:
+        snapshot = snapshot_download(
+            f"{org}/{name}",
+            revision=revision,
+            token=_hf_token(),
+            cache_dir=cache_dir / "hf",
+            # Meta's repos repeat the weights as consolidated .pth files for their own code.
+            ignore_patterns=["original/*"],
+        )
+    except Exception as exc:  # the Hub raises a dozen types; the URI is what the user needs
+        raise RuntimeError(f"{uri}: download from the Hugging Face Hub failed: {exc}") from exc
+    return Path(snapshot, *subfolder)
+
+
+def _copy_to_cache(uri: str, cache_dir: Path) -> Path:
+    """Copy a remote folder into the cache once. Each process copies into its own temporary
+    folder and renames it into place, so ranks that race never see a partial copy."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache_dir / "remote" / f"{Path(uri.rstrip('/')).name}-{digest}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fs, remote = fsspec.core.url_to_fs(uri)
+    if not fs.isdir(remote):
+        raise FileNotFoundError(f"{uri}: no folder there")
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fs.get(remote.rstrip("/") + "/", f"{partial}/", recursive=True)
+        partial.rename(target)
+    except OSError:
+        if not target.is_dir():  # not a lost race with another process: a real failure
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------
+
+
+def builtin_config(
+    name: str, vocab_size: int, overrides: dict[str, Any] | None = None
+) -> PretrainedConfig:
+    """The tiny config called `name`, sized for the tokenizer, with `overrides` applied
+    before derived fields (head_dim) are computed."""
+    if name not in BUILTIN_CONFIGS:
+        raise ValueError(f"unknown built-in model {name!r} (known: {', '.join(BUILTIN_CONFIGS)})")
+    config_class = BUILTIN_CONFIGS[name]
+    overrides = overrides or {}
+    _reject_unknown_fields(config_class(), overrides)
+    return config_class(**{**_TINY_SHAPE, "vocab_size": vocab_size, **overrides})
+
+
+def _reject_unknown_fields(config: PretrainedConfig, overrides: dict[str, Any]) -> None:
+    # A config stores any keyword it is given, so a typo would otherwise pass silently.
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        raise ValueError(
+            f"spec.model.configOverrides: {', '.join(unknown)} not a field of the "
+            f"{config.model_type} config"
+        )
+
+
+def _folder_config(path: Path, overrides: dict[str, Any]) -> PretrainedConfig:
+    config, unused = AutoConfig.from_pretrained(path, return_unused_kwargs=True, **overrides)
+    _reject_unknown_fields(config, unused)
+    return config
+
+
+def set_dropout(config: PretrainedConfig, dropout: float) -> list[str]:
+    """Set every dropout probability the architecture has; returns the field names."""
+    fields = sorted(key for key in config.to_dict() if _DROPOUT_FIELD.search(key))
+    for key in fields:
+        setattr(config, key, dropout)
+    return fields
+
+
+def build_model(
+    model_spec: api.ModelSpec,
+    *,
+    vocab_size: int | None,
+    dropout: float,
+    dtype: str,
+    cache_dir: Path,
+) -> PreTrainedModel:
+    """The model `model_spec` describes, on the CPU. Random weights depend only on the torch
+    seed, so every rank builds the same model. `vocab_size` is the tokenizer's length:
+    it sizes a built-in model and grows a loaded model's embeddings when it is larger."""
+    torch_dtype = _DTYPES[dtype]
+    overrides = model_spec.config_overrides
+    if model_spec.source.startswith("builtin://"):
+        if vocab_size is None:
+            raise ValueError("a built-in model needs the tokenizer's vocab_size")
+        config = builtin_config(model_spec.source.removeprefix("builtin://"), vocab_size, overrides)
+        set_dropout(config, dropout)
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+
+    path = resolve_model_path(model_spec.source, cache_dir, revision=model_spec.revision)
+    config = _folder_config(path, overrides)
+    set_dropout(config, dropout)
+    if model_spec.init == "pretrained":
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def load_tokenizer(model_spec: api.ModelSpec, cache_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a loaded model: `spec.model.tokenizer` when set, else the model's
+    own. Built-in models have none; the data step trains one on the run's data."""
+    uri = model_spec.tokenizer or model_spec.source
+    if uri.startswith("builtin://"):
+        raise ValueError(f"{uri} has no tokenizer; built-in models train one on the run's data")
+    revision = None if model_spec.tokenizer else model_spec.revision
+    tokenizer = AutoTokenizer.from_pretrained(_local_folder(uri, cache_dir, revision))
+    if tokenizer.pad_token is None:
+        # Many causal LMs ship without one; batching and generation need it, and padded
+        # positions are masked out of the loss anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------
+
+
+def apply_lora(model: PreTrainedModel, lora: api.LoraSpec) -> PeftModel:
+    """Wrap `model` with LoRA adapters; the base weights are frozen, only adapters train."""
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def merge_lora(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    """A plain model with the adapters folded into the base weights (in place: the PEFT
+    wrapper is spent afterwards). A model without adapters comes back unchanged."""
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# Shape facts for FSDP2 and MFU
+# --------------------------------------------------------------------------------------
+
+
+def _base(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def transformer_blocks(model: PreTrainedModel | PeftModel) -> list[torch.nn.Module]:
+    """The decoder layers, in order: the units FSDP2 shards and checkpointing wraps.
+    Found by the block classes the model names in `_no_split_modules`, as accelerate does."""
+    base = _base(model)
+    block_names = set(base._no_split_modules or ())
+    blocks = [m for m in base.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"{type(base).__name__} names no transformer block class")
+    return blocks
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOPs-per-token formula needs (nanoGPT / torchtitan's estimate)."""
+
+    n_params: int
+    """All parameters, adapters included, shared ones once."""
+    n_embedding_params: int
+    """Parameters used only as lookup tables (no matmul FLOPs): the input embeddings,
+    unless tied to the output head."""
+    n_layers: int
+    n_heads: int
+    head_dim: int
+
+
+def model_shape(model: PreTrainedModel | PeftModel) -> ModelShape:
+    base = _base(model)
+    config = base.config
+    output = base.get_output_embeddings()
+    output_weight = output.weight if output is not None else None
+    n_embedding = sum(
+        m.weight.numel()
+        for m in base.modules()
+        if isinstance(m, torch.nn.Embedding) and m.weight is not output_weight
+    )
+    n_heads = config.num_attention_heads
+    return ModelShape(
+        n_params=sum(p.numel() for p in model.parameters()),
+        n_embedding_params=n_embedding,
+        n_layers=len(transformer_blocks(model)),
+        n_heads=n_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+    )
