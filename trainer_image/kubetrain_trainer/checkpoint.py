@@ -1,0 +1,414 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP), committed atomically.
+
+A committed checkpoint is never partial (RELIABILITY.md items 2 and 3). Layout under the root:
+
+    latest                 "step-000200": the newest committed folder, replaced atomically
+    step-000200/
+        extra-rank0.pt ... per rank: step, scheduler, RNG states, the caller's extra state
+        __0_0.distcp ...   DCP data, each rank writing its own shards
+        .metadata          written last by DCP: the DCP save is complete
+        COMMITTED          {"step", "time", "world_size", "duration_s"}, by rank 0, last
+
+Order of a save: per-rank extras, DCP data, `.metadata`, barrier, `COMMITTED`, `latest`,
+then retention (rank 0). A crash at any moment leaves the previous committed folder loadable;
+loading reads only folders with a `COMMITTED` marker and a `.metadata` file.
+
+Roots are local folders (a PVC, a laptop folder) or fsspec URLs (`s3://`, `gs://`, ...), for
+which DCP picks its FsspecWriter/FsspecReader. Locally the marker and the pointer are written
+to a temporary file, fsynced and moved with `os.replace`. On object stores there is no rename:
+they are written with a single PUT, which object stores apply atomically (a reader sees the
+old object or the new one, never part of one); that path cannot be tested against a real
+bucket here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import posixpath
+import random
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.optim.lr_scheduler import LRScheduler
+
+log = logging.getLogger(__name__)
+
+COMMITTED = "COMMITTED"
+POINTER = "latest"
+DCP_METADATA = ".metadata"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def step_dirname(step: int) -> str:
+    """Folder name of a step; zero-padded so that folders sort by step in a listing."""
+    return f"step-{step:06d}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint. `path` is a local path or, for object stores, a URL."""
+
+    step: int
+    path: str
+    time: float
+    """Unix time of the commit."""
+    duration_s: float
+    """Seconds from the start of the save to the commit."""
+
+
+# ---------------------------------------------------------------------------------------
+# RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU, current CUDA device), in a form
+    `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            **np_state,
+            "state": {
+                "key": np_state["state"]["key"].tolist(),
+                "pos": np_state["state"]["pos"],
+            },
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore states taken by `capture_rng_state`; the next random numbers repeat."""
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    key = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state({**np_state, "state": {**np_state["state"], "key": key}})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------
+# Storage: one fsspec filesystem for local folders and object stores alike
+
+
+def _put(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole file so that readers see the old content or the new, never a mix."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)  # one PUT: atomic on object stores
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    # The rename itself is durable only once the folder entry is flushed.
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_commit(fs: AbstractFileSystem, folder: str) -> dict[str, Any] | None:
+    """The commit marker of a folder, or None when it is not a complete, committed save."""
+    try:
+        marker = json.loads(fs.cat_file(posixpath.join(folder, COMMITTED)))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not fs.exists(posixpath.join(folder, DCP_METADATA)):
+        return None
+    return marker
+
+
+def _checkpoint_id(fs: AbstractFileSystem, folder: str) -> Path | str:
+    # DCP picks FileSystemWriter/Reader for a Path and FsspecWriter/Reader for a URL.
+    return Path(folder) if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(folder)
+
+
+def _url(fs: AbstractFileSystem, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _info(fs: AbstractFileSystem, folder: str, marker: dict[str, Any]) -> CheckpointInfo:
+    return CheckpointInfo(
+        step=int(marker["step"]),
+        path=_url(fs, folder),
+        time=float(marker["time"]),
+        duration_s=float(marker["duration_s"]),
+    )
+
+
+def _extra_name(rank: int) -> str:
+    return f"extra-rank{rank}.pt"
+
+
+@contextmanager
+def _dcp_context() -> Iterator[bool]:
+    """Yields DCP's `no_dist`; without a process group DCP saves and loads in this process
+    alone, and its warning about that is noise for a one-process run."""
+    no_dist = not dist.is_initialized()
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield no_dist
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves, finds, prunes and loads the step checkpoints of one run under `root`.
+
+    Every rank calls `save`, `load` and `resume` (they hold collectives when a process group
+    is initialized); rank 0 alone commits, moves the pointer and deletes old folders.
+    """
+
+    def __init__(
+        self, root: Path | str, keep_last: int, *, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+        if dist.is_initialized():
+            actual = (dist.get_rank(), dist.get_world_size())
+            if actual != (rank, world_size):
+                raise ValueError(
+                    f"rank/world_size {(rank, world_size)} differ from the process group's {actual}"
+                )
+        elif world_size != 1:
+            raise ValueError(f"world_size {world_size} needs an initialized process group")
+        self.fs, self.root = url_to_fs(str(root))
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    # -- queries --------------------------------------------------------------------------
+
+    def _folder(self, step: int) -> str:
+        return posixpath.join(self.root, step_dirname(step))
+
+    def _step_folders(self) -> list[tuple[int, str]]:
+        """All `step-N` folders, committed or not, by step."""
+        self.fs.invalidate_cache(self.root)  # object-store listings are cached by fsspec
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        folders = []
+        for entry in entries:
+            entry = entry.rstrip("/")
+            if match := _STEP_DIR.fullmatch(posixpath.basename(entry)):
+                folders.append((int(match[1]), entry))
+        return sorted(folders)
+
+    def list_committed(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        found = []
+        for _, folder in self._step_folders():
+            if (marker := _read_commit(self.fs, folder)) is not None:
+                found.append(_info(self.fs, folder, marker))
+        return found
+
+    def latest(self) -> CheckpointInfo | None:
+        """The checkpoint the `latest` pointer names, once verified committed; otherwise
+        (no pointer, or it names a folder that is gone or partial) the newest committed."""
+        try:
+            name = self.fs.cat_file(posixpath.join(self.root, POINTER)).decode().strip()
+        except FileNotFoundError:
+            name = ""
+        if _STEP_DIR.fullmatch(name):
+            folder = posixpath.join(self.root, name)
+            if (marker := _read_commit(self.fs, folder)) is not None:
+                return _info(self.fs, folder, marker)
+            log.warning("checkpoint pointer names %s, which is not committed; scanning", name)
+        committed = self.list_committed()
+        return committed[-1] if committed else None
+
+    # -- save ------------------------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and self.world_size > 1:
+            dist.barrier()
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LRScheduler | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Save and commit `step-N` (all ranks). `extra` is this rank's own state (tokens
+        seen, data position...): plain Python values and tensors. A step that is already
+        committed is kept as it is: rewriting it in place would leave a window with no
+        committed copy of it."""
+        start = time.monotonic()
+        rng = capture_rng_state()
+        folder = self._folder(step)
+        if (marker := _read_commit(self.fs, folder)) is not None:
+            log.info("checkpoint %s is already committed; keeping it", step_dirname(step))
+        else:
+            marker = self._write(step, folder, model, optimizer, scheduler, extra, rng, start)
+        if self.rank == 0:
+            self._publish(folder)
+        self._barrier()  # no rank goes on (or loads) before the pointer has moved
+        return _info(self.fs, folder, marker)
+
+    def _write(
+        self,
+        step: int,
+        folder: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LRScheduler | None,
+        extra: dict[str, Any] | None,
+        rng: dict[str, Any],
+        start: float,
+    ) -> dict[str, Any]:
+        if self.rank == 0 and self.fs.exists(folder):
+            log.info("removing %s, left uncommitted by a crashed save", folder)
+            self.fs.rm(folder, recursive=True)
+        self._barrier()
+        self.fs.makedirs(folder, exist_ok=True)
+        # Before DCP, so that DCP's `.metadata` stays the last file of a complete save.
+        state = {
+            "step": step,
+            "world_size": self.world_size,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng,
+            "extra": dict(extra or {}),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _put(self.fs, posixpath.join(folder, _extra_name(self.rank)), buffer.getvalue())
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _dcp_context() as no_dist:
+            dcp.save(
+                {"model": model_state, "optim": optim_state},
+                checkpoint_id=_checkpoint_id(self.fs, folder),
+                no_dist=no_dist,
+            )
+        self._barrier()  # every rank's files are in place before rank 0 commits
+        marker = {
+            "step": step,
+            "time": time.time(),
+            "world_size": self.world_size,
+            "duration_s": time.monotonic() - start,
+        }
+        if self.rank == 0:
+            _put(self.fs, posixpath.join(folder, COMMITTED), json.dumps(marker).encode())
+            log.info("committed %s in %.2fs", folder, marker["duration_s"])
+        return marker
+
+    def _publish(self, folder: str) -> None:
+        """Move the pointer to `folder`, then apply retention (rank 0)."""
+        _put(self.fs, posixpath.join(self.root, POINTER), posixpath.basename(folder).encode())
+        committed = {_url(self.fs, folder)}
+        committed.update(info.path for info in self.list_committed()[-self.keep_last :])
+        for _, other in self._step_folders():
+            if _url(self.fs, other) in committed:
+                continue
+            # Marker first: a crash during the removal leaves an uncommitted folder, never a
+            # committed one with files missing.
+            marker = posixpath.join(other, COMMITTED)
+            if self.fs.exists(marker):
+                self.fs.rm_file(marker)
+            self.fs.rm(other, recursive=True)
+            log.info("removed old or partial checkpoint %s", other)
+
+    # -- load ------------------------------------------------------------------------------
+
+    def load(
+        self,
+        info_or_path: CheckpointInfo | Path | str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LRScheduler | None = None,
+    ) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler and this rank's RNG states from a committed
+        step folder (all ranks). Returns this rank's extra state, with `step` set."""
+        location = info_or_path.path if isinstance(info_or_path, CheckpointInfo) else info_or_path
+        fs, folder = url_to_fs(str(location))
+        marker = _read_commit(fs, folder)
+        if marker is None:
+            raise FileNotFoundError(
+                f"{location} is not a committed checkpoint (no {COMMITTED} marker or no DCP "
+                f"{DCP_METADATA}); a partial save is never loaded"
+            )
+        if marker["world_size"] != self.world_size:
+            raise ValueError(
+                f"{location} was saved by {marker['world_size']} processes and this run has "
+                f"{self.world_size}: the per-rank state (RNG, data position) cannot be mapped "
+                "onto another world size; resume with the same number of processes"
+            )
+        state = torch.load(
+            io.BytesIO(fs.cat_file(posixpath.join(folder, _extra_name(self.rank)))),
+            weights_only=True,
+        )
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _dcp_context() as no_dist:
+            dcp.load(
+                {"model": model_state, "optim": optim_state},
+                checkpoint_id=_checkpoint_id(fs, folder),
+                no_dist=no_dist,
+            )
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        if scheduler is not None:
+            if state["scheduler"] is None:
+                raise ValueError(f"{location} holds no scheduler state")
+            scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        log.info("loaded checkpoint %s", location)
+        return {**state["extra"], "step": int(marker["step"])}
+
+    def resume(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LRScheduler | None = None,
+        policy: str = "auto",
+    ) -> dict[str, Any] | None:
+        """Apply `spec.checkpoint.resume`: `auto` loads the latest committed checkpoint if
+        there is one, `never` loads nothing, `step-N` that committed step under the root, and
+        anything else is a path or URL of a step folder. Returns `load`'s dict, or None."""
+        if policy == "never":
+            return None
+        if policy == "auto":
+            info = self.latest()
+            if info is None:
+                log.info("no committed checkpoint under %s; starting fresh", self.root)
+                return None
+            return self.load(info, model, optimizer, scheduler)
+        if match := _STEP_DIR.fullmatch(policy):
+            folder = self._folder(int(match[1]))
+            if _read_commit(self.fs, folder) is None:
+                steps = [info.step for info in self.list_committed()]
+                raise FileNotFoundError(
+                    f"resume policy {policy!r}: {folder} is not a committed checkpoint "
+                    f"(committed steps: {steps or 'none'})"
+                )
+            return self.load(_url(self.fs, folder), model, optimizer, scheduler)
+        return self.load(policy, model, optimizer, scheduler)
