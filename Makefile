@@ -24,9 +24,15 @@ $(BIN)/kubetrain: pyproject.toml
 
 install: $(BIN)/kubetrain ## create .venv with kubetrain, its trainer and the dev tools
 
-quickstart: install ## validate the quickstart run and print it with every default resolved
+quickstart: install ## train the quickstart run locally (2 CPU workers, FSDP2) into runs/quickstart
 	$(BIN)/kubetrain validate examples/*.yaml
-	$(BIN)/kubetrain validate -o yaml examples/quickstart.yaml
+	$(BIN)/kubetrain run examples/quickstart.yaml --overwrite
+
+bench: install ## benchmarks vs same-run baselines -> bench/results/bench.json + bench.png
+	$(BIN)/python -m bench.run_all
+
+bench-gpu: install ## on a GPU machine: ~0.5B model, FSDP2 + bf16, tokens/s and MFU
+	$(BIN)/python -m bench.bench_gpu
 
 lint: install ## ruff, formatting and mypy
 	$(BIN)/ruff check .
@@ -57,4 +63,4 @@ cluster-up: ## start a local control plane in .cluster/ (then: source .cluster/e
 cluster-down: ## stop the local control plane started by cluster-up
 	$(PYTHON) hack/controlplane.py down --dir $(CLUSTER_DIR)
 
-.PHONY: help install quickstart lint crds docs check-crds test test-unit cluster-up cluster-down
+.PHONY: help install quickstart bench bench-gpu lint crds docs check-crds test test-unit cluster-up cluster-down

@@ -32,7 +32,6 @@ examples:
 # Subcommands that later milestones fill in; the names are reserved now so that scripts
 # and images can rely on them.
 RESERVED = {
-    "run": ("FILE", "train a TrainingRun locally on a local Ray cluster (not yet available)"),
     "operator": (None, "run the Kubernetes operator (not yet available)"),
     "serve": (
         "MODEL_DIR",
@@ -99,6 +98,18 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        from kubetrain_trainer import local
+    except ImportError as exc:  # the operator image has no torch or ray
+        print(
+            f"kubetrain run needs the trainer extra (pip install 'kubetrain[trainer]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    return local.main(args)
+
+
 def _cmd_reserved(args: argparse.Namespace) -> int:
     print(
         f"kubetrain {args.command}: not available in this version yet; see README.md",
@@ -143,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="write nothing; exit 1 if the files differ"
     )
     crds.set_defaults(func=_cmd_crds)
+
+    run = commands.add_parser(
+        "run",
+        help="train a TrainingRun on this machine (local Ray cluster, same driver)",
+        description="Train a TrainingRun locally: data preparation, FSDP2 training on a local "
+        "Ray cluster, checkpoints, evaluation and export, all under OUTPUT_DIR/<name>/.",
+    )
+    run.add_argument("file", metavar="FILE", help="TrainingRun YAML")
+    run.add_argument("--output-dir", default="runs", help="root of run folders (default: runs)")
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="delete an earlier run first")
+    run.add_argument("--workers", type=int, help="training processes (default: spec)")
+    run.add_argument("--max-steps", type=int, help="override spec.hyperparameters.maxSteps")
+    run.add_argument(
+        "--metrics-port", type=int, help="serve /metrics and /progress on 127.0.0.1:PORT"
+    )
+    run.set_defaults(func=_cmd_run)
 
     for name, (arg, text) in RESERVED.items():
         sub = commands.add_parser(name, help=text, description=text)

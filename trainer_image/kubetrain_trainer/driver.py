@@ -1,0 +1,185 @@
+"""The Ray driver: prepares the data once, then runs the training loop on every worker
+through Ray Train's `TorchTrainer`, restarting failed workers (`FailureConfig`) from the
+latest committed checkpoint.
+
+On Kubernetes it runs in the Ray head pod (`ray.init(address="auto")`); on a laptop it
+starts a local Ray instance. Rank 0 pushes progress events to a small mailbox actor; the
+driver drains it into the telemetry (Prometheus `/metrics`, JSON `/progress`) and any
+listener (the local progress bar).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from kubetrain_api import v1alpha1 as api
+from kubetrain_trainer import metrics
+from kubetrain_trainer.config import TrainConfig, resolve
+
+Listener = Callable[[dict[str, Any]], None]
+
+
+@ray.remote(num_cpus=0)
+class Mailbox:
+    """Events from rank 0 to the driver; an actor so that it works across nodes."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def push(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+
+def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Data preparation, its own step (nanoGPT): clean, dedup, mix, tokenize, pack, split.
+    Writes to the run's storage once; every worker then reads the packed arrays."""
+    from kubetrain_trainer import models
+    from kubetrain_trainer.data import prepare_data
+
+    spec = config.spec
+    tokenizer = None
+    if not spec.model.source.startswith("builtin://"):
+        tokenizer = models.load_tokenizer(spec.model, config.output_dir / "cache")
+    vocab = int(spec.model.config_overrides.get("vocab_size", 1024))
+    prepare_data(
+        spec,
+        config.data_dir,
+        tokenizer=tokenizer,
+        vocab_size=vocab,
+        seed=spec.hyperparameters.seed,
+        log=log,
+    )
+    return dict(json.loads((config.data_dir / "summary.json").read_text()))
+
+
+def _worker_entry(payload: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker process."""
+    from kubetrain_trainer.loop import WorkerContext, train
+
+    context = ray.train.get_context()
+    run = api.TrainingRun.model_validate(payload["run"])
+    config = resolve(
+        run,
+        Path(payload["output_dir"]),
+        use_gpu=payload["use_gpu"],
+        world_size=context.get_world_size(),
+    )
+    mailbox = payload["mailbox"]
+    ctx = WorkerContext(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        local_rank=context.get_local_rank(),
+        report=lambda event: mailbox.push.remote(event),
+    )
+    train(config, ctx)
+
+
+class TelemetryPump:
+    """Moves events from the mailbox to the telemetry and listeners, in a thread."""
+
+    def __init__(self, mailbox: Any, telemetry: metrics.Telemetry, listeners: list[Listener]):
+        self.mailbox, self.telemetry, self.listeners = mailbox, telemetry, listeners
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="telemetry-pump", daemon=True)
+
+    def __enter__(self) -> TelemetryPump:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.pump()  # the last events
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.pump()
+
+    def pump(self) -> None:
+        for event in ray.get(self.mailbox.drain.remote()):
+            apply_event(self.telemetry, event)
+            for listener in self.listeners:
+                listener(event)
+
+
+def apply_event(telemetry: metrics.Telemetry, event: dict[str, Any]) -> None:
+    """Route one rank-0 event to the telemetry."""
+    kind = event.get("kind")
+    if kind == "step":
+        telemetry.update(**{k: v for k, v in event.items() if k not in ("kind", "time")})
+    elif kind == "eval":
+        telemetry.record_eval(event["step"], event["metrics"], gate=event.get("gate"))
+    elif kind == "checkpoint":
+        telemetry.record_checkpoint(
+            event["step"], event["path"], event["duration_s"], committed_at=event.get("time")
+        )
+    elif kind == "phase":
+        telemetry.set_phase(event["phase"])
+        if event.get("total_steps"):
+            telemetry.update(total_steps=event["total_steps"])
+
+
+def run_training(
+    run: api.TrainingRun,
+    output_dir: Path,
+    *,
+    address: str | None = None,
+    world_size: int | None = None,
+    use_gpu: bool | None = None,
+    max_failures: int = 3,
+    telemetry: metrics.Telemetry | None = None,
+    listeners: list[Listener] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Prepare data, train on a Ray cluster, and return the result rank 0 wrote."""
+    config = resolve(run, output_dir, use_gpu=use_gpu, world_size=world_size)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    telemetry = telemetry or metrics.Telemetry()
+    telemetry.set_phase("Preparing")
+    summary = prepare(config, log=log)
+    telemetry.set_data_summary(summary)
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # A local instance sized for the workers (+1 for Ray Train's controller).
+            ray.init(num_cpus=config.world_size + 1, include_dashboard=False)
+    mailbox = Mailbox.remote()
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={
+            "run": run.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            "output_dir": str(config.output_dir.resolve()),
+            "use_gpu": config.use_gpu,
+            "mailbox": mailbox,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.world_size,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"GPU": 1} if config.use_gpu else {"CPU": 1},
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=str((config.output_dir / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+    )
+    with TelemetryPump(mailbox, telemetry, listeners or []):
+        trainer.fit()
+    result = json.loads((config.output_dir / "result.json").read_text())
+    telemetry.set_phase("Succeeded")
+    return result

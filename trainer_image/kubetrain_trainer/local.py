@@ -1,0 +1,200 @@
+"""`kubetrain run FILE`: the same TrainingRun, trained on this machine by a local Ray
+cluster, with a progress bar and everything under runs/<name>/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from kubetrain_api import v1alpha1 as api
+from kubetrain_api import validation
+
+
+class RunError(Exception):
+    """A local run that cannot start; the message says why and what to do."""
+
+
+def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
+    try:
+        docs = validation.load_documents(path.read_text())
+    except OSError as exc:
+        raise RunError(f"{path}: cannot read: {exc}") from exc
+    runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == api.KIND]
+    if len(runs) != 1:
+        raise RunError(f"{path}: expected exactly one TrainingRun, found {len(runs)}")
+    doc = runs[0]
+    if max_steps is not None:
+        # An override for smoke runs; validated like the rest of the spec below.
+        doc.setdefault("spec", {}).setdefault("hyperparameters", {})["maxSteps"] = max_steps
+    try:
+        return validation.parse(doc)
+    except validation.InvalidSpec as exc:
+        lines = "\n".join(f"  {e}" for e in exc.errors)
+        raise RunError(f"{path}: invalid TrainingRun:\n{lines}") from exc
+
+
+def output_dir_for(run: api.TrainingRun, root: Path, *, resume: bool, overwrite: bool) -> Path:
+    out = root / (run.metadata.name or "run")
+    has_state = (out / "checkpoints").exists() or (out / "result.json").exists()
+    if has_state and overwrite:
+        shutil.rmtree(out)
+    elif has_state and not resume:
+        raise RunError(
+            f"{out} already holds a run: pass --resume to continue it from its latest "
+            "checkpoint, or --overwrite to start over"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class ProgressBar:
+    """A tqdm bar fed by rank 0's events: step, loss, tokens/s, ETA."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bar: Any = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("kind")
+        if kind == "phase" and event.get("total_steps") and self.bar is None:
+            self.bar = self._tqdm(total=event["total_steps"], unit="step", dynamic_ncols=True)
+        if kind == "step" and self.bar is not None:
+            self.bar.n = event["step"]
+            self.bar.set_postfix(
+                loss=f"{event['loss']:.3f}", tok_s=f"{event['tokens_per_second']:.0f}"
+            )
+        elif kind == "eval":
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in event["metrics"].items())
+            self._write(f"eval @ step {event['step']}: {shown}")
+        elif kind == "checkpoint":
+            self._write(f"checkpoint step {event['step']} -> {event['path']}")
+
+    def _write(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    """Training and validation loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(e["step"], e["loss"]) for e in events if e.get("kind") == "step"]
+    val = [
+        (e["step"], e["metrics"]["loss"])
+        for e in events
+        if e.get("kind") == "eval" and "loss" in e.get("metrics", {})
+    ]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def sample(model_dir: Path, data_dir: Path) -> tuple[str, str]:
+    """A greedy continuation of the start of the first validation row."""
+    import numpy as np
+
+    from kubetrain_trainer import export
+
+    model, tokenizer, _ = export.load_exported(model_dir)
+    with np.load(data_dir / "validation.npz") as data:
+        rows = (
+            data["input_ids"]
+            if len(data["input_ids"])
+            else np.load(data_dir / "train.npz")["input_ids"]
+        )
+    prompt = tokenizer.decode([int(t) for t in rows[0][:8]], skip_special_tokens=True).strip()
+    return prompt, export.generate_sample(model, tokenizer, prompt, max_new_tokens=30)
+
+
+def run_local(
+    path: Path,
+    *,
+    output_root: Path = Path("runs"),
+    resume: bool = False,
+    overwrite: bool = False,
+    workers: int | None = None,
+    max_steps: int | None = None,
+    metrics_port: int | None = None,
+) -> dict[str, Any]:
+    from kubetrain_trainer import metrics
+    from kubetrain_trainer.driver import run_training
+
+    run = load_run(path, max_steps=max_steps)
+    out = output_dir_for(run, output_root, resume=resume, overwrite=overwrite)
+    telemetry = metrics.Telemetry()
+    server = None
+    if metrics_port is not None:
+        server, port = metrics.serve_telemetry(telemetry, host="127.0.0.1", port=metrics_port)
+        print(
+            f"metrics: http://127.0.0.1:{port}/metrics  progress: http://127.0.0.1:{port}/progress"
+        )
+    bar = ProgressBar()
+    try:
+        result = run_training(
+            run,
+            out,
+            world_size=workers or run.spec.resources.workers,
+            use_gpu=False if run.spec.resources.gpus_per_worker == 0 else None,
+            max_failures=run.spec.run_policy.backoff_limit,
+            telemetry=telemetry,
+            listeners=[bar],
+            log=lambda msg: print(msg, flush=True),
+        )
+    finally:
+        bar.close()
+        if server is not None:
+            server.shutdown()
+    plot = plot_losses(out / "metrics.jsonl", out / "loss.png")
+    gate = result["gate"]
+    print(f"\nrun {run.metadata.name}: {result['step']} steps, {result['tokens_seen']} tokens")
+    for name, value in result["metrics"].items():
+        print(f"  {name}: {value:.4f}")
+    verdict = "passed" if gate.get("passed") else "failed: " + "; ".join(gate.get("failures", []))
+    print(f"  gate: {verdict}")
+    print(f"  model: {result['model']}")
+    if plot:
+        print(f"  loss curve: {plot}")
+    if result.get("model"):
+        prompt, text = sample(Path(result["model"]), out / "data")
+        print(f"  sample: {prompt!r} -> {text!r}")
+    return result
+
+
+def main(args: Any) -> int:
+    try:
+        run_local(
+            Path(args.file),
+            output_root=Path(args.output_dir),
+            resume=args.resume,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            max_steps=args.max_steps,
+            metrics_port=args.metrics_port,
+        )
+    except RunError as exc:
+        print(f"kubetrain run: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,384 @@
+"""One training process: build, shard, resume, train, evaluate, checkpoint, export.
+
+`train(job, ...)` is launcher-agnostic: Ray Train calls it through `driver.py`, the
+benchmarks call it under torchrun. torch.distributed is already initialized by the caller
+when there is more than one process.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kubetrain_api import v1alpha1 as api
+from kubetrain_trainer import checkpoint, evaluate, export, metrics, models, optim
+from kubetrain_trainer.config import TrainConfig
+from kubetrain_trainer.parallelize import parallelize, set_gradient_sync
+from kubetrain_trainer.sampler import DataOrder
+
+Report = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class WorkerContext:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    report: Report = field(default=lambda event: None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _device(config: TrainConfig, ctx: WorkerContext) -> torch.device:
+    if config.use_gpu:
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def _load_split(path: Path) -> dict[str, torch.Tensor]:
+    with np.load(path) as data:
+        return {k: torch.from_numpy(data[k].astype(np.int64)) for k in ("input_ids", "labels")}
+
+
+def _batches(split: dict[str, torch.Tensor], size: int, limit: int) -> Iterator[dict]:
+    rows = split["input_ids"].shape[0]
+    for i, start in enumerate(range(0, rows, size)):
+        if i >= limit:
+            return
+        yield {k: v[start : start + size] for k, v in split.items()}
+
+
+def _all_mean(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+class Trainer:
+    """The pieces of one process's training run, built once; `fit()` runs it."""
+
+    def __init__(self, config: TrainConfig, ctx: WorkerContext):
+        self.config, self.ctx = config, ctx
+        self.spec = config.spec
+        self.device = _device(config, ctx)
+        hp = config.hp
+        _seed_everything(hp.seed)  # identical initial weights on every rank
+
+        self.tokenizer = self._tokenizer()
+        self.train_data = _load_split(config.data_dir / "train.npz")
+        self.val_data = _load_split(config.data_dir / "validation.npz")
+        rows = self.train_data["input_ids"].shape[0]
+        if rows == 0:
+            raise ValueError("no training rows after data preparation; see data/summary.json")
+        self.total_steps = config.total_steps(rows)
+        self.order = DataOrder(rows, config, hp.seed)
+
+        model = models.build_model(
+            self.spec.model,
+            vocab_size=len(self.tokenizer),
+            dropout=hp.dropout,
+            dtype=config.param_dtype,
+            cache_dir=config.output_dir / "cache",
+        )
+        if self.spec.lora is not None:
+            model = models.apply_lora(model, self.spec.lora)
+        self.shape = models.model_shape(model)
+        model.to(self.device)
+        self.model = parallelize(model, models.transformer_blocks(model), config, self.device)
+        self.optimizer = optim.build_optimizer(self.model, hp)
+        self.scheduler = optim.build_scheduler(self.optimizer, hp, self.total_steps)
+        self.checkpoints = checkpoint.CheckpointManager(
+            config.checkpoint_dir,
+            self.spec.checkpoint.keep_last,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+        self.flops_per_token = metrics.flops_per_token(
+            self.shape.n_params,
+            self.shape.n_embedding_params,
+            self.shape.n_layers,
+            self.shape.n_heads,
+            self.shape.head_dim,
+            self.spec.data.sequence_length,
+        )
+        self.peak = self._peak_flops()
+        self.step = 0
+        self.tokens_seen = 0
+
+    def _tokenizer(self) -> Any:
+        local = self.config.data_dir / "tokenizer"
+        if local.exists():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(local)
+        return models.load_tokenizer(self.spec.model, self.config.output_dir / "cache")
+
+    def _peak_flops(self) -> float | None:
+        if self.config.use_gpu:
+            return metrics.peak_flops(torch.cuda.get_device_name(self.device), torch.bfloat16)
+        # CPU: no published peak, so an in-run matmul ceiling measured once.
+        return metrics.measure_matmul_flops(seconds=0.3) if self.ctx.is_main else None
+
+    def _mfu(self, tokens_per_second: float) -> float | None:
+        """Global throughput against the peak of all processes (one device or core each)."""
+        if not self.peak:
+            return None
+        return metrics.mfu(tokens_per_second, self.flops_per_token, self.peak * self.ctx.world_size)
+
+    # ----------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        extra = self.checkpoints.resume(
+            self.model, self.optimizer, self.scheduler, policy=self.spec.checkpoint.resume
+        )
+        if extra:
+            self.step, self.tokens_seen = int(extra["step"]), int(extra["tokens_seen"])
+            self._log(f"resumed from step {self.step}")
+            latest = self.checkpoints.latest()
+            if latest is not None:  # so checkpoint age and status.checkpoints survive restarts
+                self._announce(latest)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches."""
+        self.model.train()
+        accum = self.config.grad_accum_steps
+        total_loss, tokens = 0.0, 0
+        for m, rows in enumerate(self.order.micro_batches(self.step, self.ctx.rank)):
+            batch = {k: v[rows].to(self.device) for k, v in self.train_data.items()}
+            set_gradient_sync(self.model, m == accum - 1)
+            loss = self.model(**batch).loss
+            (loss / accum).backward()
+            total_loss += float(loss.detach())
+            tokens += int(batch["input_ids"].numel())
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tokens * self.ctx.world_size
+        return {
+            "loss": _all_mean(total_loss / accum, self.device),
+            "grad_norm": grad_norm,
+            "tokens": tokens * self.ctx.world_size,
+        }
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.config.hp.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        # FSDP2 returns a DTensor; the full value is the global norm.
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        ev = self.spec.evaluation
+        results: dict[str, float] = {}
+        batches = _batches(self.val_data, self.config.micro_batch_size, ev.max_batches)
+        if self.val_data["input_ids"].shape[0]:
+            loss, _ = evaluate.evaluate_loss(self.model, batches, self.device)
+            if "loss" in ev.metrics:
+                results["loss"] = loss
+            if "perplexity" in ev.metrics:
+                results["perplexity"] = evaluate.perplexity(loss)
+        labelled = [m for m in ev.metrics if m in ("accuracy", "precision", "recall", "f1")]
+        if labelled and ev.datasets:
+            results.update(self._labelled_metrics(labelled))
+        return results
+
+    def _labelled_metrics(self, wanted: list[str]) -> dict[str, float]:
+        from kubetrain_trainer.data import load_eval_examples
+
+        ev = self.spec.evaluation
+        out: dict[str, float] = {}
+        for ds in ev.datasets:
+            examples = load_eval_examples(ds)
+            prompts = [e.prompt for e in examples]
+            truth = [e.label for e in examples]
+            # Every rank runs the same forward passes: an FSDP2 model is one collective.
+            if ds.task == "classification":
+                preds = evaluate.predict_labels(self.model, self.tokenizer, prompts, ds.labels)
+                labels = list(ds.labels)
+            else:
+                preds = evaluate.exact_match_predictions(self.model, self.tokenizer, prompts, 32)
+                labels = sorted(set(truth) | set(preds))
+            scores = evaluate.classification_metrics(truth, preds, labels, ev.average)
+            for name in wanted:
+                # The first dataset also reports under the bare name the gate checks.
+                out.setdefault(name, scores[name])
+                out[f"{ds.name}/{name}"] = scores[name]
+        return out
+
+    def save_checkpoint(self) -> None:
+        extra = {"step": self.step, "tokens_seen": self.tokens_seen}
+        self._announce(
+            self.checkpoints.save(
+                self.step, self.model, self.optimizer, self.scheduler, extra=extra
+            )
+        )
+
+    def _announce(self, info: checkpoint.CheckpointInfo) -> None:
+        self._emit(
+            kind="checkpoint",
+            step=info.step,
+            path=str(info.path),
+            duration_s=info.duration_s,
+            time=info.time,
+        )
+
+    # ----------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        cfg, ev = self.spec.checkpoint, self.spec.evaluation
+        self.resume()
+        self._emit(
+            kind="setup",
+            world_size=self.ctx.world_size,
+            params_total=self.shape.n_params,
+            params_local=_local_numel(self.model),
+            grad_accum_steps=self.config.grad_accum_steps,
+            resumed_from=self.step,
+        )
+        self._emit(kind="phase", phase="Running", total_steps=self.total_steps)
+        last_time, last_tokens = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            out = self.train_step()
+            now = time.perf_counter()
+            tps = out["tokens"] / max(now - last_time, 1e-9)
+            last_time = now
+            last_tokens += int(out["tokens"])
+            self._emit(
+                kind="step",
+                step=self.step,
+                total_steps=self.total_steps,
+                loss=out["loss"],
+                grad_norm=out["grad_norm"],
+                learning_rate=self.scheduler.get_last_lr()[0],
+                tokens_per_second=tps,
+                mfu=self._mfu(tps),
+                epoch=self.order.epoch(self.step),
+                tokens_seen=self.tokens_seen,
+            )
+            if self.step % ev.interval_steps == 0 and self.step < self.total_steps:
+                self._emit(kind="eval", step=self.step, metrics=self.evaluate())
+            if self.step % cfg.interval_steps == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        self._emit(kind="phase", phase="Evaluating")
+        final = self.evaluate(final=True)
+        gate = evaluate.check_gate(final, self.spec.evaluation.gate)
+        self._emit(kind="eval", step=self.step, metrics=final, gate=gate.model_dump())
+        model_dir = self._export(final, gate)
+        result = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "metrics": final,
+            "gate": gate.model_dump(),
+            "model": str(model_dir) if model_dir else None,
+        }
+        if self.ctx.is_main:
+            (self.config.output_dir / "result.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    def _export(self, final: dict[str, float], gate: api.GateResult) -> Path | None:
+        """Gather the full weights (a collective), then rank 0 writes the HF folder."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        if not self.ctx.is_main:
+            return None
+        plain = models.build_model(
+            self.spec.model,
+            vocab_size=len(self.tokenizer),
+            dropout=0.0,
+            dtype=self.config.param_dtype,
+            cache_dir=self.config.output_dir / "cache",
+        )
+        if self.spec.lora is not None:
+            plain = models.apply_lora(plain, self.spec.lora)
+        plain.load_state_dict(state)
+        run_info = {
+            "name": self.config.name,
+            "spec": self.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            "step": self.step,
+            "tokensSeen": self.tokens_seen,
+            "metrics": final,
+            "gate": gate.model_dump(),
+            "data": _read_json(self.config.data_dir / "summary.json"),
+            "checkpoint": str(self.checkpoints.latest().path)
+            if self.checkpoints.latest()
+            else None,
+            "codeVersion": _code_version(),
+        }
+        return export.export_model(plain, self.tokenizer, self.config.model_dir, run_info)
+
+    # ----------------------------------------------------------------------------------
+
+    def _emit(self, **event: Any) -> None:
+        if self.ctx.is_main:
+            event.setdefault("time", time.time())
+            with self.config.metrics_path.open("a") as f:
+                f.write(json.dumps(event, default=str) + "\n")
+            self.ctx.report(event)
+
+    def _log(self, message: str) -> None:
+        if self.ctx.is_main:
+            print(f"[kubetrain] {message}", flush=True)
+
+
+def _local_numel(model: torch.nn.Module) -> int:
+    """Parameters this process holds: its FSDP2 shards, or everything when unsharded."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kubetrain")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def train(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
+    """Entry point for one process."""
+    # Deterministic kernels on CPU, so that crash + resume reproduces a straight run.
+    torch.use_deterministic_algorithms(not config.use_gpu, warn_only=True)
+    _write_pid(config, ctx)
+    return Trainer(config, ctx).fit()
+
+
+def _write_pid(config: TrainConfig, ctx: WorkerContext) -> None:
+    """Record this process's pid per rank, so tools and tests can find (and kill) it."""
+    import os
+
+    pids = config.output_dir / "pids"
+    pids.mkdir(parents=True, exist_ok=True)
+    (pids / f"rank{ctx.rank}").write_text(str(os.getpid()))

@@ -1,0 +1,54 @@
+"""Spread a model over the data-parallel processes: FSDP2 (`fully_shard` per transformer
+block, then the root) or DDP, with mixed precision, activation checkpointing and
+torch.compile as the spec asks. Kept apart from the model and the loop, as in torchtitan."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from kubetrain_trainer.config import TrainConfig
+
+_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+def parallelize(
+    model: nn.Module, blocks: list[nn.Module], config: TrainConfig, device: torch.device
+) -> nn.Module:
+    """Apply activation checkpointing, compile and FSDP2/DDP; returns the module to train."""
+    dist_spec = config.spec.distributed
+    if dist_spec.activation_checkpointing:
+        # transformers' own switch: non-reentrant checkpointing of each decoder layer.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    if dist_spec.compile:
+        for block in blocks:
+            block.compile()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    if dist_spec.strategy == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    compute_dtype = _DTYPES.get(config.precision)
+    mp = (
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        if compute_dtype is not None
+        else MixedPrecisionPolicy()
+    )
+    reshard = dist_spec.reshard_after_forward
+    for block in blocks:
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard)
+    # The root holds embeddings and the head; its all-gather is needed right after forward.
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip gradient communication on accumulation micro-steps (FSDP2 and DDP alike)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+    elif isinstance(model, DistributedDataParallel):
+        model.require_backward_grad_sync = enabled
