@@ -18,7 +18,7 @@ Schema = dict[str, Any]
 def _type(node: Schema) -> str:
     if node.get("x-kubernetes-int-or-string"):
         return "int or quantity"
-    kind = node.get("type", "object")
+    kind = str(node.get("type", "object"))
     if "enum" in node:
         return " \\| ".join(f"`{v}`" for v in node["enum"])
     if kind == "array":

@@ -107,7 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return local.main(args)
+    return int(local.main(args))
 
 
 def _cmd_reserved(args: argparse.Namespace) -> int:
