@@ -17,7 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def crd_installed(cluster: object) -> None:
     """The generated CRD applied to the session's cluster, and Established."""
-    from tests.support.cluster import kubectl  # after pytest_plugins, so asserts are rewritten
+    # Imported here, after pytest_plugins, so its asserts are rewritten.
+    from tests.support.cluster import kubectl, wait_until
 
     kubectl("apply", "-f", str(ROOT / "crds" / crd.CRD_FILENAME))
-    kubectl("wait", "--for=condition=Established", f"crd/{crd.CRD_NAME}", "--timeout=60s")
+    # Not `kubectl wait` at once: right after the apply the CRD may have no conditions yet.
+    wait_until(
+        lambda: (
+            '"Established"' in kubectl("get", "crd", crd.CRD_NAME, "-o", "json").stdout
+            and kubectl(
+                "wait",
+                "--for=condition=Established",
+                f"crd/{crd.CRD_NAME}",
+                "--timeout=30s",
+                check=False,
+            ).returncode
+            == 0
+        ),
+        timeout=60,
+        message="the CRD to be Established",
+    )

@@ -32,7 +32,6 @@ examples:
 # Subcommands that later milestones fill in; the names are reserved now so that scripts
 # and images can rely on them.
 RESERVED = {
-    "operator": (None, "run the Kubernetes operator (not yet available)"),
     "serve": (
         "MODEL_DIR",
         "serve an exported model with an OpenAI-compatible API (not yet available)",
@@ -110,6 +109,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return int(local.main(args))
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    try:
+        from kubetrain_operator import cli
+    except ImportError as exc:
+        print(
+            f"kubetrain operator needs the operator extra (pip install 'kubetrain[operator]'): "
+            f"{exc}",
+            file=sys.stderr,
+        )
+        return 2
+    return int(cli.main(args))
+
+
 def _cmd_reserved(args: argparse.Namespace) -> int:
     print(
         f"kubetrain {args.command}: not available in this version yet; see README.md",
@@ -167,10 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete an earlier run first")
     run.add_argument("--workers", type=int, help="training processes (default: spec)")
     run.add_argument("--max-steps", type=int, help="override spec.hyperparameters.maxSteps")
+    run.add_argument("--metrics-port", type=int, help="serve /metrics and /progress on PORT")
     run.add_argument(
-        "--metrics-port", type=int, help="serve /metrics and /progress on 127.0.0.1:PORT"
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: local)"
+    )
+    run.add_argument(
+        "--address", help="join this Ray cluster (`auto` in a Ray head pod) instead of a local one"
     )
     run.set_defaults(func=_cmd_run)
+
+    op = commands.add_parser(
+        "operator",
+        help="run the Kubernetes operator that turns TrainingRuns into Ray clusters",
+        description="Run the kopf operator: watches TrainingRuns (all namespaces, or those "
+        "given) and reconciles their Ray clusters, status, retries and clean-up.",
+    )
+    op.add_argument(
+        "-n", "--namespace", action="append", help="watch only this namespace (repeatable)"
+    )
+    op.add_argument("--liveness-port", type=int, default=8081, help="kopf liveness /healthz")
+    op.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics")
+    op.add_argument("-v", "--verbose", action="store_true")
+    op.set_defaults(func=_cmd_operator)
 
     for name, (arg, text) in RESERVED.items():
         sub = commands.add_parser(name, help=text, description=text)

@@ -138,6 +138,8 @@ def run_local(
     workers: int | None = None,
     max_steps: int | None = None,
     metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    address: str | None = None,
 ) -> dict[str, Any]:
     from kubetrain_trainer import metrics
     from kubetrain_trainer.driver import run_training
@@ -156,6 +158,7 @@ def run_local(
         result = run_training(
             run,
             out,
+            address=address,
             world_size=workers or run.spec.resources.workers,
             use_gpu=False if run.spec.resources.gpus_per_worker == 0 else None,
             max_failures=run.spec.run_policy.backoff_limit,
@@ -193,6 +196,8 @@ def main(args: Any) -> int:
             workers=args.workers,
             max_steps=args.max_steps,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            address=args.address,
         )
     except RunError as exc:
         print(f"kubetrain run: {exc}", file=sys.stderr)

@@ -1,0 +1,484 @@
+"""Pure builders: a parsed TrainingRun in, the Kubernetes objects of its Ray cluster out.
+
+Every function here is pure (no I/O, no clock, no randomness): the same run, uid, namespace,
+attempt and settings always give the same dicts, so the reconciler can compare what it
+would build with what exists through the `kubetrain.dev/input-hash` annotation. Secrets are
+only ever referenced by name; the one secret value that passes through is the Ray token,
+which the caller generates once and which lands only in the token Secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+from typing import Any
+
+import yaml
+from kubernetes.utils.quantity import parse_quantity
+
+from kubetrain_api import v1alpha1 as api
+from kubetrain_operator.names import ChildNames
+from kubetrain_operator.settings import OperatorSettings
+
+Obj = dict[str, Any]
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_RUN = "kubetrain.dev/run"
+LABEL_ATTEMPT = "kubetrain.dev/attempt"
+LABEL_ROLE = "kubetrain.dev/role"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_INPUT_HASH = "kubetrain.dev/input-hash"
+
+CONFIG_KEY = "run.yaml"
+CONFIG_DIR = "/etc/kubetrain"
+TOKEN_KEY = "token"
+HF_TOKEN_DIR = "/var/run/secrets/kubetrain/hf"
+HEAD_CONTAINER = "ray-head"
+WORKER_CONTAINER = "ray-worker"
+GPU_RESOURCE = "nvidia.com/gpu"
+RUN_AS = 1000
+
+# --------------------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------------------
+
+
+def owner_reference(run_name: str, run_uid: str) -> Obj:
+    """Controller reference to the TrainingRun: children go when the run goes."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": run_name,
+        "uid": run_uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(run_name: str, component: str) -> dict[str, str]:
+    """Labels every child carries."""
+    return {
+        LABEL_NAME: "kubetrain",
+        LABEL_INSTANCE: run_name,
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: "kubetrain-operator",
+        LABEL_PART_OF: "kubetrain",
+        LABEL_RUN: run_name,
+    }
+
+
+def pod_label_selector(run_name: str, attempt: int | None = None) -> str:
+    """Label selector for the run's pods, or only those of one attempt."""
+    selector = f"{LABEL_RUN}={run_name}"
+    return selector if attempt is None else f"{selector},{LABEL_ATTEMPT}={attempt}"
+
+
+def input_hash(obj: Obj) -> str:
+    """sha256 (first 16 hex chars) of the canonical JSON of `obj` without its own hash."""
+    body = copy.deepcopy(obj)
+    annotations = body.get("metadata", {}).get("annotations")
+    if annotations is not None:
+        annotations.pop(ANNOTATION_INPUT_HASH, None)
+        if not annotations:
+            del body["metadata"]["annotations"]
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def with_input_hash(obj: Obj) -> Obj:
+    """A copy of `obj` annotated with its input hash."""
+    out = copy.deepcopy(obj)
+    out.setdefault("metadata", {}).setdefault("annotations", {})[ANNOTATION_INPUT_HASH] = (
+        input_hash(obj)
+    )
+    return out
+
+
+def _metadata(run: api.TrainingRun, uid: str, ns: str, name: str, component: str) -> Obj:
+    run_name = _run_name(run)
+    return {
+        "name": name,
+        "namespace": ns,
+        "labels": labels(run_name, component),
+        "ownerReferences": [owner_reference(run_name, uid)],
+    }
+
+
+def _run_name(run: api.TrainingRun) -> str:
+    if not run.metadata.name:
+        raise ValueError("the run has no metadata.name (parse() rejects such runs)")
+    return run.metadata.name
+
+
+# --------------------------------------------------------------------------------------
+# Configuration, token, storage, network
+# --------------------------------------------------------------------------------------
+
+
+def run_document(run: api.TrainingRun, ns: str) -> Obj:
+    """The resolved run as the driver reads it: defaults filled in, no status, and only
+    name and namespace of the metadata (labels and annotations are no input to training)."""
+    doc = run.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"status"})
+    doc["metadata"] = {"name": _run_name(run), "namespace": ns}
+    return doc
+
+
+def build_config_map(run: api.TrainingRun, uid: str, ns: str) -> Obj:
+    """ConfigMap `<run>-config` with `run.yaml`, mounted read-only in every pod."""
+    names = ChildNames(_run_name(run))
+    text = yaml.safe_dump(run_document(run, ns), sort_keys=False)
+    return with_input_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _metadata(run, uid, ns, names.config, "config"),
+            "data": {CONFIG_KEY: text},
+        }
+    )
+
+
+def build_ray_token_secret(run: api.TrainingRun, uid: str, ns: str, token: str) -> Obj:
+    """Secret `<run>-ray-token` holding the Ray auth token the caller generated once."""
+    names = ChildNames(_run_name(run))
+    return with_input_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": _metadata(run, uid, ns, names.ray_token, "ray-token"),
+            "type": "Opaque",
+            "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+        }
+    )
+
+
+def storage_claim_name(run: api.TrainingRun) -> str | None:
+    """The PVC the pods mount: the user's claim, the operator's `<run>-storage`, or None
+    when storage is a URI (object store or local path)."""
+    pvc = run.spec.checkpoint.storage.pvc
+    if pvc is None:
+        return None
+    return pvc.claim_name or ChildNames(_run_name(run)).storage
+
+
+def build_storage_pvc(run: api.TrainingRun, uid: str, ns: str) -> Obj | None:
+    """PVC `<run>-storage`, only when spec.checkpoint.storage.pvc names no existing claim."""
+    pvc = run.spec.checkpoint.storage.pvc
+    if pvc is None or pvc.claim_name:
+        return None
+    spec: Obj = {
+        # A named class is the user's shared (RWX) storage, as the API asks for multi-node
+        # runs; the cluster's default class is typically node-local (kind, local-path) and
+        # offers only ReadWriteOnce, which serves the head and workers on one node.
+        "accessModes": ["ReadWriteMany" if pvc.storage_class_name else "ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(pvc.size)}},
+    }
+    if pvc.storage_class_name:
+        spec["storageClassName"] = pvc.storage_class_name
+    return with_input_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": _metadata(run, uid, ns, ChildNames(_run_name(run)).storage, "storage"),
+            "spec": spec,
+        }
+    )
+
+
+def build_network_policy(
+    run: api.TrainingRun, uid: str, ns: str, settings: OperatorSettings
+) -> Obj:
+    """NetworkPolicy `<run>-ray`: the run's pods talk to each other on any port; the
+    operator reaches the head's telemetry port; nothing else gets in."""
+    run_name = _run_name(run)
+    own_pods = {"podSelector": {"matchLabels": {LABEL_RUN: run_name}}}
+    operator_pods = {
+        "namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": settings.operator_namespace}
+        },
+        "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
+    }
+    return with_input_hash(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _metadata(run, uid, ns, ChildNames(run_name).network_policy, "network"),
+            "spec": {
+                "podSelector": {"matchLabels": {LABEL_RUN: run_name}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {"from": [own_pods]},
+                    {
+                        "from": [operator_pods],
+                        "ports": [{"protocol": "TCP", "port": settings.progress_port}],
+                    },
+                ],
+            },
+        }
+    )
+
+
+def _head_ports(settings: OperatorSettings) -> list[tuple[str, int]]:
+    return [
+        ("gcs", settings.ray_gcs_port),
+        ("dashboard", settings.ray_dashboard_port),
+        ("client", settings.ray_client_port),
+        ("metrics", settings.progress_port),
+    ]
+
+
+def build_head_service(run: api.TrainingRun, uid: str, ns: str, settings: OperatorSettings) -> Obj:
+    """Headless Service `<run>-head`: a stable DNS name for the head of any attempt."""
+    run_name = _run_name(run)
+    return with_input_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(run, uid, ns, ChildNames(run_name).head_service, "ray-head"),
+            "spec": {
+                "clusterIP": "None",
+                "selector": {LABEL_RUN: run_name, LABEL_ROLE: "head"},
+                # Workers resolve the head while it starts, before any readiness.
+                "publishNotReadyAddresses": True,
+                "ports": [
+                    {"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
+                    for name, port in _head_ports(settings)
+                ],
+            },
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Pods
+# --------------------------------------------------------------------------------------
+
+
+def _resources(cpu: int | str, memory: int | str, gpus: int = 0) -> Obj:
+    # requests == limits: Guaranteed QoS, so training is the last thing a node evicts.
+    amounts = {"cpu": str(cpu), "memory": str(memory)}
+    if gpus > 0:
+        amounts[GPU_RESOURCE] = str(gpus)
+    return {"requests": amounts, "limits": dict(amounts)}
+
+
+def _cpu_count(cpu: int | str) -> int:
+    """Whole CPUs Ray may schedule on a worker: the quantity rounded down, at least 1."""
+    # int() truncates the Decimal; kubernetes ships no type hints.
+    return max(1, int(parse_quantity(cpu)))  # type: ignore[no-untyped-call]
+
+
+def _env(run: api.TrainingRun, attempt: int) -> list[Obj]:
+    names = ChildNames(_run_name(run))
+    env: list[Obj] = [
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        {
+            "name": "RAY_AUTH_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": names.ray_token, "key": TOKEN_KEY}},
+        },
+        {"name": "KUBETRAIN_RUN", "value": names.run},
+        {"name": "KUBETRAIN_ATTEMPT", "value": str(attempt)},
+    ]
+    hf = run.spec.secrets.hugging_face_token
+    if hf is not None:
+        env.append({"name": "HF_TOKEN_PATH", "value": f"{HF_TOKEN_DIR}/{hf.key}"})
+    # Validation guarantees value xor valueFrom; the wire shape is core/v1's EnvVar.
+    env.extend(var.model_dump(by_alias=True, exclude_none=True) for var in run.spec.env)
+    return env
+
+
+def _volumes(run: api.TrainingRun) -> tuple[list[Obj], list[Obj]]:
+    """(volumes, mounts) shared by head and workers; `storage_mount` is added by the caller."""
+    res = run.spec.resources
+    volumes: list[Obj] = [
+        # The root filesystem is read-only; Ray and Python need these writable.
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "ray-home", "emptyDir": {}},
+        # NCCL and data loaders use /dev/shm; the container default is 64Mi.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(res.shared_memory)}},
+        {"name": "config", "configMap": {"name": ChildNames(_run_name(run)).config}},
+    ]
+    mounts: list[Obj] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "ray-home", "mountPath": "/home/ray"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+    ]
+    hf = run.spec.secrets.hugging_face_token
+    if hf is not None:
+        volumes.append(
+            {
+                "name": "hf-token",
+                "secret": {
+                    "secretName": hf.name,
+                    # Only the named key, readable by the pod's group (fsGroup) alone.
+                    "items": [{"key": hf.key, "path": hf.key}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+        mounts.append({"name": "hf-token", "mountPath": HF_TOKEN_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _pod(
+    run: api.TrainingRun,
+    uid: str,
+    ns: str,
+    attempt: int,
+    settings: OperatorSettings,
+    *,
+    name: str,
+    role: str,
+    container: Obj,
+) -> Obj:
+    spec = run.spec
+    res = spec.resources
+    component = "ray-head" if role == "head" else "ray-worker"
+    metadata = _metadata(run, uid, ns, name, component)
+    metadata["labels"] |= {LABEL_ATTEMPT: str(attempt), LABEL_ROLE: role}
+    if res.queue_name:
+        metadata["labels"][LABEL_QUEUE] = res.queue_name
+
+    volumes, mounts = _volumes(run)
+    claim = storage_claim_name(run)
+    if claim is not None:
+        volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "storage", "mountPath": settings.storage_mount})
+
+    container = {
+        **container,
+        "image": spec.image or settings.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "env": _env(run, attempt),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+    }
+    if spec.secrets.object_store is not None:
+        container["envFrom"] = [{"secretRef": {"name": spec.secrets.object_store.name}}]
+
+    pod_spec: Obj = {
+        # A failed pod ends the attempt; the operator decides about retries.
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        # Service env vars for every Service in the namespace are noise, and a leak.
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            # Skips the recursive chown of a large checkpoint volume on every pod start.
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations
+        ]
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    return with_input_hash(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    )
+
+
+def build_head_pod(
+    run: api.TrainingRun, uid: str, ns: str, attempt: int, settings: OperatorSettings
+) -> Obj:
+    """Ray head `<run>-a<attempt>-head`: runs the driver (`kubetrain run`), not training."""
+    head = run.spec.resources.head
+    script = (
+        f"ray start --head --port={settings.ray_gcs_port} --dashboard-host=0.0.0.0"
+        f" --dashboard-port={settings.ray_dashboard_port}"
+        f" --ray-client-server-port={settings.ray_client_port}"
+        " --num-cpus=0 --disable-usage-stats"
+        f" && exec kubetrain run {CONFIG_DIR}/{CONFIG_KEY} --address auto"
+        f" --output-dir {settings.storage_mount} --resume"
+        f" --metrics-port {settings.progress_port} --metrics-host 0.0.0.0"
+    )
+    container = {
+        "name": HEAD_CONTAINER,
+        "command": ["bash", "-c", script],
+        "ports": [
+            {"name": name, "containerPort": port, "protocol": "TCP"}
+            for name, port in _head_ports(settings)
+        ],
+        "resources": _resources(head.cpu, head.memory),
+    }
+    name = ChildNames(_run_name(run), attempt).head_pod
+    return _pod(run, uid, ns, attempt, settings, name=name, role="head", container=container)
+
+
+def build_worker_pods(
+    run: api.TrainingRun, uid: str, ns: str, attempt: int, settings: OperatorSettings
+) -> list[Obj]:
+    """Ray workers `<run>-a<attempt>-worker-<i>`, one per spec.resources.workers."""
+    res = run.spec.resources
+    names = ChildNames(_run_name(run), attempt)
+    head = f"{names.head_host(ns)}:{settings.ray_gcs_port}"
+    script = (
+        # Wait for the head's GCS first: with restartPolicy Never, a worker that starts
+        # before the head would fail and spend one of the run's retries (KubeRay waits too).
+        f"until ray health-check --address={head} >/dev/null 2>&1; do sleep 2; done"
+        f" && exec ray start --address={head}"
+        f" --num-cpus={_cpu_count(res.cpu_per_worker)} --num-gpus={res.gpus_per_worker}"
+        " --block --disable-usage-stats"
+    )
+    container = {
+        "name": WORKER_CONTAINER,
+        "command": ["bash", "-c", script],
+        "resources": _resources(res.cpu_per_worker, res.memory_per_worker, res.gpus_per_worker),
+    }
+    return [
+        _pod(
+            run,
+            uid,
+            ns,
+            attempt,
+            settings,
+            name=names.worker_pod(i),
+            role="worker",
+            container=container,
+        )
+        for i in range(res.workers)
+    ]
+
+
+def build_cluster(
+    run: api.TrainingRun,
+    uid: str,
+    ns: str,
+    attempt: int,
+    settings: OperatorSettings,
+    token: str,
+) -> list[Obj]:
+    """Every child of one attempt, in the order the reconciler applies them: what pods
+    mount or dial exists before the pods."""
+    storage = build_storage_pvc(run, uid, ns)
+    return [
+        build_config_map(run, uid, ns),
+        build_ray_token_secret(run, uid, ns, token),
+        *([storage] if storage is not None else []),
+        build_network_policy(run, uid, ns, settings),
+        build_head_service(run, uid, ns, settings),
+        build_head_pod(run, uid, ns, attempt, settings),
+        *build_worker_pods(run, uid, ns, attempt, settings),
+    ]

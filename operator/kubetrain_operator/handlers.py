@@ -1,0 +1,94 @@
+"""kopf handlers: thin. Each one hands the body to `reconcile.reconcile`.
+
+Change handlers give a prompt reaction; a timer per run reconciles it again every
+`KUBETRAIN_RESYNC_SECONDS` (level-based: a missed event only delays). Reconciles of one
+run are serialized by a lock, since kopf may run its timer and a change handler at once.
+kopf keeps its bookkeeping in annotations under kubetrain.dev and posts no events of its
+own; the reconciler posts ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import defaultdict
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from kubetrain_api import v1alpha1 as api
+from kubetrain_operator import metrics
+from kubetrain_operator.k8s import Kube, load_configuration
+from kubetrain_operator.reconcile import reconcile
+from kubetrain_operator.settings import OperatorSettings
+
+RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+RESYNC_SECONDS = float(os.environ.get("KUBETRAIN_RESYNC_SECONDS", "10"))
+_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches use the same credentials as our client (in-cluster or KUBECONFIG)."""
+    config = load_configuration()
+    keys = config.api_key or {}
+    bearer = keys.get("BearerToken") or keys.get("authorization") or ""
+    return kopf.ConnectionInfo(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        token=bearer.removeprefix("Bearer ").strip() or None,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+    )
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetrain.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubetrain.dev", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "kubetrain.dev/finalizer"
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300  # finite watches, reconnected by kopf
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = int(os.environ.get("KUBETRAIN_WORKERS", "8"))
+    memo.settings = OperatorSettings.from_env()
+    memo.kube = Kube.from_environment()
+    port = os.environ.get("KUBETRAIN_METRICS_PORT")
+    if port:
+        start_http_server(int(port), registry=metrics.REGISTRY)
+        logging.info("operator metrics on :%s/metrics", port)
+
+
+def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
+    with _locks[body["metadata"]["uid"]]:
+        try:
+            delay = reconcile(dict(body), memo.kube, memo.settings)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+    if delay is not None:
+        raise kopf.TemporaryError("waiting for ttlSecondsAfterFinished", delay=delay)
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+def on_change(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, memo)
+
+
+@kopf.timer(*RESOURCE, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconcile(body, memo)
+
+
+@kopf.on.delete(*RESOURCE, optional=True)  # optional: no finalizer just for this
+def forget(body: kopf.Body, **_: Any) -> None:
+    uid = body["metadata"]["uid"]
+    metrics.RUNS.forget(uid)
+    _locks.pop(uid, None)

@@ -1,0 +1,208 @@
+"""One reconcile of one TrainingRun: observe, decide (pure), act, record.
+
+1. Observe: parse and validate the spec; list the run's pods; read the head's progress.
+2. Decide: `status.compute_status` turns the observation into the new status and one
+   action (none, create_cluster, retry, delete_pods, finish).
+3. Record: patch the status only when it changed, and post the decision's events.
+4. Act: create (or adopt, on 409: deterministic names) the attempt's children, delete pods
+   of other attempts, clean up finished runs, expire them after ttlSecondsAfterFinished.
+   compute_status asks for an attempt's pods until it has seen them, so dying between 3
+   and 4 is repaired by the next reconcile, and there is never a second set.
+
+Level-based: resync timers call this for every run, so a missed watch event only delays.
+A converged run costs reads only (pods, and the ConfigMap while active), no writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import yaml
+
+from kubetrain_api import v1alpha1 as api
+from kubetrain_api import validation
+from kubetrain_operator import builders, metrics
+from kubetrain_operator.k8s import Kube
+from kubetrain_operator.names import ChildNames
+from kubetrain_operator.settings import OperatorSettings
+from kubetrain_operator.status import Observed, compute_status, is_terminal
+
+log = logging.getLogger("kubetrain.reconcile")
+
+RUN_LABEL = "kubetrain.dev/run"
+ATTEMPT_LABEL = "kubetrain.dev/attempt"
+ROLE_LABEL = "kubetrain.dev/role"
+
+
+def _parse(
+    body: dict[str, Any], settings: OperatorSettings
+) -> tuple[api.TrainingRun | None, list[validation.FieldError]]:
+    doc = {k: body.get(k) for k in ("apiVersion", "kind", "spec")}
+    doc["metadata"] = {k: body["metadata"].get(k) for k in ("name", "namespace")}
+    try:
+        return validation.parse(doc, settings.limits), []
+    except validation.InvalidSpec as exc:
+        return None, exc.errors
+
+
+def _stored_spec(kube: Kube, ns: str, name: str) -> api.TrainingRunSpec | None:
+    """The spec the running cluster was built from (its ConfigMap), if any."""
+    cm = kube.read_config_map(ns, ChildNames(name).config)
+    text = ((cm or {}).get("data") or {}).get("run.yaml")
+    if not text:
+        return None
+    return api.TrainingRun.model_validate(yaml.safe_load(text)).spec
+
+
+def _attempt(pod: dict[str, Any]) -> int:
+    return int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, 0))
+
+
+def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> dict[str, Any] | None:
+    """The head's /progress JSON, or None when it cannot be reached (yet)."""
+    heads = [p for p in pods if p["metadata"].get("labels", {}).get(ROLE_LABEL) == "head"]
+    if not heads or heads[0].get("status", {}).get("phase") != "Running":
+        return None
+    host = settings.progress_host_override or heads[0]["status"].get("podIP")
+    if not host:
+        return None
+    url = f"http://{host}:{settings.progress_port}/progress"
+    try:
+        with urllib.request.urlopen(url, timeout=settings.progress_timeout_seconds) as resp:
+            data = json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _deadline_exceeded(
+    run: api.TrainingRun | None, previous: dict[str, Any], now: datetime
+) -> bool:
+    if (
+        run is None
+        or not run.spec.run_policy.active_deadline_seconds
+        or not previous.get("startTime")
+    ):
+        return False
+    started = datetime.fromisoformat(previous["startTime"].replace("Z", "+00:00"))
+    return now >= started + timedelta(seconds=run.spec.run_policy.active_deadline_seconds)
+
+
+def _token(kube: Kube, ns: str, name: str) -> str:
+    """The run's Ray token: generated once, then read back from its Secret."""
+    secret = kube.read_secret(ns, ChildNames(name).ray_token)
+    if secret and (secret.get("data") or {}).get("token"):
+        return base64.b64decode(secret["data"]["token"]).decode()
+    return secrets.token_urlsafe(32)
+
+
+def _create_cluster(
+    kube: Kube, run: api.TrainingRun, uid: str, ns: str, attempt: int, settings: OperatorSettings
+) -> None:
+    token = _token(kube, ns, run.metadata.name or "")
+    for obj in builders.build_cluster(run, uid, ns, attempt, settings, token):
+        kube.ensure(obj)
+
+
+def reconcile(
+    body: dict[str, Any],
+    kube: Kube,
+    settings: OperatorSettings,
+    now: datetime | None = None,
+) -> float | None:
+    """Reconcile one run; returns seconds until it wants to be looked at again (TTL)."""
+    started = time.perf_counter()
+    now = now or datetime.now(timezone.utc)
+    meta = body["metadata"]
+    name, ns, uid = meta["name"], meta["namespace"], meta["uid"]
+    previous = dict(body.get("status") or {})
+    run, invalid = _parse(body, settings)
+    attempt = int(previous.get("attempts") or 0)
+
+    all_pods = kube.list_pods(ns, f"{RUN_LABEL}={name}")
+    current = [p for p in all_pods if _attempt(p) == attempt]
+    active = attempt > 0 and not is_terminal(previous)
+    if run is not None and active:
+        stored = _stored_spec(kube, ns, name)
+        if stored is not None:
+            invalid = validation.immutable_changes(stored, run.spec)
+            run = run if not invalid else None
+
+    decision = compute_status(
+        Observed(
+            run=run,
+            generation=int(meta.get("generation") or 0),
+            invalid=invalid,
+            attempt=attempt,
+            pods=current,
+            progress=read_progress(current, settings) if run is not None else None,
+            now=now,
+            previous=previous,
+            suspended=bool(run is not None and run.spec.run_policy.suspend),
+            deadline_exceeded=_deadline_exceeded(run, previous, now),
+        )
+    )
+    status, action = decision.status, decision.action
+    new_attempt = int(status.get("attempts") or attempt)
+
+    # Record first: the status carries the attempt number the pods below belong to, and
+    # compute_status keeps asking for them until it has seen them, so a crash between the
+    # two steps is repaired by the next reconcile.
+    if status != previous:
+        kube.patch_status(ns, name, status)
+    for event in decision.events:
+        kube.event(body, event.type, event.reason, event.message)
+
+    # Act. Pods already terminating are left alone, so a converged run makes no calls.
+    live = [p for p in all_pods if not p["metadata"].get("deletionTimestamp")]
+    for pod in live:
+        if _attempt(pod) != new_attempt or action == "delete_pods":
+            kube.delete("Pod", ns, pod["metadata"]["name"])
+    if action == "retry":
+        metrics.RETRIES.labels(cause="failure").inc()
+    if action in ("create_cluster", "retry") and run is not None:
+        _create_cluster(kube, run, uid, ns, new_attempt, settings)
+    if action == "finish":
+        _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])
+    metrics.RUNS.set(uid, status.get("phase") or "Pending")
+    metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+    return _ttl(kube, run, status, ns, name, now)
+
+
+def _clean_up_finished(kube: Kube, ns: str, pods: list[dict[str, Any]]) -> None:
+    """A finished run keeps only its head pod if it has terminated (its logs); workers and
+    anything still running go."""
+    for pod in pods:
+        role = pod["metadata"].get("labels", {}).get(ROLE_LABEL)
+        done = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+        if role != "head" or not done:
+            kube.delete("Pod", ns, pod["metadata"]["name"])
+
+
+def _ttl(
+    kube: Kube,
+    run: api.TrainingRun | None,
+    status: dict[str, Any],
+    ns: str,
+    name: str,
+    now: datetime,
+) -> float | None:
+    if run is None or not is_terminal(status) or not status.get("completionTime"):
+        return None
+    ttl = run.spec.run_policy.ttl_seconds_after_finished
+    if ttl is None:
+        return None
+    finished = datetime.fromisoformat(status["completionTime"].replace("Z", "+00:00"))
+    remaining = (finished + timedelta(seconds=ttl) - now).total_seconds()
+    if remaining <= 0:
+        log.info("deleting %s/%s: ttlSecondsAfterFinished passed", ns, name)
+        kube.delete_run(ns, name)
+        return None
+    return remaining

@@ -1,0 +1,278 @@
+"""The operator, in-process (kopf's KopfRunner), against the real local control plane.
+
+It runs with the operator token, which acts as ServiceAccount kubetrain-system/
+kubetrain-operator, bound only by operator/deploy/rbac.yaml: a missing permission fails
+these tests. The test plays the kubelet (tests/support/kubelet.py): it moves pod phases,
+writes exit codes and evictions, and serves the head's /progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support import kubelet
+from tests.support.cluster import kubectl, wait_until
+from tests.support.runs import (
+    RBAC,
+    apply,
+    condition,
+    events,
+    get_run,
+    quickstart,
+    run_pods,
+    start_cluster,
+    status,
+    wait_phase,
+)
+
+pytestmark = pytest.mark.controlplane
+
+
+@pytest.fixture(scope="module")
+def progress() -> Iterator[kubelet.FakeProgress]:
+    server = kubelet.FakeProgress()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Any, crd_installed: None, progress: kubelet.FakeProgress) -> Iterator[None]:
+    """The operator with the chart's RBAC and the operator token, resyncing every second."""
+    from kopf.testing import KopfRunner
+
+    kubectl("create", "namespace", "kubetrain-system", check=False)
+    kubectl("apply", "-f", str(RBAC))
+    env = {
+        "KUBECONFIG": str(cluster.operator_kubeconfig),
+        "KUBETRAIN_RESYNC_SECONDS": "1",
+        "KUBETRAIN_PROGRESS_PORT": str(progress.port),
+        "KUBETRAIN_PROGRESS_HOST": "127.0.0.1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    args = ["run", "--standalone", "--all-namespaces", "-m", "kubetrain_operator.handlers"]
+    try:
+        with KopfRunner(args, timeout=60) as runner:
+            yield
+        assert runner.exit_code == 0, runner.output
+        assert runner.exception is None, runner.output
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_lifecycle_from_apply_to_succeeded(
+    operator: None, namespace: str, progress: kubelet.FakeProgress
+) -> None:
+    apply(quickstart("life"), namespace)
+    st = wait_phase("life", namespace, "Provisioning")
+    assert st["attempts"] == 1
+    assert condition(st, "Validated")["status"] == "True"
+
+    # Exactly the children the builders promise.
+    for kind, name in [
+        ("configmap", "life-config"),
+        ("service", "life-head"),
+        ("secret", "life-ray-token"),
+        ("networkpolicy", "life-ray"),
+        ("pvc", "life-storage"),
+    ]:
+        obj = json.loads(kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout)
+        assert obj["metadata"]["ownerReferences"][0]["kind"] == "TrainingRun"
+    head_name = start_cluster("life", namespace)
+    pod = json.loads(kubectl("get", "pod", head_name, "-n", namespace, "-o", "json").stdout)
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+    progress.document = {
+        "phase": "Running",
+        "step": 50,
+        "totalSteps": 200,
+        "loss": 1.6,
+        "tokensPerSecond": 9000.0,
+        "latestCheckpoint": {"step": 50, "path": "/storage/life/checkpoints/step-000050"},
+    }
+    st = wait_until(
+        lambda: (s := status("life", namespace)).get("progress", {}).get("step") == 50 and s,
+        timeout=30,
+        message="progress copied into status",
+    )
+    assert st["phase"] == "Running"
+    assert st["progress"]["percent"] == 25
+    assert st["checkpoints"]["latest"]["step"] == 50
+    assert condition(st, "ClusterReady")["status"] == "True"
+    columns = kubectl("get", "tr", "life", "-n", namespace).stdout.splitlines()[1].split()
+    assert columns[:4] == ["life", "Running", "25", "1.6"]
+
+    progress.document = {
+        "phase": "Evaluating",
+        "step": 200,
+        "totalSteps": 200,
+        "loss": 0.9,
+        "evaluation": {"step": 200, "metrics": {"perplexity": 2.4}, "gate": {"passed": True}},
+    }
+    wait_phase("life", namespace, "Evaluating", timeout=30)
+    kubelet.set_terminated(namespace, head_name, 0)
+    st = wait_phase("life", namespace, "Succeeded")
+    assert st["completionTime"]
+    assert st["evaluation"]["metrics"]["perplexity"] == 2.4
+    # Workers are removed; the finished head stays for its logs.
+    wait_until(
+        lambda: [p["metadata"]["name"] for p in run_pods("life", namespace)] == [head_name],
+        timeout=30,
+        message="workers deleted after success",
+    )
+    reasons = {e["reason"] for e in events("life", namespace)}
+    assert {"Succeeded"} <= reasons or any("Succeeded" in r for r in reasons), reasons
+
+
+def test_invalid_spec_fails_with_the_field_and_creates_nothing(
+    operator: None, namespace: str
+) -> None:
+    apply(quickstart("bad", env=[{"name": "WORLD_SIZE", "value": "8"}]), namespace)
+    st = wait_phase("bad", namespace, "Failed")
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.env[0].name" in failed["message"]
+    time.sleep(2)  # a couple of resyncs: still nothing
+    assert run_pods("bad", namespace) == []
+    assert kubectl("get", "configmap", "bad-config", "-n", namespace, check=False).returncode != 0
+    assert any(e["type"] == "Warning" for e in events("bad", namespace))
+
+
+def test_oom_kill_then_success_takes_two_attempts(operator: None, namespace: str) -> None:
+    apply(quickstart("oom"), namespace)
+    head_name = start_cluster("oom", namespace)
+    kubelet.set_terminated(namespace, head_name, 137, "OOMKilled")
+    head_name = start_cluster("oom", namespace, attempt=2)
+    assert run_pods("oom", namespace, attempt=1) == []
+    kubelet.set_terminated(namespace, head_name, 0)
+    st = wait_phase("oom", namespace, "Succeeded")
+    assert st["attempts"] == 2
+
+
+def test_exit_1_is_permanent(operator: None, namespace: str) -> None:
+    apply(quickstart("bug"), namespace)
+    head_name = start_cluster("bug", namespace)
+    kubelet.set_terminated(namespace, head_name, 1)
+    st = wait_phase("bug", namespace, "Failed")
+    assert st["attempts"] == 1
+    assert "ExitCode1" in condition(st, "Failed")["reason"]
+
+
+def test_always_137_fails_after_backoff_limit_plus_one(operator: None, namespace: str) -> None:
+    apply(quickstart("flaky", runPolicy={"backoffLimit": 2}), namespace)
+    for attempt in (1, 2, 3):
+        head_name = start_cluster("flaky", namespace, attempt=attempt)
+        kubelet.set_terminated(namespace, head_name, 137, "OOMKilled")
+    st = wait_phase("flaky", namespace, "Failed")
+    assert st["attempts"] == 3
+    assert condition(st, "Failed")["reason"] == "BackoffLimitExceeded"
+    time.sleep(2)
+    assert status("flaky", namespace)["attempts"] == 3  # and no fourth
+
+
+def test_eviction_is_not_counted_against_backoff(operator: None, namespace: str) -> None:
+    apply(quickstart("evicted", runPolicy={"backoffLimit": 0}), namespace)
+    start_cluster("evicted", namespace)
+    worker = next(p for p in run_pods("evicted", namespace, 1) if "worker" in p["metadata"]["name"])
+    kubelet.evict(namespace, worker["metadata"]["name"])
+    head_name = start_cluster("evicted", namespace, attempt=2)
+    kubelet.set_terminated(namespace, head_name, 0)
+    st = wait_phase("evicted", namespace, "Succeeded")
+    assert st["attempts"] == 2
+    assert st["evictions"] == 1
+
+
+def test_deadline_exceeded(operator: None, namespace: str) -> None:
+    apply(quickstart("slow", runPolicy={"activeDeadlineSeconds": 3}), namespace)
+    start_cluster("slow", namespace)
+    st = wait_phase("slow", namespace, "Failed", timeout=30)
+    assert condition(st, "Failed")["reason"] == "DeadlineExceeded"
+    wait_until(lambda: run_pods("slow", namespace) == [], timeout=30, message="pods removed")
+
+
+def test_suspend_and_resume(operator: None, namespace: str) -> None:
+    apply(quickstart("pause"), namespace)
+    start_cluster("pause", namespace)
+    apply(quickstart("pause", runPolicy={"suspend": True}), namespace)
+    st = wait_phase("pause", namespace, "Suspended")
+    assert condition(st, "Suspended")["status"] == "True"
+    wait_until(lambda: run_pods("pause", namespace) == [], timeout=30, message="pods removed")
+    apply(quickstart("pause", runPolicy={"suspend": False}), namespace)
+    # Resuming rebuilds the same attempt (not a failure); it continues from its checkpoint.
+    head_name = start_cluster("pause", namespace, attempt=1)
+    kubelet.set_terminated(namespace, head_name, 0)
+    st = wait_phase("pause", namespace, "Succeeded")
+    assert condition(st, "Suspended")["status"] == "False"
+    assert st["attempts"] == 1
+
+
+def test_ttl_after_finished_deletes_the_run(operator: None, namespace: str) -> None:
+    apply(quickstart("brief", runPolicy={"ttlSecondsAfterFinished": 2}), namespace)
+    head_name = start_cluster("brief", namespace)
+    kubelet.set_terminated(namespace, head_name, 0)
+    wait_phase("brief", namespace, "Succeeded")
+    wait_until(
+        lambda: kubectl("get", "tr", "brief", "-n", namespace, check=False).returncode != 0,
+        timeout=30,
+        message="the run deleted after its TTL",
+    )
+
+
+def test_deleting_the_run_cascades_to_children(operator: None, namespace: str) -> None:
+    apply(quickstart("gone"), namespace)
+    start_cluster("gone", namespace)
+    kubectl("delete", "tr", "gone", "-n", namespace, "--wait=false")
+    wait_until(
+        lambda: (
+            run_pods("gone", namespace) == []
+            and kubectl("get", "configmap", "gone-config", "-n", namespace, check=False).returncode
+        ),
+        timeout=60,
+        message="garbage collection of pods and ConfigMap",
+    )
+
+
+def test_a_converged_run_makes_no_mutating_calls(
+    operator: None, cluster: Any, namespace: str, progress: kubelet.FakeProgress
+) -> None:
+    """Reconcile the run ourselves, with the operator's identity and a client of our own
+    whose writes are counted: once converged, a reconcile only reads."""
+    import kubernetes
+
+    from kubetrain_operator.k8s import Kube
+    from kubetrain_operator.reconcile import reconcile
+    from kubetrain_operator.settings import OperatorSettings
+
+    progress.document = {"phase": "Running", "step": 7, "totalSteps": 200, "loss": 2.0}
+    apply(quickstart("steady"), namespace)
+    start_cluster("steady", namespace)
+    wait_until(
+        lambda: status("steady", namespace).get("progress", {}).get("step") == 7,
+        timeout=30,
+        message="running with progress",
+    )
+
+    # Converged: the status no longer changes across several of the operator's resyncs.
+    def settled() -> bool:
+        first = status("steady", namespace)
+        time.sleep(2.5)
+        return first == status("steady", namespace)
+
+    wait_until(settled, timeout=30, interval=0, message="the status to settle")
+    client = kubernetes.config.new_client_from_config(config_file=str(cluster.operator_kubeconfig))
+    kube = Kube(client)
+    settings = OperatorSettings.from_env()
+    for _ in range(3):
+        reconcile(get_run("steady", namespace), kube, settings)
+    assert sum(kube.mutations.values()) == 0, kube.mutations

@@ -1,0 +1,193 @@
+"""Killing the operator at any moment is safe (RELIABILITY.md 5): the real `kubetrain
+operator` process is SIGKILLed at random points of a run's life and restarted; the run
+still converges with exactly one set of children and never leaves a terminal phase.
+
+Also checks the process's liveness and metrics endpoints, since it is the real command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support import kubelet
+from tests.support.cluster import kubectl, wait_until
+from tests.support.runs import (
+    RBAC,
+    apply,
+    quickstart,
+    run_pods,
+    status,
+    wait_phase,
+)
+
+pytestmark = pytest.mark.controlplane
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    """`kubetrain operator` as a child process that can be killed like the OOM killer."""
+
+    def __init__(self, kubeconfig: str, progress_port: int):
+        self.liveness, self.metrics = free_port(), free_port()
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": kubeconfig,
+            "KUBETRAIN_RESYNC_SECONDS": "1",
+            "KUBETRAIN_PROGRESS_PORT": str(progress_port),
+            "KUBETRAIN_PROGRESS_HOST": "127.0.0.1",
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kubetrain_cli.main",
+                "operator",
+                "--liveness-port",
+                str(self.liveness),
+                "--metrics-port",
+                str(self.metrics),
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def get(self, port: int, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return str(resp.read().decode())
+
+
+@pytest.fixture
+def operator_process(
+    cluster: Any, crd_installed: None, progress: kubelet.FakeProgress
+) -> Iterator[OperatorProcess]:
+    kubectl("create", "namespace", "kubetrain-system", check=False)
+    kubectl("apply", "-f", str(RBAC))
+    op = OperatorProcess(str(cluster.operator_kubeconfig), progress.port)
+    op.start()
+    yield op
+    if op.proc and op.proc.poll() is None:
+        op.kill()
+
+
+@pytest.fixture(scope="module")
+def progress() -> Iterator[kubelet.FakeProgress]:
+    server = kubelet.FakeProgress()
+    yield server
+    server.close()
+
+
+def children(name: str, namespace: str) -> dict[str, list[str]]:
+    out = {}
+    for kind in ("configmaps", "services", "networkpolicies", "persistentvolumeclaims"):
+        items = json.loads(
+            kubectl(
+                "get", kind, "-n", namespace, "-l", f"kubetrain.dev/run={name}", "-o", "json"
+            ).stdout
+        )["items"]
+        out[kind] = [i["metadata"]["name"] for i in items]
+    out["pods"] = sorted(p["metadata"]["name"] for p in run_pods(name, namespace))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_killed_operator_converges_with_one_set_of_children(
+    seed: int, operator_process: OperatorProcess, namespace: str
+) -> None:
+    rng = random.Random(seed)
+    op, name = operator_process, f"kill{seed}"
+
+    def kill_and_restart() -> None:
+        time.sleep(rng.uniform(0.0, 2.0))  # somewhere inside a reconcile, or between two
+        op.kill()
+        op.start()
+
+    apply(quickstart(name), namespace)
+    kill_and_restart()
+    pods = wait_until(
+        lambda: len(p := run_pods(name, namespace)) == 3 and p, timeout=60, message="3 pods"
+    )
+    for pod in pods:
+        kubelet.set_running(namespace, pod["metadata"]["name"])
+    kill_and_restart()
+    wait_phase(name, namespace, "Running")
+    head = next(p["metadata"]["name"] for p in pods if p["metadata"]["name"].endswith("-head"))
+    kubelet.set_terminated(namespace, head, 0)
+    kill_and_restart()
+    st = wait_phase(name, namespace, "Succeeded")
+    assert st["attempts"] == 1  # the kills caused no retry
+    wait_until(
+        lambda: children(name, namespace)["pods"] == [head], timeout=30, message="workers gone"
+    )
+    assert children(name, namespace) == {
+        "configmaps": [f"{name}-config"],
+        "services": [f"{name}-head"],
+        "networkpolicies": [f"{name}-ray"],
+        "persistentvolumeclaims": [f"{name}-storage"],
+        "pods": [head],
+    }
+
+    # A restart after the end never regresses the terminal phase.
+    op.kill()
+    op.start()
+    time.sleep(4)
+    assert status(name, namespace)["phase"] == "Succeeded"
+
+
+def test_liveness_and_metrics_endpoints(operator_process: OperatorProcess, namespace: str) -> None:
+    op = operator_process
+    apply(quickstart("watched"), namespace)
+    wait_phase("watched", namespace, "Provisioning")
+    wait_until(lambda: _ok(op, op.liveness, "/healthz"), timeout=30, message="liveness")
+    text = wait_until(
+        lambda: (t := _get(op, op.metrics, "/metrics")) and 'phase="Provisioning"' in t and t,
+        timeout=30,
+        message="runs by phase in the metrics",
+    )
+    assert "kubetrain_operator_reconcile_duration_seconds_bucket" in text
+    assert 'kubetrain_operator_api_calls_total{resource="Pod",verb="create"}' in text
+    # A deleted run leaves the phase gauge (no per-run series exist at all).
+    kubectl("delete", "tr", "watched", "-n", namespace)
+    wait_until(
+        lambda: (
+            'kubetrain_operator_runs{phase="Provisioning"} 0.0' in _get(op, op.metrics, "/metrics")
+        ),
+        timeout=30,
+        message="the deleted run to leave the counts",
+    )
+
+
+def _get(op: OperatorProcess, port: int, path: str) -> str:
+    try:
+        return op.get(port, path)
+    except OSError:
+        return ""
+
+
+def _ok(op: OperatorProcess, port: int, path: str) -> bool:
+    return bool(_get(op, port, path))

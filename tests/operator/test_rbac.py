@@ -1,0 +1,123 @@
+"""The operator's RBAC (operator/deploy/rbac.yaml) is least privilege and covers its needs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetrain_api.validation import load_documents, parse
+from kubetrain_operator import builders
+from kubetrain_operator.settings import OperatorSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+RBAC = ROOT / "operator" / "deploy" / "rbac.yaml"
+RW = {"get", "list", "watch", "create", "update", "patch", "delete"}
+
+# Every grant, on purpose: a new one must be added here and justified in the YAML.
+EXPECTED = {
+    ("kubetrain.dev", "trainingruns"): {"get", "list", "watch", "patch", "update", "delete"},
+    ("kubetrain.dev", "trainingruns/status"): {"get", "patch", "update"},
+    ("kubetrain.dev", "trainingruns/finalizers"): {"update"},
+    ("", "pods"): {"get", "list", "watch", "create", "delete"},
+    ("", "services"): RW,
+    ("", "configmaps"): RW,
+    ("", "persistentvolumeclaims"): RW,
+    ("", "secrets"): {"create", "get", "update", "patch", "delete"},
+    ("networking.k8s.io", "networkpolicies"): RW,
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
+    ("apps", "deployments"): RW,
+    ("autoscaling", "horizontalpodautoscalers"): RW,
+    ("policy", "poddisruptionbudgets"): RW,
+}
+# What the builders create, by (API group, resource).
+PLURALS = {
+    "ConfigMap": "configmaps",
+    "Secret": "secrets",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "NetworkPolicy": "networkpolicies",
+    "Service": "services",
+    "Pod": "pods",
+}
+
+
+@pytest.fixture(scope="module")
+def docs() -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(RBAC.read_text())}
+
+
+@pytest.fixture(scope="module")
+def rules(docs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return list(docs["ClusterRole"]["rules"])
+
+
+def grants(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_objects_and_binding(docs: dict[str, dict[str, Any]]) -> None:
+    assert set(docs) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    account = docs["ServiceAccount"]["metadata"]
+    assert (account["name"], account["namespace"]) == ("kubetrain-operator", "kubetrain-system")
+    assert "namespace" not in docs["ClusterRole"]["metadata"]
+    binding = docs["ClusterRoleBinding"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": docs["ClusterRole"]["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubetrain-operator", "namespace": "kubetrain-system"}
+    ]
+
+
+def test_no_wildcards_or_dangerous_verbs(rules: list[dict[str, Any]]) -> None:
+    for rule in rules:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no nonResourceURLs
+        for field in ("apiGroups", "resources", "verbs"):
+            assert not any("*" in value for value in rule[field]), rule
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+
+
+def test_secrets_cannot_be_enumerated(rules: list[dict[str, Any]]) -> None:
+    secret_verbs = grants(rules)[("", "secrets")]
+    assert not {"list", "watch", "deletecollection"} & secret_verbs
+    assert {"create", "get"} <= secret_verbs
+
+
+def test_no_way_into_pods(rules: list[dict[str, Any]]) -> None:
+    resources = {resource for rule in rules for resource in rule["resources"]}
+    assert not {"pods/exec", "pods/attach", "pods/portforward", "pods/proxy"} & resources
+    assert not any(r.startswith(("pods/", "nodes", "serviceaccounts")) for r in resources)
+
+
+def test_grants_are_exactly_the_expected(rules: list[dict[str, Any]]) -> None:
+    assert grants(rules) == EXPECTED
+
+
+def test_every_rule_is_justified(rules: list[dict[str, Any]]) -> None:
+    lines = RBAC.read_text().splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^\s*- apiGroups:", line)]
+    assert len(starts) == len(rules)
+    for i in starts:
+        assert lines[i - 1].strip().startswith("#"), f"rule at line {i + 1} has no comment"
+
+
+def test_covers_what_the_builders_create(rules: list[dict[str, Any]]) -> None:
+    granted = grants(rules)
+    run = parse(load_documents((ROOT / "examples" / "quickstart.yaml").read_text())[0])
+    for obj in builders.build_cluster(run, "uid", "ns", 1, OperatorSettings(), "token"):
+        group = obj["apiVersion"].rpartition("/")[0]
+        verbs = granted[(group, PLURALS[obj["kind"]])]
+        assert {"create", "get", "delete"} <= verbs, obj["kind"]
