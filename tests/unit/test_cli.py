@@ -84,7 +84,7 @@ def test_crds_check_detects_drift(tmp_path: Path) -> None:
     assert kubetrain("crds", "--check", "--out", str(tmp_path / "crds")).returncode == 0
 
 
-@pytest.mark.parametrize("command", ["operator", "serve"])
+@pytest.mark.parametrize("command", ["serve"])
 def test_reserved_commands_say_so(command: str) -> None:
     out = kubetrain(command)
     assert out.returncode == 2
