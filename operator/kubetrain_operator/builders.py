@@ -349,7 +349,12 @@ def _pod(
     claim = storage_claim_name(run)
     if claim is not None:
         volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": claim}})
-        mounts.append({"name": "storage", "mountPath": settings.storage_mount})
+    else:
+        # storage.uri: the trainer still needs a writable scratch folder for data
+        # preparation and export. Writing checkpoints to the URI itself is not wired yet,
+        # so they do not outlive the pod (see README, known gaps).
+        volumes.append({"name": "storage", "emptyDir": {}})
+    mounts.append({"name": "storage", "mountPath": settings.storage_mount})
 
     container = {
         **container,

@@ -396,15 +396,15 @@ def test_storage_existing_claim(settings: OperatorSettings) -> None:
         assert claim["persistentVolumeClaim"] == {"claimName": "team-ckpt"}
 
 
-def test_storage_uri_mounts_nothing(settings: OperatorSettings) -> None:
+def test_storage_uri_gets_scratch_space_and_no_claim(settings: OperatorSettings) -> None:
     run = example("pretrain-gpu")
     assert run.spec.checkpoint.storage.uri
     objs = cluster(run, settings)
     assert builders.build_storage_pvc(run, UID, NS) is None
     assert "PersistentVolumeClaim" not in {o["kind"] for o in objs}
     for pod in pods(objs):
-        assert volume(pod, "storage") is None
-        assert mount(pod, "storage") is None
+        assert volume(pod, "storage") == {"name": "storage", "emptyDir": {}}
+        assert mount(pod, "storage")["mountPath"] == settings.storage_mount
 
 
 def test_secrets_by_reference(settings: OperatorSettings) -> None:
@@ -720,6 +720,6 @@ def test_any_valid_run_builds_safe_pods(run: api.TrainingRun, attempt: int) -> N
         storage = volume(pod, "storage")
         claim = builders.storage_claim_name(run)
         if spec.checkpoint.storage.uri:
-            assert storage is None
+            assert storage == {"name": "storage", "emptyDir": {}}
         else:
             assert storage == {"name": "storage", "persistentVolumeClaim": {"claimName": claim}}
