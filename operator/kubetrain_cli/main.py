@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--address", help="join this Ray cluster (`auto` in a Ray head pod) instead of a local one"
     )
+    run.add_argument(
+        "--termination-log",
+        metavar="PATH",
+        help="write a JSON summary (model, final metrics, gate; <= 4 KiB) to PATH when "
+        "training finishes (/dev/termination-log in a pod)",
+    )
     run.set_defaults(func=_cmd_run)
 
     op = commands.add_parser(

@@ -42,6 +42,7 @@ HF_TOKEN_DIR = "/var/run/secrets/kubetrain/hf"
 HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
 GPU_RESOURCE = "nvidia.com/gpu"
+TERMINATION_LOG = "/dev/termination-log"
 RUN_AS = 1000
 
 # --------------------------------------------------------------------------------------
@@ -259,7 +260,30 @@ def build_head_service(run: api.TrainingRun, uid: str, ns: str, settings: Operat
 # --------------------------------------------------------------------------------------
 
 
-def _resources(cpu: int | str, memory: int | str, gpus: int = 0) -> Obj:
+def pod_security_context() -> Obj:
+    """The restricted Pod Security profile at pod level, shared by every kubetrain pod."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        # Skips the recursive chown of a large checkpoint volume on every pod start.
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> Obj:
+    """The restricted profile per container, plus a read-only root filesystem."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+
+
+def resources(cpu: int | str, memory: int | str, gpus: int = 0) -> Obj:
     # requests == limits: Guaranteed QoS, so training is the last thing a node evicts.
     amounts = {"cpu": str(cpu), "memory": str(memory)}
     if gpus > 0:
@@ -362,12 +386,7 @@ def _pod(
         "imagePullPolicy": spec.image_pull_policy,
         "env": _env(run, attempt),
         "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-        },
+        "securityContext": container_security_context(),
     }
     if spec.secrets.object_store is not None:
         container["envFrom"] = [{"secretRef": {"name": spec.secrets.object_store.name}}]
@@ -378,15 +397,7 @@ def _pod(
         "automountServiceAccountToken": False,
         # Service env vars for every Service in the namespace are noise, and a leak.
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            # Skips the recursive chown of a large checkpoint volume on every pod start.
-            "fsGroupChangePolicy": "OnRootMismatch",
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
     }
@@ -418,15 +429,21 @@ def build_head_pod(
         f" && exec kubetrain run {CONFIG_DIR}/{CONFIG_KEY} --address auto"
         f" --output-dir {settings.storage_mount} --resume"
         f" --metrics-port {settings.progress_port} --metrics-host 0.0.0.0"
+        f" --termination-log {TERMINATION_LOG}"
     )
     container = {
         "name": HEAD_CONTAINER,
         "command": ["bash", "-c", script],
+        # The driver's result summary (JSON: model, final metrics, gate) becomes the
+        # container's termination message, which the operator reads from the pod status.
+        # File, not FallbackToLogsOnError: log lines never end up in the pod status.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
         "ports": [
             {"name": name, "containerPort": port, "protocol": "TCP"}
             for name, port in _head_ports(settings)
         ],
-        "resources": _resources(head.cpu, head.memory),
+        "resources": resources(head.cpu, head.memory),
     }
     name = ChildNames(_run_name(run), attempt).head_pod
     return _pod(run, uid, ns, attempt, settings, name=name, role="head", container=container)
@@ -450,7 +467,7 @@ def build_worker_pods(
     container = {
         "name": WORKER_CONTAINER,
         "command": ["bash", "-c", script],
-        "resources": _resources(res.cpu_per_worker, res.memory_per_worker, res.gpus_per_worker),
+        "resources": resources(res.cpu_per_worker, res.memory_per_worker, res.gpus_per_worker),
     }
     return [
         _pod(

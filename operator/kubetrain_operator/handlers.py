@@ -9,6 +9,7 @@ own; the reconciler posts ours.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -19,7 +20,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from kubetrain_api import v1alpha1 as api
-from kubetrain_operator import metrics
+from kubetrain_operator import metrics, serving
 from kubetrain_operator.k8s import Kube, load_configuration
 from kubetrain_operator.reconcile import reconcile
 from kubetrain_operator.settings import OperatorSettings
@@ -56,8 +57,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300  # finite watches, reconnected by kopf
     settings.watching.client_timeout = 330
     settings.execution.max_workers = int(os.environ.get("KUBETRAIN_WORKERS", "8"))
-    memo.settings = OperatorSettings.from_env()
     memo.kube = Kube.from_environment()
+    # Asked once: the PodDisruptionBudget API moved to policy/v1 in Kubernetes 1.21.
+    served = memo.kube.served_versions("policy")
+    memo.settings = dataclasses.replace(
+        OperatorSettings.from_env(), pdb_api_version=serving.pdb_api_version(served)
+    )
     port = os.environ.get("KUBETRAIN_METRICS_PORT")
     if port:
         start_http_server(int(port), registry=metrics.REGISTRY)

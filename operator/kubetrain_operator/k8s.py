@@ -31,6 +31,17 @@ RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
 MAX_ATTEMPTS = 5
 
 
+# Kinds reached through the generic /apis/<group>/<version>/namespaces/<ns>/<plural> paths,
+# which CustomObjectsApi serves for any API group. The typed client has no policy/v1beta1
+# (gone from Kubernetes 1.25), which the PodDisruptionBudget needs on older servers; the
+# version comes from the object, or the caller, or else the default here.
+GENERIC_KINDS: dict[str, tuple[str, str]] = {
+    "Deployment": ("apps/v1", "deployments"),
+    "HorizontalPodAutoscaler": ("autoscaling/v1", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+}
+
+
 class KubeError(RuntimeError):
     """An API call that failed after its retries, or for good (403, 422, ...)."""
 
@@ -100,8 +111,27 @@ class Kube:
 
     # Children ---------------------------------------------------------------------------
 
-    def _ops(self, kind: str, ns: str) -> tuple[Any, Any, Any, Any]:
+    def _generic_ops(self, kind: str, api_version: str | None) -> tuple[Any, Any, Any, Any]:
+        default, plural = GENERIC_KINDS[kind]
+        group, _, version = (api_version or default).rpartition("/")
+        custom = self.custom
+        return (
+            lambda ns, body: custom.create_namespaced_custom_object(
+                group, version, ns, plural, body
+            ),
+            lambda name, ns: custom.get_namespaced_custom_object(group, version, ns, plural, name),
+            lambda name, ns, body: custom.replace_namespaced_custom_object(
+                group, version, ns, plural, name, body
+            ),
+            lambda name, ns, propagation_policy: custom.delete_namespaced_custom_object(
+                group, version, ns, plural, name, propagation_policy=propagation_policy
+            ),
+        )
+
+    def _ops(self, kind: str, api_version: str | None = None) -> tuple[Any, Any, Any, Any]:
         """(create, read, replace, delete) for a child kind."""
+        if kind in GENERIC_KINDS:
+            return self._generic_ops(kind, api_version)
         core, net = self.core, self.net
         table: dict[str, tuple[Any, Any, Any, Any]] = {
             "ConfigMap": (
@@ -119,7 +149,7 @@ class Kube:
             "Service": (
                 core.create_namespaced_service,
                 core.read_namespaced_service,
-                None,  # clusterIP and friends are set by the server; never replaced
+                core.replace_namespaced_service,  # keeping the allocated cluster IPs
                 core.delete_namespaced_service,
             ),
             "PersistentVolumeClaim": (
@@ -148,7 +178,7 @@ class Kube:
         differs and the kind allows it. `live`, when known, saves the read."""
         kind, meta = obj["kind"], obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
-        create, read, replace, _ = self._ops(kind, ns)
+        create, read, replace, _ = self._ops(kind, obj["apiVersion"])
         if live is None:
             try:
                 self._count("create", kind)
@@ -171,6 +201,13 @@ class Kube:
                 **obj,
                 "metadata": {**meta, "resourceVersion": live["metadata"]["resourceVersion"]},
             }
+            if kind == "Deployment" and "replicas" not in obj["spec"]:
+                # An HPA owns the replica count: keep it rather than reset it to 1.
+                body["spec"] = {**obj["spec"], "replicas": live["spec"].get("replicas")}
+            if kind == "Service":
+                # The server allocated these, and an update must repeat them.
+                ips = {k: v for k, v in live["spec"].items() if k in ("clusterIP", "clusterIPs")}
+                body["spec"] = {**obj["spec"], **ips}
             self._count("replace", kind)
             return dict(
                 self.client.sanitize_for_serialization(
@@ -179,9 +216,9 @@ class Kube:
             )
         return dict(live)
 
-    def delete(self, kind: str, ns: str, name: str) -> bool:
+    def delete(self, kind: str, ns: str, name: str, api_version: str | None = None) -> bool:
         """Delete a child (background propagation); False when it was already gone."""
-        _, _, _, delete = self._ops(kind, ns)
+        _, _, _, delete = self._ops(kind, api_version)
         self._count("delete", kind)
         return _ok_if_missing(
             lambda: _retry(
@@ -195,9 +232,11 @@ class Kube:
         )
         return [self.client.sanitize_for_serialization(p) for p in out.items]
 
-    def read(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+    def read(
+        self, kind: str, ns: str, name: str, api_version: str | None = None
+    ) -> dict[str, Any] | None:
         """A child by name, or None when it does not exist."""
-        _, read, _, _ = self._ops(kind, ns)
+        _, read, _, _ = self._ops(kind, api_version)
         try:
             obj = _retry(lambda: read(name, ns), f"read {kind} {name}")
         except ApiException as exc:
@@ -205,6 +244,31 @@ class Kube:
                 return None
             raise
         return dict(self.client.sanitize_for_serialization(obj))
+
+    def set_pvc_owners(self, ns: str, name: str, refs: list[dict[str, Any]]) -> None:
+        """Replace a PVC's owner references (a merge patch of that field only: PVC specs
+        are immutable once bound, so the claim is never replaced)."""
+        body = {"metadata": {"ownerReferences": refs}}
+        self._count("patch", "PersistentVolumeClaim")
+        _retry(
+            lambda: self.core.patch_namespaced_persistent_volume_claim(
+                name, ns, body, _content_type="application/merge-patch+json"
+            ),
+            f"patch owners of PersistentVolumeClaim {name}",
+        )
+
+    def served_versions(self, group: str) -> set[str]:
+        """The `group/version`s the API server serves for `group` (discovery, which every
+        authenticated client may read)."""
+        groups = _retry(
+            lambda: kubernetes.client.ApisApi(self.client).get_api_versions(), "discovery"
+        )
+        return {
+            version.group_version
+            for found in groups.groups
+            if found.name == group
+            for version in found.versions
+        }
 
     def read_secret(self, ns: str, name: str) -> dict[str, Any] | None:
         return self.read("Secret", ns, name)

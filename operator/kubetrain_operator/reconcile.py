@@ -1,16 +1,20 @@
 """One reconcile of one TrainingRun: observe, decide (pure), act, record.
 
-1. Observe: parse and validate the spec; list the run's pods; read the head's progress.
-2. Decide: `status.compute_status` turns the observation into the new status and one
-   action (none, create_cluster, retry, delete_pods, finish).
+1. Observe: parse and validate the spec; list the run's pods; read the head's progress,
+   and, once the run has Succeeded, its serving Deployment.
+2. Decide: `status.compute_status` turns the observation into the new status, one
+   action (none, create_cluster, retry, delete_pods, finish) and what to do about serving
+   (none, apply, remove).
 3. Record: patch the status only when it changed, and post the decision's events.
 4. Act: create (or adopt, on 409: deterministic names) the attempt's children, delete pods
    of other attempts, clean up finished runs, expire them after ttlSecondsAfterFinished.
    compute_status asks for an attempt's pods until it has seen them, so dying between 3
    and 4 is repaired by the next reconcile, and there is never a second set.
+5. Serve: create-or-update the serving objects (serving.py) by input hash, or delete them.
 
 Level-based: resync timers call this for every run, so a missed watch event only delays.
-A converged run costs reads only (pods, and the ConfigMap while active), no writes.
+A converged run costs reads only (pods, the ConfigMap while active, the serving objects
+while served), no writes.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import yaml
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
-from kubetrain_operator import builders, metrics
+from kubetrain_operator import builders, metrics, serving
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.settings import OperatorSettings
@@ -126,7 +130,8 @@ def reconcile(
     run, invalid = _parse(body, settings)
     attempt = int(previous.get("attempts") or 0)
 
-    all_pods = kube.list_pods(ns, f"{RUN_LABEL}={name}")
+    # Ray pods only (they have a role): the run's serving pods are never this loop's.
+    all_pods = kube.list_pods(ns, f"{RUN_LABEL}={name},{ROLE_LABEL}")
     current = [p for p in all_pods if _attempt(p) == attempt]
     active = attempt > 0 and not is_terminal(previous)
     if run is not None and active:
@@ -134,6 +139,9 @@ def reconcile(
         if stored is not None:
             invalid = validation.immutable_changes(stored, run.spec)
             run = run if not invalid else None
+    served = None
+    if run is not None and previous.get("phase") == "Succeeded":
+        served = kube.read("Deployment", ns, ChildNames(name).serve)
 
     decision = compute_status(
         Observed(
@@ -147,6 +155,7 @@ def reconcile(
             previous=previous,
             suspended=bool(run is not None and run.spec.run_policy.suspend),
             deadline_exceeded=_deadline_exceeded(run, previous, now),
+            serving=served,
         )
     )
     status, action = decision.status, decision.action
@@ -171,9 +180,67 @@ def reconcile(
         _create_cluster(kube, run, uid, ns, new_attempt, settings)
     if action == "finish":
         _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])
+    if decision.serve == "apply" and run is not None:
+        version = (status.get("model") or {}).get("version")
+        _apply_serving(kube, run, uid, ns, settings, served, version)
+    elif decision.serve == "remove":
+        _remove_serving(kube, ns, name, settings)
     metrics.RUNS.set(uid, status.get("phase") or "Pending")
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     return _ttl(kube, run, status, ns, name, now)
+
+
+def _apply_serving(
+    kube: Kube,
+    run: api.TrainingRun,
+    uid: str,
+    ns: str,
+    settings: OperatorSettings,
+    deployment: dict[str, Any] | None,
+    model_version: str | None,
+) -> None:
+    """Create-or-update every serving object; reads only once they are as built."""
+    name = ChildNames(run.metadata.name or "").serve
+    objs = serving.build_serving(run, uid, ns, settings, model_version)
+    # Autoscaling turned off: a left-over HPA would keep resizing the Deployment.
+    hpa = ("HorizontalPodAutoscaler", ns, name, serving.HPA_API_VERSION)
+    if run.spec.serve.autoscaling is None and kube.read(*hpa):
+        kube.delete(*hpa)
+    for obj in objs:
+        kind, version = obj["kind"], obj["apiVersion"]
+        live = deployment if kind == "Deployment" else kube.read(kind, ns, name, version)
+        applied = kube.ensure(obj, live)
+        if kind == "Deployment" and run.spec.serve.retain:
+            _keep_storage_with(kube, run, ns, applied)
+
+
+def _keep_storage_with(
+    kube: Kube, run: api.TrainingRun, ns: str, deployment: dict[str, Any]
+) -> None:
+    """A retained server outlives its run, and so must the operator-created PVC it reads:
+    the Deployment becomes a second owner, so garbage collection keeps the claim until
+    both are gone. A user's own claim (claimName) is left alone."""
+    storage = run.spec.checkpoint.storage.pvc
+    if storage is None or storage.claim_name:
+        return
+    claim = ChildNames(run.metadata.name or "").storage
+    pvc = kube.read("PersistentVolumeClaim", ns, claim)
+    uid = deployment["metadata"]["uid"]
+    refs = list((pvc or {}).get("metadata", {}).get("ownerReferences") or [])
+    if pvc is None or any(ref.get("uid") == uid for ref in refs):
+        return
+    owner = {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    kube.set_pvc_owners(ns, claim, [*refs, {**owner, "uid": uid}])
+
+
+def _remove_serving(kube: Kube, ns: str, run_name: str, settings: OperatorSettings) -> None:
+    """Delete the serving objects; the Deployment last, since its presence is what tells
+    compute_status that something is left."""
+    name = ChildNames(run_name).serve
+    kube.delete("HorizontalPodAutoscaler", ns, name, serving.HPA_API_VERSION)
+    kube.delete("PodDisruptionBudget", ns, name, settings.pdb_api_version)
+    kube.delete("Service", ns, name)
+    kube.delete("Deployment", ns, name)
 
 
 def _clean_up_finished(kube: Kube, ns: str, pods: list[dict[str, Any]]) -> None:

@@ -39,6 +39,9 @@ class OperatorSettings:
     """How long to wait for a head's /progress."""
     progress_host_override: str | None = None
     """Read progress from this host instead of the head pod's IP (tests, port-forwards)."""
+    pdb_api_version: str = "policy/v1"
+    """API version of the serving PodDisruptionBudget. The operator asks the API server at
+    start-up (discovery) and uses policy/v1beta1 where policy/v1 is not served (< 1.21)."""
 
     @classmethod
     def from_env(cls) -> OperatorSettings:

@@ -28,7 +28,22 @@ differs), post the events, then act. Every action is idempotent and may come aga
 - `finish`: the run is terminal: delete the worker pods, keep the head pod for its logs.
   Returned on the transition; afterwards only while worker pods are left to delete.
 
-Precedence within one pass: a terminal phase (never left; only observedGeneration moves) >
+Serving is a second, independent decision (`Decision.serve`), taken for Succeeded runs only
+and carried out after the action above:
+
+- `apply`: create-or-adopt (and update, by input hash) the serving objects of serving.py;
+  returned on every pass while the run should be served (spec.serve.enabled, the gate
+  passed or the spec has none, storage on a PVC), since they may have been deleted.
+- `remove`: delete the serving objects; returned while `Observed.serving` (the Deployment,
+  deleted last) exists but the run should not be served (serving turned off).
+- `none`: nothing to serve and nothing left.
+
+The result of training comes from the driver's termination message (JSON written by
+`kubetrain run --termination-log`): on the driver's exit 0 it sets `status.model` and the
+final `status.evaluation`. Text that is not that JSON is ignored, never copied.
+
+Precedence within one pass: a terminal phase (never left; only observedGeneration and, for
+Succeeded runs, status.serving and the Serving condition move) >
 invalid spec > the driver exited 0 > deadline > suspend > resume > first start > what the
 attempt's pods say. `deadline_exceeded` is the reconciler's call (e.g. not while suspended).
 
@@ -41,6 +56,7 @@ eviction.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -50,6 +66,8 @@ from typing import Any, Literal, get_args
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import FieldError
+from kubetrain_operator import serving
+from kubetrain_operator.names import ChildNames
 
 PHASES: tuple[str, ...] = get_args(api.Phase)
 
@@ -72,6 +90,7 @@ OutcomeKind = Literal[
     "pending", "running", "succeeded", "failed_permanent", "failed_retryable", "preempted"
 ]
 Action = Literal["none", "create_cluster", "retry", "delete_pods", "finish"]
+ServeAction = Literal["none", "apply", "remove"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +107,8 @@ class Observed:
     previous: dict[str, Any] = field(default_factory=dict)
     suspended: bool = False
     deadline_exceeded: bool = False
+    serving: dict[str, Any] | None = None
+    """The live serving Deployment `<run>-serve` (read once the run has Succeeded)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +130,7 @@ class Decision:
     status: dict[str, Any]
     action: Action
     events: list[Event] = field(default_factory=list)
+    serve: ServeAction = "none"
 
 
 def is_terminal(status: Mapping[str, Any]) -> bool:
@@ -508,6 +530,133 @@ def _evaluated(evaluation: Mapping[str, Any]) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------
+# the driver's termination message -> status.model, status.evaluation
+# --------------------------------------------------------------------------------------
+
+# Kubernetes keeps at most 4096 bytes of a termination message.
+MAX_TERMINATION_MESSAGE = 4096
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _model(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        return {}
+    uri, version = raw.get("uri"), raw.get("version")
+    ok_uri = isinstance(uri, str) and 0 < len(uri) <= api.MAX_URI and uri.isprintable()
+    ok_version = (
+        isinstance(version, str) and len(version) <= api.MAX_NAME and bool(_VERSION.match(version))
+    )
+    return _without_none(
+        {"uri": uri if ok_uri else None, "version": version if ok_version else None}
+    )
+
+
+def parse_result(message: Any) -> dict[str, Any]:
+    """`{"model": {uri, version}, "evaluation": {step, metrics, gate}}` from the driver's
+    termination message, keeping only well-formed parts. A message that is not such JSON
+    (a crash text, a truncated document) gives {}: its text is never copied anywhere."""
+    if not isinstance(message, str) or len(message) > MAX_TERMINATION_MESSAGE:
+        return {}
+    try:
+        raw = json.loads(message)
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(raw, Mapping):
+        return {}
+    result = {"model": _model(raw.get("model")), "evaluation": _evaluation(raw.get("evaluation"))}
+    return {key: value for key, value in result.items() if value}
+
+
+def _record_result(draft: _Draft, head: Mapping[str, Any] | None) -> None:
+    """The exported model and the final evaluation, as the driver reported them on exit."""
+    term = _terminated(_head_container(head)) if head is not None else None
+    result = parse_result((term or {}).get("message"))
+    if "model" in result:
+        draft.status["model"] = result["model"]
+    if "evaluation" in result:
+        draft.status["evaluation"] = result["evaluation"]
+        draft.condition("Evaluated", "True", *_evaluated(result["evaluation"]))
+
+
+# --------------------------------------------------------------------------------------
+# serving (Succeeded runs) -> status.serving, the Serving condition, Decision.serve
+# --------------------------------------------------------------------------------------
+
+# Serving reasons without an event: steps on the way, or what the user asked for.
+_SERVING_QUIET = frozenset({"Progressing", "Disabled", "ScaledToZero"})
+
+
+def _serving_blocked(run: api.TrainingRun, status: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) when the run's model is not to be served, else None."""
+    if not run.spec.serve.enabled:
+        return "Disabled", "spec.serve.enabled is false"
+    gate = (status.get("evaluation") or {}).get("gate") or {}
+    if gate.get("passed") is False:
+        failures = "; ".join(gate.get("failures") or []) or "no details reported"
+        return "GateFailed", f"the model failed its evaluation gate: {failures}"
+    if run.spec.evaluation.gate and gate.get("passed") is not True:
+        return "GateUnknown", "the run reported no verdict on spec.evaluation.gate"
+    if not serving.servable(run):
+        return (
+            "StorageNotServable",
+            "the model server reads the model from a PersistentVolumeClaim; runs with "
+            "spec.checkpoint.storage.uri cannot be served yet",
+        )
+    return None
+
+
+def _rollout(deployment: Mapping[str, Any] | None, url: str) -> tuple[str, str, str]:
+    """(status, reason, message) of the Serving condition, from the live Deployment."""
+    if deployment is None:
+        return "False", "Progressing", "creating the serving Deployment"
+    spec, state = deployment.get("spec") or {}, deployment.get("status") or {}
+    desired = _count(spec.get("replicas"))
+    desired = 1 if desired is None else desired  # the API server's default
+    available = _count(state.get("availableReplicas")) or 0
+    if available >= 1:
+        return "True", "Available", f"{available} of {desired} replicas available at {url}"
+    if desired == 0:
+        return "False", "ScaledToZero", "the serving Deployment has 0 replicas"
+    progressing = _find_condition(state.get("conditions") or [], "Progressing")
+    if progressing.get("status") == "False":  # e.g. ProgressDeadlineExceeded
+        reason = _reason(progressing.get("reason"), "ProgressDeadlineExceeded")
+        return "False", reason, str(progressing.get("message") or "the rollout is stuck")
+    message = f"0 of {desired} replicas available: pods starting or loading the model"
+    return "False", "Progressing", message
+
+
+def _set_serving(draft: _Draft, status: str, reason: str, message: str) -> None:
+    before = _find_condition(draft.previous.get("conditions") or [], "Serving")
+    draft.condition("Serving", status, reason, message)
+    changed = (before.get("status"), before.get("reason")) != (status, reason)
+    if changed and reason not in _SERVING_QUIET:
+        draft.emit("Normal" if status == "True" else "Warning", f"Serving{reason}", message)
+
+
+def _serve(draft: _Draft) -> ServeAction:
+    """status.serving and the Serving condition of a Succeeded run, and what to do."""
+    run = draft.observed.run
+    if run is None or draft.status.get("phase") != "Succeeded":
+        return "none"  # a spec made invalid after the run changes nothing served
+    blocked = _serving_blocked(run, draft.status)
+    if blocked is not None:
+        draft.status.pop("serving", None)
+        # Absent for runs that never asked for serving; Disabled once it is turned off.
+        if blocked[0] != "Disabled" or draft.has_condition("Serving"):
+            _set_serving(draft, "False", *blocked)
+        return "remove" if draft.observed.serving is not None else "none"
+    name = run.metadata.name or ""
+    url = serving.service_url(name, run.metadata.namespace or "default")
+    endpoint = {"service": ChildNames(name).serve, "url": url}
+    version = (draft.status.get("model") or {}).get("version")
+    if version:
+        endpoint["modelVersion"] = version
+    draft.status["serving"] = endpoint
+    _set_serving(draft, *_rollout(draft.observed.serving, url))
+    return "apply"
+
+
+# --------------------------------------------------------------------------------------
 # Observed -> Decision
 # --------------------------------------------------------------------------------------
 
@@ -558,8 +707,8 @@ class _Draft:
             self.emit(event_type, reason, message)
         self.status["phase"] = phase
 
-    def decide(self, action: Action) -> Decision:
-        return Decision(self.status, action, self.events)
+    def decide(self, action: Action, serve: ServeAction = "none") -> Decision:
+        return Decision(self.status, action, self.events, serve)
 
 
 def _pod_attempt(pod: Mapping[str, Any]) -> int | None:
@@ -580,9 +729,11 @@ def _cleanup(phase: str, reason: str, pods: list[dict[str, Any]]) -> Action:
 
 
 def _terminal(draft: _Draft) -> Decision:
-    """Succeeded and Failed are never left: only observedGeneration follows the spec."""
+    """Succeeded and Failed are never left: only observedGeneration follows the spec, and
+    serving follows spec.serve and the serving Deployment."""
     failed = _find_condition(draft.status.get("conditions") or [], "Failed")
-    return draft.decide(_cleanup(draft.status["phase"], failed.get("reason", ""), draft.pods))
+    cleanup = _cleanup(draft.status["phase"], failed.get("reason", ""), draft.pods)
+    return draft.decide(cleanup, _serve(draft))
 
 
 def _close(draft: _Draft, phase: str, reason: str, message: str) -> None:
@@ -741,8 +892,9 @@ def compute_status(observed: Observed) -> Decision:
 
     # A finished driver beats a deadline or a suspend that came too late to matter.
     if outcome is not None and outcome.kind == "succeeded":
+        _record_result(draft, head)
         _close(draft, "Succeeded", "Completed", f"training finished in attempt {draft.attempt}")
-        return draft.decide("finish")
+        return draft.decide("finish", _serve(draft))
     if observed.deadline_exceeded:
         limit = spec.run_policy.active_deadline_seconds
         message = f"spec.runPolicy.activeDeadlineSeconds ({limit}s) exceeded"

@@ -475,6 +475,10 @@ def test_head_pod_and_service(settings: OperatorSettings) -> None:
     assert "--num-cpus=0" in script
     assert "exec kubetrain run /etc/kubetrain/run.yaml --address auto" in script
     assert "--output-dir /storage --resume --metrics-port 8080 --metrics-host 0.0.0.0" in script
+    # The driver's result reaches the operator as the container's termination message.
+    assert script.endswith(" --termination-log /dev/termination-log")
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "File"  # never log lines
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}
 

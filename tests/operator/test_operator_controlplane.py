@@ -3,15 +3,14 @@
 It runs with the operator token, which acts as ServiceAccount kubetrain-system/
 kubetrain-operator, bound only by operator/deploy/rbac.yaml: a missing permission fails
 these tests. The test plays the kubelet (tests/support/kubelet.py): it moves pod phases,
-writes exit codes and evictions, and serves the head's /progress.
+writes exit codes and evictions, and serves the head's /progress. The `operator` and
+`progress` fixtures are in conftest.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ import pytest
 from tests.support import kubelet
 from tests.support.cluster import kubectl, wait_until
 from tests.support.runs import (
-    RBAC,
     apply,
     condition,
     events,
@@ -32,42 +30,6 @@ from tests.support.runs import (
 )
 
 pytestmark = pytest.mark.controlplane
-
-
-@pytest.fixture(scope="module")
-def progress() -> Iterator[kubelet.FakeProgress]:
-    server = kubelet.FakeProgress()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: Any, crd_installed: None, progress: kubelet.FakeProgress) -> Iterator[None]:
-    """The operator with the chart's RBAC and the operator token, resyncing every second."""
-    from kopf.testing import KopfRunner
-
-    kubectl("create", "namespace", "kubetrain-system", check=False)
-    kubectl("apply", "-f", str(RBAC))
-    env = {
-        "KUBECONFIG": str(cluster.operator_kubeconfig),
-        "KUBETRAIN_RESYNC_SECONDS": "1",
-        "KUBETRAIN_PROGRESS_PORT": str(progress.port),
-        "KUBETRAIN_PROGRESS_HOST": "127.0.0.1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    args = ["run", "--standalone", "--all-namespaces", "-m", "kubetrain_operator.handlers"]
-    try:
-        with KopfRunner(args, timeout=60) as runner:
-            yield
-        assert runner.exit_code == 0, runner.output
-        assert runner.exception is None, runner.output
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_lifecycle_from_apply_to_succeeded(

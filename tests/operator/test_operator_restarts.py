@@ -164,8 +164,14 @@ def test_liveness_and_metrics_endpoints(operator_process: OperatorProcess, names
     apply(quickstart("watched"), namespace)
     wait_phase("watched", namespace, "Provisioning")
     wait_until(lambda: _ok(op, op.liveness, "/healthz"), timeout=30, message="liveness")
+    # The gauge is set at the end of a reconcile, after its pods were created: a bare
+    # 'phase="Provisioning"' is always listed (every phase is, with 0) and raced them.
     text = wait_until(
-        lambda: (t := _get(op, op.metrics, "/metrics")) and 'phase="Provisioning"' in t and t,
+        lambda: (
+            (t := _get(op, op.metrics, "/metrics"))
+            and 'kubetrain_operator_runs{phase="Provisioning"} 1.0' in t
+            and t
+        ),
         timeout=30,
         message="runs by phase in the metrics",
     )

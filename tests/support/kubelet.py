@@ -75,7 +75,15 @@ def set_running(namespace: str, name: str, ip: str = "127.0.0.1") -> None:
     )
 
 
-def set_terminated(namespace: str, name: str, exit_code: int, reason: str | None = None) -> None:
+def set_terminated(
+    namespace: str,
+    name: str,
+    exit_code: int,
+    reason: str | None = None,
+    message: str | None = None,
+) -> None:
+    """The pod's containers exited; `message` is what a container wrote to its
+    terminationMessagePath, which the kubelet copies into its terminated state."""
     pod = _pod(namespace, name)
     terminated = {
         "exitCode": exit_code,
@@ -83,6 +91,8 @@ def set_terminated(namespace: str, name: str, exit_code: int, reason: str | None
         "startedAt": _now(),
         "finishedAt": _now(),
     }
+    if message is not None:
+        terminated["message"] = message
     _patch_status(
         namespace,
         name,

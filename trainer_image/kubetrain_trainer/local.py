@@ -4,6 +4,7 @@ cluster, with a progress bar and everything under runs/<name>/."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -129,6 +130,41 @@ def sample(model_dir: Path, data_dir: Path) -> tuple[str, str]:
     return prompt, export.generate_sample(model, tokenizer, prompt, max_new_tokens=30)
 
 
+# Kubernetes keeps at most 4096 bytes of a container's termination message.
+TERMINATION_LOG_LIMIT = 4096
+
+
+def termination_summary(run_name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """What the operator records in the run's status, shaped like status.model and
+    status.evaluation: the exported model and the final evaluation."""
+    model = {"version": f"{run_name}-step{result['step']}"}
+    if result.get("model"):
+        model["uri"] = str(result["model"])
+    metrics = {
+        name: value
+        for name, value in (result.get("metrics") or {}).items()
+        if isinstance(value, int | float) and math.isfinite(value)  # JSON has no NaN
+    }
+    evaluation = {"step": result["step"], "metrics": metrics, "gate": result.get("gate") or {}}
+    return {"model": model, "evaluation": evaluation}
+
+
+def write_termination_log(path: Path, summary: dict[str, Any]) -> None:
+    """Write `summary` as JSON of at most TERMINATION_LOG_LIMIT bytes. What does not fit
+    goes, least important first (gate failure texts, then metrics); the verdict stays."""
+    evaluation = summary["evaluation"]
+    gate = evaluation["gate"]
+    text = json.dumps(summary)
+    if len(text.encode()) > TERMINATION_LOG_LIMIT:
+        gate["failures"] = [str(f)[:200] for f in gate.get("failures") or []][:8]
+        evaluation["metrics"] = dict(list(evaluation["metrics"].items())[:16])
+        text = json.dumps(summary)
+    if len(text.encode()) > TERMINATION_LOG_LIMIT:
+        gate["failures"], evaluation["metrics"] = [], {}
+        text = json.dumps(summary)
+    path.write_text(text)
+
+
 def run_local(
     path: Path,
     *,
@@ -140,6 +176,7 @@ def run_local(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     address: str | None = None,
+    termination_log: Path | None = None,
 ) -> dict[str, Any]:
     from kubetrain_trainer import metrics
     from kubetrain_trainer.driver import run_training
@@ -149,10 +186,8 @@ def run_local(
     telemetry = metrics.Telemetry()
     server = None
     if metrics_port is not None:
-        server, port = metrics.serve_telemetry(telemetry, host="127.0.0.1", port=metrics_port)
-        print(
-            f"metrics: http://127.0.0.1:{port}/metrics  progress: http://127.0.0.1:{port}/progress"
-        )
+        server, port = metrics.serve_telemetry(telemetry, host=metrics_host, port=metrics_port)
+        print(f"metrics: http://{metrics_host}:{port}/metrics and /progress", flush=True)
     bar = ProgressBar()
     try:
         result = run_training(
@@ -170,6 +205,11 @@ def run_local(
         bar.close()
         if server is not None:
             server.shutdown()
+    if termination_log is not None:
+        # First, before the report below: the result must reach the operator.
+        write_termination_log(
+            termination_log, termination_summary(run.metadata.name or "run", result)
+        )
     plot = plot_losses(out / "metrics.jsonl", out / "loss.png")
     gate = result["gate"]
     print(f"\nrun {run.metadata.name}: {result['step']} steps, {result['tokens_seen']} tokens")
@@ -198,6 +238,7 @@ def main(args: Any) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             address=args.address,
+            termination_log=Path(args.termination_log) if args.termination_log else None,
         )
     except RunError as exc:
         print(f"kubetrain run: {exc}", file=sys.stderr)

@@ -1,0 +1,311 @@
+"""Pure builders of a run's serving objects: the model server Deployment, its Service, a
+PodDisruptionBudget and, with spec.serve.autoscaling, a HorizontalPodAutoscaler.
+
+The reconciler applies them once the run has Succeeded, spec.serve.enabled is set and the
+gate passed (status.py decides). All four are named `<run>-serve` and built like the Ray
+children: standard labels (component `serving`), the `kubetrain.dev/input-hash`
+annotation, and an owner reference to the run, so deleting the run deletes the server.
+
+`spec.serve.retain: true` leaves the owner reference out: the serving objects outlive the
+TrainingRun and are deleted by hand (`kubectl delete deploy,svc,pdb,hpa -l
+app.kubernetes.io/instance=<run>,app.kubernetes.io/component=serving`). The model lives on
+the run's storage, so the reconciler also makes the operator-created `<run>-storage` PVC a
+dependent of the retained Deployment: garbage collection keeps it until the Deployment goes.
+
+Serving reads the exported model from the run's PersistentVolumeClaim (subPath
+`<run>/model`, read-only) and appends feedback to `<run>/feedback/` on the same claim.
+Runs whose storage is a URI (object store) cannot be served yet: status.py reports
+Serving=False, reason StorageNotServable, and nothing is built.
+
+Serving pods carry the standard labels except `kubetrain.dev/run`: that label marks the
+Ray pods of a run, which the reconciler lists (and deletes when they belong to another
+attempt) and the run's NetworkPolicy isolates. Serving pods are selected by
+`app.kubernetes.io/instance=<run>` and `app.kubernetes.io/component=serving`.
+"""
+
+from __future__ import annotations
+
+from kubetrain_api import v1alpha1 as api
+from kubetrain_operator import builders
+from kubetrain_operator.builders import (
+    LABEL_COMPONENT,
+    LABEL_INSTANCE,
+    LABEL_NAME,
+    LABEL_RUN,
+    Obj,
+    with_input_hash,
+)
+from kubetrain_operator.names import ChildNames
+from kubetrain_operator.settings import OperatorSettings
+
+COMPONENT = "serving"
+CONTAINER = "server"
+PORT = 8000
+PORT_NAME = "http"
+SERVICE_PORT = 80
+MODEL_DIR = "/model"
+FEEDBACK_DIR = "/feedback"
+FEEDBACK_FILE = f"{FEEDBACK_DIR}/feedback.jsonl"
+HPA_API_VERSION = "autoscaling/v1"
+ANNOTATION_MODEL_VERSION = "kubetrain.dev/model-version"
+# Loading a large model from a network volume takes minutes: the startup probe allows
+# STARTUP_PERIOD * STARTUP_FAILURES seconds before the kubelet restarts the container.
+STARTUP_PERIOD = 5
+STARTUP_FAILURES = 180
+
+
+def service_url(run_name: str, ns: str) -> str:
+    """In-cluster base URL of the OpenAI-compatible API."""
+    return f"http://{ChildNames(run_name).serve}.{ns}.svc/v1"
+
+
+def pdb_api_version(served: set[str]) -> str:
+    """policy/v1 where the API server serves it (Kubernetes >= 1.21), else policy/v1beta1."""
+    return "policy/v1" if "policy/v1" in served else "policy/v1beta1"
+
+
+def servable(run: api.TrainingRun) -> bool:
+    """Whether the run's model can be mounted by a model server (it lives on a PVC)."""
+    return builders.storage_claim_name(run) is not None
+
+
+def selector(run_name: str) -> dict[str, str]:
+    """Labels that select the run's serving pods (immutable in a Deployment)."""
+    return {LABEL_NAME: "kubetrain", LABEL_INSTANCE: run_name, LABEL_COMPONENT: COMPONENT}
+
+
+def pod_labels(run_name: str) -> dict[str, str]:
+    labels = builders.labels(run_name, COMPONENT)
+    del labels[LABEL_RUN]  # the Ray pods' label: see the module docstring
+    return labels
+
+
+def _run_name(run: api.TrainingRun) -> str:
+    if not run.metadata.name:
+        raise ValueError("the run has no metadata.name (parse() rejects such runs)")
+    return run.metadata.name
+
+
+def _metadata(run: api.TrainingRun, uid: str, ns: str) -> Obj:
+    run_name = _run_name(run)
+    metadata: Obj = {
+        "name": ChildNames(run_name).serve,
+        "namespace": ns,
+        "labels": builders.labels(run_name, COMPONENT),
+    }
+    if not run.spec.serve.retain:
+        metadata["ownerReferences"] = [builders.owner_reference(run_name, uid)]
+    return metadata
+
+
+def _claim(run: api.TrainingRun) -> str:
+    claim = builders.storage_claim_name(run)
+    if claim is None:
+        raise ValueError("serving needs the run's storage on a PVC (see servable())")
+    return claim
+
+
+def _command(serve: api.ServeSpec) -> list[str]:
+    return [
+        "kubetrain",
+        "serve",
+        MODEL_DIR,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(PORT),
+        "--max-tokens",
+        str(serve.max_tokens),
+        "--max-concurrency",
+        str(serve.max_concurrency),
+        "--max-queue",
+        str(serve.max_queue),
+        "--max-body-bytes",
+        str(serve.max_body_bytes),
+        "--feedback-path",
+        FEEDBACK_FILE,
+    ]
+
+
+def _probe(path: str, period: int, failures: int, timeout: int) -> Obj:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+def build_deployment(
+    run: api.TrainingRun,
+    uid: str,
+    ns: str,
+    settings: OperatorSettings,
+    model_version: str | None = None,
+) -> Obj:
+    """Deployment `<run>-serve`: `kubetrain serve` on the exported model. `model_version`
+    (status.model.version) annotates the pod template, so a new model rolls the pods."""
+    spec = run.spec
+    serve = spec.serve
+    run_name = _run_name(run)
+    container: Obj = {
+        "name": CONTAINER,
+        "image": spec.image or settings.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": _command(serve),
+        "env": [
+            # The root filesystem is read-only; libraries write caches under $HOME.
+            {"name": "HOME", "value": "/tmp"},
+            # The model is on the volume: never reach out to the Hugging Face Hub.
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "KUBETRAIN_RUN", "value": run_name},
+        ],
+        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
+        "resources": builders.resources(serve.resources.cpu, serve.resources.memory, serve.gpus),
+        # /readyz answers 200 once the model is loaded; until then only the startup probe
+        # runs, with room for a slow load. /healthz is liveness: the process answers.
+        "startupProbe": _probe("/readyz", STARTUP_PERIOD, STARTUP_FAILURES, timeout=3),
+        "readinessProbe": _probe("/readyz", 5, 3, timeout=3),
+        "livenessProbe": _probe("/healthz", 10, 3, timeout=5),
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {
+                "name": "storage",
+                "mountPath": MODEL_DIR,
+                "subPath": f"{run_name}/model",
+                "readOnly": True,
+            },
+            {"name": "storage", "mountPath": FEEDBACK_DIR, "subPath": f"{run_name}/feedback"},
+        ],
+        "securityContext": builders.container_security_context(),
+    }
+    pod_spec: Obj = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": builders.pod_security_context(),
+        "containers": [container],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "storage", "persistentVolumeClaim": {"claimName": _claim(run)}},
+        ],
+    }
+    res = spec.resources
+    # Tolerations only permit nodes; the training node selector (a GPU product) applies
+    # to serving only when it asks for GPUs too. Priority and Kueue are for training.
+    if res.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations
+        ]
+    if res.node_selector and serve.gpus > 0:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(PORT),
+        "prometheus.io/path": "/metrics",
+    }
+    if model_version:
+        annotations[ANNOTATION_MODEL_VERSION] = model_version
+    deployment_spec: Obj = {
+        "selector": {"matchLabels": selector(run_name)},
+        # One extra pod at a time, never one fewer: capacity holds during a rollout.
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+        },
+        "revisionHistoryLimit": 3,
+        "template": {
+            "metadata": {"labels": pod_labels(run_name), "annotations": annotations},
+            "spec": pod_spec,
+        },
+    }
+    if serve.autoscaling is None:
+        # With autoscaling the HPA owns the replica count (k8s.Kube keeps it on updates).
+        deployment_spec["replicas"] = serve.replicas
+    return with_input_hash(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _metadata(run, uid, ns),
+            "spec": deployment_spec,
+        }
+    )
+
+
+def build_service(run: api.TrainingRun, uid: str, ns: str) -> Obj:
+    """ClusterIP Service `<run>-serve`: port 80 to the server's `http` port."""
+    return with_input_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(run, uid, ns),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector(_run_name(run)),
+                "ports": [
+                    {
+                        "name": PORT_NAME,
+                        "port": SERVICE_PORT,
+                        "targetPort": PORT_NAME,
+                        "protocol": "TCP",
+                    }
+                ],
+            },
+        }
+    )
+
+
+def build_pdb(run: api.TrainingRun, uid: str, ns: str, settings: OperatorSettings) -> Obj:
+    """PodDisruptionBudget `<run>-serve`: drains take one server at a time."""
+    return with_input_hash(
+        {
+            "apiVersion": settings.pdb_api_version,
+            "kind": "PodDisruptionBudget",
+            "metadata": _metadata(run, uid, ns),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(_run_name(run))}},
+        }
+    )
+
+
+def build_hpa(run: api.TrainingRun, uid: str, ns: str) -> Obj | None:
+    """HorizontalPodAutoscaler `<run>-serve` (autoscaling/v1: served by every Kubernetes
+    version kubetrain supports), only with spec.serve.autoscaling."""
+    auto = run.spec.serve.autoscaling
+    if auto is None:
+        return None
+    return with_input_hash(
+        {
+            "apiVersion": HPA_API_VERSION,
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": _metadata(run, uid, ns),
+            "spec": {
+                "scaleTargetRef": {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "name": ChildNames(_run_name(run)).serve,
+                },
+                "minReplicas": auto.min_replicas,
+                "maxReplicas": auto.max_replicas,
+                "targetCPUUtilizationPercentage": auto.target_cpu_utilization,
+            },
+        }
+    )
+
+
+def build_serving(
+    run: api.TrainingRun,
+    uid: str,
+    ns: str,
+    settings: OperatorSettings,
+    model_version: str | None = None,
+) -> list[Obj]:
+    """Every serving object, in the order the reconciler applies them."""
+    hpa = build_hpa(run, uid, ns)
+    return [
+        build_deployment(run, uid, ns, settings, model_version),
+        build_service(run, uid, ns),
+        build_pdb(run, uid, ns, settings),
+        *([hpa] if hpa is not None else []),
+    ]
