@@ -29,15 +29,6 @@ examples:
   kubetrain crds --check                   fail if crds/ is out of date
 """
 
-# Subcommands that later milestones fill in; the names are reserved now so that scripts
-# and images can rely on them.
-RESERVED = {
-    "serve": (
-        "MODEL_DIR",
-        "serve an exported model with an OpenAI-compatible API (not yet available)",
-    ),
-}
-
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     failed = False
@@ -122,12 +113,17 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return int(cli.main(args))
 
 
-def _cmd_reserved(args: argparse.Namespace) -> int:
-    print(
-        f"kubetrain {args.command}: not available in this version yet; see README.md",
-        file=sys.stderr,
-    )
-    return 2
+def _serve(argv: list[str]) -> int:
+    try:
+        from kubetrain_trainer.serve.__main__ import main as serve_main
+    except ImportError as exc:
+        print(
+            f"kubetrain serve needs the serve extra (pip install 'kubetrain[serve]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    serve_main(["--prog", "kubetrain serve", *argv])
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a JSON summary (model, final metrics, gate; <= 4 KiB) to PATH when "
         "training finishes (/dev/termination-log in a pod)",
     )
+    run.add_argument(
+        "--serve", action="store_true", help="then serve the model on an OpenAI-compatible API"
+    )
+    run.add_argument("--serve-port", type=int, default=8000, help="port for --serve")
     run.set_defaults(func=_cmd_run)
 
     op = commands.add_parser(
@@ -208,15 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=_cmd_operator)
 
-    for name, (arg, text) in RESERVED.items():
-        sub = commands.add_parser(name, help=text, description=text)
-        if arg:
-            sub.add_argument(arg.lower(), metavar=arg, nargs="?")
-        sub.set_defaults(func=_cmd_reserved)
+    commands.add_parser(
+        "serve",
+        help="serve an exported model with an OpenAI-compatible API",
+        description="Serve MODEL_DIR (an exported run) on /v1/completions, "
+        "/v1/chat/completions and /v1/models; `kubetrain serve --help` lists the options.",
+        add_help=False,
+    )
+    # Listed here for `kubetrain --help`; main() hands `serve ...` to the server's parser.
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
@@ -84,8 +82,14 @@ def test_crds_check_detects_drift(tmp_path: Path) -> None:
     assert kubetrain("crds", "--check", "--out", str(tmp_path / "crds")).returncode == 0
 
 
-@pytest.mark.parametrize("command", ["serve"])
-def test_reserved_commands_say_so(command: str) -> None:
-    out = kubetrain(command)
+def test_serve_has_its_own_help() -> None:
+    out = kubetrain("serve", "--help")
+    assert out.returncode == 0
+    assert out.stdout.startswith("usage: kubetrain serve")
+    assert "--max-concurrency" in out.stdout
+
+
+def test_serve_refuses_a_missing_model_folder(tmp_path: Path) -> None:
+    out = kubetrain("serve", str(tmp_path / "nope"), "--port", "0")
     assert out.returncode == 2
-    assert "not available in this version yet" in out.stderr
+    assert "nope: not an exported model folder (no config.json)" in out.stderr

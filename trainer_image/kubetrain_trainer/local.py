@@ -226,9 +226,27 @@ def run_local(
     return result
 
 
+def serve_after(run: api.TrainingRun, result: dict[str, Any], out: Path, port: int) -> None:
+    """`--serve`: the freshly trained model on an OpenAI-compatible API until Ctrl-C."""
+    from kubetrain_trainer.serve.app import serve
+
+    limits = run.spec.serve
+    print(f"serving {result['model']} on http://127.0.0.1:{port}/v1 (Ctrl-C stops)", flush=True)
+    serve(
+        Path(result["model"]),
+        "127.0.0.1",
+        port,
+        max_tokens=limits.max_tokens,
+        max_concurrency=limits.max_concurrency,
+        max_queue=limits.max_queue,
+        max_body_bytes=limits.max_body_bytes,
+        feedback_path=out / "feedback.jsonl",
+    )
+
+
 def main(args: Any) -> int:
     try:
-        run_local(
+        result = run_local(
             Path(args.file),
             output_root=Path(args.output_dir),
             resume=args.resume,
@@ -243,4 +261,8 @@ def main(args: Any) -> int:
     except RunError as exc:
         print(f"kubetrain run: {exc}", file=sys.stderr)
         return 1
+    if args.serve:
+        run = load_run(Path(args.file), max_steps=args.max_steps)
+        out = Path(args.output_dir) / (run.metadata.name or "run")
+        serve_after(run, result, out, args.serve_port)
     return 0
