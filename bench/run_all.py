@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bench import bench_data, bench_operator, bench_trainer
+from bench import bench_data, bench_operator, bench_serve, bench_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,6 +47,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ("near-dedup\nours / datasketch", data["near_dedup"]["ratio"], 0.8, "min"),
     ]
     absolute: list[tuple[str, float, float, str]] = []
+    if "serve" in results:
+        serve_bars = bench_serve.plot_bars(results["serve"])
+        absolute += serve_bars[:1]  # TTFT overhead, in ms
+        ratios += serve_bars[1:]
     if "operator" in results:
         operator_bars = bench_operator.plot_bars(results["operator"])
         ratios += operator_bars[:2]
@@ -55,8 +59,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     _bars(ax, ratios, "ratio (dashed: target)")
     ax.set_title("kubetrain vs same-run baselines")
     if absolute:
-        _bars(ax2, absolute, "seconds / MiB (dashed: target)")
-        ax2.set_title("operator under a burst")
+        _bars(ax2, absolute, "ms / s / MiB (dashed: target)")
+        ax2.set_title("absolute targets")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -76,6 +80,8 @@ def main() -> int:
     results["data"] = bench_data.run(quick=quick)
     _log("trainer: step vs plain loop, Ray Train vs torchrun", started)
     results["trainer"] = bench_trainer.run(quick=quick)
+    _log("serve: HTTP vs in-process generate", started)
+    results["serve"] = bench_serve.run(quick=quick)
     _log("operator: create -> first status vs minimal kopf, burst of runs", started)
     results["operator"] = bench_operator.run(quick=quick)
     RESULTS.mkdir(exist_ok=True)
