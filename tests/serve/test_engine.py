@@ -108,3 +108,21 @@ def test_greedy_matches_model_generate_and_seeds_are_per_request(model_dir: Path
         assert first == third, "a seed reproduces its sample while other requests sample"
     finally:
         engine.close()
+
+
+def test_a_vanishing_temperature_is_greedy_not_a_crash(model_dir: Path) -> None:
+    """Found by fuzzing: dividing logits by a subnormal temperature gave inf/nan and a 500."""
+    engine = TransformersEngine.load(model_dir, max_workers=1)
+    prompt = engine.encode_prompt("the quick brown fox")
+
+    async def run(sampling: Sampling) -> str:
+        return "".join([step.text async for step in engine.stream(prompt, sampling)])
+
+    try:
+        greedy = asyncio.run(run(Sampling(max_tokens=12)))
+        assert (
+            asyncio.run(run(Sampling(max_tokens=12, temperature=2.2250738585072014e-308))) == greedy
+        )
+        assert asyncio.run(run(Sampling(max_tokens=12, temperature=1e-5))) == greedy
+    finally:
+        engine.close()

@@ -213,7 +213,9 @@ class TransformersEngine:
             input_ids = torch.tensor([[token]], device=self.device)
 
     def _picker(self, sampling: Sampling) -> Callable[[torch.Tensor, torch.Tensor], int]:
-        if sampling.temperature == 0:
+        # Below this, sampling is greedy in effect, and dividing logits by a near-zero (or
+        # subnormal) temperature overflows to inf/nan: found by the fuzzing test.
+        if sampling.temperature < 1e-4:
             return lambda _, logits: int(logits.argmax(dim=-1).item())
         warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
         if sampling.top_p < 1:
