@@ -6,10 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from kubetrain_api import crd
 
 pytest_plugins = ["tests.support.cluster"]
+
+# Property tests draw the same examples on every run, so CI is repeatable and a failure
+# reproduces; explore more locally with --hypothesis-profile=explore.
+settings.register_profile("repeatable", derandomize=True, deadline=None)
+settings.register_profile("explore", max_examples=500, deadline=None)
+settings.load_profile("repeatable")
 
 ROOT = Path(__file__).resolve().parents[1]
 
