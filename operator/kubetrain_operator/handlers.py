@@ -70,9 +70,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
-    with _locks[body["metadata"]["uid"]]:
+    meta = body["metadata"]
+    with _locks[meta["uid"]]:
+        # The body kopf hands over may predate the reconcile that held the lock (its
+        # status writes, the user's latest spec): decide on the run as stored now.
+        fresh = memo.kube.read_run(meta["namespace"], meta["name"])
+        if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+            return
         try:
-            delay = reconcile(dict(body), memo.kube, memo.settings)
+            delay = reconcile(fresh, memo.kube, memo.settings)
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
             raise

@@ -14,7 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import kubernetes
 import urllib3
@@ -27,7 +27,9 @@ from kubetrain_operator.builders import ANNOTATION_INPUT_HASH
 log = logging.getLogger("kubetrain.k8s")
 T = TypeVar("T")
 
-RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
+# Not 409: the same request would conflict again (a create's AlreadyExists is adopted; a
+# stale replace is redone by the next reconcile from a fresh read).
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_ATTEMPTS = 5
 
 
@@ -277,6 +279,21 @@ class Kube:
         return self.read("ConfigMap", ns, name)
 
     # The TrainingRun ---------------------------------------------------------------------
+
+    def read_run(self, ns: str, name: str) -> dict[str, Any] | None:
+        """The run as stored now, or None when it is gone."""
+        try:
+            obj = _retry(
+                lambda: self.custom.get_namespaced_custom_object(
+                    api.GROUP, api.VERSION, ns, api.PLURAL, name
+                ),
+                f"read TrainingRun {name}",
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(cast(dict[str, Any], obj))
 
     def patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
         self._count("patch", "TrainingRun/status")

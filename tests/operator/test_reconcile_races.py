@@ -1,0 +1,81 @@
+"""Races the operator must survive, produced for real on the local control plane with no
+operator running: the test calls the handler itself, with the operator's credentials.
+
+- kopf hands a handler the body it had when the handler was queued; by the time the
+  per-run lock is free, another reconcile may have written status, or the user changed
+  the spec. The handler must decide on the run as stored now.
+- Creating a child that already exists answers 409; it is adopted at once, never asked
+  again (each retry would cost seconds of backoff per child on every resume).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kopf
+import kubernetes
+import pytest
+
+from kubetrain_operator import handlers, metrics
+from kubetrain_operator.k8s import Kube
+from kubetrain_operator.settings import OperatorSettings
+from tests.support.cluster import kubectl
+from tests.support.runs import RBAC, apply, get_run, quickstart, run_pods
+
+pytestmark = pytest.mark.controlplane
+
+
+@pytest.fixture
+def kube(cluster: Any, crd_installed: None) -> Kube:
+    kubectl("create", "namespace", "kubetrain-system", check=False)
+    kubectl("apply", "-f", str(RBAC))
+    client = kubernetes.config.new_client_from_config(config_file=str(cluster.operator_kubeconfig))
+    return Kube(client)
+
+
+def _memo(kube: Kube) -> kopf.Memo:
+    memo = kopf.Memo()
+    memo.kube = kube
+    memo.settings = OperatorSettings()
+    return memo
+
+
+def test_a_stale_body_is_decided_on_the_stored_run(kube: Kube, namespace: str) -> None:
+    apply(quickstart("late"), namespace)
+    queued = get_run("late", namespace)  # what kopf holds when the handler is queued
+    apply(quickstart("late", runPolicy={"suspend": True}), namespace)
+
+    handlers._reconcile(kopf.Body(copy.deepcopy(queued)), _memo(kube))
+
+    stored = get_run("late", namespace)
+    assert stored["status"]["phase"] == "Suspended", stored["status"]
+    assert run_pods("late", namespace) == []
+
+
+def test_a_deleted_run_is_left_alone(kube: Kube, namespace: str) -> None:
+    apply(quickstart("gone"), namespace)
+    queued = get_run("gone", namespace)
+    kubectl("delete", "tr", "gone", "-n", namespace)
+
+    handlers._reconcile(kopf.Body(copy.deepcopy(queued)), _memo(kube))
+
+    assert run_pods("gone", namespace) == []
+    assert kube.mutations == {}
+
+
+def test_creating_an_existing_child_adopts_it_without_retrying(kube: Kube, namespace: str) -> None:
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "twice", "namespace": namespace},
+        "data": {"k": "v"},
+    }
+    kube.ensure(config_map)
+    conflicts = metrics.API_ERRORS.labels(code="409")
+    before = conflicts._value.get()
+
+    adopted = kube.ensure(config_map)
+
+    assert adopted["metadata"]["name"] == "twice"
+    assert conflicts._value.get() - before == 1
