@@ -50,7 +50,7 @@ spec:
 def _config(tmp: Path, steps: int, workers: int) -> Any:
     from kubetrain_api import validation
     from kubetrain_trainer.config import resolve
-    from kubetrain_trainer.driver import prepare
+    from kubetrain_trainer.prepare import prepare
 
     (doc,) = validation.load_documents(RUN_YAML.format(steps=steps, workers=workers))
     run = validation.parse(doc)

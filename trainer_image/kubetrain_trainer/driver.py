@@ -22,7 +22,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_trainer import metrics
-from kubetrain_trainer.config import TrainConfig, resolve
+from kubetrain_trainer.config import resolve
+from kubetrain_trainer.prepare import prepare
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -40,28 +41,6 @@ class Mailbox:
     def drain(self) -> list[dict[str, Any]]:
         events, self.events = self.events, []
         return events
-
-
-def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Data preparation, its own step (nanoGPT): clean, dedup, mix, tokenize, pack, split.
-    Writes to the run's storage once; every worker then reads the packed arrays."""
-    from kubetrain_trainer import models
-    from kubetrain_trainer.data import prepare_data
-
-    spec = config.spec
-    tokenizer = None
-    if not spec.model.source.startswith("builtin://"):
-        tokenizer = models.load_tokenizer(spec.model, config.output_dir / "cache")
-    vocab = int(spec.model.config_overrides.get("vocab_size", 1024))
-    prepare_data(
-        spec,
-        config.data_dir,
-        tokenizer=tokenizer,
-        vocab_size=vocab,
-        seed=spec.hyperparameters.seed,
-        log=log,
-    )
-    return dict(json.loads((config.data_dir / "summary.json").read_text()))
 
 
 def _worker_entry(payload: dict[str, Any]) -> None:

@@ -144,7 +144,9 @@ def evaluate_loss(
             labels = batch["labels"].to(device)
             mask = batch.get("attention_mask")
             logits = model(
-                input_ids=input_ids, attention_mask=None if mask is None else mask.to(device)
+                input_ids=input_ids,
+                attention_mask=None if mask is None else mask.to(device),
+                use_cache=False,
             ).logits
             # Position t predicts token t+1; bf16 logits are upcast for an accurate sum.
             targets = labels[:, 1:].reshape(-1)
@@ -211,7 +213,9 @@ def _continuation_log_probs(
     device = _model_device(model)
     # Right padding: causal attention keeps real positions blind to the pads after them.
     input_ids, attention_mask = _pad([ids for ids, _ in pairs], pad_id, left=False)
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    logits = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+    ).logits
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     sums = []
     for row, (ids, start) in enumerate(pairs):

@@ -51,6 +51,8 @@ def _seed_everything(seed: int) -> None:
 def _device(config: TrainConfig, ctx: WorkerContext) -> torch.device:
     if config.use_gpu:
         torch.cuda.set_device(ctx.local_rank)
+        # What fp32 matmuls remain (loss, fp32 runs) may use TF32 tensor cores.
+        torch.set_float32_matmul_precision("high")
         return torch.device("cuda", ctx.local_rank)
     return torch.device("cpu")
 
@@ -168,7 +170,8 @@ class Trainer:
         for m, rows in enumerate(self.order.micro_batches(self.step, self.ctx.rank)):
             batch = {k: v[rows].to(self.device) for k, v in self.train_data.items()}
             set_gradient_sync(self.model, m == accum - 1)
-            loss = self.model(**batch).loss
+            # No KV cache while training: it only costs memory (and recompiles).
+            loss = self.model(**batch, use_cache=False).loss
             (loss / accum).backward()
             total_loss += float(loss.detach())
             tokens += int(batch["input_ids"].numel())
@@ -276,6 +279,7 @@ class Trainer:
                 learning_rate=self.scheduler.get_last_lr()[0],
                 tokens_per_second=tps,
                 mfu=self._mfu(tps),
+                memory_gib=_peak_memory_gib(),
                 epoch=self.order.epoch(self.step),
                 tokens_seen=self.tokens_seen,
             )
@@ -382,3 +386,11 @@ def _write_pid(config: TrainConfig, ctx: WorkerContext) -> None:
     pids = config.output_dir / "pids"
     pids.mkdir(parents=True, exist_ok=True)
     (pids / f"rank{ctx.rank}").write_text(str(os.getpid()))
+
+
+def _peak_memory_gib() -> float | None:
+    """This process's peak GPU memory so far (what an out-of-memory run would hit); None
+    on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)

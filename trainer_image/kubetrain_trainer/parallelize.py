@@ -26,12 +26,16 @@ def parallelize(
     if dist_spec.compile:
         for block in blocks:
             block.compile()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized():
         return model
     if dist_spec.strategy == "ddp":
+        if dist.get_world_size() == 1:
+            return model
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
+    # FSDP2 even on one process (as torchtitan does): its policy is what casts the
+    # parameters to the compute dtype, so a single GPU trains in bf16 too.
     compute_dtype = _DTYPES.get(config.precision)
     mp = (
         MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)

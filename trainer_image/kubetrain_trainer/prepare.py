@@ -1,0 +1,32 @@
+"""Data preparation, its own step before training, apart from any launcher (Ray Train,
+torchrun) so that each can run it without the other's dependencies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from kubetrain_trainer.config import TrainConfig
+
+
+def prepare(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Data preparation, its own step (nanoGPT): clean, dedup, mix, tokenize, pack, split.
+    Writes to the run's storage once; every worker then reads the packed arrays."""
+    from kubetrain_trainer import models
+    from kubetrain_trainer.data import prepare_data
+
+    spec = config.spec
+    tokenizer = None
+    if not spec.model.source.startswith("builtin://"):
+        tokenizer = models.load_tokenizer(spec.model, config.output_dir / "cache")
+    vocab = int(spec.model.config_overrides.get("vocab_size", 1024))
+    prepare_data(
+        spec,
+        config.data_dir,
+        tokenizer=tokenizer,
+        vocab_size=vocab,
+        seed=spec.hyperparameters.seed,
+        log=log,
+    )
+    return dict(json.loads((config.data_dir / "summary.json").read_text()))
