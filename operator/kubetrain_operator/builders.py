@@ -366,6 +366,15 @@ def _pod(
     component = "ray-head" if role == "head" else "ray-worker"
     metadata = _metadata(run, uid, ns, name, component)
     metadata["labels"] |= {LABEL_ATTEMPT: str(attempt), LABEL_ROLE: role}
+    if role == "head":
+        # Plain Prometheus (no Prometheus Operator) finds the trainer's series by these.
+        metadata.setdefault("annotations", {}).update(
+            {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(settings.progress_port),
+                "prometheus.io/path": "/metrics",
+            }
+        )
     if res.queue_name:
         metadata["labels"][LABEL_QUEUE] = res.queue_name
 

@@ -266,6 +266,18 @@ def test_pod_labels(settings: OperatorSettings) -> None:
     assert all("kueue.x-k8s.io/queue-name" not in p["metadata"]["labels"] for p in quick)
 
 
+def test_only_the_head_is_scraped_by_annotation(settings: OperatorSettings) -> None:
+    head, *workers = pods(cluster(example("quickstart"), settings))
+    annotations = head["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # The annotated port is one the head's container really exposes.
+    ports = {p["containerPort"] for c in head["spec"]["containers"] for p in c["ports"]}
+    assert int(annotations["prometheus.io/port"]) in ports
+    for worker in workers:
+        assert "prometheus.io/scrape" not in worker["metadata"].get("annotations", {})
+
+
 def test_builders_are_deterministic(run: api.TrainingRun, settings: OperatorSettings) -> None:
     assert cluster(run, settings) == cluster(run, settings)
     assert cluster(run, settings) != cluster(run, settings, attempt=2)
