@@ -1,0 +1,152 @@
+"""The container images, checked statically: no Docker engine here to build them.
+
+Pinned bases, a numeric non-root USER that matches what the pods ask for, entrypoints that
+are real console scripts and subcommands, and Python dependencies that match pyproject's
+extras (the operator image never gets torch or ray).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from kubetrain_cli.main import build_parser
+from kubetrain_operator import builders
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = {
+    "operator": ROOT / "operator" / "Dockerfile",
+    "trainer": ROOT / "trainer_image" / "Dockerfile",
+}
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# Which extras each image must install, and which packages it must never get.
+EXTRAS = {"operator": {"operator"}, "trainer": {"trainer", "serve", "object-store"}}
+FORBIDDEN = {"operator": {"torch", "ray"}, "trainer": set()}
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def args_defaults(path: Path) -> dict[str, str]:
+    return dict(
+        rest.split("=", 1)
+        for keyword, rest in instructions(path)
+        if keyword == "ARG" and "=" in rest
+    )
+
+
+def final_stage(path: Path) -> list[tuple[str, str]]:
+    steps = instructions(path)
+    last_from = max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
+    return steps[last_from:]
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_base_images_are_pinned(image: str) -> None:
+    defaults = args_defaults(IMAGES[image])
+    for keyword, rest in instructions(IMAGES[image]):
+        if keyword != "FROM":
+            continue
+        ref = rest.split()[0]
+        ref = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], ref)
+        if "@sha256:" in ref:
+            continue
+        tag = ref.partition(":")[2]
+        # An exact release (python:3.11.11-...), never a moving tag like latest or 3.11.
+        assert re.match(r"\d+\.\d+\.\d+", tag), f"{image}: FROM {ref} is not pinned"
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_runs_as_a_numeric_non_root_user(image: str) -> None:
+    users = [rest for keyword, rest in final_stage(IMAGES[image]) if keyword == "USER"]
+    assert users, f"{image}: no USER in the final stage"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit(), f"{image}: USER {users[-1]} is not numeric"
+    assert int(uid) != 0, f"{image}: runs as root"
+
+
+def test_trainer_user_is_the_one_the_pods_run_as() -> None:
+    (user,) = [rest for keyword, rest in final_stage(IMAGES["trainer"]) if keyword == "USER"]
+    assert int(user.split(":")[0]) == builders.RUN_AS
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_entrypoint_is_a_console_script_with_a_real_subcommand(image: str) -> None:
+    stage = final_stage(IMAGES[image])
+    (entrypoint,) = [rest for keyword, rest in stage if keyword == "ENTRYPOINT"]
+    (cmd,) = [rest for keyword, rest in stage if keyword == "CMD"]
+    argv = [*eval_json_list(entrypoint), *eval_json_list(cmd)]
+    assert argv[0] in PYPROJECT["project"]["scripts"]
+    if argv[1:] != ["--help"]:
+        # The parser accepts the image's default arguments (e.g. operator's ports).
+        build_parser().parse_args(argv[1:])
+
+
+def eval_json_list(text: str) -> list[str]:
+    import json
+
+    value = json.loads(text)
+    assert isinstance(value, list), f"exec form expected, got {text}"
+    return [str(v) for v in value]
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_installs_exactly_its_extras(image: str) -> None:
+    installs = " ".join(
+        rest
+        for keyword, rest in final_stage(IMAGES[image])
+        if keyword == "RUN" and "pip install" in rest
+    )
+    wheels = re.findall(r"kubetrain-\*\.whl'\[([^\]]*)\]'", installs)
+    assert len(wheels) == 1, f"{image}: expected one install of the kubetrain wheel"
+    extras = set(wheels[0].split(","))
+    assert extras == EXTRAS[image]
+    known = PYPROJECT["project"]["optional-dependencies"]
+    assert extras <= set(known)
+    packages = _requirement_names(PYPROJECT["project"]["dependencies"])
+    for extra in extras:
+        packages |= _requirement_names(known[extra])
+    assert not packages & FORBIDDEN[image], f"{image} would install {packages & FORBIDDEN[image]}"
+
+
+def test_trainer_torch_matches_the_pin_ci_uses() -> None:
+    pin = re.search(r"TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text())
+    assert pin is not None
+    assert args_defaults(IMAGES["trainer"])["TORCH_VERSION"] == pin.group(1)
+    # torch comes before the extras, so their range never swaps it for another build.
+    runs = [rest for keyword, rest in final_stage(IMAGES["trainer"]) if keyword == "RUN"]
+    first_torch = next(i for i, r in enumerate(runs) if "torch==" in r)
+    first_wheel = next(i for i, r in enumerate(runs) if "kubetrain-*.whl" in r)
+    assert first_torch < first_wheel
+
+
+def test_dockerignore_keeps_what_the_images_copy() -> None:
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv"} <= ignored
+    for path in IMAGES.values():
+        for keyword, rest in instructions(path):
+            if keyword == "COPY" and not rest.startswith("--from"):
+                for source in shlex.split(rest)[:-1]:
+                    assert source.rstrip("/") not in ignored, f"{path}: COPY {source} is ignored"
+                    assert (ROOT / source).exists(), f"{path}: COPY {source} does not exist"
