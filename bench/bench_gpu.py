@@ -132,7 +132,9 @@ def run_variant(name: str, steps: int, warmup: int, gpus: int) -> dict[str, Any]
         "mfu_median": statistics.median(e["mfu"] for e in steady if e.get("mfu") is not None),
         "first_loss": steps_seen[0]["loss"],
         "final_loss": steady[-1]["loss"],
-        "peak_memory_gib": max((e.get("memory_gib") or 0) for e in steady) or None,
+        "peak_memory_gib": round(
+            max(e.get("gpu_memory_peak_bytes") or 0 for e in steady) / 2**30, 3
+        ),
     }
 
 

@@ -228,7 +228,6 @@ def _head_ports(settings: OperatorSettings) -> list[tuple[str, int]]:
     return [
         ("gcs", settings.ray_gcs_port),
         ("dashboard", settings.ray_dashboard_port),
-        ("client", settings.ray_client_port),
         ("metrics", settings.progress_port),
     ]
 
@@ -433,7 +432,6 @@ def build_head_pod(
     script = (
         f"ray start --head --port={settings.ray_gcs_port} --dashboard-host=0.0.0.0"
         f" --dashboard-port={settings.ray_dashboard_port}"
-        f" --ray-client-server-port={settings.ray_client_port}"
         " --num-cpus=0 --disable-usage-stats"
         f" && exec kubetrain run {CONFIG_DIR}/{CONFIG_KEY} --address auto"
         f" --output-dir {settings.storage_mount} --resume"

@@ -28,7 +28,6 @@ class OperatorSettings:
     """Trainer telemetry on the head pod: /metrics and /progress."""
     ray_gcs_port: int = 6379
     ray_dashboard_port: int = 8265
-    ray_client_port: int = 10001
     storage_mount: str = "/storage"
     """Where a run's storage is mounted in its pods."""
     limits: Limits = field(default_factory=Limits)

@@ -492,7 +492,10 @@ def test_head_pod_and_service(settings: OperatorSettings) -> None:
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert container["terminationMessagePolicy"] == "File"  # never log lines
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}
+    assert ports == {"gcs": 6379, "dashboard": 8265, "metrics": 8080}
+    # No Ray Client server: the driver runs in the head (`--address auto`), and the server
+    # would need ray[client] (grpcio), which the trainer image does not install.
+    assert "--ray-client-server-port" not in script
 
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True

@@ -116,7 +116,7 @@ class BiasLM(nn.Module):
             for token, bias in favoured.items():
                 self.head.bias[token] = bias
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
         return SimpleNamespace(logits=self.head(self.embed(input_ids)))
 
 
