@@ -25,8 +25,8 @@ EPILOG = """\
 examples:
   kubetrain validate examples/*.yaml       check TrainingRun files, errors name the field
   kubetrain validate -o yaml run.yaml      print the run with every default filled in
-  kubetrain crds                           regenerate crds/ from the API models
-  kubetrain crds --check                   fail if crds/ is out of date
+  kubetrain crds                           regenerate crds/ and the Helm chart's copy
+  kubetrain crds --check                   fail if either is out of date
 """
 
 
@@ -67,17 +67,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
-    out = Path(args.out)
     stale = []
-    for filename, text in crd.render_crds().items():
-        target = out / filename
-        if args.check:
-            if not target.exists() or target.read_text() != text:
-                stale.append(str(target))
-            continue
-        out.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-        print(f"wrote {target}")
+    for out in map(Path, args.out or crd.OUTPUT_DIRS):
+        for filename, text in crd.render_crds().items():
+            target = out / filename
+            if args.check:
+                if not target.exists() or target.read_text() != text:
+                    stale.append(str(target))
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            print(f"wrote {target}")
     if stale:
         print(
             "out of date with the API models: " + ", ".join(stale) + "\n"
@@ -155,9 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     crds = commands.add_parser(
         "crds",
         help="write the CustomResourceDefinitions generated from the API models",
-        description="Generate crds/*.yaml from the pydantic API models.",
+        description="Generate crds/*.yaml, and the Helm chart's copy in "
+        "helm/kubetrain/crds/, from the pydantic API models.",
     )
-    crds.add_argument("--out", default="crds", help="output folder (default: crds)")
+    crds.add_argument(
+        "--out",
+        action="append",
+        metavar="DIR",
+        help="output folder, repeatable (default: " + " and ".join(crd.OUTPUT_DIRS) + ")",
+    )
     crds.add_argument(
         "--check", action="store_true", help="write nothing; exit 1 if the files differ"
     )

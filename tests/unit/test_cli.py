@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kubetrain_api import crd
+
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
@@ -80,6 +82,20 @@ def test_crds_check_detects_drift(tmp_path: Path) -> None:
     assert "out of date" in out.stderr
     assert kubetrain("crds", "--out", str(tmp_path / "crds")).returncode == 0
     assert kubetrain("crds", "--check", "--out", str(tmp_path / "crds")).returncode == 0
+
+
+def test_crds_writes_and_checks_the_chart_copy_too(tmp_path: Path) -> None:
+    """Without --out, from the repository root: crds/ and helm/kubetrain/crds/."""
+    assert kubetrain("crds", cwd=tmp_path).returncode == 0
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.yaml"))
+    assert written == [f"crds/{crd.CRD_FILENAME}", f"helm/kubetrain/crds/{crd.CRD_FILENAME}"]
+    assert kubetrain("crds", "--check", cwd=tmp_path).returncode == 0
+    chart_copy = tmp_path / "helm" / "kubetrain" / "crds" / crd.CRD_FILENAME
+    chart_copy.write_text(chart_copy.read_text() + "# edited\n")
+    out = kubetrain("crds", "--check", cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"helm/kubetrain/crds/{crd.CRD_FILENAME}" in out.stderr
+    assert kubetrain("crds", "--check").returncode == 0, "the repository's copies drifted"
 
 
 def test_serve_has_its_own_help() -> None:

@@ -38,6 +38,13 @@ def test_committed_crd_matches_the_models() -> None:
     )
 
 
+def test_chart_crd_matches_the_models() -> None:
+    chart_copy = ROOT / "helm" / "kubetrain" / "crds" / crd.CRD_FILENAME
+    assert chart_copy.read_text() == crd.render_crds()[crd.CRD_FILENAME], (
+        "helm/kubetrain/crds/ drifted from operator/kubetrain_api: run `kubetrain crds`"
+    )
+
+
 def test_crd_is_not_hand_edited() -> None:
     assert COMMITTED.read_text().startswith(crd.HEADER)
 

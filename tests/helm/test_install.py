@@ -1,0 +1,194 @@
+"""The chart on the real control plane: helm install, upgrade and uninstall, and the
+operator reconciling runs with exactly the permissions the chart grants.
+
+The operator pod itself cannot run here (no kubelet, no image), so the operator runs in
+this process (kopf's KopfRunner) with the operator token, whose identity is the chart's
+ServiceAccount kubetrain-system/kubetrain-operator: only the chart's bindings apply to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetrain_api import crd
+from tests.helm.chart import CHART, NAMESPACE, RELEASE, helm
+from tests.support.cluster import Cluster, kubectl, wait_until
+from tests.support.runs import RBAC, apply, quickstart, run_pods, wait_phase
+
+pytestmark = pytest.mark.controlplane
+
+NAME = "kubetrain-operator"  # the Deployment, Service, ClusterRole, Roles (release kubetrain)
+# Grafana dashboards ship as ConfigMaps by default (when the chart has any).
+DASHBOARDS = next(iter(sorted((CHART / "dashboards").glob("*.json"))), None)
+
+
+def get(kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+    args = ["get", kind, name, "-o", "json", "--ignore-not-found"]
+    if namespace:
+        args += ["-n", namespace]
+    out = kubectl(*args).stdout
+    return json.loads(out) if out.strip() else None
+
+
+def can_i(cluster: Cluster, verb: str, resource: str, namespace: str) -> bool:
+    """Whether the operator token may do it (a SelfSubjectAccessReview)."""
+    out = kubectl(
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        "-n",
+        namespace,
+        kubeconfig=cluster.operator_kubeconfig,
+        check=False,
+    )
+    return out.stdout.strip() == "yes"
+
+
+@contextlib.contextmanager
+def operator(cluster: Cluster, *scope: str) -> Iterator[None]:
+    """The operator in this process with the operator token; `scope` as kopf's CLI takes it."""
+    from kopf.testing import KopfRunner
+
+    env = {"KUBECONFIG": str(cluster.operator_kubeconfig), "KUBETRAIN_RESYNC_SECONDS": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    args = ["run", "--standalone", *scope, "-m", "kubetrain_operator.handlers"]
+    try:
+        with KopfRunner(args, timeout=60) as runner:
+            yield
+        assert runner.exit_code == 0, runner.output
+        assert runner.exception is None, runner.output
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def reconciles(name: str, namespace: str) -> None:
+    """The run gets its children and its first attempt's pods: the operator could do all
+    of that with the permissions it has."""
+    apply(quickstart(name), namespace)
+    wait_phase(name, namespace, "Provisioning")
+    for kind, child in [
+        ("configmap", f"{name}-config"),
+        ("secret", f"{name}-ray-token"),
+        ("networkpolicy", f"{name}-ray"),
+        ("service", f"{name}-head"),
+    ]:
+        assert get(kind, child, namespace), f"{kind} {child}"
+    wait_until(lambda: len(run_pods(name, namespace, 1)) == 3, message=f"{name}'s 3 pods")
+
+
+@pytest.fixture
+def chart_owns_the_operator_identity(cluster: Cluster, crd_installed: None) -> Iterator[None]:
+    """tests/operator applies operator/deploy/rbac.yaml: objects with the chart's names that
+    Helm refuses to take over, and a binding that would grant the operator token the same
+    rights whatever the chart says. They go for this test and come back after it."""
+    helm("uninstall", RELEASE, "-n", NAMESPACE, kubeconfig=cluster.kubeconfig, check=False)
+    had_static_rbac = get("clusterrolebinding", NAME) is not None
+    kubectl("delete", "-f", str(RBAC), "--ignore-not-found")
+    try:
+        yield
+    finally:
+        helm("uninstall", RELEASE, "-n", NAMESPACE, kubeconfig=cluster.kubeconfig, check=False)
+        if had_static_rbac:
+            kubectl("apply", "-f", str(RBAC))
+
+
+def test_install_upgrade_uninstall(
+    cluster: Cluster, namespace: str, chart_owns_the_operator_identity: None
+) -> None:
+    # Install: the operator watches every namespace; the CRD is already there (kubectl
+    # applied it), which Helm's crds/ handling accepts.
+    helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--create-namespace",
+        kubeconfig=cluster.kubeconfig,
+    )
+    deployment = get("deployment", NAME, NAMESPACE)
+    assert deployment is not None
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # The API server accepted the pod template and the controller-manager made the pod
+    # (which stays Pending: nothing runs pods here).
+    pods = wait_until(
+        lambda: json.loads(
+            kubectl(
+                "get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/name=" + NAME, "-o", "json"
+            ).stdout
+        )["items"],
+        message="the operator's pod",
+    )
+    assert pods[0]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pods[0]["spec"]["serviceAccountName"] == NAME
+    binding = get("clusterrolebinding", NAME)
+    assert binding is not None
+    assert binding["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert can_i(cluster, "create", "pods", "default")
+    assert not can_i(cluster, "list", "secrets", namespace)
+
+    with operator(cluster, "--all-namespaces"):
+        reconciles("helm-all", namespace)
+
+    # Upgrade: watch only this namespace, resync faster. The Deployment follows, and the
+    # namespaced permissions move from the ClusterRole into a Role in the namespace.
+    helm(
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--reuse-values",
+        values={"watchNamespaces": [namespace], "operator": {"resyncSeconds": 5}},
+        kubeconfig=cluster.kubeconfig,
+    )
+    deployment = get("deployment", NAME, NAMESPACE)
+    assert deployment is not None
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert f"--namespace={namespace}" in container["args"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBETRAIN_RESYNC_SECONDS"] == "5"
+    assert get("role", NAME, namespace) is not None
+    assert get("rolebinding", NAME, namespace) is not None
+    assert can_i(cluster, "create", "pods", namespace)
+    assert not can_i(cluster, "create", "pods", "default")
+    assert can_i(cluster, "watch", "customresourcedefinitions", "default")
+
+    with operator(cluster, "--namespace", namespace):
+        reconciles("helm-one", namespace)
+
+    # Uninstall: everything of the release goes, the CRD (and so the runs) stays.
+    manifest = helm("get", "manifest", RELEASE, "-n", NAMESPACE, kubeconfig=cluster.kubeconfig)
+    objects = [
+        (d["kind"], d["metadata"]["name"], d["metadata"].get("namespace", NAMESPACE))
+        for d in yaml.safe_load_all(manifest.stdout)
+        if d
+    ]
+    assert ("Role", NAME, namespace) in objects
+    assert ("ConfigMap" in {kind for kind, _, _ in objects}) is (DASHBOARDS is not None)
+    helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", kubeconfig=cluster.kubeconfig)
+    for kind, name, ns in objects:
+        wait_until(lambda: get(kind, name, ns) is None, message=f"{kind} {name} to go")  # noqa: B023
+    assert get("crd", crd.CRD_NAME) is not None
+    assert get("tr", "helm-one", namespace) is not None
+    assert not can_i(cluster, "create", "pods", namespace)
+    # No operator is left to remove kopf's finalizers: drop them so the namespace can go.
+    for run in ("helm-all", "helm-one"):
+        kubectl(
+            "patch", "tr", run, "-n", namespace, "--type=merge",
+            "-p", '{"metadata": {"finalizers": null}}',
+        )  # fmt: skip
