@@ -1,7 +1,8 @@
 """Operator metrics (`kubetrain_operator_*`), in a registry of their own.
 
-Runs by phase are computed at scrape time from an index the reconciler keeps, and a run
-leaves the index when it is deleted, so deleted runs leave no series behind. Labels are
+Runs (and the GPUs they request) by phase are computed at scrape time from an index the
+reconciler keeps, and a run leaves the index when it is deleted, so deleted runs leave no
+series behind. Labels are
 bounded: phase, verb, resource kind, HTTP status code, outcome.
 """
 
@@ -53,32 +54,50 @@ API_ERRORS = PromCounter(
 
 
 class RunIndex(Collector):
-    """Phase of every run this operator reconciles, keyed by uid."""
+    """Phase and requested GPUs of every run this operator reconciles, keyed by uid."""
 
     def __init__(self) -> None:
         self._phases: dict[str, str] = {}
+        self._gpus: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def set(self, uid: str, phase: str) -> None:
+    def set(self, uid: str, phase: str, gpus: int = 0) -> None:
         with self._lock:
             self._phases[uid] = phase
+            self._gpus[uid] = gpus
 
     def forget(self, uid: str) -> None:
         with self._lock:
             self._phases.pop(uid, None)
+            self._gpus.pop(uid, None)
 
     def counts(self) -> Counter[str]:
         with self._lock:
             return Counter(self._phases.values())
 
+    def gpus(self) -> Counter[str]:
+        """GPUs requested by the runs of each phase (GPU-hours are its integral over time)."""
+        with self._lock:
+            totals: Counter[str] = Counter()
+            for uid, phase in self._phases.items():
+                totals[phase] += self._gpus.get(uid, 0)
+            return totals
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
+        runs = GaugeMetricFamily(
             "kubetrain_operator_runs", "TrainingRuns by phase.", labels=["phase"]
         )
-        counts = self.counts()
+        gpus = GaugeMetricFamily(
+            "kubetrain_operator_run_gpus",
+            "GPUs requested by TrainingRuns (workers x gpusPerWorker), by phase.",
+            labels=["phase"],
+        )
+        counts, gpu_counts = self.counts(), self.gpus()
         for phase in PHASES:
-            family.add_metric([phase], counts.get(phase, 0))
-        yield family
+            runs.add_metric([phase], counts.get(phase, 0))
+            gpus.add_metric([phase], gpu_counts.get(phase, 0))
+        yield runs
+        yield gpus
 
 
 RUNS = RunIndex()

@@ -185,7 +185,8 @@ def reconcile(
         _apply_serving(kube, run, uid, ns, settings, served, version)
     elif decision.serve == "remove":
         _remove_serving(kube, ns, name, settings)
-    metrics.RUNS.set(uid, status.get("phase") or "Pending")
+    gpus = 0 if run is None else run.spec.resources.workers * run.spec.resources.gpus_per_worker
+    metrics.RUNS.set(uid, status.get("phase") or "Pending", gpus)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     return _ttl(kube, run, status, ns, name, now)
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.support.cluster import controlplane
+from tests.support.cluster import controlplane, kubectl
+from tests.support.runs import RBAC
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kubetrain"
@@ -50,3 +53,24 @@ def find(docs: list[Doc], kind: str, name: str | None = None) -> list[Doc]:
     return [
         d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
     ]
+
+
+@contextlib.contextmanager
+def operator_identity_from_chart(cluster: Any) -> Iterator[None]:
+    """Let only the chart grant the operator token its rights, for the block.
+
+    tests/operator applies operator/deploy/rbac.yaml: objects with the chart's names that
+    Helm refuses to take over, and a binding that would grant the operator token the same
+    rights whatever the chart says. They go for the block and come back after it; the
+    release is uninstalled before and after."""
+    helm("uninstall", RELEASE, "-n", NAMESPACE, kubeconfig=cluster.kubeconfig, check=False)
+    had_static_rbac = bool(
+        kubectl("get", "clusterrolebinding", "kubetrain-operator", "--ignore-not-found").stdout
+    )
+    kubectl("delete", "-f", str(RBAC), "--ignore-not-found")
+    try:
+        yield
+    finally:
+        helm("uninstall", RELEASE, "-n", NAMESPACE, kubeconfig=cluster.kubeconfig, check=False)
+        if had_static_rbac:
+            kubectl("apply", "-f", str(RBAC))

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from kubetrain_api import crd
-from tests.helm.chart import CHART, NAMESPACE, RELEASE, helm
+from tests.helm.chart import CHART, NAMESPACE, RELEASE, helm, operator_identity_from_chart
 from tests.support.cluster import Cluster, kubectl, wait_until
-from tests.support.runs import RBAC, apply, quickstart, run_pods, wait_phase
+from tests.support.runs import apply, quickstart, run_pods, wait_phase
 
 pytestmark = pytest.mark.controlplane
 
@@ -91,18 +91,8 @@ def reconciles(name: str, namespace: str) -> None:
 
 @pytest.fixture
 def chart_owns_the_operator_identity(cluster: Cluster, crd_installed: None) -> Iterator[None]:
-    """tests/operator applies operator/deploy/rbac.yaml: objects with the chart's names that
-    Helm refuses to take over, and a binding that would grant the operator token the same
-    rights whatever the chart says. They go for this test and come back after it."""
-    helm("uninstall", RELEASE, "-n", NAMESPACE, kubeconfig=cluster.kubeconfig, check=False)
-    had_static_rbac = get("clusterrolebinding", NAME) is not None
-    kubectl("delete", "-f", str(RBAC), "--ignore-not-found")
-    try:
+    with operator_identity_from_chart(cluster):
         yield
-    finally:
-        helm("uninstall", RELEASE, "-n", NAMESPACE, kubeconfig=cluster.kubeconfig, check=False)
-        if had_static_rbac:
-            kubectl("apply", "-f", str(RBAC))
 
 
 def test_install_upgrade_uninstall(

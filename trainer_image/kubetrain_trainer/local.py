@@ -183,7 +183,7 @@ def run_local(
 
     run = load_run(path, max_steps=max_steps)
     out = output_dir_for(run, output_root, resume=resume, overwrite=overwrite)
-    telemetry = metrics.Telemetry()
+    telemetry = metrics.Telemetry(run.metadata.name or "", run.spec.model.source)
     server = None
     if metrics_port is not None:
         server, port = metrics.serve_telemetry(telemetry, host=metrics_host, port=metrics_port)

@@ -279,7 +279,7 @@ class Trainer:
                 learning_rate=self.scheduler.get_last_lr()[0],
                 tokens_per_second=tps,
                 mfu=self._mfu(tps),
-                memory_gib=_peak_memory_gib(),
+                gpu_memory_peak_bytes=_peak_memory_bytes(),
                 epoch=self.order.epoch(self.step),
                 tokens_seen=self.tokens_seen,
             )
@@ -388,9 +388,9 @@ def _write_pid(config: TrainConfig, ctx: WorkerContext) -> None:
     (pids / f"rank{ctx.rank}").write_text(str(os.getpid()))
 
 
-def _peak_memory_gib() -> float | None:
+def _peak_memory_bytes() -> int | None:
     """This process's peak GPU memory so far (what an out-of-memory run would hit); None
     on CPU."""
     if not torch.cuda.is_available():
         return None
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return int(torch.cuda.max_memory_allocated())

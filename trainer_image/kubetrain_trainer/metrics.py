@@ -123,6 +123,7 @@ TRAINING_FIELDS: Mapping[str, str] = {
     "grad_norm": "Global gradient norm before clipping.",
     "epoch": "Fractional epoch.",
     "tokens_seen": "Training tokens consumed so far, all workers.",
+    "gpu_memory_peak_bytes": "Peak GPU memory allocated by rank 0's process (GPU runs only).",
 }
 # What the trainer is doing; the names it shares with the run's `status.phase` mean the same.
 PHASES = (
@@ -353,6 +354,13 @@ class Telemetry:
         yield phase
         for name, value in self._fields.items():
             yield GaugeMetricFamily(f"{PREFIX}_{name}", TRAINING_FIELDS[name], value=value)
+        if self._steps:
+            # Lets an alert tell a stalled run from a slow one: `time() - this` > N minutes.
+            yield GaugeMetricFamily(
+                f"{PREFIX}_last_step_timestamp_seconds",
+                "Unix time the latest step was reported.",
+                self._steps[-1][0],
+            )
         yield from self._checkpoint_metrics()
         yield from self._eval_metrics()
         data = GaugeMetricFamily(

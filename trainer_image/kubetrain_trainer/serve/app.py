@@ -86,7 +86,7 @@ class ModelServer:
         self.info = ModelInfo.read(self.model_dir)
         self.max_tokens = max_tokens
         self.max_concurrency = max_concurrency
-        self.metrics = ServeMetrics()
+        self.metrics = ServeMetrics(self.info.id, self.info.version)
         self.admission = Admission(max_concurrency, max_queue, self.metrics)
         self.responses = ResponseLog()
         self.feedback = FeedbackStore(feedback_path) if feedback_path is not None else None

@@ -4,7 +4,7 @@ routes or `other`, the code an HTTP status, the rating `up` or `down`."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 ENDPOINTS = (
     "/v1/completions",
@@ -27,9 +27,12 @@ def endpoint_label(path: str) -> str:
 
 
 class ServeMetrics:
-    def __init__(self) -> None:
+    def __init__(self, model: str = "", version: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Which run's model this server answers for: dashboards join on it by target.
+        self.model = Info("kubetrain_serve_model", "The served model", registry=r)
+        self.model.info({"model": model, "version": version})
         self.requests = Counter(
             "kubetrain_serve_requests", "HTTP requests answered", ["endpoint", "code"], registry=r
         )

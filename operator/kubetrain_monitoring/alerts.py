@@ -1,0 +1,141 @@
+"""Prometheus alert rules for kubetrain, as the `groups:` of a rules file.
+
+The generated file is a Helm template fragment: thresholds are placeholders for the chart's
+`monitoring.prometheusRule` values (rendered with `tpl`), and Prometheus' own template
+syntax in annotations is escaped so that Helm leaves it alone. `helm template` with
+`monitoring.prometheusRule.enabled=true` gives the PrometheusRule; its `spec` is also a
+valid rules file for a Prometheus without the operator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+VALUES = ".Values.monitoring.prometheusRule"
+
+
+def helm(value: str) -> str:
+    """A chart value, substituted by Helm's `tpl`."""
+    return f"{{{{ {VALUES}.{value} }}}}"
+
+
+def prom(expr: str) -> str:
+    """Prometheus template text (`$labels.x`, `$value`), passed through Helm verbatim."""
+    return f"{{{{`{{{{ {expr} }}}}`}}}}"
+
+
+RUN_NAME = "on(job, instance) group_left(run) kubetrain_trainer_run_info"
+TRAINING = 'on(job, instance) kubetrain_trainer_phase{phase="Running"} == 1'
+SERVED_MODEL = "on(job, instance) group_left(model) kubetrain_serve_model_info"
+
+
+def _rule(
+    alert: str,
+    expr: str,
+    summary: str,
+    description: str,
+    *,
+    severity: str = "warning",
+    duration: str | None = None,
+) -> dict[str, Any]:
+    rule: dict[str, Any] = {"alert": alert, "expr": expr}
+    if duration:
+        rule["for"] = duration
+    rule["labels"] = {"severity": severity}
+    rule["annotations"] = {"summary": summary, "description": description}
+    return rule
+
+
+def rule_groups() -> dict[str, Any]:
+    run = f"{prom('$labels.namespace')}/{prom('$labels.run')}"
+    training = [
+        _rule(
+            "KubetrainRunFailed",
+            'max by (namespace, job) (kubetrain_operator_runs{phase="Failed"})\n'
+            '  - max by (namespace, job) (kubetrain_operator_runs{phase="Failed"} offset 10m)\n'
+            "  > 0",
+            "A TrainingRun failed",
+            f"{prom('$value')} more TrainingRun(s) in phase Failed than 10 minutes ago. "
+            "`kubectl get trainingruns -A` shows which; the Failed condition says why.",
+        ),
+        _rule(
+            "KubetrainRunStalled",
+            f"(time() - kubetrain_trainer_last_step_timestamp_seconds) * {RUN_NAME}\n"
+            f"  > 60 * {helm('stalledMinutes')}\n"
+            f"and {TRAINING}",
+            "A training run makes no progress",
+            f"Run {run} is Running but reported no step for {prom('$value | humanizeDuration')}.",
+            duration="1m",
+        ),
+        _rule(
+            "KubetrainCheckpointTooOld",
+            f"kubetrain_trainer_checkpoint_age_seconds * {RUN_NAME}\n"
+            f"  > 60 * {helm('checkpointMaxAgeMinutes')}\n"
+            f"and {TRAINING}",
+            "A training run's newest checkpoint is old",
+            f"Run {run} committed its newest checkpoint "
+            f"{prom('$value | humanizeDuration')} ago; a failure now loses that much work.",
+            duration="1m",
+        ),
+    ]
+    operator = [
+        _rule(
+            "KubetrainOperatorReconcileErrors",
+            "sum by (namespace, job) (increase(kubetrain_operator_reconcile_errors_total[10m]))"
+            " > 0",
+            "The kubetrain operator keeps failing to reconcile",
+            f"{prom('$value | humanize')} reconciles raised in the last 10 minutes, for "
+            f"10 minutes (operator {prom('$labels.namespace')}). See the operator's log.",
+            duration="10m",
+        ),
+    ]
+    api = 'endpoint=~"/v1/.*"'
+    serving = [
+        _rule(
+            "KubetrainServingErrors",
+            "sum by (namespace, model) (\n"
+            f'  rate(kubetrain_serve_requests_total{{{api}, code=~"5.."}}[5m]) * {SERVED_MODEL}\n'
+            ")\n"
+            "  / sum by (namespace, model) (\n"
+            f"  rate(kubetrain_serve_requests_total{{{api}}}[5m]) * {SERVED_MODEL}\n"
+            ")\n"
+            f"  > {helm('servingErrorRatio')}",
+            "A model server answers with many 5xx errors",
+            f"{prom('$value | humanizePercentage')} of the API requests to "
+            f"{prom('$labels.namespace')}/{prom('$labels.model')} failed with a 5xx over "
+            "5 minutes.",
+            severity="critical",
+            duration="5m",
+        ),
+    ]
+    return {
+        "groups": [
+            {"name": "kubetrain-training", "rules": training},
+            {"name": "kubetrain-operator", "rules": operator},
+            {"name": "kubetrain-serving", "rules": serving},
+        ]
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the expressions) as literal blocks, as people write them."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+HEADER = """\
+# Generated by `python -m kubetrain_monitoring` (operator/kubetrain_monitoring/alerts.py):
+# do not edit. A Helm template fragment: the chart renders it with `tpl` into the
+# PrometheusRule's spec (templates/prometheusrule.yaml).
+"""
+
+
+def render() -> str:
+    return HEADER + yaml.dump(rule_groups(), Dumper=_Dumper, sort_keys=False, width=10_000)
