@@ -8,8 +8,8 @@ CLUSTER_DIR ?= .cluster
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
-	  awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-19s %s\n", $$1, $$2}'
 
 # torch first, pinned: left to itself pip would pick a multi-GB CUDA build. Use
 # TORCH_SPEC to choose another build (e.g. a CUDA wheel on a GPU machine).
@@ -39,13 +39,20 @@ lint: install ## ruff, formatting and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-crds: install ## regenerate crds/ from the API models
+crds: install ## regenerate crds/ and the Helm chart's copy from the API models
 	$(BIN)/kubetrain crds
 
 docs: install ## regenerate docs/api-reference.md from the API models
 	$(BIN)/python -m kubetrain_api.reference > docs/api-reference.md
 
-check-crds: install ## fail if crds/ is out of date
+dashboards: install ## regenerate the chart's Grafana dashboards and alert rules from kubetrain_monitoring
+	$(BIN)/python -m kubetrain_monitoring
+
+dashboards-preview: install ## draw the Training and Serving dashboards from a live run -> docs/dashboards/*.png
+	$(BIN)/python hack/controlplane.py tools
+	$(BIN)/python hack/dashboards_preview.py
+
+check-crds: install ## fail if crds/ or the chart's copy is out of date
 	$(BIN)/kubetrain crds --check
 
 test: install lint ## everything CI runs: lint, unit and real control-plane tests
@@ -56,6 +63,20 @@ test: install lint ## everything CI runs: lint, unit and real control-plane test
 test-unit: install ## fast tests only (no control plane)
 	$(BIN)/pytest -m "not controlplane"
 
+e2e: install ## end to end: TrainingRun -> operator -> pods run by hack/noderunner.py -> served model
+	$(BIN)/python hack/controlplane.py build
+	$(BIN)/python hack/controlplane.py tools
+	$(BIN)/pytest -v -m e2e --durations=5
+
+kind-up: ## with Docker: create the kind cluster of hack/kind/cluster.yaml
+	kind create cluster --name kubetrain --config hack/kind/cluster.yaml --wait 120s
+
+kind-e2e: ## with Docker: build + kind load the images, helm install, quickstart to a served model
+	KEEP=$(KEEP) bash hack/kind/e2e.sh
+
+kind-down: ## delete the kind cluster
+	kind delete cluster --name kubetrain
+
 cluster-up: ## start a local control plane in .cluster/ (then: source .cluster/env)
 	$(PYTHON) hack/controlplane.py up --dir $(CLUSTER_DIR)
 	@echo "run: source $(CLUSTER_DIR)/env"
@@ -63,4 +84,4 @@ cluster-up: ## start a local control plane in .cluster/ (then: source .cluster/e
 cluster-down: ## stop the local control plane started by cluster-up
 	$(PYTHON) hack/controlplane.py down --dir $(CLUSTER_DIR)
 
-.PHONY: help install quickstart bench bench-gpu lint crds docs check-crds test test-unit cluster-up cluster-down
+.PHONY: help install quickstart bench bench-gpu lint crds docs dashboards dashboards-preview check-crds test test-unit e2e kind-up kind-e2e kind-down cluster-up cluster-down

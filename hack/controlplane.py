@@ -12,7 +12,7 @@ unschedulable) but never run. See shared/design/TESTING.md.
 CLI::
 
     python3 hack/controlplane.py build            # compile the control plane (cached)
-    python3 hack/controlplane.py tools            # fetch kubectl + helm (cached)
+    python3 hack/controlplane.py tools            # fetch kubectl + helm, apt prometheus (cached)
     python3 hack/controlplane.py up [--dir DIR]   # start a cluster (default DIR: .cluster/)
     python3 hack/controlplane.py status [--dir DIR]
     python3 hack/controlplane.py down [--dir DIR]
@@ -59,7 +59,8 @@ DEBIAN_SUITE = "bookworm"
 DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 K8S_COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
-RUNTIME_PACKAGES = ("etcd-server", "openssl")
+# iproute2 (ip, for network namespaces) and curl serve hack/noderunner.py and its pods.
+RUNTIME_PACKAGES = ("etcd-server", "openssl", "iproute2", "curl")
 BUILD_PACKAGES = ("golang-go", "rsync", "make", "golang-github-modern-go-reflect2-dev")
 # Debian's reflect2 1.0.2, replacing the vendored 1.0.1 that segfaults under Go >= 1.18.
 REFLECT2_SRC = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
@@ -1138,7 +1139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("build", "build the control plane binaries"),
-        ("tools", "fetch kubectl and helm"),
+        ("tools", "fetch kubectl and helm, install prometheus"),
     ):
         p = sub.add_parser(name, help=f"{text} (cached)")
         p.add_argument("--force", action="store_true", help="redo it even if cached")
@@ -1166,6 +1167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build":
             print(build(force=args.force))
         elif args.command == "tools":
+            # Debian's prometheus (2.42, with promtool) for the monitoring tests; they run
+            # their own process on a free port, so the packaged service is never used.
+            ensure_apt_packages(["prometheus"])
             print(fetch_tools(force=args.force))
         elif args.command == "up":
             cluster = up(args.dir, timeout=args.timeout)
