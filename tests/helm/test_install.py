@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ import yaml
 from kubetrain_api import crd
 from tests.helm.chart import CHART, NAMESPACE, RELEASE, helm, operator_identity_from_chart
 from tests.support.cluster import Cluster, kubectl, wait_until
+from tests.support.operators import in_process_operator
 from tests.support.runs import apply, quickstart, run_pods, wait_phase
 
 pytestmark = pytest.mark.controlplane
@@ -52,26 +52,9 @@ def can_i(cluster: Cluster, verb: str, resource: str, namespace: str) -> bool:
     return out.stdout.strip() == "yes"
 
 
-@contextlib.contextmanager
-def operator(cluster: Cluster, *scope: str) -> Iterator[None]:
+def operator(cluster: Cluster, *scope: str) -> contextlib.AbstractContextManager[None]:
     """The operator in this process with the operator token; `scope` as kopf's CLI takes it."""
-    from kopf.testing import KopfRunner
-
-    env = {"KUBECONFIG": str(cluster.operator_kubeconfig), "KUBETRAIN_RESYNC_SECONDS": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    args = ["run", "--standalone", *scope, "-m", "kubetrain_operator.handlers"]
-    try:
-        with KopfRunner(args, timeout=60) as runner:
-            yield
-        assert runner.exit_code == 0, runner.output
-        assert runner.exception is None, runner.output
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return in_process_operator(cluster.operator_kubeconfig, *scope)
 
 
 def reconciles(name: str, namespace: str) -> None:

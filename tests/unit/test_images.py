@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+import yaml
 
 from kubetrain_cli.main import build_parser
 from kubetrain_operator import builders
@@ -82,9 +83,12 @@ def test_runs_as_a_numeric_non_root_user(image: str) -> None:
     assert int(uid) != 0, f"{image}: runs as root"
 
 
-def test_trainer_user_is_the_one_the_pods_run_as() -> None:
-    (user,) = [rest for keyword, rest in final_stage(IMAGES["trainer"]) if keyword == "USER"]
-    assert int(user.split(":")[0]) == builders.RUN_AS
+def test_users_are_the_ones_the_pods_run_as() -> None:
+    (trainer,) = [rest for keyword, rest in final_stage(IMAGES["trainer"]) if keyword == "USER"]
+    assert int(trainer.split(":")[0]) == builders.RUN_AS
+    (operator,) = [rest for keyword, rest in final_stage(IMAGES["operator"]) if keyword == "USER"]
+    chart = yaml.safe_load((ROOT / "helm" / "kubetrain" / "values.yaml").read_text())
+    assert int(operator.split(":")[0]) == chart["podSecurityContext"]["runAsUser"]
 
 
 @pytest.mark.parametrize("image", IMAGES)
