@@ -747,6 +747,13 @@ class PodWorker(threading.Thread):
             mounts.append({"kind": "bind", "source": str(private), "target": "/tmp"})
         if "/dev/shm" not in targets:
             mounts.append({"kind": "tmpfs", "target": "/dev/shm", "options": "size=1g"})
+        # The runtime the pods run on (the venv, and the source tree of its editable
+        # install) stays visible where a mount would cover it: a checkout under /tmp
+        # (as CI clones it) under the private /tmp.
+        covering = [m["target"] for m in mounts]
+        for keep in self.runner.runtime_paths:
+            if any(Path(keep).is_relative_to(target) for target in covering):
+                mounts.append({"kind": "bind", "source": keep, "target": keep})
         for source, target in (
             (self.hosts_path, "/etc/hosts"),
             (self.resolv_path, "/etc/resolv.conf"),
@@ -1209,6 +1216,7 @@ class Runner:
         self.index = 0
         self.stopping = threading.Event()
         self.bin_dir = str(Path(sys.prefix) / "bin")
+        self.runtime_paths = sorted({sys.prefix, str(Path(__file__).resolve().parents[1])})
         self.created_mountpoints: list[tuple[str, bool]] = []
         self._mount_lock = threading.Lock()
         self.pids_file = state / "pids"

@@ -108,6 +108,15 @@ def storage_events(namespace: str, run: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def checkpointed(namespace: str, run: str) -> int:
+    """The run's latest committed checkpoint step; fails at once if the run failed."""
+    st = status(run, namespace)
+    if st.get("phase") == "Failed":
+        failed = [c for c in st.get("conditions", []) if c["type"] == "Failed"]
+        pytest.fail(f"{run} failed: {failed}")
+    return int(st.get("checkpoints", {}).get("latest", {}).get("step", 0))
+
+
 def test_quickstart_trains_on_ray_pods_resumes_and_serves(
     node: NodeRunner, operator_process: Path, namespace: str
 ) -> None:
@@ -124,12 +133,7 @@ def test_quickstart_trains_on_ray_pods_resumes_and_serves(
     try:
         # A worker dies mid-training once the first checkpoint is committed.
         wait_until(
-            lambda: (
-                (status("quickstart", namespace).get("checkpoints", {}).get("latest", {})).get(
-                    "step", 0
-                )
-                >= CHECKPOINT
-            ),
+            lambda: checkpointed(namespace, "quickstart") >= CHECKPOINT,
             timeout=900,
             interval=0.5,
             message=f"the checkpoint of step {CHECKPOINT}",
