@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,20 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests.helm.chart import CHART, NAMESPACE, RELEASE, helm, operator_identity_from_chart
+from tests.helm.chart import install_release, operator_identity_from_chart
 from tests.support.cluster import controlplane, kubectl, wait_until
 from tests.support.node import NodeRunner
+from tests.support.operators import free_port, operator_command
 from tests.support.runs import apply, quickstart, status, wait_phase
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane]
 
 STEPS, CHECKPOINT = 60, 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -44,31 +38,13 @@ def operator_process(cluster: Any, crd_installed: None, tmp_path: Path) -> Itera
     selector: it would need in-cluster credentials the runner does not project.)
     Yields the operator's log."""
     with operator_identity_from_chart(cluster):
-        helm(
-            "install",
-            RELEASE,
-            str(CHART),
-            "-n",
-            NAMESPACE,
-            "--create-namespace",
-            values={"nodeSelector": {"kubetrain.dev/e2e": "no-such-node"}},
-            kubeconfig=cluster.kubeconfig,
-        )
+        install_release(cluster, {"nodeSelector": {"kubetrain.dev/e2e": "no-such-node"}})
         log = tmp_path / "operator.log"
         env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
         env["KUBETRAIN_RESYNC_SECONDS"] = "2"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "kubetrain_cli.main",
-                    "operator",
-                    "--liveness-port",
-                    str(free_port()),
-                    "--metrics-port",
-                    str(free_port()),
-                ],
+                operator_command(free_port()),
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -55,6 +55,20 @@ def find(docs: list[Doc], kind: str, name: str | None = None) -> list[Doc]:
     ]
 
 
+def install_release(cluster: Any, values: Doc | None = None) -> None:
+    """`helm install` the chart as release `kubetrain` in kubetrain-system."""
+    helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--create-namespace",
+        values=values,
+        kubeconfig=cluster.kubeconfig,
+    )
+
+
 @contextlib.contextmanager
 def operator_identity_from_chart(cluster: Any) -> Iterator[None]:
     """Let only the chart grant the operator token its rights, for the block.

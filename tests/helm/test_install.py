@@ -17,7 +17,14 @@ import pytest
 import yaml
 
 from kubetrain_api import crd
-from tests.helm.chart import CHART, NAMESPACE, RELEASE, helm, operator_identity_from_chart
+from tests.helm.chart import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    helm,
+    install_release,
+    operator_identity_from_chart,
+)
 from tests.support.cluster import Cluster, kubectl, wait_until
 from tests.support.operators import in_process_operator
 from tests.support.runs import apply, quickstart, run_pods, wait_phase
@@ -83,15 +90,7 @@ def test_install_upgrade_uninstall(
 ) -> None:
     # Install: the operator watches every namespace; the CRD is already there (kubectl
     # applied it), which Helm's crds/ handling accepts.
-    helm(
-        "install",
-        RELEASE,
-        str(CHART),
-        "-n",
-        NAMESPACE,
-        "--create-namespace",
-        kubeconfig=cluster.kubeconfig,
-    )
+    install_release(cluster)
     deployment = get("deployment", NAME, NAMESPACE)
     assert deployment is not None
     assert deployment["spec"]["replicas"] == 1

@@ -11,9 +11,7 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ import pytest
 
 from tests.support import kubelet
 from tests.support.cluster import kubectl, wait_until
+from tests.support.operators import free_port, operator_command
 from tests.support.runs import (
     RBAC,
     apply,
@@ -33,12 +32,6 @@ from tests.support.runs import (
 )
 
 pytestmark = pytest.mark.controlplane
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class OperatorProcess:
@@ -57,16 +50,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kubetrain_cli.main",
-                "operator",
-                "--liveness-port",
-                str(self.liveness),
-                "--metrics-port",
-                str(self.metrics),
-            ],
+            operator_command(self.metrics, self.liveness),
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

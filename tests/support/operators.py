@@ -1,10 +1,12 @@
-"""The operator in this process (kopf's KopfRunner), as the tests of the operator and of
-the chart run it."""
+"""The operator under test: in this process (kopf's KopfRunner), as the tests of the
+operator and of the chart run it, or as a `kubetrain operator` child process."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,3 +33,24 @@ def in_process_operator(kubeconfig: Path, *scope: str, **env: str) -> Iterator[N
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def operator_command(metrics_port: int, liveness_port: int | None = None) -> list[str]:
+    """`kubetrain operator` as the chart runs it, on the given ports, for a child process."""
+    return [
+        sys.executable,
+        "-m",
+        "kubetrain_cli.main",
+        "operator",
+        "--liveness-port",
+        str(liveness_port or free_port()),
+        "--metrics-port",
+        str(metrics_port),
+    ]

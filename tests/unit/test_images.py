@@ -96,14 +96,14 @@ def test_entrypoint_is_a_console_script_with_a_real_subcommand(image: str) -> No
     stage = final_stage(IMAGES[image])
     (entrypoint,) = [rest for keyword, rest in stage if keyword == "ENTRYPOINT"]
     (cmd,) = [rest for keyword, rest in stage if keyword == "CMD"]
-    argv = [*eval_json_list(entrypoint), *eval_json_list(cmd)]
+    argv = [*exec_form(entrypoint), *exec_form(cmd)]
     assert argv[0] in PYPROJECT["project"]["scripts"]
     if argv[1:] != ["--help"]:
         # The parser accepts the image's default arguments (e.g. operator's ports).
         build_parser().parse_args(argv[1:])
 
 
-def eval_json_list(text: str) -> list[str]:
+def exec_form(text: str) -> list[str]:
     import json
 
     value = json.loads(text)
