@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 import kopf
+import kubernetes
 from prometheus_client import start_http_server
 
 from kubetrain_api import v1alpha1 as api
@@ -33,17 +34,30 @@ _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 @kopf.on.login()
 def login(**_: Any) -> kopf.ConnectionInfo:
     """kopf's watches use the same credentials as our client (in-cluster or KUBECONFIG)."""
-    config = load_configuration()
+    return connection_info(load_configuration())
+
+
+def connection_info(config: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    """The kubernetes client's configuration as kopf's ConnectionInfo."""
     keys = config.api_key or {}
-    bearer = keys.get("BearerToken") or keys.get("authorization") or ""
     return kopf.ConnectionInfo(
         server=config.host,
         ca_path=config.ssl_ca_cert,
         insecure=not config.verify_ssl,
-        token=bearer.removeprefix("Bearer ").strip() or None,
+        token=bearer_token(keys.get("BearerToken") or keys.get("authorization") or ""),
         certificate_path=config.cert_file,
         private_key_path=config.key_file,
     )
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of an Authorization value. The client stores the in-cluster token as
+    `bearer <token>` (lower case) and a kubeconfig's as `Bearer <token>`; the scheme is
+    case-insensitive (RFC 7235)."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip() or None
+    return header.strip() or None
 
 
 @kopf.on.startup()
