@@ -59,9 +59,15 @@ DEBIAN_SUITE = "bookworm"
 DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 K8S_COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# The real node (hack/node.py) runs these next to the control plane; one `make` builds all
+# five, so the shared packages compile once.
+NODE_COMPONENTS = ("kubelet", "kube-proxy")
+BUILT_COMPONENTS = (*K8S_COMPONENTS, *NODE_COMPONENTS)
+# The pod sandbox's pause process, compiled statically from the same source tree.
+PAUSE_BINARY = "pause"
 # iproute2 (ip, for network namespaces) and curl serve hack/noderunner.py and its pods.
 RUNTIME_PACKAGES = ("etcd-server", "openssl", "iproute2", "curl")
-BUILD_PACKAGES = ("golang-go", "rsync", "make", "golang-github-modern-go-reflect2-dev")
+BUILD_PACKAGES = ("golang-go", "rsync", "make", "gcc", "libc6-dev", "golang-github-modern-go-reflect2-dev")
 # Debian's reflect2 1.0.2, replacing the vendored 1.0.1 that segfaults under Go >= 1.18.
 REFLECT2_SRC = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
 
@@ -292,12 +298,12 @@ def build(force: bool = False) -> Path:
     Also installs etcd-server, which `up` needs. Skips everything if the binaries are cached.
     """
     bin_dir = k8s_bin_dir()
-    if not force and all(_is_exe(bin_dir / c) for c in K8S_COMPONENTS):
+    if not force and all(_is_exe(bin_dir / c) for c in (*BUILT_COMPONENTS, PAUSE_BINARY)):
         ensure_apt_packages(RUNTIME_PACKAGES)
         return bin_dir
     with _file_lock(bin_dir.parent / ".lock"):
         # Another process may have finished the build while we waited for the lock.
-        if not force and all(_is_exe(bin_dir / c) for c in K8S_COMPONENTS):
+        if not force and all(_is_exe(bin_dir / c) for c in (*BUILT_COMPONENTS, PAUSE_BINARY)):
             return bin_dir
         started = time.monotonic()
         log(f"building Kubernetes {K8S_VERSION} control plane (first run: several minutes)")
@@ -326,21 +332,25 @@ def build(force: bool = False) -> Path:
             GOGC="400",  # the compiler spends less time collecting garbage (memory is plentiful)
             PATH=f"/usr/lib/go/bin:{os.environ.get('PATH', '/usr/bin:/bin')}",
         )
-        what = " ".join(f"cmd/{c}" for c in K8S_COMPONENTS)
+        what = " ".join(f"cmd/{c}" for c in BUILT_COMPONENTS)
         log(f"make WHAT='{what}' (go {_go_version(env)})")
         _run_streaming(["make", f"WHAT={what}"], cwd=gopath / "src/k8s.io/kubernetes", env=env)
         out = src / "_output" / "bin"
         staging = bin_dir.with_name("bin.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        for component in K8S_COMPONENTS:
+        for component in BUILT_COMPONENTS:
             shutil.copy2(out / component, staging / component)
+        _run(
+            ["gcc", "-Os", "-Wall", "-static", "-DVERSION=v3.4-kubetrain",
+             "-o", staging / PAUSE_BINARY, src / "build" / "pause" / "linux" / "pause.c"]
+        )  # fmt: skip
         shutil.rmtree(bin_dir, ignore_errors=True)
         staging.rename(bin_dir)  # atomic: the bin dir is complete or absent
         log(f"removing build tree {work}")
         shutil.rmtree(work, ignore_errors=True)
         log(
-            f"built {', '.join(K8S_COMPONENTS)} into {bin_dir} in {time.monotonic() - started:.0f}s"
+            f"built {', '.join(BUILT_COMPONENTS)} into {bin_dir} in {time.monotonic() - started:.0f}s"
         )
     return bin_dir
 
