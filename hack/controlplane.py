@@ -67,7 +67,9 @@ BUILT_COMPONENTS = (*K8S_COMPONENTS, *NODE_COMPONENTS)
 PAUSE_BINARY = "pause"
 # iproute2 (ip, for network namespaces) and curl serve hack/noderunner.py and its pods.
 RUNTIME_PACKAGES = ("etcd-server", "openssl", "iproute2", "curl")
-BUILD_PACKAGES = ("golang-go", "rsync", "make", "gcc", "libc6-dev", "golang-github-modern-go-reflect2-dev")
+BUILD_PACKAGES = (
+    "golang-go", "rsync", "make", "gcc", "libc6-dev", "golang-github-modern-go-reflect2-dev",
+)  # fmt: skip
 # Debian's reflect2 1.0.2, replacing the vendored 1.0.1 that segfaults under Go >= 1.18.
 REFLECT2_SRC = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
 
@@ -350,7 +352,8 @@ def build(force: bool = False) -> Path:
         log(f"removing build tree {work}")
         shutil.rmtree(work, ignore_errors=True)
         log(
-            f"built {', '.join(BUILT_COMPONENTS)} into {bin_dir} in {time.monotonic() - started:.0f}s"
+            f"built {', '.join(BUILT_COMPONENTS)} into {bin_dir}"
+            f" in {time.monotonic() - started:.0f}s"
         )
     return bin_dir
 
