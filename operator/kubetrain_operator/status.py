@@ -336,7 +336,11 @@ def _worker_failure(worker: Mapping[str, Any]) -> tuple[datetime, Outcome] | Non
         return None
     detail = _exit(term)[2] if term is not None else f"phase {_phase(worker)}"
     message = f"worker pod {_name(worker)} stopped ({detail}); Ray lost a node"
-    return _finished_at(term), Outcome("failed_retryable", "WorkerFailed", message)
+    # Over its memory limit is worth naming: the fix is more memory, not a retry.
+    reason = (
+        "OOMKilled" if term is not None and term.get("reason") == "OOMKilled" else "WorkerFailed"
+    )
+    return _finished_at(term), Outcome("failed_retryable", reason, message)
 
 
 def _head_ready(head: Mapping[str, Any]) -> bool:

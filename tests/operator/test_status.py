@@ -333,6 +333,12 @@ CLASSIFY_TABLE: list[tuple[str, list[Pod], str, str]] = [
         "failed_permanent",
         "ExitCode1",
     ),
+    (
+        "worker-oom",
+        cluster(workers=[running, partial(terminated, code=137, reason="OOMKilled")]),
+        "failed_retryable",
+        "OOMKilled",
+    ),
     ("worker-evicted", cluster(workers=[running, evicted]), "preempted", "Evicted"),
     ("head-disrupted", cluster(head=disruption), "preempted", "PreemptionByScheduler"),
     (
