@@ -857,7 +857,7 @@ def up(
         "scheduler": sched_port,
     }
     server = f"https://127.0.0.1:{api_port}"
-    tokens = {n: secrets.token_hex(24) for n in ("admin", "operator", "kcm", "scheduler")}
+    tokens = {n: secrets.token_hex(24) for n in ("admin", "operator", "kcm", "scheduler", "node")}
     token_file = state / "tokens.csv"
     # token,user,uid,"group1,group2"
     token_file.write_text(
@@ -866,6 +866,8 @@ def up(
         f'"{",".join(OPERATOR_GROUPS)}"\n'
         f"{tokens['kcm']},system:kube-controller-manager,system:kube-controller-manager\n"
         f"{tokens['scheduler']},system:kube-scheduler,system:kube-scheduler\n"
+        # kubelet and kube-proxy of hack/node.py (it binds the group's roles with RBAC)
+        f'{tokens["node"]},kubetrain-node,kubetrain-node,"system:nodes"\n'
     )
     token_file.chmod(0o600)
     kubeconfig = state / "kubeconfig"
@@ -952,6 +954,8 @@ def up(
                 "--authorization-mode=RBAC",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
+                # hack/node.py's nodes are reached at their IP (their names do not resolve).
+                "--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname",
                 "--profiling=false",
             ],
             state,
