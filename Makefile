@@ -68,6 +68,9 @@ e2e: install ## end to end: TrainingRun -> operator -> pods run by hack/noderunn
 	$(BIN)/python hack/controlplane.py tools
 	$(BIN)/pytest -v -m e2e --durations=5
 
+images: ## build both container images with buildah (no Docker) into docker-archive tarballs
+	$(PYTHON) hack/images.py build
+
 kind-up: ## with Docker: create the kind cluster of hack/kind/cluster.yaml
 	kind create cluster --name kubetrain --config hack/kind/cluster.yaml --wait 120s
 
