@@ -36,9 +36,17 @@ if ! kind get clusters | grep -qx "$CLUSTER"; then
 fi
 trap cleanup EXIT
 
+# The same Dockerfiles and build arguments as hack/images.py (which builds them with buildah
+# where there is no Docker): the public python:3.11-slim base, torch $TORCH_VERSION from
+# PyTorch's CPU index for the CPU trainer (kind nodes have no GPU).
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
+
 log "building images"
 docker build -f operator/Dockerfile -t "$OPERATOR_IMAGE" .
-docker build -f trainer_image/Dockerfile --build-arg TORCH_INDEX=cpu -t "$TRAINER_IMAGE" .
+docker build -f trainer_image/Dockerfile \
+  --build-arg TORCH_VERSION="$TORCH_VERSION" --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
+  -t "$TRAINER_IMAGE" .
 kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$TRAINER_IMAGE"
 
 log "installing the chart"
