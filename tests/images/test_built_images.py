@@ -107,7 +107,9 @@ def test_archives_are_tagged_as_the_chart_expects(archives: dict[str, Path]) -> 
 
 
 def test_an_unchanged_tree_is_not_rebuilt(archives: dict[str, Path]) -> None:
+    written = {name: path.stat().st_mtime_ns for name, path in archives.items()}
     assert images.build(("operator", "trainer"), "cpu") == archives
+    assert {name: path.stat().st_mtime_ns for name, path in archives.items()} == written
 
 
 def test_operator_runs_as_65532_with_a_user_name(operator_container: Container) -> None:
