@@ -1,0 +1,174 @@
+"""Pytest support for hack/node.py: a real Kubernetes node (containerd, kubelet, kube-proxy,
+cluster DNS, hostPath volumes) joined to the session's control plane.
+
+- ``real_node`` (session): a node started against ``cluster``, Ready before the first test
+  that uses it, torn down at the end of the session. It yields a ``RealNode``:
+
+  - ``name``: the Node's name; ``dir``: its state directory; ``ip``: node/bridge address;
+    ``subnet``: the pod CIDR; ``node``: hack/node.py's ``Node``
+  - ``import_image(archive) -> list[str]``: import a docker-archive tarball into containerd
+  - ``busybox_image() -> str``: a tiny busybox image (built once, cached), imported
+  - ``pod_logs(namespace, pod) -> str``: every container's log, current and previous
+  - ``diagnostics(namespace) -> str``: pods, events and the node's log tails
+  - ``log_tails(lines) -> str``: the last lines of kubelet, containerd, kube-proxy, ...
+
+- ``pytest_runtest_makereport``: a failed test that used ``real_node`` gets the node's log
+  tails in its report.
+- ``start_node(cluster, state_dir)``: the same as a context manager (e.g. for a teardown
+  test that needs its own node).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.support.cluster import controlplane, kubectl
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOG_TAIL_LINES = 40
+_active: list[RealNode] = []
+_failed: list[str] = []
+
+
+def _load_node_module() -> ModuleType:
+    """Import hack/node.py (a script, not a package)."""
+    name = "kubetrain_hack_node"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "hack" / "node.py")
+    if spec is None or spec.loader is None:
+        raise ImportError("cannot load hack/node.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+nodelib = _load_node_module()
+
+
+class RealNode:
+    """A running hack/node.py node, with helpers for tests."""
+
+    def __init__(self, node: Any, cluster: Any):
+        self.node = node
+        self.cluster = cluster
+        self.name: str = node.name
+        self.dir: Path = node.dir
+        self.ip: str = node.ip
+        self.subnet: str = node.subnet
+        self._busybox: str | None = None
+
+    def import_image(self, archive: Path | str) -> list[str]:
+        return list(nodelib.import_image(self.node, archive))
+
+    def busybox_image(self) -> str:
+        if self._busybox is None:
+            archive, ref = nodelib.busybox_archive()
+            self.import_image(archive)
+            self._busybox = ref
+        return self._busybox
+
+    def log_tails(self, lines: int = LOG_TAIL_LINES) -> str:
+        return str(self.node.log_tails(lines))
+
+    def pod_logs(self, namespace: str, pod: str, tail: int = 200) -> str:
+        """The logs of every container of the pod (and of its previous instance, if any)."""
+        out = kubectl(
+            "get", "pod", pod, "-n", namespace, "-o",
+            "jsonpath={range .spec.initContainers[*]}{.name} {end}"
+            "{range .spec.containers[*]}{.name} {end}",
+            kubeconfig=self.cluster.kubeconfig, check=False,
+        )  # fmt: skip
+        parts = []
+        for container in out.stdout.split():
+            for previous in (False, True):
+                args = ["logs", pod, "-n", namespace, "-c", container, f"--tail={tail}"]
+                proc = kubectl(
+                    *args,
+                    *(["--previous"] if previous else []),
+                    kubeconfig=self.cluster.kubeconfig,
+                    check=False,
+                )
+                if proc.returncode == 0 and (proc.stdout or not previous):
+                    label = f"{container}{' (previous)' if previous else ''}"
+                    parts.append(f"----- {namespace}/{pod} {label} -----\n{proc.stdout}")
+        return "\n".join(parts) or f"<no logs for {namespace}/{pod}: {out.stderr.strip()}>"
+
+    def diagnostics(self, namespace: str | None = None) -> str:
+        """Pods (wide), recent events, every pod's logs in namespace, and the node's logs."""
+        kc = self.cluster.kubeconfig
+        ns_args = ["-n", namespace] if namespace else ["-A"]
+        parts = [
+            kubectl("get", "pods", "-o", "wide", *ns_args, kubeconfig=kc, check=False).stdout,
+            kubectl(
+                "get", "events", "--sort-by=.lastTimestamp", *ns_args, kubeconfig=kc, check=False
+            ).stdout,
+        ]  # fmt: skip
+        if namespace:
+            pods = kubectl(
+                "get", "pods", "-n", namespace, "-o", "name", kubeconfig=kc, check=False
+            ).stdout.split()
+            parts += [self.pod_logs(namespace, p.split("/", 1)[1]) for p in pods]
+        parts.append(self.log_tails())
+        return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def start_node(cluster: Any, state_dir: Path) -> Iterator[RealNode]:
+    """A node for the duration of the block; its logs are kept if the block fails."""
+    try:
+        node = nodelib.up(state_dir, cluster, die_with_parent=True)
+    except BaseException:
+        sys.stderr.write(f"\nnode logs kept in {state_dir / 'logs'}\n")
+        nodelib.down(state_dir, keep_logs=True)
+        raise
+    real = RealNode(node, cluster)
+    _active.append(real)
+    ok = False
+    try:
+        yield real
+        ok = True
+    finally:
+        _active.remove(real)
+        keep = not ok or bool(_failed)
+        nodelib.down(state_dir, keep_logs=keep)
+        if keep:
+            sys.stderr.write(f"\nnode logs kept in {state_dir / 'logs'}\n")
+
+
+@pytest.fixture(scope="session")
+def real_node(
+    cluster: Any, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RealNode]:
+    """A real node joined to the session's control plane, Ready; torn down at the end."""
+    state = tmp_path_factory.mktemp("realnode")
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        controlplane.build()  # kubelet, kube-proxy and pause come with the control plane
+    with start_node(cluster, state) as node:
+        yield node
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "realnode: runs pods on a real node (hack/node.py)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and _active and "real_node" in getattr(item, "fixturenames", ()):
+        _failed.append(item.nodeid)
+        for node in _active:
+            report.sections.append((f"node {node.name}", node.log_tails()))
+    return report
