@@ -80,11 +80,16 @@ kind-e2e: ## with Docker: build + kind load the images, helm install, quickstart
 kind-down: ## delete the kind cluster
 	kind delete cluster --name kubetrain
 
-cluster-up: ## start a local control plane in .cluster/ (then: source .cluster/env)
+cluster-up: ## start a local control plane and a real node in .cluster/ (then: source .cluster/env)
+	@# A node left over from a control plane that is gone would block its restart.
+	@$(PYTHON) hack/controlplane.py status --dir $(CLUSTER_DIR) >/dev/null 2>&1 || \
+	  $(PYTHON) hack/node.py down --dir $(CLUSTER_DIR)/node
 	$(PYTHON) hack/controlplane.py up --dir $(CLUSTER_DIR)
+	$(PYTHON) hack/node.py up --dir $(CLUSTER_DIR)/node --kubeconfig $(CLUSTER_DIR)/kubeconfig
 	@echo "run: source $(CLUSTER_DIR)/env"
 
-cluster-down: ## stop the local control plane started by cluster-up
+cluster-down: ## stop the node and the control plane started by cluster-up
+	$(PYTHON) hack/node.py down --dir $(CLUSTER_DIR)/node
 	$(PYTHON) hack/controlplane.py down --dir $(CLUSTER_DIR)
 
 .PHONY: help install quickstart bench bench-gpu lint crds docs dashboards dashboards-preview check-crds test test-unit e2e kind-up kind-e2e kind-down cluster-up cluster-down
