@@ -9,41 +9,23 @@ takes a few minutes (debootstrap, torch, ray); later runs reuse the cached archi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from kubetrain_operator import builders
+from tests.support.images import images
 
 pytestmark = pytest.mark.controlplane
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_images() -> ModuleType:
-    name = "kubetrain_hack_images"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "hack" / "images.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-images = _load_images()
 
 
 @pytest.fixture(scope="module")

@@ -174,9 +174,9 @@ def test_dashboards_cover_what_the_issue_asks() -> None:
 
 @pytest.fixture(scope="module")
 def helm() -> Path:
-    from tests.support.cluster import _load_controlplane
+    from tests.support.cluster import controlplane
 
-    return Path(_load_controlplane().fetch_tools()) / "helm"
+    return Path(controlplane.fetch_tools()) / "helm"
 
 
 def _template(helm: Path, *sets: str, show: str) -> list[dict]:

@@ -19,7 +19,7 @@ import yaml
 from tests.monitoring.live import OPERATOR_NAMESPACE, RUN, RUN_NAMESPACE, Stack
 from tests.monitoring.queries import panel_queries, render_rules, variable_queries
 from tests.support import prometheus
-from tests.support.cluster import _load_controlplane, kubectl, wait_until
+from tests.support.cluster import controlplane, kubectl, wait_until
 from tests.support.runs import RBAC, apply, quickstart
 
 pytestmark = pytest.mark.controlplane
@@ -30,7 +30,7 @@ GPU_RUN = "gpu-run"
 
 @pytest.fixture(scope="module")
 def rules_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    helm = Path(_load_controlplane().fetch_tools()) / "helm"
+    helm = Path(controlplane.fetch_tools()) / "helm"
     path = tmp_path_factory.mktemp("rules") / "alerts.yaml"
     path.write_text(yaml.safe_dump(render_rules(helm)))
     return path

@@ -35,21 +35,21 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_TAIL_LINES = 30
 
 
-def _load_controlplane() -> ModuleType:
-    """Import hack/controlplane.py (a script, not a package)."""
-    name = "kubetrain_hack_controlplane"
+def load_hack_script(filename: str) -> ModuleType:
+    """Import a script of hack/ (not a package) once, as `kubetrain_hack_<stem>`."""
+    name = f"kubetrain_hack_{Path(filename).stem}"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "hack" / "controlplane.py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "hack" / filename)
     if spec is None or spec.loader is None:
-        raise ImportError("cannot load hack/controlplane.py")
+        raise ImportError(f"cannot load hack/{filename}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
 
-controlplane = _load_controlplane()
+controlplane = load_hack_script("controlplane.py")
 if TYPE_CHECKING:
     from hack.controlplane import Cluster as Cluster
 else:
