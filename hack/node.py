@@ -666,7 +666,8 @@ def up(
         (state / "volumes").mkdir(exist_ok=True)
         cp._start(
             "agent",
-            [sys.executable, Path(__file__).resolve(), "agent", "--dir", state],
+            [sys.executable, Path(__file__).resolve(), "agent", "--dir", state]
+            + (["--cleanup-when-orphaned"] if die_with_parent else []),
             state,
             die_with_parent,
         )
@@ -1079,9 +1080,15 @@ def _clean_outside(before: dict[str, Any], node: Node | None) -> None:
 # --------------------------------------------------------------------------- agent
 
 
-def agent(state_dir: Path | str) -> None:
-    """The node's helper process: API forwarder, `kubernetes` endpoint, DNS records, PVs."""
+def agent(state_dir: Path | str, cleanup_when_orphaned: bool = False) -> None:
+    """The node's helper process: API forwarder, `kubernetes` endpoint, DNS records, PVs.
+
+    cleanup_when_orphaned: if the process that started the node dies (e.g. a killed test
+    run; every component then gets SIGTERM), run `down` in a detached process, so that
+    containers, mounts, iptables chains, the bridge and sysctls do not outlive it.
+    """
     state = Path(state_dir).resolve()
+    parent = os.getppid()
     node = load(state)
     conf = json.loads((state / "agent.json").read_text())
     api = Api(conf["server"], conf["token"], conf["ca"])
@@ -1116,6 +1123,15 @@ def agent(state_dir: Path | str) -> None:
             print(f"agent: sync failed (will retry): {exc!r}", flush=True)
         stop.wait(1.0)
     listener.close()
+    if cleanup_when_orphaned and os.getppid() != parent:
+        print("agent: the node's owner is gone; running `down`", flush=True)
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "down", "--dir", str(state)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def _ensure_endpoint(api: Api, node: Node) -> None:
@@ -1292,12 +1308,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "up":
             p.add_argument("--kubeconfig", type=Path, required=True, help="admin kubeconfig")
             p.add_argument("--timeout", type=float, default=READY_TIMEOUT_S)
+        if name == "agent":
+            p.add_argument("--cleanup-when-orphaned", action="store_true")
         if name == "import":
             p.add_argument("archives", nargs="+", type=Path)
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            node = up(args.dir, cp.attach(args.kubeconfig), timeout=args.timeout)
+            try:
+                node = up(args.dir, cp.attach(args.kubeconfig), timeout=args.timeout)
+            except BaseException:
+                down(args.dir, keep_logs=True)
+                print(f"node logs kept in {args.dir / 'logs'}", file=sys.stderr)
+                raise
             print(
                 f"node:       {node.name} ({node.ip}, pods {node.subnet})\n"
                 f"containerd: {node.containerd_socket}"
@@ -1311,7 +1334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for archive in args.archives:
                 print(" ".join(import_image(node, archive)))
         elif args.command == "agent":
-            agent(args.dir)
+            agent(args.dir, cleanup_when_orphaned=args.cleanup_when_orphaned)
     except (NodeError, cp.ControlPlaneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
