@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
 import ipaddress
@@ -589,6 +590,12 @@ def up(
             return node
     if (state / "pids").exists() or (state / "before.json").exists():
         down(state)
+    other = running_node_dir()
+    if other is not None:
+        raise NodeError(
+            f"another kubetrain node runs on this machine ({other}); nodes share the host's "
+            "iptables, sysctls and kube-proxy chains, so only one may run at a time"
+        )
     started = time.monotonic()
     cp.ensure_apt_packages(NODE_PACKAGES)
     k8s_bin = cp.build()
@@ -1089,6 +1096,7 @@ def agent(state_dir: Path | str, cleanup_when_orphaned: bool = False) -> None:
     """
     state = Path(state_dir).resolve()
     parent = os.getppid()
+    lock = _hold_machine_lock(state)
     node = load(state)
     conf = json.loads((state / "agent.json").read_text())
     api = Api(conf["server"], conf["token"], conf["ca"])
@@ -1123,6 +1131,7 @@ def agent(state_dir: Path | str, cleanup_when_orphaned: bool = False) -> None:
             print(f"agent: sync failed (will retry): {exc!r}", flush=True)
         stop.wait(1.0)
     listener.close()
+    lock.close()
     if cleanup_when_orphaned and os.getppid() != parent:
         print("agent: the node's owner is gone; running `down`", flush=True)
         subprocess.Popen(
@@ -1132,6 +1141,41 @@ def agent(state_dir: Path | str, cleanup_when_orphaned: bool = False) -> None:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+
+def _machine_lock_path() -> Path:
+    return cp.cache_dir() / "node-running.lock"
+
+
+def running_node_dir() -> str | None:
+    """The state dir of the node running on this machine (its agent holds a lock), if any."""
+    path = _machine_lock_path()
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fh.read().strip() or "unknown"
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
+def _hold_machine_lock(state: Path) -> Any:
+    """Held by the agent for the node's lifetime: one node per machine."""
+    path = _machine_lock_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        owner = fh.read().strip()
+        raise NodeError(f"another kubetrain node runs on this machine ({owner})") from None
+    fh.truncate(0)
+    fh.write(f"{state}\n")
+    fh.flush()
+    return fh
 
 
 def _ensure_endpoint(api: Api, node: Node) -> None:
@@ -1319,7 +1363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 node = up(args.dir, cp.attach(args.kubeconfig), timeout=args.timeout)
             except BaseException:
                 down(args.dir, keep_logs=True)
-                print(f"node logs kept in {args.dir / 'logs'}", file=sys.stderr)
+                if (args.dir / "logs").is_dir():
+                    print(f"node logs kept in {args.dir / 'logs'}", file=sys.stderr)
                 raise
             print(
                 f"node:       {node.name} ({node.ip}, pods {node.subnet})\n"
