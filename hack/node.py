@@ -626,7 +626,10 @@ def up(
         subnet = _pick_subnet()
         bridge = f"ktb{netid}"
         ip = str(subnet.network_address + 1)
-        _sh("ip", "link", "add", bridge, "type", "bridge")
+        # A fixed MAC: else the bridge takes its lowest port's, and every pod that goes
+        # changes it, so other pods' ARP entries for the gateway (DNS, Services) go stale.
+        mac = "02:6b:74:" + ":".join(netid[i : i + 2] for i in (0, 2, 4))
+        _sh("ip", "link", "add", bridge, "address", mac, "type", "bridge")
         _sh("ip", "addr", "add", f"{ip}/{subnet.prefixlen}", "dev", bridge)
         _sh("ip", "link", "set", bridge, "up")
     kubelet_port, forward_port = _free_port(ip), _free_port(ip)

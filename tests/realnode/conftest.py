@@ -14,8 +14,9 @@ from tests.support import realnode
 
 @pytest.fixture(scope="module")
 def rnode(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[realnode.RealNode]:
-    if realnode._active:
-        yield realnode._active[0]
+    existing = realnode.existing_node(cluster)
+    if existing is not None:
+        yield existing
         return
     with realnode.start_node(cluster, tmp_path_factory.mktemp("node")) as node:
         yield node

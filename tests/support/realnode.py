@@ -2,7 +2,8 @@
 cluster DNS, hostPath volumes) joined to the session's control plane.
 
 - ``real_node`` (session): a node started against ``cluster``, Ready before the first test
-  that uses it, torn down at the end of the session. It yields a ``RealNode``:
+  that uses it, torn down at the end of the session (or the node `make cluster-up` started
+  for the cluster KUBETRAIN_KUBECONFIG names, left running). It yields a ``RealNode``:
 
   - ``name``: the Node's name; ``dir``: its state directory; ``ip``: node/bridge address;
     ``subnet``: the pod CIDR; ``node``: hack/node.py's ``Node``
@@ -15,7 +16,8 @@ cluster DNS, hostPath volumes) joined to the session's control plane.
 - ``pytest_runtest_makereport``: a failed test that used ``real_node`` gets the node's log
   tails in its report.
 - ``start_node(cluster, state_dir)``: the same as a context manager (e.g. for a teardown
-  test that needs its own node).
+  test that needs its own node); ``existing_node(cluster)``: the node already serving the
+  cluster, if any (one node per machine: see hack/node.py).
 """
 
 from __future__ import annotations
@@ -122,6 +124,19 @@ class RealNode:
         return "\n".join(parts)
 
 
+def existing_node(cluster: Any) -> RealNode | None:
+    """A node already serving cluster: this session's, or the one `make cluster-up` runs."""
+    if _active:
+        return _active[0]
+    running = nodelib.running_node_dir()
+    if running is None or not (Path(running) / "node.json").is_file():
+        return None
+    node = nodelib.load(running)
+    if node.kubeconfig != Path(cluster.kubeconfig).resolve():
+        return None
+    return RealNode(node, cluster)
+
+
 @contextlib.contextmanager
 def start_node(cluster: Any, state_dir: Path) -> Iterator[RealNode]:
     """A node for the duration of the block; its logs are kept if the block fails."""
@@ -149,7 +164,15 @@ def start_node(cluster: Any, state_dir: Path) -> Iterator[RealNode]:
 def real_node(
     cluster: Any, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RealNode]:
-    """A real node joined to the session's control plane, Ready; torn down at the end."""
+    """A real node joined to the session's control plane, Ready; torn down at the end.
+
+    With KUBETRAIN_KUBECONFIG naming a `make cluster-up` cluster whose node runs, that node
+    is used and left running.
+    """
+    existing = existing_node(cluster)
+    if existing is not None:
+        yield existing
+        return
     state = tmp_path_factory.mktemp("realnode")
     capman = request.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
