@@ -180,6 +180,14 @@ def test_services_dns_and_api_server(rnode: RealNode, namespace: str) -> None:
     )
     assert "OPEN" not in blocked, blocked
     listener.close()
+    # A pod going away must not disturb the others (the bridge keeps its MAC, so their ARP
+    # entry for the gateway - DNS, Services - stays valid).
+    mac = Path(f"/sys/class/net/{rnode.node.bridge}/address").read_text()
+    # Graceful: the API object goes once the kubelet has stopped the sandbox (veth gone).
+    kubectl("delete", "pod", "web", "-n", namespace, "--grace-period=1", "--wait=true")
+    assert Path(f"/sys/class/net/{rnode.node.bridge}/address").read_text() == mac
+    after = _exec(namespace, "client", "echo | nc -w 3 kubernetes.default.svc 443 && echo OPEN")
+    assert "OPEN" in after, after
 
 
 def _outside_address() -> str:
