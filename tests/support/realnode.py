@@ -23,38 +23,21 @@ cluster DNS, hostPath volumes) joined to the session's control plane.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.support.cluster import controlplane, kubectl
+from tests.support.cluster import controlplane, kubectl, load_hack_script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_TAIL_LINES = 40
 _active: list[RealNode] = []
 _failed: list[str] = []
 
 
-def _load_node_module() -> ModuleType:
-    """Import hack/node.py (a script, not a package)."""
-    name = "kubetrain_hack_node"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "hack" / "node.py")
-    if spec is None or spec.loader is None:
-        raise ImportError("cannot load hack/node.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-nodelib = _load_node_module()
+nodelib = load_hack_script("node.py")
 
 
 class RealNode:
