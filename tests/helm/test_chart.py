@@ -17,6 +17,7 @@ from kubetrain_api import crd
 from kubetrain_api.validation import load_documents, parse
 from kubetrain_cli.main import build_parser
 from kubetrain_operator import builders, serving
+from kubetrain_operator.cli import operator_identity
 from kubetrain_operator.settings import OperatorSettings
 from tests.helm import values_doc
 from tests.helm.chart import CHART, NAMESPACE, ROOT, Doc, find, helm, template
@@ -210,15 +211,17 @@ def test_operator_settings_come_from_the_rendered_env(monkeypatch: pytest.Monkey
         "operator": {"resyncSeconds": 3, "maxGpusPerRun": 64, "workers": 2},
     }
     (container,) = operator_deployment(template(values))["spec"]["template"]["spec"]["containers"]
+    downward = {"metadata.namespace": "where-the-pod-runs", "metadata.name": "operator-pod-x"}
     for env in container["env"]:
         if "valueFrom" in env:
-            assert env["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
-            monkeypatch.setenv(env["name"], "where-the-pod-runs")
+            monkeypatch.setenv(env["name"], downward[env["valueFrom"]["fieldRef"]["fieldPath"]])
         else:
             monkeypatch.setenv(env["name"], env["value"])
     settings = OperatorSettings.from_env()
     assert settings.image == "registry.local/trainer:t1"
     assert settings.operator_namespace == "where-the-pod-runs"
+    # kopf's identity: the pod's name (its own guess needs a passwd entry for uid 65532).
+    assert operator_identity().startswith("operator-pod-x/")
     assert settings.resync_seconds == 3
     assert settings.limits.max_gpus_per_run == 64
     assert {e["name"]: e.get("value") for e in container["env"]}["KUBETRAIN_WORKERS"] == "2"

@@ -1,9 +1,9 @@
 """Pytest support for hack/node.py: a real Kubernetes node (containerd, kubelet, kube-proxy,
 cluster DNS, hostPath volumes) joined to the session's control plane.
 
-- ``real_node`` (session): a node started against ``cluster``, Ready before the first test
-  that uses it, torn down at the end of the session (or the node `make cluster-up` started
-  for the cluster KUBETRAIN_KUBECONFIG names, left running). It yields a ``RealNode``:
+- ``real_node`` (module): a node started against ``cluster``, Ready before the module's
+  first test, torn down after its last (or the node `make cluster-up` started for the
+  cluster KUBETRAIN_KUBECONFIG names, left running). It yields a ``RealNode``:
 
   - ``name``: the Node's name; ``dir``: its state directory; ``ip``: node/bridge address;
     ``subnet``: the pod CIDR; ``node``: hack/node.py's ``Node``
@@ -143,11 +143,14 @@ def start_node(cluster: Any, state_dir: Path) -> Iterator[RealNode]:
             sys.stderr.write(f"\nnode logs kept in {state_dir / 'logs'}\n")
 
 
-@pytest.fixture(scope="session")
+# Module scope: a node runs only while a module that asks for it does, so the pods that other
+# tests leave Pending (no kubelet) stay Pending, and tests/realnode's teardown test has the
+# machine to itself. Starting one takes about 20 s.
+@pytest.fixture(scope="module")
 def real_node(
     cluster: Any, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RealNode]:
-    """A real node joined to the session's control plane, Ready; torn down at the end.
+    """A real node joined to the session's control plane, Ready; torn down after the module.
 
     With KUBETRAIN_KUBECONFIG naming a `make cluster-up` cluster whose node runs, that node
     is used and left running.
