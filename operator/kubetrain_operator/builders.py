@@ -19,21 +19,28 @@ import yaml
 from kubernetes.utils.quantity import parse_quantity
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import (
+    ANNOTATION_INPUT_HASH,
+    ANNOTATION_SCRAPE,
+    ANNOTATION_SCRAPE_PATH,
+    ANNOTATION_SCRAPE_PORT,
+    LABEL_ATTEMPT,
+    LABEL_COMPONENT,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_PART_OF,
+    LABEL_QUEUE,
+    LABEL_ROLE,
+    LABEL_RUN,
+    METRICS_PATH,
+    ROLE_HEAD,
+    ROLE_WORKER,
+)
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
-
-LABEL_NAME = "app.kubernetes.io/name"
-LABEL_INSTANCE = "app.kubernetes.io/instance"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_PART_OF = "app.kubernetes.io/part-of"
-LABEL_RUN = "kubetrain.dev/run"
-LABEL_ATTEMPT = "kubetrain.dev/attempt"
-LABEL_ROLE = "kubetrain.dev/role"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
-ANNOTATION_INPUT_HASH = "kubetrain.dev/input-hash"
 
 CONFIG_KEY = "run.yaml"
 CONFIG_DIR = "/etc/kubetrain"
@@ -242,7 +249,7 @@ def build_head_service(run: api.TrainingRun, uid: str, ns: str, settings: Operat
             "metadata": _metadata(run, uid, ns, ChildNames(run_name).head_service, "ray-head"),
             "spec": {
                 "clusterIP": "None",
-                "selector": {LABEL_RUN: run_name, LABEL_ROLE: "head"},
+                "selector": {LABEL_RUN: run_name, LABEL_ROLE: ROLE_HEAD},
                 # Workers resolve the head while it starts, before any readiness.
                 "publishNotReadyAddresses": True,
                 "ports": [
@@ -362,16 +369,16 @@ def _pod(
 ) -> Obj:
     spec = run.spec
     res = spec.resources
-    component = "ray-head" if role == "head" else "ray-worker"
+    component = "ray-head" if role == ROLE_HEAD else "ray-worker"
     metadata = _metadata(run, uid, ns, name, component)
     metadata["labels"] |= {LABEL_ATTEMPT: str(attempt), LABEL_ROLE: role}
-    if role == "head":
+    if role == ROLE_HEAD:
         # Plain Prometheus (no Prometheus Operator) finds the trainer's series by these.
         metadata.setdefault("annotations", {}).update(
             {
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(settings.progress_port),
-                "prometheus.io/path": "/metrics",
+                ANNOTATION_SCRAPE: "true",
+                ANNOTATION_SCRAPE_PORT: str(settings.progress_port),
+                ANNOTATION_SCRAPE_PATH: METRICS_PATH,
             }
         )
     if res.queue_name:
@@ -453,7 +460,7 @@ def build_head_pod(
         "resources": resources(head.cpu, head.memory),
     }
     name = ChildNames(_run_name(run), attempt).head_pod
-    return _pod(run, uid, ns, attempt, settings, name=name, role="head", container=container)
+    return _pod(run, uid, ns, attempt, settings, name=name, role=ROLE_HEAD, container=container)
 
 
 def build_worker_pods(
@@ -484,7 +491,7 @@ def build_worker_pods(
             attempt,
             settings,
             name=names.worker_pod(i),
-            role="worker",
+            role=ROLE_WORKER,
             container=container,
         )
         for i in range(res.workers)

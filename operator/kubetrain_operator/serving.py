@@ -25,29 +25,34 @@ attempt) and the run's NetworkPolicy isolates. Serving pods are selected by
 
 from __future__ import annotations
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
-from kubetrain_operator import builders
-from kubetrain_operator.builders import (
+from kubetrain_api.contract import (
+    ANNOTATION_MODEL_VERSION,
+    ANNOTATION_SCRAPE,
+    ANNOTATION_SCRAPE_PATH,
+    ANNOTATION_SCRAPE_PORT,
     LABEL_COMPONENT,
     LABEL_INSTANCE,
     LABEL_NAME,
     LABEL_RUN,
-    Obj,
-    with_input_hash,
+    METRICS_PATH,
 )
+from kubetrain_operator import builders
+from kubetrain_operator.builders import Obj, with_input_hash
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.settings import OperatorSettings
 
 COMPONENT = "serving"
 CONTAINER = "server"
-PORT = 8000
+PORT = contract.SERVE_PORT
 PORT_NAME = "http"
 SERVICE_PORT = 80
-MODEL_DIR = "/model"
-FEEDBACK_DIR = "/feedback"
-FEEDBACK_FILE = f"{FEEDBACK_DIR}/feedback.jsonl"
+# Where the server container mounts the run's `<run>/model` and `<run>/feedback` folders.
+MODEL_DIR = f"/{contract.MODEL_DIR}"
+FEEDBACK_DIR = f"/{contract.FEEDBACK_DIR}"
+FEEDBACK_FILE = f"{FEEDBACK_DIR}/{contract.FEEDBACK_FILE}"
 HPA_API_VERSION = "autoscaling/v1"
-ANNOTATION_MODEL_VERSION = "kubetrain.dev/model-version"
 # Loading a large model from a network volume takes minutes: the startup probe allows
 # STARTUP_PERIOD * STARTUP_FAILURES seconds before the kubelet restarts the container.
 STARTUP_PERIOD = 5
@@ -114,14 +119,7 @@ def _command(serve: api.ServeSpec) -> list[str]:
         "0.0.0.0",
         "--port",
         str(PORT),
-        "--max-tokens",
-        str(serve.max_tokens),
-        "--max-concurrency",
-        str(serve.max_concurrency),
-        "--max-queue",
-        str(serve.max_queue),
-        "--max-body-bytes",
-        str(serve.max_body_bytes),
+        *contract.serve_args(serve.model_dump()),
         "--feedback-path",
         FEEDBACK_FILE,
     ]
@@ -172,10 +170,14 @@ def build_deployment(
             {
                 "name": "storage",
                 "mountPath": MODEL_DIR,
-                "subPath": f"{run_name}/model",
+                "subPath": contract.run_path(run_name, contract.MODEL_DIR),
                 "readOnly": True,
             },
-            {"name": "storage", "mountPath": FEEDBACK_DIR, "subPath": f"{run_name}/feedback"},
+            {
+                "name": "storage",
+                "mountPath": FEEDBACK_DIR,
+                "subPath": contract.run_path(run_name, contract.FEEDBACK_DIR),
+            },
         ],
         "securityContext": builders.container_security_context(),
     }
@@ -202,9 +204,9 @@ def build_deployment(
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
 
     annotations = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(PORT),
-        "prometheus.io/path": "/metrics",
+        ANNOTATION_SCRAPE: "true",
+        ANNOTATION_SCRAPE_PORT: str(PORT),
+        ANNOTATION_SCRAPE_PATH: METRICS_PATH,
     }
     if model_version:
         annotations[ANNOTATION_MODEL_VERSION] = model_version

@@ -65,15 +65,14 @@ from datetime import datetime, timezone
 from typing import Any, Literal, get_args
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, ROLE_HEAD, ROLE_WORKER
 from kubetrain_api.validation import FieldError
 from kubetrain_operator import serving
+from kubetrain_operator.builders import HEAD_CONTAINER
 from kubetrain_operator.names import ChildNames
 
 PHASES: tuple[str, ...] = get_args(api.Phase)
 
-ROLE_LABEL = "kubetrain.dev/role"
-ATTEMPT_LABEL = "kubetrain.dev/attempt"
-HEAD_CONTAINER = "ray-head"
 # Kubernetes caps an event's note at 1 KiB; conditions take up to MAX_MESSAGE.
 EVENT_MESSAGE_LIMIT = 1024
 MAX_SHORT = api.MAX_SHORT
@@ -229,7 +228,7 @@ def _name(pod: Mapping[str, Any]) -> str:
 
 
 def _role(pod: Mapping[str, Any]) -> str | None:
-    return (_meta(pod).get("labels") or {}).get(ROLE_LABEL)
+    return (_meta(pod).get("labels") or {}).get(LABEL_ROLE)
 
 
 def _pod_status(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -356,7 +355,7 @@ _STARTING = (None, "ContainerCreating", "PodInitializing")
 
 
 def _ready(pod: Mapping[str, Any]) -> bool:
-    return _head_ready(pod) if _role(pod) == "head" else _phase(pod) == "Running"
+    return _head_ready(pod) if _role(pod) == ROLE_HEAD else _phase(pod) == "Running"
 
 
 def _blocked(pod: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -388,8 +387,8 @@ def classify(pods: list[dict[str, Any]], expected_workers: int) -> Outcome:
     """What the pods of a STARTED attempt say. Precedence: the driver's exit 0 wins (workers
     die after the head); then disruption or missing pods (preempted, its own budget); then
     the earliest failure (a driver exit caused by a lost worker is retryable); then ready."""
-    head = next((p for p in pods if _role(p) == "head"), None)
-    workers = [p for p in pods if _role(p) == "worker"]
+    head = next((p for p in pods if _role(p) == ROLE_HEAD), None)
+    workers = [p for p in pods if _role(p) == ROLE_WORKER]
     if head is not None and _head_succeeded(head):
         return Outcome("succeeded", "Completed", f"driver in pod {_name(head)} exited 0")
     for pod in ([head] if head is not None else []) + workers:
@@ -716,13 +715,13 @@ class _Draft:
 
 
 def _pod_attempt(pod: Mapping[str, Any]) -> int | None:
-    value = (_meta(pod).get("labels") or {}).get(ATTEMPT_LABEL)
+    value = (_meta(pod).get("labels") or {}).get(LABEL_ATTEMPT)
     return int(value) if isinstance(value, str) and value.isdigit() else None
 
 
 def _live(pods: list[dict[str, Any]], workers_only: bool = False) -> bool:
     """Whether any pod (worker) is left that nobody has asked to delete yet."""
-    return any(not _terminating(p) and (not workers_only or _role(p) == "worker") for p in pods)
+    return any(not _terminating(p) and (not workers_only or _role(p) == ROLE_WORKER) for p in pods)
 
 
 def _cleanup(phase: str, reason: str, pods: list[dict[str, Any]]) -> Action:
@@ -886,8 +885,8 @@ def compute_status(observed: Observed) -> Decision:
     outcome = None
     started = draft.attempt >= 1 and draft.previous_phase != "Suspended"
     ready = _find_condition(draft.previous.get("conditions") or [], "ClusterReady")
-    head = next((p for p in draft.pods if _role(p) == "head"), None)
-    workers = [p for p in draft.pods if _role(p) == "worker"]
+    head = next((p for p in draft.pods if _role(p) == ROLE_HEAD), None)
+    workers = [p for p in draft.pods if _role(p) == ROLE_WORKER]
     creating = ready.get("reason") in CREATING_REASONS and _missing(
         head, workers, spec.resources.workers
     )

@@ -229,3 +229,17 @@ def test_a_cycle_is_caught() -> None:
             "kubetrain_operator.reconcile",
         ]
     ]
+
+
+# KUBECONFIG is the Kubernetes client's convention (k8s.load_configuration); POD_NAME is
+# kopf's identity (cli.py); cli.py also hands --metrics-port to settings through the env.
+ENV_READERS = {"settings.py", "k8s.py", "cli.py"}
+
+
+def test_the_operator_reads_the_environment_only_through_its_settings() -> None:
+    readers = set()
+    for path in (SOURCES["operator"] / "kubetrain_operator").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
+                readers.add(path.name)
+    assert readers <= ENV_READERS, "read it in OperatorSettings.from_env"

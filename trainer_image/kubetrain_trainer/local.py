@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kubetrain_api import contract, validation
 from kubetrain_api import v1alpha1 as api
-from kubetrain_api import validation
 
 
 class RunError(Exception):
@@ -194,7 +194,7 @@ def run_local(
             run,
             out,
             address=address,
-            world_size=workers or run.spec.resources.workers,
+            world_size=workers,  # None: config.resolve derives it from the spec
             use_gpu=False if run.spec.resources.gpus_per_worker == 0 else None,
             max_failures=run.spec.run_policy.backoff_limit,
             telemetry=telemetry,
@@ -210,7 +210,7 @@ def run_local(
         write_termination_log(
             termination_log, termination_summary(run.metadata.name or "run", result)
         )
-    plot = plot_losses(out / "metrics.jsonl", out / "loss.png")
+    plot = plot_losses(out / contract.METRICS_FILE, out / "loss.png")
     gate = result["gate"]
     print(f"\nrun {run.metadata.name}: {result['step']} steps, {result['tokens_seen']} tokens")
     for name, value in result["metrics"].items():
@@ -221,7 +221,7 @@ def run_local(
     if plot:
         print(f"  loss curve: {plot}")
     if result.get("model"):
-        prompt, text = sample(Path(result["model"]), out / "data")
+        prompt, text = sample(Path(result["model"]), out / contract.DATA_DIR)
         print(f"  sample: {prompt!r} -> {text!r}")
     return result
 
@@ -236,11 +236,8 @@ def serve_after(run: api.TrainingRun, result: dict[str, Any], out: Path, port: i
         Path(result["model"]),
         "127.0.0.1",
         port,
-        max_tokens=limits.max_tokens,
-        max_concurrency=limits.max_concurrency,
-        max_queue=limits.max_queue,
-        max_body_bytes=limits.max_body_bytes,
-        feedback_path=out / "feedback.jsonl",
+        **{field: getattr(limits, field) for field in contract.SERVE_LIMITS},
+        feedback_path=out / contract.FEEDBACK_DIR / contract.FEEDBACK_FILE,
     )
 
 
