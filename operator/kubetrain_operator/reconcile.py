@@ -33,6 +33,7 @@ import yaml
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
 from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, PROGRESS_PATH, ROLE_HEAD
+from kubetrain_api.reports import ProgressReport, lenient
 from kubetrain_operator import builders, metrics, serving
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
@@ -66,8 +67,9 @@ def _attempt(pod: dict[str, Any]) -> int:
     return int(pod["metadata"].get("labels", {}).get(LABEL_ATTEMPT, 0))
 
 
-def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> dict[str, Any] | None:
-    """The head's /progress JSON, or None when it cannot be reached (yet)."""
+def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> ProgressReport | None:
+    """The head's /progress (parsed leniently: bad values are dropped), or None when it
+    cannot be reached (yet)."""
     heads = [p for p in pods if p["metadata"].get("labels", {}).get(LABEL_ROLE) == ROLE_HEAD]
     if not heads or heads[0].get("status", {}).get("phase") != "Running":
         return None
@@ -80,7 +82,7 @@ def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> dic
             data = json.loads(resp.read())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return lenient(ProgressReport, data) if isinstance(data, dict) else None
 
 
 def _deadline_exceeded(

@@ -4,7 +4,6 @@ cluster, with a progress bar and everything under runs/<name>/."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 
 from kubetrain_api import contract, validation
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.reports import ReportedModel, RunResult, lenient
+from kubetrain_api.v1alpha1 import EvaluationStatus
 
 
 class RunError(Exception):
@@ -130,39 +131,28 @@ def sample(model_dir: Path, data_dir: Path) -> tuple[str, str]:
     return prompt, export.generate_sample(model, tokenizer, prompt, max_new_tokens=30)
 
 
-# Kubernetes keeps at most 4096 bytes of a container's termination message.
-TERMINATION_LOG_LIMIT = 4096
+def termination_summary(run_name: str, result: dict[str, Any]) -> RunResult:
+    """What the operator records in the run's status (status.model, status.evaluation): the
+    exported model and the final evaluation, as the `RunResult` the operator parses."""
+    model = ReportedModel(
+        version=f"{run_name}-step{result['step']}",
+        uri=str(result["model"]) if result.get("model") else None,
+    )
+    # lenient: JSON has no NaN, and the status caps metric names and failure texts.
+    evaluation = lenient(
+        EvaluationStatus,
+        {
+            "step": result["step"],
+            "metrics": result.get("metrics") or {},
+            "gate": result.get("gate") or {},
+        },
+    )
+    return RunResult(model=model, evaluation=evaluation)
 
 
-def termination_summary(run_name: str, result: dict[str, Any]) -> dict[str, Any]:
-    """What the operator records in the run's status, shaped like status.model and
-    status.evaluation: the exported model and the final evaluation."""
-    model = {"version": f"{run_name}-step{result['step']}"}
-    if result.get("model"):
-        model["uri"] = str(result["model"])
-    metrics = {
-        name: value
-        for name, value in (result.get("metrics") or {}).items()
-        if isinstance(value, int | float) and math.isfinite(value)  # JSON has no NaN
-    }
-    evaluation = {"step": result["step"], "metrics": metrics, "gate": result.get("gate") or {}}
-    return {"model": model, "evaluation": evaluation}
-
-
-def write_termination_log(path: Path, summary: dict[str, Any]) -> None:
-    """Write `summary` as JSON of at most TERMINATION_LOG_LIMIT bytes. What does not fit
-    goes, least important first (gate failure texts, then metrics); the verdict stays."""
-    evaluation = summary["evaluation"]
-    gate = evaluation["gate"]
-    text = json.dumps(summary)
-    if len(text.encode()) > TERMINATION_LOG_LIMIT:
-        gate["failures"] = [str(f)[:200] for f in gate.get("failures") or []][:8]
-        evaluation["metrics"] = dict(list(evaluation["metrics"].items())[:16])
-        text = json.dumps(summary)
-    if len(text.encode()) > TERMINATION_LOG_LIMIT:
-        gate["failures"], evaluation["metrics"] = [], {}
-        text = json.dumps(summary)
-    path.write_text(text)
+def write_termination_log(path: Path, summary: RunResult) -> None:
+    """Write `summary` as JSON that fits a termination message (`RunResult.to_message`)."""
+    path.write_text(summary.to_message())
 
 
 def run_local(
