@@ -21,9 +21,6 @@ from kubernetes.utils.quantity import parse_quantity
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import (
     ANNOTATION_INPUT_HASH,
-    ANNOTATION_SCRAPE,
-    ANNOTATION_SCRAPE_PATH,
-    ANNOTATION_SCRAPE_PORT,
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     LABEL_INSTANCE,
@@ -33,11 +30,12 @@ from kubetrain_api.contract import (
     LABEL_QUEUE,
     LABEL_ROLE,
     LABEL_RUN,
-    METRICS_PATH,
     ROLE_HEAD,
     ROLE_WORKER,
 )
+from kubetrain_operator import pods
 from kubetrain_operator.names import ChildNames
+from kubetrain_operator.pods import resources
 from kubetrain_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
@@ -48,9 +46,7 @@ TOKEN_KEY = "token"
 HF_TOKEN_DIR = "/var/run/secrets/kubetrain/hf"
 HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
-GPU_RESOURCE = "nvidia.com/gpu"
 TERMINATION_LOG = "/dev/termination-log"
-RUN_AS = 1000
 
 # --------------------------------------------------------------------------------------
 # Metadata
@@ -266,37 +262,6 @@ def build_head_service(run: api.TrainingRun, uid: str, ns: str, settings: Operat
 # --------------------------------------------------------------------------------------
 
 
-def pod_security_context() -> Obj:
-    """The restricted Pod Security profile at pod level, shared by every kubetrain pod."""
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "runAsGroup": RUN_AS,
-        "fsGroup": RUN_AS,
-        # Skips the recursive chown of a large checkpoint volume on every pod start.
-        "fsGroupChangePolicy": "OnRootMismatch",
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def container_security_context() -> Obj:
-    """The restricted profile per container, plus a read-only root filesystem."""
-    return {
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-    }
-
-
-def resources(cpu: int | str, memory: int | str, gpus: int = 0) -> Obj:
-    # requests == limits: Guaranteed QoS, so training is the last thing a node evicts.
-    amounts = {"cpu": str(cpu), "memory": str(memory)}
-    if gpus > 0:
-        amounts[GPU_RESOURCE] = str(gpus)
-    return {"requests": amounts, "limits": dict(amounts)}
-
-
 def _cpu_count(cpu: int | str) -> int:
     """Whole CPUs Ray may schedule on a worker: the quantity rounded down, at least 1."""
     # int() truncates the Decimal; kubernetes ships no type hints.
@@ -373,14 +338,7 @@ def _pod(
     metadata = _metadata(run, uid, ns, name, component)
     metadata["labels"] |= {LABEL_ATTEMPT: str(attempt), LABEL_ROLE: role}
     if role == ROLE_HEAD:
-        # Plain Prometheus (no Prometheus Operator) finds the trainer's series by these.
-        metadata.setdefault("annotations", {}).update(
-            {
-                ANNOTATION_SCRAPE: "true",
-                ANNOTATION_SCRAPE_PORT: str(settings.progress_port),
-                ANNOTATION_SCRAPE_PATH: METRICS_PATH,
-            }
-        )
+        metadata["annotations"] = pods.scrape_annotations(settings.progress_port)
     if res.queue_name:
         metadata["labels"][LABEL_QUEUE] = res.queue_name
 
@@ -395,37 +353,13 @@ def _pod(
         volumes.append({"name": "storage", "emptyDir": {}})
     mounts.append({"name": "storage", "mountPath": settings.storage_mount})
 
-    container = {
-        **container,
-        "image": spec.image or settings.image,
-        "imagePullPolicy": spec.image_pull_policy,
-        "env": _env(run, attempt),
-        "volumeMounts": mounts,
-        "securityContext": container_security_context(),
-    }
+    container = pods.container(run, settings, **container, env=_env(run, attempt))
+    container["volumeMounts"] = mounts
     if spec.secrets.object_store is not None:
         container["envFrom"] = [{"secretRef": {"name": spec.secrets.object_store.name}}]
 
-    pod_spec: Obj = {
-        # A failed pod ends the attempt; the operator decides about retries.
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        # Service env vars for every Service in the namespace are noise, and a leak.
-        "enableServiceLinks": False,
-        "securityContext": pod_security_context(),
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = [
-            t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations
-        ]
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
-    if spec.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    # A failed pod ends the attempt; the operator decides about retries.
+    pod_spec = pods.pod_spec(run, [container], volumes, restart_policy="Never")
     return with_input_hash(
         {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
     )

@@ -3,7 +3,8 @@
 `python -m tests.golden.render` (`make golden`) rewrites `tests/golden/quickstart/`;
 `tests/operator/test_golden.py` fails when what the builders render differs, so a change to
 what the operator creates shows up as a reviewable diff of these files. The inputs are fixed
-(uid, namespace, attempt, settings, token, model version): the output is deterministic.
+(uid, namespace, attempt, settings, token, model version) and keys are sorted: the output
+is deterministic and a diff shows content, not the order a builder happened to use.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def render() -> dict[str, str]:
     files = {}
     for index, obj in enumerate(objs):
         name = f"{index:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
-        files[name] = yaml.safe_dump(obj, sort_keys=False, width=100)
+        files[name] = yaml.safe_dump(obj, sort_keys=True, width=100)
     return files
 
 

@@ -15,7 +15,7 @@ import pytest
 from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import load_documents, parse
-from kubetrain_operator import builders, serving
+from kubetrain_operator import builders, pods, serving
 from kubetrain_operator.settings import OperatorSettings
 from kubetrain_operator.status import Decision, Observed, compute_status, parse_result
 from kubetrain_trainer import local
@@ -174,8 +174,8 @@ def test_serving_pods_are_restricted(settings: OperatorSettings) -> None:
         deployment = serving.build_deployment(run, UID, NS, settings)
         pod = pod_of(deployment)
         assert restricted_violations(pod) == []
-        assert pod["spec"]["securityContext"] == builders.pod_security_context()
-        assert server(deployment)["securityContext"] == builders.container_security_context()
+        assert pod["spec"]["securityContext"] == pods.pod_security_context()
+        assert server(deployment)["securityContext"] == pods.container_security_context()
         assert pod["spec"]["enableServiceLinks"] is False
     # The checker sees serving pods too.
     bad = pod_of(serving.build_deployment(example("quickstart"), UID, NS, settings))
