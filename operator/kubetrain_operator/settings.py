@@ -31,7 +31,7 @@ class OperatorSettings:
     operator_namespace: str = "kubetrain-system"
     """Where the operator runs (its pods are the NetworkPolicy peer of the Ray heads)."""
     operator_pod_labels: dict[str, str] = field(
-        default_factory=lambda: {"app.kubernetes.io/name": "kubetrain-operator"}
+        default_factory=lambda: {contract.LABEL_NAME: "kubetrain-operator"}
     )
     """Labels of the operator's pods."""
     progress_port: int = contract.TELEMETRY_PORT

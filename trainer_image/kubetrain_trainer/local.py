@@ -40,7 +40,7 @@ def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
 
 def output_dir_for(run: api.TrainingRun, root: Path, *, resume: bool, overwrite: bool) -> Path:
     out = root / (run.metadata.name or "run")
-    has_state = (out / "checkpoints").exists() or (out / "result.json").exists()
+    has_state = (out / contract.CHECKPOINT_DIR).exists() or (out / "result.json").exists()
     if has_state and overwrite:
         shutil.rmtree(out)
     elif has_state and not resume:
