@@ -243,3 +243,41 @@ def test_the_operator_reads_the_environment_only_through_its_settings() -> None:
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
                 readers.add(path.name)
     assert readers <= ENV_READERS, "read it in OperatorSettings.from_env"
+
+
+# Third-party import name -> the distribution that provides it.
+DISTRIBUTIONS = {
+    "fastapi": "fastapi",
+    "starlette": "fastapi",  # a dependency of fastapi
+    "uvicorn": "uvicorn",
+    "prometheus_client": "prometheus-client",
+    "torch": "torch",
+    "transformers": "transformers",
+    "jinja2": "jinja2",
+    "pydantic": "pydantic",
+    "yaml": "PyYAML",
+}
+
+
+def test_the_serve_extra_suffices_for_the_model_server() -> None:
+    """Every third-party package that kubetrain_trainer.serve (and what it imports of ours)
+    imports is in the base dependencies or the serve extra."""
+    import re
+    import sys
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["serve"]
+    names = {re.split(r"[<>=\[ ]", spec, maxsplit=1)[0] for spec in declared}
+    serving = ("kubetrain_trainer.serve", "kubetrain_trainer.model_folder", "kubetrain_api")
+    third_party = {
+        imp.target.split(".")[0]
+        for imp in IMPORTS
+        if _within(imp.module, serving)
+        and not _within(imp.target, OURS)
+        and imp.target.split(".")[0] not in sys.stdlib_module_names
+    }
+    assert third_party, "the model server imports third-party packages"
+    missing = {m for m in third_party if DISTRIBUTIONS.get(m) not in names}
+    assert missing == set(), "add them to the serve extra (and to DISTRIBUTIONS)"
