@@ -70,11 +70,14 @@ class ProgressReport(Progress):
 
     def percent_done(self) -> int | None:
         """`percent`, or derived from step and totalSteps when the head left it out."""
-        if self.percent is not None:
-            return self.percent
-        if self.step is not None and self.total_steps:
-            return min(100, self.step * 100 // self.total_steps)
+        return self.percent if self.percent is not None else percent(self.step, self.total_steps)
+
+
+def percent(step: int | None, total_steps: int | None) -> int | None:
+    """Whole percent of the steps done, 0-100: the one derivation, trainer and operator."""
+    if step is None or not total_steps:
         return None
+    return min(100, max(0, step * 100 // total_steps))
 
 
 def _printable(value: str) -> str:

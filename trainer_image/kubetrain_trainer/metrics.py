@@ -23,7 +23,7 @@ import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 
-from kubetrain_api.reports import MAX_METRICS, TRAINER_PHASES, ProgressReport
+from kubetrain_api.reports import MAX_METRICS, TRAINER_PHASES, ProgressReport, percent
 from kubetrain_api.v1alpha1 import CheckpointRef, EvaluationStatus, GateResult
 
 # --------------------------------------------------------------------------------------
@@ -301,10 +301,8 @@ class Telemetry:
         `Progress` fields, phase, latest checkpoint and evaluation) as JSON, nulls kept."""
         with self._lock:
             f = self._fields
-            step, total = f.get("step"), f.get("total_steps")
-            percent = None
-            if step is not None and total:
-                percent = min(100, max(0, math.floor(100 * step / total)))
+            step = None if f.get("step") is None else int(f["step"])
+            total = None if f.get("total_steps") is None else int(f["total_steps"])
             checkpoint = evaluation = None
             if self._checkpoint is not None:
                 checkpoint = CheckpointRef(
@@ -321,9 +319,9 @@ class Telemetry:
                 )
             report = ProgressReport(
                 phase=self._phase,
-                step=None if step is None else int(step),
-                total_steps=None if total is None else int(total),
-                percent=percent,
+                step=step,
+                total_steps=total,
+                percent=percent(step, total),
                 epoch=_finite(f.get("epoch")),
                 loss=_finite(f.get("loss")),
                 tokens_per_second=_finite(f.get("tokens_per_second")),
