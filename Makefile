@@ -52,6 +52,9 @@ dashboards-preview: install ## draw the Training and Serving dashboards from a l
 	$(BIN)/python hack/controlplane.py tools
 	$(BIN)/python hack/dashboards_preview.py
 
+golden: install ## regenerate tests/golden/ (the children the operator renders for the quickstart run)
+	$(BIN)/python -m tests.golden.render
+
 check-crds: install ## fail if crds/ or the chart's copy is out of date
 	$(BIN)/kubetrain crds --check
 
@@ -92,4 +95,4 @@ cluster-down: ## stop the node and the control plane started by cluster-up
 	$(PYTHON) hack/node.py down --dir $(CLUSTER_DIR)/node
 	$(PYTHON) hack/controlplane.py down --dir $(CLUSTER_DIR)
 
-.PHONY: help install quickstart bench bench-gpu lint crds docs dashboards dashboards-preview check-crds test test-unit e2e kind-up kind-e2e kind-down cluster-up cluster-down
+.PHONY: help install quickstart bench bench-gpu lint crds docs dashboards dashboards-preview golden check-crds test test-unit e2e kind-up kind-e2e kind-down cluster-up cluster-down

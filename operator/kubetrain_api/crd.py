@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import LABEL_PART_OF
 
 CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
 CRD_FILENAME = f"{api.GROUP}_{api.PLURAL}.yaml"
@@ -171,7 +172,7 @@ def trainingrun_crd() -> Schema:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": CRD_NAME,
-            "labels": {"app.kubernetes.io/part-of": "kubetrain"},
+            "labels": {LABEL_PART_OF: "kubetrain"},
         },
         "spec": {
             "group": api.GROUP,

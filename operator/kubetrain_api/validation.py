@@ -302,8 +302,14 @@ def _rule_steps(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
 
 
 def data_parallel_size(spec: api.TrainingRunSpec) -> int:
-    """Training processes: one per GPU, or one per worker pod on CPU."""
+    """Training processes (the world size): one per GPU, or one per worker pod on CPU.
+    The one derivation: the trainer's `config.resolve` and the batch rule use it."""
     return spec.resources.workers * max(1, spec.resources.gpus_per_worker)
+
+
+def total_gpus(spec: api.TrainingRunSpec) -> int:
+    """GPUs the run's workers request (0 on CPU)."""
+    return spec.resources.workers * spec.resources.gpus_per_worker
 
 
 def _rule_batch(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
@@ -320,7 +326,7 @@ def _rule_batch(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
 
 def _rule_gpus(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
     res, hp = run.spec.resources, run.spec.hyperparameters
-    total = res.workers * res.gpus_per_worker
+    total = total_gpus(run.spec)
     if total > limits.max_gpus_per_run:
         yield FieldError(
             "spec.resources.gpusPerWorker",

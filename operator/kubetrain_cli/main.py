@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from kubetrain_api import crd, validation
+from kubetrain_api import contract, crd, validation
 
 DESCRIPTION = """\
 kubetrain trains language models on Kubernetes: a TrainingRun resource becomes a Ray
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--serve", action="store_true", help="then serve the model on an OpenAI-compatible API"
     )
-    run.add_argument("--serve-port", type=int, default=8000, help="port for --serve")
+    run.add_argument("--serve-port", type=int, default=contract.SERVE_PORT, help="port for --serve")
     run.set_defaults(func=_cmd_run)
 
     op = commands.add_parser(

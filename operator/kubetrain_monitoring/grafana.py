@@ -215,3 +215,20 @@ def queries(board: Json) -> list[tuple[str, str]]:
         for panel in board["panels"]
         for target in panel.get("targets", [])
     ]
+
+
+RATE = "$__rate_interval"
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def stat(title: str, expr: str, description: str = "", unit: str = "short") -> Panel:
+    """A 4x4 single-number panel."""
+    return Panel(
+        title,
+        (Target(expr, instant=False),),
+        kind="stat",
+        unit=unit,
+        description=description,
+        width=4,
+        height=4,
+    )

@@ -19,21 +19,26 @@ import yaml
 from kubernetes.utils.quantity import parse_quantity
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import (
+    ANNOTATION_INPUT_HASH,
+    LABEL_ATTEMPT,
+    LABEL_COMPONENT,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_PART_OF,
+    LABEL_QUEUE,
+    LABEL_ROLE,
+    LABEL_RUN,
+    ROLE_HEAD,
+    ROLE_WORKER,
+)
+from kubetrain_operator import pods
 from kubetrain_operator.names import ChildNames
+from kubetrain_operator.pods import resources
 from kubetrain_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
-
-LABEL_NAME = "app.kubernetes.io/name"
-LABEL_INSTANCE = "app.kubernetes.io/instance"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_PART_OF = "app.kubernetes.io/part-of"
-LABEL_RUN = "kubetrain.dev/run"
-LABEL_ATTEMPT = "kubetrain.dev/attempt"
-LABEL_ROLE = "kubetrain.dev/role"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
-ANNOTATION_INPUT_HASH = "kubetrain.dev/input-hash"
 
 CONFIG_KEY = "run.yaml"
 CONFIG_DIR = "/etc/kubetrain"
@@ -41,9 +46,7 @@ TOKEN_KEY = "token"
 HF_TOKEN_DIR = "/var/run/secrets/kubetrain/hf"
 HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
-GPU_RESOURCE = "nvidia.com/gpu"
 TERMINATION_LOG = "/dev/termination-log"
-RUN_AS = 1000
 
 # --------------------------------------------------------------------------------------
 # Metadata
@@ -242,7 +245,7 @@ def build_head_service(run: api.TrainingRun, uid: str, ns: str, settings: Operat
             "metadata": _metadata(run, uid, ns, ChildNames(run_name).head_service, "ray-head"),
             "spec": {
                 "clusterIP": "None",
-                "selector": {LABEL_RUN: run_name, LABEL_ROLE: "head"},
+                "selector": {LABEL_RUN: run_name, LABEL_ROLE: ROLE_HEAD},
                 # Workers resolve the head while it starts, before any readiness.
                 "publishNotReadyAddresses": True,
                 "ports": [
@@ -257,37 +260,6 @@ def build_head_service(run: api.TrainingRun, uid: str, ns: str, settings: Operat
 # --------------------------------------------------------------------------------------
 # Pods
 # --------------------------------------------------------------------------------------
-
-
-def pod_security_context() -> Obj:
-    """The restricted Pod Security profile at pod level, shared by every kubetrain pod."""
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "runAsGroup": RUN_AS,
-        "fsGroup": RUN_AS,
-        # Skips the recursive chown of a large checkpoint volume on every pod start.
-        "fsGroupChangePolicy": "OnRootMismatch",
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def container_security_context() -> Obj:
-    """The restricted profile per container, plus a read-only root filesystem."""
-    return {
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-    }
-
-
-def resources(cpu: int | str, memory: int | str, gpus: int = 0) -> Obj:
-    # requests == limits: Guaranteed QoS, so training is the last thing a node evicts.
-    amounts = {"cpu": str(cpu), "memory": str(memory)}
-    if gpus > 0:
-        amounts[GPU_RESOURCE] = str(gpus)
-    return {"requests": amounts, "limits": dict(amounts)}
 
 
 def _cpu_count(cpu: int | str) -> int:
@@ -362,18 +334,11 @@ def _pod(
 ) -> Obj:
     spec = run.spec
     res = spec.resources
-    component = "ray-head" if role == "head" else "ray-worker"
+    component = "ray-head" if role == ROLE_HEAD else "ray-worker"
     metadata = _metadata(run, uid, ns, name, component)
     metadata["labels"] |= {LABEL_ATTEMPT: str(attempt), LABEL_ROLE: role}
-    if role == "head":
-        # Plain Prometheus (no Prometheus Operator) finds the trainer's series by these.
-        metadata.setdefault("annotations", {}).update(
-            {
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(settings.progress_port),
-                "prometheus.io/path": "/metrics",
-            }
-        )
+    if role == ROLE_HEAD:
+        metadata["annotations"] = pods.scrape_annotations(settings.progress_port)
     if res.queue_name:
         metadata["labels"][LABEL_QUEUE] = res.queue_name
 
@@ -388,37 +353,13 @@ def _pod(
         volumes.append({"name": "storage", "emptyDir": {}})
     mounts.append({"name": "storage", "mountPath": settings.storage_mount})
 
-    container = {
-        **container,
-        "image": spec.image or settings.image,
-        "imagePullPolicy": spec.image_pull_policy,
-        "env": _env(run, attempt),
-        "volumeMounts": mounts,
-        "securityContext": container_security_context(),
-    }
+    container = pods.container(run, settings, **container, env=_env(run, attempt))
+    container["volumeMounts"] = mounts
     if spec.secrets.object_store is not None:
         container["envFrom"] = [{"secretRef": {"name": spec.secrets.object_store.name}}]
 
-    pod_spec: Obj = {
-        # A failed pod ends the attempt; the operator decides about retries.
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        # Service env vars for every Service in the namespace are noise, and a leak.
-        "enableServiceLinks": False,
-        "securityContext": pod_security_context(),
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = [
-            t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations
-        ]
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
-    if spec.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    # A failed pod ends the attempt; the operator decides about retries.
+    pod_spec = pods.pod_spec(run, [container], volumes, restart_policy="Never")
     return with_input_hash(
         {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
     )
@@ -453,7 +394,7 @@ def build_head_pod(
         "resources": resources(head.cpu, head.memory),
     }
     name = ChildNames(_run_name(run), attempt).head_pod
-    return _pod(run, uid, ns, attempt, settings, name=name, role="head", container=container)
+    return _pod(run, uid, ns, attempt, settings, name=name, role=ROLE_HEAD, container=container)
 
 
 def build_worker_pods(
@@ -484,7 +425,7 @@ def build_worker_pods(
             attempt,
             settings,
             name=names.worker_pod(i),
-            role="worker",
+            role=ROLE_WORKER,
             container=container,
         )
         for i in range(res.workers)

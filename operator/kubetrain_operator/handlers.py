@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 from collections import defaultdict
 from typing import Any
@@ -27,7 +26,9 @@ from kubetrain_operator.reconcile import reconcile
 from kubetrain_operator.settings import OperatorSettings
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
-RESYNC_SECONDS = float(os.environ.get("KUBETRAIN_RESYNC_SECONDS", "10"))
+# The timer's interval is fixed when this module is imported, so it is read here, from the
+# same settings (the environment) that configure() reads at start-up.
+RESYNC_SECONDS = OperatorSettings.from_env().resync_seconds
 _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
@@ -70,17 +71,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.enabled = False
     settings.watching.server_timeout = 300  # finite watches, reconnected by kopf
     settings.watching.client_timeout = 330
-    settings.execution.max_workers = int(os.environ.get("KUBETRAIN_WORKERS", "8"))
+    ours = OperatorSettings.from_env()
+    settings.execution.max_workers = ours.workers
     memo.kube = Kube.from_environment()
     # Asked once: the PodDisruptionBudget API moved to policy/v1 in Kubernetes 1.21.
     served = memo.kube.served_versions("policy")
-    memo.settings = dataclasses.replace(
-        OperatorSettings.from_env(), pdb_api_version=serving.pdb_api_version(served)
-    )
-    port = os.environ.get("KUBETRAIN_METRICS_PORT")
-    if port:
-        start_http_server(int(port), registry=metrics.REGISTRY)
-        logging.info("operator metrics on :%s/metrics", port)
+    memo.settings = dataclasses.replace(ours, pdb_api_version=serving.pdb_api_version(served))
+    if ours.metrics_port:
+        start_http_server(ours.metrics_port, registry=metrics.REGISTRY)
+        logging.info("operator metrics on :%s/metrics", ours.metrics_port)
 
 
 def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:

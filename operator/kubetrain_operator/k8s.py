@@ -21,8 +21,8 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import ANNOTATION_INPUT_HASH
 from kubetrain_operator import metrics
-from kubetrain_operator.builders import ANNOTATION_INPUT_HASH
 
 log = logging.getLogger("kubetrain.k8s")
 T = TypeVar("T")

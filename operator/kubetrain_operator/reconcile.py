@@ -32,6 +32,8 @@ import yaml
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
+from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, PROGRESS_PATH, ROLE_HEAD
+from kubetrain_api.reports import ProgressReport, lenient
 from kubetrain_operator import builders, metrics, serving
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
@@ -39,10 +41,6 @@ from kubetrain_operator.settings import OperatorSettings
 from kubetrain_operator.status import Observed, compute_status, is_terminal
 
 log = logging.getLogger("kubetrain.reconcile")
-
-RUN_LABEL = "kubetrain.dev/run"
-ATTEMPT_LABEL = "kubetrain.dev/attempt"
-ROLE_LABEL = "kubetrain.dev/role"
 
 
 def _parse(
@@ -59,31 +57,32 @@ def _parse(
 def _stored_spec(kube: Kube, ns: str, name: str) -> api.TrainingRunSpec | None:
     """The spec the running cluster was built from (its ConfigMap), if any."""
     cm = kube.read_config_map(ns, ChildNames(name).config)
-    text = ((cm or {}).get("data") or {}).get("run.yaml")
+    text = ((cm or {}).get("data") or {}).get(builders.CONFIG_KEY)
     if not text:
         return None
     return api.TrainingRun.model_validate(yaml.safe_load(text)).spec
 
 
 def _attempt(pod: dict[str, Any]) -> int:
-    return int(pod["metadata"].get("labels", {}).get(ATTEMPT_LABEL, 0))
+    return int(pod["metadata"].get("labels", {}).get(LABEL_ATTEMPT, 0))
 
 
-def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> dict[str, Any] | None:
-    """The head's /progress JSON, or None when it cannot be reached (yet)."""
-    heads = [p for p in pods if p["metadata"].get("labels", {}).get(ROLE_LABEL) == "head"]
+def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> ProgressReport | None:
+    """The head's /progress (parsed leniently: bad values are dropped), or None when it
+    cannot be reached (yet)."""
+    heads = [p for p in pods if p["metadata"].get("labels", {}).get(LABEL_ROLE) == ROLE_HEAD]
     if not heads or heads[0].get("status", {}).get("phase") != "Running":
         return None
     host = settings.progress_host_override or heads[0]["status"].get("podIP")
     if not host:
         return None
-    url = f"http://{host}:{settings.progress_port}/progress"
+    url = f"http://{host}:{settings.progress_port}{PROGRESS_PATH}"
     try:
         with urllib.request.urlopen(url, timeout=settings.progress_timeout_seconds) as resp:
             data = json.loads(resp.read())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return lenient(ProgressReport, data) if isinstance(data, dict) else None
 
 
 def _deadline_exceeded(
@@ -131,7 +130,7 @@ def reconcile(
     attempt = int(previous.get("attempts") or 0)
 
     # Ray pods only (they have a role): the run's serving pods are never this loop's.
-    all_pods = kube.list_pods(ns, f"{RUN_LABEL}={name},{ROLE_LABEL}")
+    all_pods = kube.list_pods(ns, f"{LABEL_RUN}={name},{LABEL_ROLE}")
     current = [p for p in all_pods if _attempt(p) == attempt]
     active = attempt > 0 and not is_terminal(previous)
     if run is not None and active:
@@ -185,7 +184,7 @@ def reconcile(
         _apply_serving(kube, run, uid, ns, settings, served, version)
     elif decision.serve == "remove":
         _remove_serving(kube, ns, name, settings)
-    gpus = 0 if run is None else run.spec.resources.workers * run.spec.resources.gpus_per_worker
+    gpus = 0 if run is None else validation.total_gpus(run.spec)
     metrics.RUNS.set(uid, status.get("phase") or "Pending", gpus)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     return _ttl(kube, run, status, ns, name, now)
@@ -248,9 +247,9 @@ def _clean_up_finished(kube: Kube, ns: str, pods: list[dict[str, Any]]) -> None:
     """A finished run keeps only its head pod if it has terminated (its logs); workers and
     anything still running go."""
     for pod in pods:
-        role = pod["metadata"].get("labels", {}).get(ROLE_LABEL)
+        role = pod["metadata"].get("labels", {}).get(LABEL_ROLE)
         done = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
-        if role != "head" or not done:
+        if role != ROLE_HEAD or not done:
             kube.delete("Pod", ns, pod["metadata"]["name"])
 
 

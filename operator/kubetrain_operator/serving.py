@@ -25,29 +25,30 @@ attempt) and the run's NetworkPolicy isolates. Serving pods are selected by
 
 from __future__ import annotations
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
-from kubetrain_operator import builders
-from kubetrain_operator.builders import (
+from kubetrain_api.contract import (
+    ANNOTATION_MODEL_VERSION,
     LABEL_COMPONENT,
     LABEL_INSTANCE,
     LABEL_NAME,
     LABEL_RUN,
-    Obj,
-    with_input_hash,
 )
+from kubetrain_operator import builders, pods
+from kubetrain_operator.builders import Obj, with_input_hash
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.settings import OperatorSettings
 
 COMPONENT = "serving"
 CONTAINER = "server"
-PORT = 8000
+PORT = contract.SERVE_PORT
 PORT_NAME = "http"
 SERVICE_PORT = 80
-MODEL_DIR = "/model"
-FEEDBACK_DIR = "/feedback"
-FEEDBACK_FILE = f"{FEEDBACK_DIR}/feedback.jsonl"
+# Where the server container mounts the run's `<run>/model` and `<run>/feedback` folders.
+MODEL_DIR = f"/{contract.MODEL_DIR}"
+FEEDBACK_DIR = f"/{contract.FEEDBACK_DIR}"
+FEEDBACK_FILE = f"{FEEDBACK_DIR}/{contract.FEEDBACK_FILE}"
 HPA_API_VERSION = "autoscaling/v1"
-ANNOTATION_MODEL_VERSION = "kubetrain.dev/model-version"
 # Loading a large model from a network volume takes minutes: the startup probe allows
 # STARTUP_PERIOD * STARTUP_FAILURES seconds before the kubelet restarts the container.
 STARTUP_PERIOD = 5
@@ -114,14 +115,7 @@ def _command(serve: api.ServeSpec) -> list[str]:
         "0.0.0.0",
         "--port",
         str(PORT),
-        "--max-tokens",
-        str(serve.max_tokens),
-        "--max-concurrency",
-        str(serve.max_concurrency),
-        "--max-queue",
-        str(serve.max_queue),
-        "--max-body-bytes",
-        str(serve.max_body_bytes),
+        *contract.serve_args(serve.model_dump()),
         "--feedback-path",
         FEEDBACK_FILE,
     ]
@@ -148,64 +142,50 @@ def build_deployment(
     spec = run.spec
     serve = spec.serve
     run_name = _run_name(run)
-    container: Obj = {
-        "name": CONTAINER,
-        "image": spec.image or settings.image,
-        "imagePullPolicy": spec.image_pull_policy,
-        "command": _command(serve),
-        "env": [
+    container = pods.container(
+        run,
+        settings,
+        name=CONTAINER,
+        command=_command(serve),
+        env=[
             # The root filesystem is read-only; libraries write caches under $HOME.
             {"name": "HOME", "value": "/tmp"},
             # The model is on the volume: never reach out to the Hugging Face Hub.
             {"name": "HF_HUB_OFFLINE", "value": "1"},
             {"name": "KUBETRAIN_RUN", "value": run_name},
         ],
-        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
-        "resources": builders.resources(serve.resources.cpu, serve.resources.memory, serve.gpus),
+        ports=[{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
+        resources=pods.resources(serve.resources.cpu, serve.resources.memory, serve.gpus),
         # /readyz answers 200 once the model is loaded; until then only the startup probe
         # runs, with room for a slow load. /healthz is liveness: the process answers.
-        "startupProbe": _probe("/readyz", STARTUP_PERIOD, STARTUP_FAILURES, timeout=3),
-        "readinessProbe": _probe("/readyz", 5, 3, timeout=3),
-        "livenessProbe": _probe("/healthz", 10, 3, timeout=5),
-        "volumeMounts": [
+        startupProbe=_probe("/readyz", STARTUP_PERIOD, STARTUP_FAILURES, timeout=3),
+        readinessProbe=_probe("/readyz", 5, 3, timeout=3),
+        livenessProbe=_probe("/healthz", 10, 3, timeout=5),
+        volumeMounts=[
             {"name": "tmp", "mountPath": "/tmp"},
             {
                 "name": "storage",
                 "mountPath": MODEL_DIR,
-                "subPath": f"{run_name}/model",
+                "subPath": contract.run_path(run_name, contract.MODEL_DIR),
                 "readOnly": True,
             },
-            {"name": "storage", "mountPath": FEEDBACK_DIR, "subPath": f"{run_name}/feedback"},
+            {
+                "name": "storage",
+                "mountPath": FEEDBACK_DIR,
+                "subPath": contract.run_path(run_name, contract.FEEDBACK_DIR),
+            },
         ],
-        "securityContext": builders.container_security_context(),
-    }
-    pod_spec: Obj = {
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": builders.pod_security_context(),
-        "containers": [container],
-        "volumes": [
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "storage", "persistentVolumeClaim": {"claimName": _claim(run)}},
-        ],
-    }
-    res = spec.resources
-    # Tolerations only permit nodes; the training node selector (a GPU product) applies
-    # to serving only when it asks for GPUs too. Priority and Kueue are for training.
-    if res.tolerations:
-        pod_spec["tolerations"] = [
-            t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations
-        ]
-    if res.node_selector and serve.gpus > 0:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if spec.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
-
-    annotations = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(PORT),
-        "prometheus.io/path": "/metrics",
-    }
+    )
+    volumes = [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "storage", "persistentVolumeClaim": {"claimName": _claim(run)}},
+    ]
+    # The training node selector (a GPU product) applies to serving only when it asks for
+    # GPUs too. Priority and Kueue are for training.
+    pod_spec = pods.pod_spec(
+        run, [container], volumes, node_selector=serve.gpus > 0, priority=False
+    )
+    annotations = pods.scrape_annotations(PORT)
     if model_version:
         annotations[ANNOTATION_MODEL_VERSION] = model_version
     deployment_spec: Obj = {

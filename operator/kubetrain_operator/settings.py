@@ -1,15 +1,25 @@
-"""Operator settings: one frozen object, read from the environment once at start-up."""
+"""Operator settings: one frozen object, read from the environment once at start-up.
+
+Every environment variable the operator reads is read here (`from_env`), except
+KUBECONFIG, which follows the Kubernetes client's own convention (k8s.load_configuration),
+and POD_NAME, kopf's identity (cli.py). The Helm chart sets them on the Deployment."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
+from kubetrain_api import contract
 from kubetrain_api.validation import Limits
 
 
 def _int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
+
+
+def _optional_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -21,10 +31,10 @@ class OperatorSettings:
     operator_namespace: str = "kubetrain-system"
     """Where the operator runs (its pods are the NetworkPolicy peer of the Ray heads)."""
     operator_pod_labels: dict[str, str] = field(
-        default_factory=lambda: {"app.kubernetes.io/name": "kubetrain-operator"}
+        default_factory=lambda: {contract.LABEL_NAME: "kubetrain-operator"}
     )
     """Labels of the operator's pods."""
-    progress_port: int = 8080
+    progress_port: int = contract.TELEMETRY_PORT
     """Trainer telemetry on the head pod: /metrics and /progress."""
     ray_gcs_port: int = 6379
     ray_dashboard_port: int = 8265
@@ -34,6 +44,10 @@ class OperatorSettings:
     """Caps on specs (GPUs per run, spec size, name length)."""
     resync_seconds: float = 10.0
     """Level-based reconcile: every run is recomputed from the cluster this often."""
+    workers: int = 8
+    """kopf's worker threads for the (blocking) handlers: runs reconciled at once."""
+    metrics_port: int | None = None
+    """The operator's own Prometheus /metrics (None: not served)."""
     progress_timeout_seconds: float = 2.0
     """How long to wait for a head's /progress."""
     progress_host_override: str | None = None
@@ -59,5 +73,7 @@ class OperatorSettings:
             resync_seconds=float(
                 os.environ.get("KUBETRAIN_RESYNC_SECONDS", defaults.resync_seconds)
             ),
+            workers=_int("KUBETRAIN_WORKERS", defaults.workers),
+            metrics_port=_optional_int("KUBETRAIN_METRICS_PORT"),
             progress_host_override=os.environ.get("KUBETRAIN_PROGRESS_HOST") or None,
         )

@@ -38,9 +38,14 @@ and carried out after the action above:
   deleted last) exists but the run should not be served (serving turned off).
 - `none`: nothing to serve and nothing left.
 
-The result of training comes from the driver's termination message (JSON written by
-`kubetrain run --termination-log`): on the driver's exit 0 it sets `status.model` and the
-final `status.evaluation`. Text that is not that JSON is ignored, never copied.
+The result of training comes from the driver's termination message (a
+`kubetrain_api.reports.RunResult` written by `kubetrain run --termination-log`): on the
+driver's exit 0 it sets `status.model` and the final `status.evaluation`. Text that is not
+that JSON is ignored, never copied.
+
+The pieces this decision stands on live next to it, each pure: `conditions` (condition
+list and text rules), `outcome` (the attempt's pods -> an Outcome), `results` (the head's
+ProgressReport and the driver's RunResult -> status fields, parsed leniently).
 
 Precedence within one pass: a terminal phase (never left; only observedGeneration and, for
 Succeeded runs, status.serving and the Serving condition move) >
@@ -56,39 +61,59 @@ eviction.
 from __future__ import annotations
 
 import copy
-import json
-import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Literal, get_args
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.reports import ProgressReport, count, wire
 from kubetrain_api.validation import FieldError
 from kubetrain_operator import serving
+from kubetrain_operator.conditions import (
+    as_reason,
+    clip,
+    find_condition,
+    rfc3339,
+    set_condition,
+)
 from kubetrain_operator.names import ChildNames
+from kubetrain_operator.outcome import (
+    Outcome,
+    classify,
+    head_of,
+    live,
+    missing,
+    pod_attempt,
+    termination_message,
+    workers_of,
+)
+from kubetrain_operator.results import copy_progress, evaluated, parse_progress, parse_result
+
+__all__ = [
+    "PHASES",
+    "Decision",
+    "Event",
+    "Observed",
+    "Outcome",
+    "classify",
+    "compute_status",
+    "is_terminal",
+    "parse_result",
+    "rfc3339",
+    "set_condition",
+]
 
 PHASES: tuple[str, ...] = get_args(api.Phase)
 
-ROLE_LABEL = "kubetrain.dev/role"
-ATTEMPT_LABEL = "kubetrain.dev/attempt"
-HEAD_CONTAINER = "ray-head"
 # Kubernetes caps an event's note at 1 KiB; conditions take up to MAX_MESSAGE.
 EVENT_MESSAGE_LIMIT = 1024
-MAX_SHORT = api.MAX_SHORT
-
-# pod.status.reason values that mean the pod was taken away rather than the code failing.
-DISRUPTION_REASONS = frozenset({"Evicted", "Preempted", "NodeLost", "Shutdown", "Terminated"})
 # ClusterReady reasons while the current attempt's pods are being created: missing pods are
 # then not yet created rather than lost.
 CREATING_REASONS = frozenset({"Creating", "Retrying", "Resuming"})
 # Failed reasons whose clean-up removes the head pod too.
 DELETE_ALL_REASONS = frozenset({"DeadlineExceeded", "InvalidSpec"})
 
-OutcomeKind = Literal[
-    "pending", "running", "succeeded", "failed_permanent", "failed_retryable", "preempted"
-]
 Action = Literal["none", "create_cluster", "retry", "delete_pods", "finish"]
 ServeAction = Literal["none", "apply", "remove"]
 
@@ -103,7 +128,8 @@ class Observed:
     invalid: list[FieldError] = field(default_factory=list)
     attempt: int = 0
     pods: list[dict[str, Any]] = field(default_factory=list)
-    progress: dict[str, Any] | None = None
+    progress: ProgressReport | Mapping[str, Any] | None = None
+    """The head's /progress (a mapping is parsed leniently); None: unreachable."""
     previous: dict[str, Any] = field(default_factory=dict)
     suspended: bool = False
     deadline_exceeded: bool = False
@@ -114,13 +140,6 @@ class Observed:
 @dataclass(frozen=True)
 class Event:
     type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Outcome:
-    kind: OutcomeKind
     reason: str
     message: str
 
@@ -138,448 +157,18 @@ def is_terminal(status: Mapping[str, Any]) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# small helpers
+# the driver's result (its termination message) -> status.model, status.evaluation
 # --------------------------------------------------------------------------------------
-
-
-def rfc3339(moment: datetime) -> str:
-    """metav1.Time: UTC, whole seconds, `Z` suffix (naive datetimes are taken as UTC)."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        if isinstance(value, int | float):
-            return datetime.fromtimestamp(value, timezone.utc)
-        if isinstance(value, str):
-            # fromisoformat learnt the `Z` suffix only in Python 3.11.
-            return datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except (ValueError, OverflowError, OSError):
-        return None
-    return None
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _reason(text: Any, fallback: str) -> str:
-    """A Kubernetes condition reason (CamelCase, no spaces) from free text."""
-    cleaned = re.sub(r"[^A-Za-z0-9_,:]", "", text if isinstance(text, str) else "")
-    cleaned = cleaned.lstrip("0123456789_,:")[:1024].rstrip(",:")
-    return cleaned or fallback
-
-
-def set_condition(
-    conditions: Iterable[Mapping[str, Any]],
-    type: str,
-    status: str,
-    reason: str,
-    message: str,
-    generation: int,
-    now: datetime,
-) -> list[dict[str, Any]]:
-    """A new list with condition `type` set; lastTransitionTime moves only when status flips."""
-    new = {
-        "type": type,
-        "status": status,
-        "reason": reason,
-        "message": _clip(message, api.MAX_MESSAGE),
-        "lastTransitionTime": rfc3339(now),
-        "observedGeneration": generation,
-    }
-    if not new["message"]:
-        # Left out rather than "": kube-apiserver 1.20 reads an empty string in a merge
-        # patch of this list as null and refuses it (message is optional in the schema).
-        del new["message"]
-    result: list[dict[str, Any]] = []
-    found = False
-    for condition in conditions:
-        if condition.get("type") != type:
-            result.append(dict(condition))
-            continue
-        found = True
-        if condition.get("status") == status and condition.get("lastTransitionTime"):
-            new["lastTransitionTime"] = condition["lastTransitionTime"]
-        result.append(new)
-    if not found:
-        result.append(new)
-    return result
-
-
-def _find_condition(conditions: Iterable[Mapping[str, Any]], type: str) -> Mapping[str, Any]:
-    return next((c for c in conditions if c.get("type") == type), {})
-
-
-# --------------------------------------------------------------------------------------
-# pods -> Outcome
-# --------------------------------------------------------------------------------------
-
-
-def _meta(pod: Mapping[str, Any]) -> Mapping[str, Any]:
-    return pod.get("metadata") or {}
-
-
-def _name(pod: Mapping[str, Any]) -> str:
-    return str(_meta(pod).get("name", "?"))
-
-
-def _role(pod: Mapping[str, Any]) -> str | None:
-    return (_meta(pod).get("labels") or {}).get(ROLE_LABEL)
-
-
-def _pod_status(pod: Mapping[str, Any]) -> Mapping[str, Any]:
-    return pod.get("status") or {}
-
-
-def _phase(pod: Mapping[str, Any]) -> str:
-    return str(_pod_status(pod).get("phase") or "Pending")
-
-
-def _terminating(pod: Mapping[str, Any]) -> bool:
-    return bool(_meta(pod).get("deletionTimestamp"))
-
-
-def _pod_condition(pod: Mapping[str, Any], type: str) -> Mapping[str, Any]:
-    return _find_condition(_pod_status(pod).get("conditions") or [], type)
-
-
-def _containers(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    return list(_pod_status(pod).get("containerStatuses") or [])
-
-
-def _head_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
-    statuses = _containers(pod)
-    named = [c for c in statuses if c.get("name") == HEAD_CONTAINER]
-    return (named or statuses or [{}])[0]
-
-
-def _terminated(container: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    return (container.get("state") or {}).get("terminated")
-
-
-def _exit(term: Mapping[str, Any]) -> tuple[OutcomeKind, str, str]:
-    """(kind, reason, detail) of a terminated driver container."""
-    code, signal = term.get("exitCode"), term.get("signal")
-    detail = f"exit code {code}" + (f" ({term['reason']})" if term.get("reason") else "")
-    if term.get("reason") == "OOMKilled":
-        return "failed_retryable", "OOMKilled", detail
-    if isinstance(code, int) and 1 <= code <= 127:
-        return "failed_permanent", f"ExitCode{code}", detail
-    if isinstance(code, int) and code >= 128:
-        return "failed_retryable", f"ExitCode{code}", detail
-    if isinstance(signal, int) and signal > 0:
-        return "failed_retryable", f"Signal{signal}", f"{detail}, signal {signal}"
-    if code == 0:
-        return "succeeded", "Completed", detail
-    return "failed_retryable", "UnknownExitCode", detail
-
-
-def _head_succeeded(head: Mapping[str, Any]) -> bool:
-    if _phase(head) == "Succeeded":
-        return True
-    term = _terminated(_head_container(head))
-    return term is not None and _exit(term)[0] == "succeeded"
-
-
-def _disruption(pod: Mapping[str, Any]) -> Outcome | None:
-    status = _pod_status(pod)
-    if status.get("reason") in DISRUPTION_REASONS:
-        message = str(status.get("message") or status["reason"])
-        return Outcome("preempted", status["reason"], f"pod {_name(pod)}: {message}")
-    target = _pod_condition(pod, "DisruptionTarget")
-    if target.get("status") == "True":
-        message = str(target.get("message") or "disrupted")
-        reason = _reason(target.get("reason"), "DisruptionTarget")
-        return Outcome("preempted", reason, f"pod {_name(pod)}: {message}")
-    if _terminating(pod):
-        return Outcome("preempted", "PodDeleted", f"pod {_name(pod)} is being deleted")
-    return None
-
-
-def _missing(head: Mapping[str, Any] | None, workers: list[Any], expected: int) -> list[str]:
-    missing = [] if head is not None else ["head"]
-    if len(workers) < expected:
-        missing.append(f"{expected - len(workers)} of {expected} workers")
-    return missing
-
-
-_LATEST = datetime.max.replace(tzinfo=timezone.utc)
-
-
-def _finished_at(term: Mapping[str, Any] | None) -> datetime:
-    moment = _parse_time((term or {}).get("finishedAt"))
-    if moment is None:
-        return _LATEST
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def _head_failure(head: Mapping[str, Any]) -> tuple[datetime, Outcome] | None:
-    term = _terminated(_head_container(head))
-    if term is not None:
-        kind, reason, detail = _exit(term)
-        return _finished_at(term), Outcome(kind, reason, f"driver in pod {_name(head)}: {detail}")
-    if _phase(head) == "Failed":
-        reason = _reason(_pod_status(head).get("reason"), "PodFailed")
-        return _LATEST, Outcome("failed_retryable", reason, f"head pod {_name(head)} failed")
-    return None
-
-
-def _worker_failure(worker: Mapping[str, Any]) -> tuple[datetime, Outcome] | None:
-    # A worker that stops for any reason, even exit 0, is a node Ray lost.
-    term = next((t for c in _containers(worker) if (t := _terminated(c)) is not None), None)
-    if term is None and _phase(worker) not in ("Failed", "Succeeded"):
-        return None
-    detail = _exit(term)[2] if term is not None else f"phase {_phase(worker)}"
-    message = f"worker pod {_name(worker)} stopped ({detail}); Ray lost a node"
-    # Over its memory limit is worth naming: the fix is more memory, not a retry.
-    reason = (
-        "OOMKilled" if term is not None and term.get("reason") == "OOMKilled" else "WorkerFailed"
-    )
-    return _finished_at(term), Outcome("failed_retryable", reason, message)
-
-
-def _head_ready(head: Mapping[str, Any]) -> bool:
-    if _phase(head) != "Running":
-        return False
-    ready = _pod_condition(head, "Ready")
-    if ready:
-        return ready.get("status") == "True"
-    return "running" in (_head_container(head).get("state") or {})
-
-
-_STARTING = (None, "ContainerCreating", "PodInitializing")
-
-
-def _ready(pod: Mapping[str, Any]) -> bool:
-    return _head_ready(pod) if _role(pod) == "head" else _phase(pod) == "Running"
-
-
-def _blocked(pod: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(reason, message) when the pod cannot start on its own: unschedulable, image pull or
-    config errors. Pending without a reason is just slow."""
-    scheduled = _pod_condition(pod, "PodScheduled")
-    if scheduled.get("status") == "False":
-        return _reason(scheduled.get("reason"), "Unschedulable"), str(scheduled.get("message", ""))
-    for container in _containers(pod):
-        waiting = (container.get("state") or {}).get("waiting")
-        if waiting is not None and waiting.get("reason") not in _STARTING:
-            return _reason(waiting["reason"], "ContainerWaiting"), str(waiting.get("message", ""))
-    return None
-
-
-def _pending(pods: list[Mapping[str, Any]]) -> Outcome:
-    reason, details = "PodsPending", []
-    for pod in pods:
-        blocked = _blocked(pod)
-        if blocked is not None:
-            reason = blocked[0] if reason == "PodsPending" else reason
-            details.append(f"{_name(pod)} ({': '.join(filter(None, blocked))})")
-        elif not _ready(pod):
-            details.append(f"{_name(pod)} ({_phase(pod)})")
-    return Outcome("pending", reason, "waiting for pods: " + ", ".join(details))
-
-
-def classify(pods: list[dict[str, Any]], expected_workers: int) -> Outcome:
-    """What the pods of a STARTED attempt say. Precedence: the driver's exit 0 wins (workers
-    die after the head); then disruption or missing pods (preempted, its own budget); then
-    the earliest failure (a driver exit caused by a lost worker is retryable); then ready."""
-    head = next((p for p in pods if _role(p) == "head"), None)
-    workers = [p for p in pods if _role(p) == "worker"]
-    if head is not None and _head_succeeded(head):
-        return Outcome("succeeded", "Completed", f"driver in pod {_name(head)} exited 0")
-    for pod in ([head] if head is not None else []) + workers:
-        disrupted = _disruption(pod)
-        if disrupted is not None:
-            return disrupted
-    missing = _missing(head, workers, expected_workers)
-    if missing:
-        return Outcome("preempted", "PodMissing", "pods vanished: " + ", ".join(missing))
-    assert head is not None
-    failures = [f for f in (_head_failure(head), *map(_worker_failure, workers)) if f]
-    if failures:
-        # min keeps the first of equal times: the head's verdict wins a tie.
-        return min(failures, key=lambda failure: failure[0])[1]
-    if _head_ready(head) and all(_phase(w) == "Running" for w in workers):
-        return Outcome("running", "PodsReady", f"head and {len(workers)} workers ready")
-    return _pending([head, *workers])
-
-
-# --------------------------------------------------------------------------------------
-# the head's /progress -> status.progress, status.checkpoints.latest, status.evaluation
-# --------------------------------------------------------------------------------------
-
-# The API server stores integers as int64.
-_MAX_INT = 2**63 - 1
-
-
-def _count(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if not math.isfinite(value) or not 0 <= value <= _MAX_INT:
-        return None
-    return int(value)
-
-
-def _number(value: Any, minimum: float = -math.inf) -> float | None:
-    # The head is not trusted to send JSON the API server accepts: no NaN, no booleans.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) and value >= minimum else None
-
-
-def _time(value: Any) -> str | None:
-    moment = _parse_time(value)
-    return rfc3339(moment) if moment is not None else None
-
-
-def _without_none(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def _progress(raw: Mapping[str, Any]) -> dict[str, Any]:
-    step, total = _count(raw.get("step")), _count(raw.get("totalSteps"))
-    percent = _count(raw.get("percent"))
-    if percent is None and step is not None and total:
-        percent = step * 100 // total
-    return _without_none(
-        {
-            "step": step,
-            "totalSteps": total,
-            "epoch": _number(raw.get("epoch"), 0.0),
-            "percent": None if percent is None else min(100, percent),
-            "loss": _number(raw.get("loss")),
-            "tokensPerSecond": _number(raw.get("tokensPerSecond"), 0.0),
-            "mfu": _number(raw.get("mfu"), 0.0),
-            "etaSeconds": _count(raw.get("etaSeconds")),
-            "updatedAt": _time(raw.get("updatedAt")),
-        }
-    )
-
-
-def _checkpoint_ref(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
-        return {}
-    path = raw.get("path")
-    return _without_none(
-        {
-            "step": _count(raw.get("step")),
-            "path": path if isinstance(path, str) and len(path) <= api.MAX_URI else None,
-            "time": _time(raw.get("time")),
-        }
-    )
-
-
-def _gate(raw: Any) -> dict[str, Any] | None:
-    if not isinstance(raw, Mapping):
-        return None
-    failures = raw.get("failures")
-    failures = failures if isinstance(failures, list) else []
-    gate: dict[str, Any] = {
-        "failures": [_clip(f, MAX_SHORT) for f in failures if isinstance(f, str)][:16]
-    }
-    if isinstance(raw.get("passed"), bool):
-        gate["passed"] = raw["passed"]
-    return gate
-
-
-def _evaluation(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
-        return {}
-    metrics = raw.get("metrics")
-    metrics = metrics if isinstance(metrics, Mapping) else {}
-    finite = {
-        name: number
-        for name, value in metrics.items()
-        if isinstance(name, str)
-        and len(name) <= MAX_SHORT
-        and (number := _number(value)) is not None
-    }
-    evaluation = _without_none({"step": _count(raw.get("step")), "gate": _gate(raw.get("gate"))})
-    if finite:
-        evaluation["metrics"] = dict(list(finite.items())[:64])
-    return evaluation
-
-
-def _copy_progress(status: dict[str, Any], raw: Mapping[str, Any] | None) -> None:
-    """Copy what the head reported; keep the previous values of what it did not (or could
-    not: None means the head was unreachable)."""
-    if raw is None:
-        return
-    progress = _progress(raw)
-    if progress:
-        status["progress"] = progress
-    latest = _checkpoint_ref(raw.get("latestCheckpoint"))
-    if latest:
-        status["checkpoints"] = {**(status.get("checkpoints") or {}), "latest": latest}
-    evaluation = _evaluation(raw.get("evaluation"))
-    if evaluation:
-        status["evaluation"] = evaluation
-
-
-def _evaluated(evaluation: Mapping[str, Any]) -> tuple[str, str]:
-    """(reason, message) of the Evaluated condition."""
-    metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(evaluation.get("metrics", {}).items()))
-    message = f"step {evaluation.get('step', '?')}: {metrics or 'no metrics'}"
-    gate = evaluation.get("gate") or {}
-    if gate.get("passed") is True:
-        return "GatePassed", message
-    if gate.get("passed") is False:
-        return "GateFailed", f"{message}; gate failed: {'; '.join(gate.get('failures', []))}"
-    return "Evaluated", message
-
-
-# --------------------------------------------------------------------------------------
-# the driver's termination message -> status.model, status.evaluation
-# --------------------------------------------------------------------------------------
-
-# Kubernetes keeps at most 4096 bytes of a termination message.
-MAX_TERMINATION_MESSAGE = 4096
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _model(raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
-        return {}
-    uri, version = raw.get("uri"), raw.get("version")
-    ok_uri = isinstance(uri, str) and 0 < len(uri) <= api.MAX_URI and uri.isprintable()
-    ok_version = (
-        isinstance(version, str) and len(version) <= api.MAX_NAME and bool(_VERSION.match(version))
-    )
-    return _without_none(
-        {"uri": uri if ok_uri else None, "version": version if ok_version else None}
-    )
-
-
-def parse_result(message: Any) -> dict[str, Any]:
-    """`{"model": {uri, version}, "evaluation": {step, metrics, gate}}` from the driver's
-    termination message, keeping only well-formed parts. A message that is not such JSON
-    (a crash text, a truncated document) gives {}: its text is never copied anywhere."""
-    if not isinstance(message, str) or len(message) > MAX_TERMINATION_MESSAGE:
-        return {}
-    try:
-        raw = json.loads(message)
-    except (ValueError, RecursionError):
-        return {}
-    if not isinstance(raw, Mapping):
-        return {}
-    result = {"model": _model(raw.get("model")), "evaluation": _evaluation(raw.get("evaluation"))}
-    return {key: value for key, value in result.items() if value}
 
 
 def _record_result(draft: _Draft, head: Mapping[str, Any] | None) -> None:
     """The exported model and the final evaluation, as the driver reported them on exit."""
-    term = _terminated(_head_container(head)) if head is not None else None
-    result = parse_result((term or {}).get("message"))
+    result = parse_result(termination_message(head))
     if "model" in result:
         draft.status["model"] = result["model"]
     if "evaluation" in result:
         draft.status["evaluation"] = result["evaluation"]
-        draft.condition("Evaluated", "True", *_evaluated(result["evaluation"]))
+        draft.condition("Evaluated", "True", *evaluated(result["evaluation"]))
 
 
 # --------------------------------------------------------------------------------------
@@ -614,23 +203,23 @@ def _rollout(deployment: Mapping[str, Any] | None, url: str) -> tuple[str, str, 
     if deployment is None:
         return "False", "Progressing", "creating the serving Deployment"
     spec, state = deployment.get("spec") or {}, deployment.get("status") or {}
-    desired = _count(spec.get("replicas"))
+    desired = count(spec.get("replicas"))
     desired = 1 if desired is None else desired  # the API server's default
-    available = _count(state.get("availableReplicas")) or 0
+    available = count(state.get("availableReplicas")) or 0
     if available >= 1:
         return "True", "Available", f"{available} of {desired} replicas available at {url}"
     if desired == 0:
         return "False", "ScaledToZero", "the serving Deployment has 0 replicas"
-    progressing = _find_condition(state.get("conditions") or [], "Progressing")
+    progressing = find_condition(state.get("conditions") or [], "Progressing")
     if progressing.get("status") == "False":  # e.g. ProgressDeadlineExceeded
-        reason = _reason(progressing.get("reason"), "ProgressDeadlineExceeded")
+        reason = as_reason(progressing.get("reason"), "ProgressDeadlineExceeded")
         return "False", reason, str(progressing.get("message") or "the rollout is stuck")
     message = f"0 of {desired} replicas available: pods starting or loading the model"
     return "False", "Progressing", message
 
 
 def _set_serving(draft: _Draft, status: str, reason: str, message: str) -> None:
-    before = _find_condition(draft.previous.get("conditions") or [], "Serving")
+    before = find_condition(draft.previous.get("conditions") or [], "Serving")
     draft.condition("Serving", status, reason, message)
     changed = (before.get("status"), before.get("reason")) != (status, reason)
     if changed and reason not in _SERVING_QUIET:
@@ -651,11 +240,9 @@ def _serve(draft: _Draft) -> ServeAction:
         return "remove" if draft.observed.serving is not None else "none"
     name = run.metadata.name or ""
     url = serving.service_url(name, run.metadata.namespace or "default")
-    endpoint = {"service": ChildNames(name).serve, "url": url}
     version = (draft.status.get("model") or {}).get("version")
-    if version:
-        endpoint["modelVersion"] = version
-    draft.status["serving"] = endpoint
+    endpoint = api.ServingStatus(service=ChildNames(name).serve, url=url, model_version=version)
+    draft.status["serving"] = wire(endpoint)
     _set_serving(draft, *_rollout(draft.observed.serving, url))
     return "apply"
 
@@ -674,9 +261,10 @@ class _Draft:
         self.status: dict[str, Any] = copy.deepcopy(dict(self.previous))
         self.status["observedGeneration"] = observed.generation
         self.events: list[Event] = []
-        self.attempt = max(observed.attempt, _count(self.previous.get("attempts")) or 0)
+        self.attempt = max(observed.attempt, count(self.previous.get("attempts")) or 0)
         # Pods of older attempts are the reconciler's garbage, not this attempt's state.
-        self.pods = [p for p in observed.pods if _pod_attempt(p) in (None, self.attempt)]
+        self.pods = [p for p in observed.pods if pod_attempt(p) in (None, self.attempt)]
+        self.report = parse_progress(observed.progress)
 
     @property
     def previous_phase(self) -> str | None:
@@ -684,7 +272,7 @@ class _Draft:
 
     @property
     def evictions(self) -> int:
-        return _count(self.status.get("evictions")) or 0
+        return count(self.status.get("evictions")) or 0
 
     def condition(self, type: str, status: str, reason: str, message: str = "") -> None:
         self.status["conditions"] = set_condition(
@@ -698,10 +286,10 @@ class _Draft:
         )
 
     def has_condition(self, type: str) -> bool:
-        return bool(_find_condition(self.status.get("conditions") or [], type))
+        return bool(find_condition(self.status.get("conditions") or [], type))
 
     def emit(self, type: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.events.append(Event(type, reason, _clip(message, EVENT_MESSAGE_LIMIT)))
+        self.events.append(Event(type, reason, clip(message, EVENT_MESSAGE_LIMIT)))
 
     def enter(
         self, phase: str, event_type: Literal["Normal", "Warning"], reason: str, message: str
@@ -715,27 +303,17 @@ class _Draft:
         return Decision(self.status, action, self.events, serve)
 
 
-def _pod_attempt(pod: Mapping[str, Any]) -> int | None:
-    value = (_meta(pod).get("labels") or {}).get(ATTEMPT_LABEL)
-    return int(value) if isinstance(value, str) and value.isdigit() else None
-
-
-def _live(pods: list[dict[str, Any]], workers_only: bool = False) -> bool:
-    """Whether any pod (worker) is left that nobody has asked to delete yet."""
-    return any(not _terminating(p) and (not workers_only or _role(p) == "worker") for p in pods)
-
-
 def _cleanup(phase: str, reason: str, pods: list[dict[str, Any]]) -> Action:
     """What a terminal run still needs done to the current attempt's pods."""
     if phase == "Failed" and reason in DELETE_ALL_REASONS:
-        return "delete_pods" if _live(pods) else "none"
-    return "finish" if _live(pods, workers_only=True) else "none"
+        return "delete_pods" if live(pods) else "none"
+    return "finish" if live(pods, workers_only=True) else "none"
 
 
 def _terminal(draft: _Draft) -> Decision:
     """Succeeded and Failed are never left: only observedGeneration follows the spec, and
     serving follows spec.serve and the serving Deployment."""
-    failed = _find_condition(draft.status.get("conditions") or [], "Failed")
+    failed = find_condition(draft.status.get("conditions") or [], "Failed")
     cleanup = _cleanup(draft.status["phase"], failed.get("reason", ""), draft.pods)
     return draft.decide(cleanup, _serve(draft))
 
@@ -762,14 +340,14 @@ def _fail(draft: _Draft, reason: str, message: str, action: Action) -> Decision:
 
 def _invalid(draft: _Draft) -> Decision:
     errors = [str(e) for e in draft.observed.invalid] or ["spec: could not be parsed"]
-    message = _clip("; ".join(errors), api.MAX_MESSAGE)
+    message = clip("; ".join(errors), api.MAX_MESSAGE)
     draft.status["attempts"] = draft.attempt
     draft.status.setdefault("evictions", 0)
     draft.condition("Validated", "False", "InvalidSpec", message)
     _close(draft, "Failed", "InvalidSpec", message)
     # Nothing was created for a run invalid from the start; a run made invalid while it
     # ran loses its pods.
-    return draft.decide("delete_pods" if _live(draft.pods) else "none")
+    return draft.decide("delete_pods" if live(draft.pods) else "none")
 
 
 def _suspend(draft: _Draft) -> Decision:
@@ -779,7 +357,7 @@ def _suspend(draft: _Draft) -> Decision:
         if draft.has_condition(type):
             draft.condition(type, "False", "Suspended", message)
     draft.enter("Suspended", "Normal", "Suspended", f"attempt {draft.attempt} stopped: {message}")
-    return draft.decide("delete_pods" if _live(draft.pods) else "none")
+    return draft.decide("delete_pods" if live(draft.pods) else "none")
 
 
 def _create(draft: _Draft, attempt: int, reason: str, message: str) -> None:
@@ -796,7 +374,7 @@ def _resume(draft: _Draft) -> Decision:
         # The attempt number is reused, so its old pods must be gone first.
         message = f"waiting for {len(draft.pods)} pods of attempt {draft.attempt} to terminate"
         draft.condition("Suspended", "True", "Resuming", message)
-        return draft.decide("delete_pods" if _live(draft.pods) else "none")
+        return draft.decide("delete_pods" if live(draft.pods) else "none")
     attempt = max(draft.attempt, 1)
     message = f"resuming from the latest checkpoint as attempt {attempt}"
     draft.condition("Suspended", "False", "Resumed", message)
@@ -849,10 +427,9 @@ def _after_failure(draft: _Draft, outcome: Outcome, policy: api.RunPolicy) -> De
 
 
 def _progress_phase(draft: _Draft) -> str:
-    progress = draft.observed.progress
-    if progress is None:  # head unreachable: keep what we knew
+    if draft.report is None:  # head unreachable: keep what we knew
         return draft.previous_phase if draft.previous_phase == "Evaluating" else "Running"
-    return "Evaluating" if progress.get("phase") == "Evaluating" else "Running"
+    return "Evaluating" if draft.report.phase == "Evaluating" else "Running"
 
 
 def _observe(draft: _Draft, outcome: Outcome) -> Decision:
@@ -879,16 +456,15 @@ def compute_status(observed: Observed) -> Decision:
     draft.condition("Validated", "True", "Valid", "")
     draft.status["attempts"] = draft.attempt
     draft.status["evictions"] = draft.evictions
-    _copy_progress(draft.status, observed.progress)
+    copy_progress(draft.status, draft.report)
     if draft.status.get("evaluation"):
-        draft.condition("Evaluated", "True", *_evaluated(draft.status["evaluation"]))
+        draft.condition("Evaluated", "True", *evaluated(draft.status["evaluation"]))
 
     outcome = None
     started = draft.attempt >= 1 and draft.previous_phase != "Suspended"
-    ready = _find_condition(draft.previous.get("conditions") or [], "ClusterReady")
-    head = next((p for p in draft.pods if _role(p) == "head"), None)
-    workers = [p for p in draft.pods if _role(p) == "worker"]
-    creating = ready.get("reason") in CREATING_REASONS and _missing(
+    ready = find_condition(draft.previous.get("conditions") or [], "ClusterReady")
+    head, workers = head_of(draft.pods), workers_of(draft.pods)
+    creating = ready.get("reason") in CREATING_REASONS and missing(
         head, workers, spec.resources.workers
     )
     if started and not creating:

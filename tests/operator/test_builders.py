@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import load_documents, parse
 from kubetrain_operator import builders
@@ -235,7 +236,7 @@ def test_every_child_is_owned_labelled_and_hashed(
             "network",
             "ray-token",
         }
-        digest = meta["annotations"][builders.ANNOTATION_INPUT_HASH]
+        digest = meta["annotations"][contract.ANNOTATION_INPUT_HASH]
         assert re.fullmatch(r"[0-9a-f]{16}", digest)
         assert digest == builders.input_hash(obj)
 
@@ -292,7 +293,7 @@ def test_input_hash_follows_the_spec(settings: OperatorSettings) -> None:
     after = {o["metadata"]["name"]: o for o in cluster(changed, settings)}
 
     def digest(obj: Obj) -> str:
-        return obj["metadata"]["annotations"][builders.ANNOTATION_INPUT_HASH]
+        return obj["metadata"]["annotations"][contract.ANNOTATION_INPUT_HASH]
 
     for name in ("quickstart-config", "quickstart-a1-worker-0", "quickstart-a1-worker-1"):
         assert digest(before[name]) != digest(after[name]), name

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import load_documents, parse
-from kubetrain_operator import builders, serving
+from kubetrain_operator import builders, pods, serving
 from kubetrain_operator.settings import OperatorSettings
 from kubetrain_operator.status import Decision, Observed, compute_status, parse_result
 from kubetrain_trainer import local
@@ -73,7 +74,7 @@ def test_quickstart_serving_objects(settings: OperatorSettings) -> None:
         assert (meta["name"], meta["namespace"]) == ("quickstart-serve", NS)
         assert meta["labels"] == builders.labels("quickstart", "serving")
         assert meta["ownerReferences"] == [builders.owner_reference("quickstart", UID)]
-        assert meta["annotations"][builders.ANNOTATION_INPUT_HASH] == builders.input_hash(obj)
+        assert meta["annotations"][contract.ANNOTATION_INPUT_HASH] == builders.input_hash(obj)
 
     deployment = objs[0]
     spec = deployment["spec"]
@@ -86,8 +87,8 @@ def test_quickstart_serving_objects(settings: OperatorSettings) -> None:
     labels = template["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items()
     # Not a Ray pod: the reconciler and the run's NetworkPolicy select on this label.
-    assert builders.LABEL_RUN not in labels
-    assert labels[builders.LABEL_COMPONENT] == "serving"
+    assert contract.LABEL_RUN not in labels
+    assert labels[contract.LABEL_COMPONENT] == "serving"
     assert template["metadata"]["annotations"] == {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": "8000",
@@ -173,8 +174,8 @@ def test_serving_pods_are_restricted(settings: OperatorSettings) -> None:
         deployment = serving.build_deployment(run, UID, NS, settings)
         pod = pod_of(deployment)
         assert restricted_violations(pod) == []
-        assert pod["spec"]["securityContext"] == builders.pod_security_context()
-        assert server(deployment)["securityContext"] == builders.container_security_context()
+        assert pod["spec"]["securityContext"] == pods.pod_security_context()
+        assert server(deployment)["securityContext"] == pods.container_security_context()
         assert pod["spec"]["enableServiceLinks"] is False
     # The checker sees serving pods too.
     bad = pod_of(serving.build_deployment(example("quickstart"), UID, NS, settings))
@@ -239,7 +240,7 @@ def test_finetune_autoscaling_and_gpus(settings: OperatorSettings) -> None:
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
     assert "priorityClassName" not in pod_spec
-    assert builders.LABEL_QUEUE not in deployment["spec"]["template"]["metadata"]["labels"]
+    assert contract.LABEL_QUEUE not in deployment["spec"]["template"]["metadata"]["labels"]
     # Without serving GPUs the server stays off the GPU nodes.
     cpu_only = with_spec(run, serve={**run.spec.serve.model_dump(by_alias=True), "gpus": 0})
     assert (
@@ -253,7 +254,7 @@ def test_retain_leaves_out_owner_references(settings: OperatorSettings) -> None:
     assert len(objs) == 4
     for obj in objs:
         assert "ownerReferences" not in obj["metadata"], obj["kind"]
-        assert obj["metadata"]["labels"][builders.LABEL_RUN] == "qwen-support-lora"
+        assert obj["metadata"]["labels"][contract.LABEL_RUN] == "qwen-support-lora"
 
 
 def test_builders_are_pure_and_hash_their_inputs(settings: OperatorSettings) -> None:
@@ -263,7 +264,7 @@ def test_builders_are_pure_and_hash_their_inputs(settings: OperatorSettings) -> 
 
     def digest(objs: list[Obj]) -> dict[str, str]:
         return {
-            o["kind"]: o["metadata"]["annotations"][builders.ANNOTATION_INPUT_HASH] for o in objs
+            o["kind"]: o["metadata"]["annotations"][contract.ANNOTATION_INPUT_HASH] for o in objs
         }
 
     # A new model version rolls the pods (template annotation): the Deployment changes.

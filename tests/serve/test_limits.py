@@ -116,3 +116,35 @@ def test_completion_budget_refuses(prompt: int, requested: int | None, code: str
         completion_budget(prompt, requested, cap=100, context=1024, prompt_param="p")
     assert caught.value.status == 400
     assert caught.value.detail.code == code
+
+
+# ---- spec.serve -> the server's options: one source (ServeSpec), mapped one to one ----
+
+
+def test_every_serve_limit_is_a_serve_spec_field_and_a_create_app_keyword() -> None:
+    import inspect
+
+    from kubetrain_api import contract
+    from kubetrain_api.v1alpha1 import ServeSpec
+    from kubetrain_trainer.serve.app import create_app
+
+    keywords = inspect.signature(create_app).parameters
+    for field in contract.SERVE_LIMITS:
+        assert field in ServeSpec.model_fields
+        assert keywords[field].default == getattr(ServeSpec(), field)
+
+
+def test_the_operators_serve_args_parse_back_to_the_spec_values() -> None:
+    from kubetrain_api import contract
+    from kubetrain_api.v1alpha1 import ServeSpec
+    from kubetrain_trainer.serve.__main__ import build_parser
+
+    spec = ServeSpec(max_tokens=7, max_concurrency=3, max_queue=0, max_body_bytes=2048)
+    args = build_parser().parse_args(["/model", *contract.serve_args(spec.model_dump())])
+    assert {f: getattr(args, f) for f in contract.SERVE_LIMITS} == {
+        f: getattr(spec, f) for f in contract.SERVE_LIMITS
+    }
+    defaults = build_parser().parse_args(["/model"])
+    assert {f: getattr(defaults, f) for f in contract.SERVE_LIMITS} == {
+        f: getattr(ServeSpec(), f) for f in contract.SERVE_LIMITS
+    }

@@ -17,7 +17,7 @@ import tomllib
 import yaml
 
 from kubetrain_cli.main import build_parser
-from kubetrain_operator import builders
+from kubetrain_operator import pods
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {
@@ -106,7 +106,7 @@ def test_runs_as_a_numeric_non_root_user(image: str) -> None:
 
 def test_users_are_the_ones_the_pods_run_as() -> None:
     (trainer,) = [rest for keyword, rest in final_stage(IMAGES["trainer"]) if keyword == "USER"]
-    assert int(trainer.split(":")[0]) == builders.RUN_AS
+    assert int(trainer.split(":")[0]) == pods.RUN_AS
     (operator,) = [rest for keyword, rest in final_stage(IMAGES["operator"]) if keyword == "USER"]
     chart = yaml.safe_load((ROOT / "helm" / "kubetrain" / "values.yaml").read_text())
     assert int(operator.split(":")[0]) == chart["podSecurityContext"]["runAsUser"]

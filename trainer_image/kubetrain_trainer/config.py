@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import data_parallel_size
 
@@ -63,22 +64,23 @@ class TrainConfig:
         epochs = self.hp.epochs or 1
         return max(1, epochs * math.ceil(train_sequences / self.hp.global_batch_size))
 
-    # Folders under the run's output directory (a PVC, or runs/<name>/ on a laptop).
+    # Folders under the run's output directory (a PVC, or runs/<name>/ on a laptop), as
+    # kubetrain_api.contract lays them out for the operator and the model server too.
     @property
     def data_dir(self) -> Path:
-        return self.output_dir / "data"
+        return self.output_dir / contract.DATA_DIR
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoints"
+        return self.output_dir / contract.CHECKPOINT_DIR
 
     @property
     def model_dir(self) -> Path:
-        return self.output_dir / "model"
+        return self.output_dir / contract.MODEL_DIR
 
     @property
     def metrics_path(self) -> Path:
-        return self.output_dir / "metrics.jsonl"
+        return self.output_dir / contract.METRICS_FILE
 
 
 def resolve(

@@ -23,9 +23,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from kubetrain_trainer.model_folder import RUN_INFO_FILE
 from kubetrain_trainer.models import merge_lora
 
-RUN_INFO_FILE = "kubetrain-run.json"
 # Room for a paragraph; the server caps requests with spec.serve.maxTokens anyway.
 DEFAULT_MAX_NEW_TOKENS = 256
 

@@ -4,14 +4,15 @@ cluster, with a progress bar and everything under runs/<name>/."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from kubetrain_api import contract, validation
 from kubetrain_api import v1alpha1 as api
-from kubetrain_api import validation
+from kubetrain_api.reports import ReportedModel, RunResult, lenient
+from kubetrain_api.v1alpha1 import EvaluationStatus
 
 
 class RunError(Exception):
@@ -39,7 +40,7 @@ def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
 
 def output_dir_for(run: api.TrainingRun, root: Path, *, resume: bool, overwrite: bool) -> Path:
     out = root / (run.metadata.name or "run")
-    has_state = (out / "checkpoints").exists() or (out / "result.json").exists()
+    has_state = (out / contract.CHECKPOINT_DIR).exists() or (out / "result.json").exists()
     if has_state and overwrite:
         shutil.rmtree(out)
     elif has_state and not resume:
@@ -130,39 +131,28 @@ def sample(model_dir: Path, data_dir: Path) -> tuple[str, str]:
     return prompt, export.generate_sample(model, tokenizer, prompt, max_new_tokens=30)
 
 
-# Kubernetes keeps at most 4096 bytes of a container's termination message.
-TERMINATION_LOG_LIMIT = 4096
+def termination_summary(run_name: str, result: dict[str, Any]) -> RunResult:
+    """What the operator records in the run's status (status.model, status.evaluation): the
+    exported model and the final evaluation, as the `RunResult` the operator parses."""
+    model = ReportedModel(
+        version=f"{run_name}-step{result['step']}",
+        uri=str(result["model"]) if result.get("model") else None,
+    )
+    # lenient: JSON has no NaN, and the status caps metric names and failure texts.
+    evaluation = lenient(
+        EvaluationStatus,
+        {
+            "step": result["step"],
+            "metrics": result.get("metrics") or {},
+            "gate": result.get("gate") or {},
+        },
+    )
+    return RunResult(model=model, evaluation=evaluation)
 
 
-def termination_summary(run_name: str, result: dict[str, Any]) -> dict[str, Any]:
-    """What the operator records in the run's status, shaped like status.model and
-    status.evaluation: the exported model and the final evaluation."""
-    model = {"version": f"{run_name}-step{result['step']}"}
-    if result.get("model"):
-        model["uri"] = str(result["model"])
-    metrics = {
-        name: value
-        for name, value in (result.get("metrics") or {}).items()
-        if isinstance(value, int | float) and math.isfinite(value)  # JSON has no NaN
-    }
-    evaluation = {"step": result["step"], "metrics": metrics, "gate": result.get("gate") or {}}
-    return {"model": model, "evaluation": evaluation}
-
-
-def write_termination_log(path: Path, summary: dict[str, Any]) -> None:
-    """Write `summary` as JSON of at most TERMINATION_LOG_LIMIT bytes. What does not fit
-    goes, least important first (gate failure texts, then metrics); the verdict stays."""
-    evaluation = summary["evaluation"]
-    gate = evaluation["gate"]
-    text = json.dumps(summary)
-    if len(text.encode()) > TERMINATION_LOG_LIMIT:
-        gate["failures"] = [str(f)[:200] for f in gate.get("failures") or []][:8]
-        evaluation["metrics"] = dict(list(evaluation["metrics"].items())[:16])
-        text = json.dumps(summary)
-    if len(text.encode()) > TERMINATION_LOG_LIMIT:
-        gate["failures"], evaluation["metrics"] = [], {}
-        text = json.dumps(summary)
-    path.write_text(text)
+def write_termination_log(path: Path, summary: RunResult) -> None:
+    """Write `summary` as JSON that fits a termination message (`RunResult.to_message`)."""
+    path.write_text(summary.to_message())
 
 
 def run_local(
@@ -194,7 +184,7 @@ def run_local(
             run,
             out,
             address=address,
-            world_size=workers or run.spec.resources.workers,
+            world_size=workers,  # None: config.resolve derives it from the spec
             use_gpu=False if run.spec.resources.gpus_per_worker == 0 else None,
             max_failures=run.spec.run_policy.backoff_limit,
             telemetry=telemetry,
@@ -210,7 +200,7 @@ def run_local(
         write_termination_log(
             termination_log, termination_summary(run.metadata.name or "run", result)
         )
-    plot = plot_losses(out / "metrics.jsonl", out / "loss.png")
+    plot = plot_losses(out / contract.METRICS_FILE, out / "loss.png")
     gate = result["gate"]
     print(f"\nrun {run.metadata.name}: {result['step']} steps, {result['tokens_seen']} tokens")
     for name, value in result["metrics"].items():
@@ -221,7 +211,7 @@ def run_local(
     if plot:
         print(f"  loss curve: {plot}")
     if result.get("model"):
-        prompt, text = sample(Path(result["model"]), out / "data")
+        prompt, text = sample(Path(result["model"]), out / contract.DATA_DIR)
         print(f"  sample: {prompt!r} -> {text!r}")
     return result
 
@@ -236,11 +226,8 @@ def serve_after(run: api.TrainingRun, result: dict[str, Any], out: Path, port: i
         Path(result["model"]),
         "127.0.0.1",
         port,
-        max_tokens=limits.max_tokens,
-        max_concurrency=limits.max_concurrency,
-        max_queue=limits.max_queue,
-        max_body_bytes=limits.max_body_bytes,
-        feedback_path=out / "feedback.jsonl",
+        **{field: getattr(limits, field) for field in contract.SERVE_LIMITS},
+        feedback_path=out / contract.FEEDBACK_DIR / contract.FEEDBACK_FILE,
     )
 
 

@@ -2,8 +2,8 @@
 
 `Telemetry` holds the latest snapshot of a run and renders it two ways: Prometheus series
 `kubetrain_trainer_*` (its own registry, computed at scrape time, bounded labels only) and a
-JSON progress document whose keys match `kubetrain_api.v1alpha1.Progress` and the status
-fields, so the operator can copy it into `status`. `serve_telemetry` serves both over HTTP.
+JSON progress document, a `kubetrain_api.reports.ProgressReport`, which the operator parses
+with the same model into `status`. `serve_telemetry` serves both over HTTP.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 
-from kubetrain_api.v1alpha1 import GateResult
+from kubetrain_api.reports import MAX_METRICS, TRAINER_PHASES, ProgressReport, percent
+from kubetrain_api.v1alpha1 import CheckpointRef, EvaluationStatus, GateResult
 
 # --------------------------------------------------------------------------------------
 # FLOPs and MFU
@@ -126,15 +127,7 @@ TRAINING_FIELDS: Mapping[str, str] = {
     "gpu_memory_peak_bytes": "Peak GPU memory allocated by rank 0's process (GPU runs only).",
 }
 # What the trainer is doing; the names it shares with the run's `status.phase` mean the same.
-PHASES = (
-    "Starting",
-    "Preparing",
-    "Running",
-    "Evaluating",
-    "Exporting",
-    "Succeeded",
-    "Failed",
-)
+PHASES = TRAINER_PHASES
 EVAL_METRICS = ("loss", "perplexity", "accuracy", "precision", "recall", "f1")
 # The spec allows 16 labelled evaluation datasets; this caps the `dataset` label values.
 MAX_EVAL_DATASETS = 16
@@ -165,10 +158,8 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat().replace("+00:00", "Z")
+def _moment(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
 
 
 def _data_counts(summary: Mapping[str, Any]) -> dict[tuple[str, str], float]:
@@ -306,40 +297,41 @@ class Telemetry:
         return max(0, round((total - s1) * (t1 - t0) / (s1 - s0)))
 
     def progress(self) -> dict[str, Any]:
-        """JSON-serializable progress: the `Progress` fields (camelCase) plus phase, the
-        latest checkpoint (`CheckpointRef`) and evaluation (`EvaluationStatus`)."""
+        """The `/progress` document: a `kubetrain_api.reports.ProgressReport` (the
+        `Progress` fields, phase, latest checkpoint and evaluation) as JSON, nulls kept."""
         with self._lock:
             f = self._fields
-            step, total = f.get("step"), f.get("total_steps")
-            percent = None
-            if step is not None and total:
-                percent = min(100, max(0, math.floor(100 * step / total)))
-            checkpoint = self._checkpoint and {
-                "step": self._checkpoint["step"],
-                "path": self._checkpoint["path"],
-                "time": _iso(self._checkpoint["time"]),
-            }
-            evaluation = self._eval and {
-                "step": self._eval["step"],
-                "metrics": {
-                    k: v for k, v in self._eval["metrics"].items() if _finite(v) is not None
-                },
-                "gate": self._eval["gate"] and self._eval["gate"].model_dump(mode="json"),
-            }
-            return {
-                "phase": self._phase,
-                "step": None if step is None else int(step),
-                "totalSteps": None if total is None else int(total),
-                "percent": percent,
-                "epoch": _finite(f.get("epoch")),
-                "loss": _finite(f.get("loss")),
-                "tokensPerSecond": _finite(f.get("tokens_per_second")),
-                "mfu": _finite(f.get("mfu")),
-                "etaSeconds": self._eta_seconds(),
-                "latestCheckpoint": checkpoint,
-                "evaluation": evaluation,
-                "updatedAt": _iso(self._updated_at),
-            }
+            step = None if f.get("step") is None else int(f["step"])
+            total = None if f.get("total_steps") is None else int(f["total_steps"])
+            checkpoint = evaluation = None
+            if self._checkpoint is not None:
+                checkpoint = CheckpointRef(
+                    step=self._checkpoint["step"],
+                    path=self._checkpoint["path"],
+                    time=_moment(self._checkpoint["time"]),
+                )
+            if self._eval is not None:
+                metrics = [(k, v) for k, v in self._eval["metrics"].items() if math.isfinite(v)]
+                evaluation = EvaluationStatus(
+                    step=self._eval["step"],
+                    metrics=dict(metrics[:MAX_METRICS]),
+                    gate=self._eval["gate"],
+                )
+            report = ProgressReport(
+                phase=self._phase,
+                step=step,
+                total_steps=total,
+                percent=percent(step, total),
+                epoch=_finite(f.get("epoch")),
+                loss=_finite(f.get("loss")),
+                tokens_per_second=_finite(f.get("tokens_per_second")),
+                mfu=_finite(f.get("mfu")),
+                eta_seconds=self._eta_seconds(),
+                latest_checkpoint=checkpoint,
+                evaluation=evaluation,
+                updated_at=_moment(self._updated_at),
+            )
+        return report.model_dump(mode="json", by_alias=True)
 
     def collect(self) -> list[Metric]:
         """Prometheus collector protocol: every series from the snapshot, at scrape time."""

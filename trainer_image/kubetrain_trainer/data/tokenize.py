@@ -14,21 +14,13 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from kubetrain_trainer.model_folder import DEFAULT_CHAT_TEMPLATE
+
 from .readers import DataError, Record
 
 IGNORE_INDEX = -100
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-# The chat format of tokenizers trained here, and the fallback for tokenizers without one:
-# `<s><|user|>question</s><|assistant|>answer</s>`. Role markers are single special tokens
-# in trained tokenizers, and each turn ends with EOS so the model learns where to stop.
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
 _BATCH = 1024
 
 

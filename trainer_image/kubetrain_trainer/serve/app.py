@@ -33,6 +33,9 @@ from pydantic import BaseModel
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kubetrain_api import contract
+from kubetrain_api.v1alpha1 import ServeSpec
+
 from .engine import ModelInfo, Sampling, Step, TransformersEngine
 from .errors import ApiError, install_handlers, unavailable
 from .feedback import FeedbackStore, ResponseLog
@@ -409,13 +412,16 @@ class _Edge:
             metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
 
 
+_LIMITS = ServeSpec()  # the defaults of spec.serve's limits
+
+
 def create_app(
     model_dir: Path,
     *,
-    max_tokens: int = 512,
-    max_concurrency: int = 8,
-    max_queue: int = 32,
-    max_body_bytes: int = 1_048_576,
+    max_tokens: int = _LIMITS.max_tokens,
+    max_concurrency: int = _LIMITS.max_concurrency,
+    max_queue: int = _LIMITS.max_queue,
+    max_body_bytes: int = _LIMITS.max_body_bytes,
     feedback_path: Path | None = None,
 ) -> FastAPI:
     """The API for the exported model in `model_dir`, with `spec.serve`'s limits. The model
@@ -471,7 +477,7 @@ class _DrainingServer(uvicorn.Server):
 def build_server(
     model_dir: Path,
     host: str = "0.0.0.0",
-    port: int = 8000,
+    port: int = contract.SERVE_PORT,
     *,
     graceful_timeout_s: float = GRACEFUL_SHUTDOWN_S,
     log_level: str = "info",
@@ -497,7 +503,9 @@ def build_server(
     return server
 
 
-def serve(model_dir: Path, host: str = "0.0.0.0", port: int = 8000, **options: Any) -> None:
+def serve(
+    model_dir: Path, host: str = "0.0.0.0", port: int = contract.SERVE_PORT, **options: Any
+) -> None:
     """Serve until SIGTERM, then finish the requests in flight (up to `graceful_timeout_s`).
     Exits with status 1 when the model cannot be loaded, so the pod restarts visibly."""
     server = build_server(model_dir, host, port, **options)

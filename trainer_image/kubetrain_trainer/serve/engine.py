@@ -35,8 +35,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from kubetrain_trainer.data.tokenize import DEFAULT_CHAT_TEMPLATE
-from kubetrain_trainer.export import RUN_INFO_FILE
+from kubetrain_trainer.model_folder import DEFAULT_CHAT_TEMPLATE, RUN_INFO_FILE
 
 from .schemas import FinishReason
 

@@ -1,0 +1,98 @@
+"""Values shared by the operator, the trainer and the model server, defined once.
+
+Everything here crosses a process boundary and is not part of the TrainingRun spec: the
+labels and annotations on a run's children, the ports the trainer and the server listen
+on, the layout of a run's storage, the termination message's size, and how `spec.serve`'s
+limits become the model server's options. Standard library only (see kubetrain_api).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+# --------------------------------------------------------------------------------------
+# labels and annotations
+# --------------------------------------------------------------------------------------
+
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_RUN: Final = "kubetrain.dev/run"
+"""On a run's Ray pods and other children (never on serving pods): the run's name."""
+LABEL_ATTEMPT: Final = "kubetrain.dev/attempt"
+"""On Ray pods: the attempt (1, 2, ...) they belong to."""
+LABEL_ROLE: Final = "kubetrain.dev/role"
+"""On Ray pods: `head` or `worker`."""
+LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+ROLE_HEAD: Final = "head"
+ROLE_WORKER: Final = "worker"
+
+ANNOTATION_INPUT_HASH: Final = "kubetrain.dev/input-hash"
+"""sha256 of what the operator built, to skip no-op updates."""
+ANNOTATION_MODEL_VERSION: Final = "kubetrain.dev/model-version"
+"""On the serving pod template: status.model.version, so a new model rolls the pods."""
+ANNOTATION_SCRAPE: Final = "prometheus.io/scrape"
+ANNOTATION_SCRAPE_PORT: Final = "prometheus.io/port"
+ANNOTATION_SCRAPE_PATH: Final = "prometheus.io/path"
+
+# --------------------------------------------------------------------------------------
+# ports and paths
+# --------------------------------------------------------------------------------------
+
+TELEMETRY_PORT: Final = 8080
+"""The head's trainer telemetry (`/metrics`, `/progress`), unless the operator's settings
+choose another (KUBETRAIN_PROGRESS_PORT)."""
+METRICS_PATH: Final = "/metrics"
+PROGRESS_PATH: Final = "/progress"
+SERVE_PORT: Final = 8000
+"""The model server's HTTP port (OpenAI API, probes and /metrics)."""
+
+TERMINATION_MESSAGE_LIMIT: Final = 4096
+"""Kubernetes keeps at most this many bytes of a container's termination message."""
+
+# --------------------------------------------------------------------------------------
+# storage layout: folders under a run's folder `<storage>/<run name>/`
+# --------------------------------------------------------------------------------------
+
+DATA_DIR: Final = "data"
+"""Prepared (tokenized, packed) data."""
+CHECKPOINT_DIR: Final = "checkpoints"
+"""Step-numbered DCP checkpoints."""
+MODEL_DIR: Final = "model"
+"""The exported Hugging Face model the server loads."""
+FEEDBACK_DIR: Final = "feedback"
+"""Where the model server appends feedback (FEEDBACK_FILE)."""
+FEEDBACK_FILE: Final = "feedback.jsonl"
+METRICS_FILE: Final = "metrics.jsonl"
+"""The training loop's per-step log."""
+
+
+def run_path(run_name: str, folder: str) -> str:
+    """`<run>/<folder>` relative to the storage root (a volume subPath)."""
+    return f"{run_name}/{folder}"
+
+
+# --------------------------------------------------------------------------------------
+# serving limits: ServeSpec field -> the model server's option, one to one
+# --------------------------------------------------------------------------------------
+
+SERVE_LIMITS: Final = ("max_tokens", "max_concurrency", "max_queue", "max_body_bytes")
+"""The `spec.serve` (ServeSpec) fields that are the model server's limits; each is the
+server's `--max-...` option and `create_app`'s keyword of the same name."""
+
+
+def serve_option(field: str) -> str:
+    """The command-line option of a ServeSpec limit: max_body_bytes -> --max-body-bytes."""
+    return "--" + field.replace("_", "-")
+
+
+def serve_args(limits: Mapping[str, int]) -> list[str]:
+    """The model server's options for the SERVE_LIMITS in `limits` (e.g. a ServeSpec's
+    model_dump()), in SERVE_LIMITS order."""
+    args: list[str] = []
+    for field in SERVE_LIMITS:
+        args += [serve_option(field), str(limits[field])]
+    return args
