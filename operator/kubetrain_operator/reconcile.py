@@ -175,7 +175,13 @@ def reconcile(
             kube.delete("Pod", ns, pod["metadata"]["name"])
     if action == "retry":
         metrics.RETRIES.labels(cause="failure").inc()
-    if action in ("create_cluster", "retry") and run is not None:
+    # A new attempt waits until the old attempt's pods are gone: the head Service selects
+    # every attempt's head, so new workers could otherwise join a dying cluster. The status
+    # says Retrying/Resuming until then, and a later reconcile creates the pods.
+    leftovers = any(
+        _attempt(p) != new_attempt or p["metadata"].get("deletionTimestamp") for p in all_pods
+    )
+    if action in ("create_cluster", "retry") and run is not None and not leftovers:
         _create_cluster(kube, run, uid, ns, new_attempt, settings)
     if action == "finish":
         _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])

@@ -122,6 +122,52 @@ def test_oom_kill_then_success_takes_two_attempts(operator: None, namespace: str
     assert st["attempts"] == 2
 
 
+def test_a_retry_waits_until_the_old_attempts_pods_are_gone(operator: None, namespace: str) -> None:
+    """The head Service selects every attempt's head: workers of attempt 2 started while
+    attempt 1's head is still shutting down could join the dying cluster."""
+    apply(quickstart("gone"), namespace)
+    head_name = start_cluster("gone", namespace)
+    # A finalizer keeps the old worker in Terminating, as a slow kubelet would.
+    hold = {"metadata": {"finalizers": ["kubetrain.dev/test-hold"]}}
+    kubectl(
+        "patch", "pod", "gone-a1-worker-0", "-n", namespace, "--type=merge", "-p", json.dumps(hold)
+    )
+    kubelet.set_terminated(namespace, head_name, 137, "OOMKilled")
+    wait_until(
+        lambda: status("gone", namespace).get("attempts") == 2,
+        timeout=30,
+        message="attempt 2 decided",
+    )
+    wait_until(
+        lambda: kubectl(
+            "get", "pod", "gone-a1-worker-0", "-n", namespace,
+            "-o", "jsonpath={.metadata.deletionTimestamp}",
+        ).stdout,
+        timeout=30,
+        message="the old worker deleted",
+    )  # fmt: skip
+    time.sleep(5)  # five resyncs of the test operator
+    assert [p["metadata"]["name"] for p in run_pods("gone", namespace, attempt=2)] == []
+    assert condition(status("gone", namespace), "ClusterReady")["reason"] == "Retrying"
+
+    release = {"metadata": {"finalizers": None}}
+    kubectl(
+        "patch",
+        "pod",
+        "gone-a1-worker-0",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps(release),
+    )
+    wait_until(
+        lambda: len(run_pods("gone", namespace, attempt=2)) == 3,
+        timeout=30,
+        message="attempt 2's head and workers",
+    )
+
+
 def test_exit_1_is_permanent(operator: None, namespace: str) -> None:
     apply(quickstart("bug"), namespace)
     head_name = start_cluster("bug", namespace)
