@@ -58,20 +58,22 @@ golden: install ## regenerate tests/golden/ (the children the operator renders f
 check-crds: install ## fail if crds/ or the chart's copy is out of date
 	$(BIN)/kubetrain crds --check
 
-test: install lint ## everything CI runs: lint, unit and real control-plane tests
+test: install lint ## everything CI runs: lint, unit, control-plane, image and real-node e2e tests
 	$(BIN)/python hack/controlplane.py build
 	$(BIN)/python hack/controlplane.py tools
+	$(BIN)/python hack/images.py build
 	$(BIN)/pytest -v --durations=15
 
 test-unit: install ## fast tests only (no control plane)
 	$(BIN)/pytest -m "not controlplane"
 
-e2e: install ## end to end: TrainingRun -> operator -> pods run by hack/noderunner.py -> served model
+e2e: install ## end to end on a real node: helm install, TrainingRun -> Ray pods -> served model
 	$(BIN)/python hack/controlplane.py build
 	$(BIN)/python hack/controlplane.py tools
+	$(BIN)/python hack/images.py build
 	$(BIN)/pytest -v -m e2e --durations=5
 
-images: ## build both container images with buildah (no Docker) into docker-archive tarballs
+images: ## build both images (operator, CPU trainer) with buildah into docker-archive tarballs
 	$(PYTHON) hack/images.py build
 
 kind-up: ## with Docker: create the kind cluster of hack/kind/cluster.yaml

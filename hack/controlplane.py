@@ -65,7 +65,7 @@ NODE_COMPONENTS = ("kubelet", "kube-proxy")
 BUILT_COMPONENTS = (*K8S_COMPONENTS, *NODE_COMPONENTS)
 # The pod sandbox's pause process, compiled statically from the same source tree.
 PAUSE_BINARY = "pause"
-# iproute2 (ip, for network namespaces) and curl serve hack/noderunner.py and its pods.
+# iproute2 (ip, bridges and addresses) serves hack/node.py; curl the tests.
 RUNTIME_PACKAGES = ("etcd-server", "openssl", "iproute2", "curl")
 BUILD_PACKAGES = (
     "golang-go", "rsync", "make", "gcc", "libc6-dev", "golang-github-modern-go-reflect2-dev",

@@ -812,7 +812,8 @@ def _isolate(node: Node) -> None:
     """Pods reach only each other and the bridge address (DNS, API forwarder) - nothing else.
 
     FORWARD: traffic from the bridge to any other interface is dropped. INPUT: from the
-    bridge only the bridge address is reachable, and not the kubelet's port.
+    bridge only the bridge address is reachable, and not the kubelet's port; replies to
+    connections the host opened pass.
     """
     fwd, inp = f"KTN-{node.netid}-FWD", f"KTN-{node.netid}-IN"
     for chain, rules, parent in (
@@ -820,6 +821,18 @@ def _isolate(node: Node) -> None:
         (
             inp,
             [
+                # Replies to connections the host opened (e.g. to a ClusterIP, whose source
+                # is the host's own address) come back in through the bridge.
+                [
+                    "-i",
+                    node.bridge,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-j",
+                    "RETURN",
+                ],
                 ["-i", node.bridge, "-p", "tcp", "--dport", str(node.kubelet_port), "-j", "DROP"],
                 ["-i", node.bridge, "!", "-d", node.ip, "-j", "DROP"],
             ],

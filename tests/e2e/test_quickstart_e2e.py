@@ -1,15 +1,20 @@
-"""End to end on the local control plane: `kubectl apply` the quickstart TrainingRun; the
-real `kubetrain operator` (with the chart's RBAC) creates the Ray cluster; the node runner
-runs the head and the two workers as local processes (Ray forms a 3-node cluster, FSDP2
-trains across the two worker pods); the run reaches Succeeded with progress, evaluation
-and model; the serving Deployment's pod runs `kubetrain serve`, and the `openai` client
-gets a completion through the Service's ClusterIP."""
+"""End to end on a real node (hack/node.py: containerd, kubelet, kube-proxy, cluster DNS)
+joined to the local control plane, with the images built from this repository:
+
+- `helm install` the chart as a user does: the operator runs as its pod, in-cluster, with
+  the chart's ServiceAccount, RBAC and restricted security context;
+- `kubectl apply` the quickstart: the Ray head and two workers run from the CPU trainer
+  image as uid 1000 with a read-only root; FSDP2 trains across the two worker pods;
+- a worker's container is killed, later a worker pod is deleted: each time the run goes
+  on from its latest checkpoint; it succeeds; the head's log is read with `kubectl logs`;
+- the serving pod answers the `openai` client through its Service's ClusterIP;
+- a run whose workers exceed their memory limit is classified OOMKilled, retried per its
+  run policy and failed; the head it leaves behind stops promptly on SIGTERM.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,56 +24,82 @@ from typing import Any
 
 import pytest
 
-from tests.helm.chart import install_release, operator_identity_from_chart
-from tests.support.cluster import controlplane, kubectl, wait_until
-from tests.support.node import NodeRunner
-from tests.support.operators import free_port, operator_command
-from tests.support.runs import apply, quickstart, status, wait_phase
+from tests.helm.chart import NAMESPACE, install_release, operator_identity_from_chart
+from tests.support.cluster import kubectl, wait_until
+from tests.support.images import built_images
+from tests.support.realnode import RealNode
+from tests.support.runs import apply, condition, quickstart, status, wait_phase
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane]
 
 STEPS, CHECKPOINT = 60, 20
+OPERATOR_DEPLOYMENT = "kubetrain-operator"
+# The node has 2 CPUs: the head, two workers and the serving pod share them.
+SMALL = {"cpu": "250m", "memory": "2Gi"}
 
 
-@pytest.fixture
-def operator_process(cluster: Any, crd_installed: None, tmp_path: Path) -> Iterator[Path]:
-    """`helm install` the chart, then `kubetrain operator` as a local process with the
-    operator token, whose identity is the chart's ServiceAccount: only the chart's RBAC
-    applies to it. (The chart's own operator pod is kept off the node runner by a node
-    selector: it would need in-cluster credentials the runner does not project.)
-    Yields the operator's log."""
+@pytest.fixture(scope="module")
+def chart_operator(cluster: Any, crd_installed: None, real_node: RealNode) -> Iterator[str]:
+    """Both images on the node, then `helm install` with the chart's defaults except the CPU
+    trainer's tag and a shorter resync. Yields the trainer image."""
+    refs = built_images(real_node)
+    values = {
+        "trainer": {"image": {"tag": refs["trainer"].rsplit(":", 1)[1]}},
+        "operator": {"resyncSeconds": 2},
+    }
     with operator_identity_from_chart(cluster):
-        install_release(cluster, {"nodeSelector": {"kubetrain.dev/e2e": "no-such-node"}})
-        log = tmp_path / "operator.log"
-        env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
-        env["KUBETRAIN_RESYNC_SECONDS"] = "2"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                operator_command(free_port()),
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=controlplane._parent_death_signal(),
-            )
+        install_release(cluster, values)
         try:
-            yield log
+            kubectl(
+                "rollout", "status", f"deploy/{OPERATOR_DEPLOYMENT}", "-n", NAMESPACE,
+                "--timeout=180s", timeout=200,
+            )  # fmt: skip
+            yield refs["trainer"]
+        except BaseException:
+            sys.stderr.write(real_node.diagnostics(NAMESPACE))
+            raise
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            sys.stderr.write(_operator_log_tail())
+    # Uninstalled: no second operator may reconcile the runs of later tests.
+    wait_until(
+        lambda: not kubectl("get", "pods", "-n", NAMESPACE, "-o", "name").stdout.strip(),
+        timeout=120,
+        message="the chart's operator pod to go",
+    )
 
 
-def kill_container(namespace: str, pod: str) -> None:
-    """SIGKILL the pod's container (its PID 1, the node runner's shim's child), as an OOM
-    kill or a crashed node would: the container exits 137."""
+def _operator_log_tail() -> str:
+    out = kubectl(
+        "logs", f"deploy/{OPERATOR_DEPLOYMENT}", "-n", NAMESPACE, "--tail=60", check=False
+    )
+    return f"\n----- operator log (tail) -----\n{out.stdout}{out.stderr}\n"
+
+
+def small_run(name: str, **changes: Any) -> dict[str, Any]:
+    """The quickstart sized for the 2-CPU node."""
+    return quickstart(
+        name,
+        resources__cpuPerWorker=SMALL["cpu"],
+        resources__head=SMALL,
+        serve__resources=SMALL,
+        **changes,
+    )
+
+
+def container_id(namespace: str, pod: str) -> str:
     out = kubectl("get", "pod", pod, "-n", namespace, "-o", "json").stdout
     (container,) = json.loads(out)["status"]["containerStatuses"]
-    shim = int(container["containerID"].removeprefix("noderunner://"))
-    (init,) = Path(f"/proc/{shim}/task/{shim}/children").read_text().split()
-    os.kill(int(init), signal.SIGKILL)
+    return str(container["containerID"]).removeprefix("containerd://")
+
+
+def kill_container(node: RealNode, namespace: str, pod: str) -> None:
+    """SIGKILL the pod's container through containerd, as the kernel's OOM killer or a
+    crash would: the container exits 137 and the kubelet reports it."""
+    subprocess.run(
+        ["ctr", "--address", str(node.node.containerd_socket), "-n", "k8s.io",
+         "tasks", "kill", "--signal", "SIGKILL", container_id(namespace, pod)],
+        check=True, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
 
 
 def storage_events(namespace: str, run: str) -> list[dict[str, Any]]:
@@ -88,66 +119,86 @@ def checkpointed(namespace: str, run: str) -> int:
     """The run's latest committed checkpoint step; fails at once if the run failed."""
     st = status(run, namespace)
     if st.get("phase") == "Failed":
-        failed = [c for c in st.get("conditions", []) if c["type"] == "Failed"]
-        pytest.fail(f"{run} failed: {failed}")
+        pytest.fail(f"{run} failed: {condition(st, 'Failed')}")
     return int(st.get("checkpoints", {}).get("latest", {}).get("step", 0))
 
 
-def test_quickstart_trains_on_ray_pods_resumes_and_serves(
-    node: NodeRunner, operator_process: Path, namespace: str
+def wait_checkpoint(namespace: str, run: str, step: int) -> dict[str, Any]:
+    wait_until(
+        lambda: checkpointed(namespace, run) >= step,
+        timeout=900,
+        interval=0.5,
+        message=f"the checkpoint of step {step}",
+    )
+    return status(run, namespace)
+
+
+def test_quickstart_trains_on_real_pods_resumes_and_serves(
+    real_node: RealNode, chart_operator: str, namespace: str
 ) -> None:
     started = time.monotonic()
-    # Shorter than the example (200 steps) to keep the test quick; the gate stays on.
-    run = quickstart(
+    run = small_run(
         "quickstart",
         hyperparameters__maxSteps=STEPS,
         checkpoint__intervalSteps=CHECKPOINT,
         evaluation__intervalSteps=CHECKPOINT,
         evaluation__gate=[{"metric": "perplexity", "max": 1000}],
-        # Room for an attempt whose Ray node misses Ray's fixed 30 s start-up wait on a
-        # busy 2-core machine, besides the one the test kills.
-        runPolicy__backoffLimit=6,
+        # Two failures are caused on purpose; room for one slow Ray start on 2 cores.
+        runPolicy__backoffLimit=4,
     )
     apply(run, namespace)
     try:
-        # A worker dies mid-training once the first checkpoint is committed.
+        first = wait_checkpoint(namespace, "quickstart", CHECKPOINT)
+        pods = json.loads(kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"]
+        head = next(p for p in pods if p["metadata"]["labels"].get("kubetrain.dev/role") == "head")
+        # Training pods run as the image's non-root user, on a read-only root.
+        for pod in pods:
+            ctx = pod["spec"]["containers"][0]["securityContext"]
+            assert ctx["readOnlyRootFilesystem"] is True
+            assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        uid = kubectl("exec", head["metadata"]["name"], "-n", namespace, "--", "id", "-u")
+        assert uid.stdout.strip() == "1000"
+        assert pods
+        assert all(p["spec"]["nodeName"] == real_node.name for p in pods)
+
+        # 1. A worker's container dies (as an OOM kill or a crash would).
+        kill_container(real_node, namespace, f"quickstart-a{first['attempts']}-worker-1")
         wait_until(
-            lambda: checkpointed(namespace, "quickstart") >= CHECKPOINT,
-            timeout=900,
-            interval=0.5,
-            message=f"the checkpoint of step {CHECKPOINT}",
+            lambda: status("quickstart", namespace).get("attempts", 0) > first["attempts"],
+            timeout=300,
+            message="a new attempt after the container kill",
         )
-        at_kill = status("quickstart", namespace)
-        killed_at, killed_attempt = at_kill["progress"]["step"], at_kill["attempts"]
-        kill_container(namespace, f"quickstart-a{killed_attempt}-worker-1")
+        second = wait_checkpoint(namespace, "quickstart", 2 * CHECKPOINT)
+        # 2. A worker pod is deleted (a drained node, a user's mistake).
+        kubectl(
+            "delete", "pod", f"quickstart-a{second['attempts']}-worker-0", "-n", namespace,
+            "--wait=false",
+        )  # fmt: skip
         final = wait_phase("quickstart", namespace, "Succeeded", timeout=900)
     except BaseException:
-        sys.stderr.write(operator_process.read_text()[-5000:])
+        sys.stderr.write(real_node.diagnostics(namespace))
         raise
     trained = time.monotonic() - started
-    assert killed_at < STEPS, "the kill came after training had finished"
-    # The killed attempt was retried (on a loaded machine an attempt may also fail to
-    # form its Ray cluster in time, and be retried too).
-    assert final["attempts"] > killed_attempt
+    assert final["attempts"] > second["attempts"]
     assert final["progress"]["step"] == STEPS
     assert final["evaluation"]["metrics"]["perplexity"] < 1000
     assert final["model"]
-    # The second attempt started from the committed checkpoint, not from scratch.
+    # Each attempt after the first started from a committed checkpoint, not from scratch.
     resumed = [
         e["resumed_from"] for e in storage_events(namespace, "quickstart") if e["kind"] == "setup"
     ]
     assert resumed[0] == 0
-    assert max(resumed) >= CHECKPOINT
+    assert CHECKPOINT in resumed[1:]
+    assert max(resumed) >= 2 * CHECKPOINT
 
-    serving = wait_until(
-        lambda: (
-            (s := status("quickstart", namespace).get("serving", {}))
-            and any(
-                c["type"] == "Serving" and c["status"] == "True"
-                for c in status("quickstart", namespace).get("conditions", [])
-            )
-            and s
-        ),
+    # The driver's output is in the head's log, through the API server and the kubelet.
+    logs = kubectl(
+        "logs", f"quickstart-a{final['attempts']}-head", "-n", namespace, "--tail=200"
+    ).stdout
+    assert f"run quickstart: {STEPS} steps" in logs
+
+    wait_until(
+        lambda: condition(status("quickstart", namespace), "Serving").get("status") == "True",
         timeout=300,
         message="Serving condition True",
     )
@@ -163,6 +214,57 @@ def test_quickstart_trains_on_ray_pods_resumes_and_serves(
     )
     assert completion.choices[0].text
     sys.stderr.write(
-        f"\ne2e: trained in {trained:.0f}s, served after {time.monotonic() - started:.0f}s;"
-        f" serving={serving}, completion={completion.choices[0].text!r}\n"
+        f"\ne2e: trained in {trained:.0f}s over {final['attempts']} attempts (resumed from"
+        f" {resumed}), served after {time.monotonic() - started:.0f}s;"
+        f" completion={completion.choices[0].text!r}\n"
     )
+
+
+def test_workers_over_their_memory_limit_are_oomkilled_and_retried(
+    real_node: RealNode, chart_operator: str, namespace: str
+) -> None:
+    # Importing Ray alone takes more than this; the kernel kills the worker's container.
+    run = small_run("oom", resources__memoryPerWorker="96Mi", runPolicy__backoffLimit=1)
+    apply(run, namespace)
+    try:
+        # The first attempt's head waits for workers that never join; when the operator
+        # starts the next attempt it deletes that head, which must stop on SIGTERM at once
+        # (not after the grace period).
+        head = "oom-a1-head"
+        wait_until(
+            lambda: kubectl("get", "pod", head, "-n", namespace, check=False).returncode == 0,
+            timeout=300,
+            message=f"pod {head}",
+        )
+        grace = json.loads(kubectl("get", "pod", head, "-n", namespace, "-o", "json").stdout)[
+            "spec"
+        ]["terminationGracePeriodSeconds"]
+        deleting = wait_until(
+            lambda: json.loads(
+                kubectl("get", "pod", head, "-n", namespace, "-o", "json", check=False).stdout
+                or '{"metadata": {"deletionTimestamp": "gone"}}'
+            )["metadata"].get("deletionTimestamp"),
+            timeout=600,
+            interval=0.2,
+            message=f"{head} to be deleted by the operator",
+        )
+        asked = time.monotonic()
+        wait_until(
+            lambda: kubectl("get", "pod", head, "-n", namespace, check=False).returncode != 0,
+            timeout=grace + 30,
+            interval=0.2,
+            message=f"{head} to stop",
+        )
+        stopped_after = time.monotonic() - asked
+        final = wait_phase("oom", namespace, "Failed", timeout=600)
+    except BaseException:
+        sys.stderr.write(real_node.diagnostics(namespace))
+        raise
+    failed = condition(final, "Failed")
+    assert final["attempts"] == 2  # backoffLimit 1: one retry
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert failed["message"].startswith("OOMKilled:"), failed
+    assert "exit code 137" in failed["message"]
+    if deleting != "gone":  # seen while it was being deleted
+        assert stopped_after < grace / 2, f"head took {stopped_after:.1f}s of its {grace}s"
+    sys.stderr.write(f"\noom: head stopped {stopped_after:.1f}s after deletion; {failed}\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,10 @@ def test_services_dns_and_api_server(rnode: RealNode, namespace: str) -> None:
         )
     # Hairpin: the backend reaches itself through its Service's ClusterIP.
     assert "pong-from-web" in fetch("web", cluster_ip)
+    # The host reaches it too (kube-proxy's OUTPUT rules; the replies come back in through
+    # the bridge, addressed to the host's own address).
+    with urllib.request.urlopen(f"http://{cluster_ip}:80/", timeout=10) as reply:
+        assert b"pong-from-web" in reply.read()
     headless = f"web-headless.{namespace}.svc.cluster.local"
     lookup = wait_until(
         lambda: (
