@@ -259,6 +259,7 @@ class Trainer:
             world_size=self.ctx.world_size,
             params_total=self.shape.n_params,
             params_local=_local_numel(self.model),
+            params_local_by_rank=_all_gather_int(_local_numel(self.model)),
             grad_accum_steps=self.config.grad_accum_steps,
             resumed_from=self.step,
         )
@@ -356,6 +357,15 @@ class Trainer:
 def _local_numel(model: torch.nn.Module) -> int:
     """Parameters this process holds: its FSDP2 shards, or everything when unsharded."""
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+
+
+def _all_gather_int(value: int) -> list[int]:
+    """`value` from every rank, in rank order (a collective)."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return [int(v) for v in out]
 
 
 def _read_json(path: Path) -> Any:
