@@ -50,6 +50,11 @@ PROGRESS_PATH: Final = "/progress"
 SERVE_PORT: Final = 8000
 """The model server's HTTP port (OpenAI API, probes and /metrics)."""
 
+WORKER_SLOT_RESOURCE: Final = "kubetrain_worker_slot"
+"""A custom Ray resource: each worker pod's `ray start` advertises as many as it hosts
+training processes, each rank asks for one, and the head has none; so exactly that many
+ranks land on every worker pod (Ray's CPU/GPU counts alone let ranks pile onto one pod)."""
+
 TERMINATION_MESSAGE_LIMIT: Final = 4096
 """Kubernetes keeps at most this many bytes of a container's termination message."""
 

@@ -113,7 +113,10 @@ class ModelSpec(ApiModel):
     """Tokenizer location; defaults to the model's own. Built-in models get a tokenizer
     trained on the run's data."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Parameter dtype: `auto` is bfloat16 on GPUs and float32 on CPUs."""
+    """Dtype the trained weights (and so the optimizer state) are kept in. `auto` is
+    float32 master weights on GPUs and CPUs alike; the compute dtype comes from
+    `hyperparameters.precision`. bfloat16/float16 keep low-precision weights (less memory,
+    less exact updates)."""
     config_overrides: Annotated[
         dict[str, Any],
         Field(max_length=64),
@@ -287,7 +290,10 @@ class Hyperparameters(ApiModel):
     max_grad_norm: Annotated[float, Field(ge=0.0, le=1e6)] = 1.0
     """Gradient clipping by global norm; 0 disables clipping."""
     precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "auto"
-    """Compute precision: `auto` is bf16-mixed on GPUs and fp32 on CPUs."""
+    """Compute precision: `auto` is bf16-mixed on GPUs and fp32 on CPUs. bf16-mixed
+    computes in bfloat16 under both `fsdp` and `ddp`, with float32 weights unless
+    `model.dtype` says otherwise. fp16-mixed is refused: it needs a loss scaler that the
+    trainer does not have yet; use bf16-mixed."""
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1234
     """Seed for weights, data order and dropout."""
 
@@ -325,9 +331,13 @@ class Resources(ApiModel):
     """Where and how large the Ray cluster is."""
 
     workers: Annotated[int, Field(ge=1, le=1024)] = 1
-    """Ray worker pods; training runs one process per GPU (or one per worker on CPU)."""
+    """Ray worker pods. Training runs `workers x processesPerWorker` processes (the world
+    size), the same number on every worker pod and none on the head."""
     gpus_per_worker: Annotated[int, Field(ge=0, le=16)] = 0
     """`nvidia.com/gpu` per worker pod; 0 trains on CPU."""
+    processes_per_worker: Annotated[int, Field(ge=1, le=64)] | None = None
+    """Training processes per worker pod. Unset: one per GPU (`gpusPerWorker`), or 1 on
+    CPU. On GPUs it must equal `gpusPerWorker` (one process per GPU)."""
     cpu_per_worker: Quantity = "4"
     """CPU request and limit per worker pod."""
     memory_per_worker: Quantity = "16Gi"

@@ -301,10 +301,19 @@ def _rule_steps(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
         )
 
 
+def processes_per_worker(spec: api.TrainingRunSpec) -> int:
+    """Training processes on each worker pod: as set, else one per GPU (1 on CPU)."""
+    res = spec.resources
+    if res.processes_per_worker is not None:
+        return res.processes_per_worker
+    return max(1, res.gpus_per_worker)
+
+
 def data_parallel_size(spec: api.TrainingRunSpec) -> int:
-    """Training processes (the world size): one per GPU, or one per worker pod on CPU.
-    The one derivation: the trainer's `config.resolve` and the batch rule use it."""
-    return spec.resources.workers * max(1, spec.resources.gpus_per_worker)
+    """Training processes (the world size): workers x processes per worker. The one
+    derivation: the trainer's `config.resolve`, the batch rule and the worker pods' Ray
+    slots (builders) use it."""
+    return spec.resources.workers * processes_per_worker(spec)
 
 
 def total_gpus(spec: api.TrainingRunSpec) -> int:
@@ -333,8 +342,40 @@ def _rule_gpus(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
             f"workers x gpusPerWorker = {total} GPUs, over this installation's cap of "
             f"{limits.max_gpus_per_run}",
         )
-    if res.gpus_per_worker == 0 and hp.precision == "fp16-mixed":
-        yield FieldError("spec.hyperparameters.precision", "fp16-mixed needs GPUs")
+    ppw = res.processes_per_worker
+    if res.gpus_per_worker > 0 and ppw is not None and ppw != res.gpus_per_worker:
+        yield FieldError(
+            "spec.resources.processesPerWorker",
+            f"must equal gpusPerWorker ({res.gpus_per_worker}) on GPUs: one training "
+            "process per GPU; leave it unset",
+        )
+    cpus = _whole_cpus(res.cpu_per_worker)
+    if res.gpus_per_worker == 0 and cpus is not None and cpus < processes_per_worker(run.spec):
+        yield FieldError(
+            "spec.resources.processesPerWorker",
+            f"{processes_per_worker(run.spec)} processes need at least as many whole CPUs "
+            f"per worker (cpuPerWorker is {res.cpu_per_worker})",
+        )
+    if hp.precision == "fp16-mixed":
+        # FSDP2 has no sharded loss scaler wired here; fp16 without one under- and
+        # overflows gradients silently.
+        yield FieldError(
+            "spec.hyperparameters.precision",
+            "fp16-mixed is not supported (it needs gradient loss scaling, which the "
+            "trainer does not do); use bf16-mixed",
+        )
+
+
+def _whole_cpus(quantity: int | str) -> int | None:
+    """Whole CPUs Ray schedules on a worker pod for a CPU quantity (4, "4", "1.5", "500m"),
+    rounded down and at least 1 as the worker's `ray start --num-cpus`; None for unusual
+    spellings."""
+    text = str(quantity)
+    try:
+        value = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+    return max(1, int(value))
 
 
 def _rule_env(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:

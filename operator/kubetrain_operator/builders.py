@@ -32,7 +32,9 @@ from kubetrain_api.contract import (
     LABEL_RUN,
     ROLE_HEAD,
     ROLE_WORKER,
+    WORKER_SLOT_RESOURCE,
 )
+from kubetrain_api.validation import processes_per_worker
 from kubetrain_operator import pods
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.pods import resources
@@ -410,6 +412,8 @@ def build_worker_pods(
         f"until ray health-check --address={head} >/dev/null 2>&1; do sleep 2; done"
         f" && exec ray start --address={head}"
         f" --num-cpus={_cpu_count(res.cpu_per_worker)} --num-gpus={res.gpus_per_worker}"
+        # Slots for exactly this pod's share of the ranks (the trainer asks one per rank).
+        f""" --resources='{{"{WORKER_SLOT_RESOURCE}": {processes_per_worker(run.spec)}}}'"""
         " --block --disable-usage-stats"
     )
     container = {

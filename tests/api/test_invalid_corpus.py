@@ -65,6 +65,7 @@ CASES: dict[str, tuple[str, str]] = {
     "name-too-long-for-children-xxxxxxxxxxxxxxxxxx": ("rules", "metadata.name"),
     "unknown-field-typo": ("rules", "spec.hyperparameter"),
     "fp16-on-cpu": ("rules", "spec.hyperparameters.precision"),
+    "processes-per-worker-not-gpus": ("rules", "spec.resources.processesPerWorker"),
 }
 SCHEMA_CASES = [name for name, (layer, _) in CASES.items() if layer == "schema"]
 RULE_CASES = [name for name, (layer, _) in CASES.items() if layer == "rules"]

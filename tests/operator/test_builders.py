@@ -525,8 +525,32 @@ def test_worker_command(settings: OperatorSettings, cpu: int | str, expected: in
             "-c",
             f"until ray health-check --address={head} >/dev/null 2>&1; do sleep 2; done"
             f" && exec ray start --address={head} --num-cpus={expected}"
-            " --num-gpus=0 --block --disable-usage-stats",
+            """ --num-gpus=0 --resources='{"kubetrain_worker_slot": 1}'"""
+            " --block --disable-usage-stats",
         ]
+
+
+@pytest.mark.parametrize(
+    ("resources", "slots"),
+    [
+        ({"workers": 4, "gpusPerWorker": 8}, 8),  # one rank per GPU
+        ({"workers": 2, "gpusPerWorker": 0, "cpuPerWorker": 4, "processesPerWorker": 3}, 3),
+    ],
+)
+def test_worker_pods_advertise_one_slot_per_rank_they_host(
+    settings: OperatorSettings, resources: dict, slots: int
+) -> None:
+    doc = example("quickstart").model_dump(by_alias=True, exclude_none=True, mode="json")
+    doc["spec"]["resources"] |= resources
+    doc["spec"]["hyperparameters"] |= {"globalBatchSize": 96, "microBatchSize": 1}
+    run = parse(doc)
+    workers = builders.build_worker_pods(run, UID, NS, 1, settings)
+    assert len(workers) == resources["workers"]
+    for worker in workers:
+        script = worker["spec"]["containers"][0]["command"][-1]
+        assert f"""--resources='{{"kubetrain_worker_slot": {slots}}}'""" in script
+    head = builders.build_head_pod(run, UID, NS, 1, settings)
+    assert "kubetrain_worker_slot" not in head["spec"]["containers"][0]["command"][-1]
 
 
 def test_network_policy(settings: OperatorSettings) -> None:

@@ -21,8 +21,9 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import WORKER_SLOT_RESOURCE
 from kubetrain_trainer import metrics
-from kubetrain_trainer.config import resolve
+from kubetrain_trainer.config import TrainConfig, resolve
 from kubetrain_trainer.prepare import prepare
 
 Listener = Callable[[dict[str, Any]], None]
@@ -55,6 +56,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         use_gpu=payload["use_gpu"],
         world_size=context.get_world_size(),
     )
+    _record_placement(config.output_dir, context)
     mailbox = payload["mailbox"]
     ctx = WorkerContext(
         rank=context.get_world_rank(),
@@ -63,6 +65,49 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         report=lambda event: mailbox.push.remote(event),
     )
     train(config, ctx)
+
+
+def _record_placement(output_dir: Path, context: Any) -> None:
+    """Write where this rank runs (Ray node, host), for operators and tests to check."""
+    import os
+    import socket
+
+    folder = output_dir / "placement"
+    folder.mkdir(parents=True, exist_ok=True)
+    rank = context.get_world_rank()
+    record = {
+        "rank": rank,
+        "local_rank": context.get_local_rank(),
+        "world_size": context.get_world_size(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    (folder / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def scaling_config(config: TrainConfig) -> ScalingConfig:
+    """One Ray Train worker per rank; each takes one worker slot (see
+    contract.WORKER_SLOT_RESOURCE), so every worker pod gets exactly its share and the
+    head, which advertises none, gets no rank."""
+    per_rank = {WORKER_SLOT_RESOURCE: 1.0, "GPU" if config.use_gpu else "CPU": 1.0}
+    return ScalingConfig(
+        num_workers=config.world_size, use_gpu=config.use_gpu, resources_per_worker=per_rank
+    )
+
+
+def missing_slots_note(config: TrainConfig) -> str | None:
+    """Say so when the Ray cluster has fewer worker slots than ranks: Ray Train then waits
+    for them (worker pods still joining), or forever on a cluster not started the way the
+    operator starts it."""
+    slots = int(ray.cluster_resources().get(WORKER_SLOT_RESOURCE, 0))
+    if slots >= config.world_size:
+        return None
+    return (
+        f"waiting for {config.world_size} {WORKER_SLOT_RESOURCE} Ray resources "
+        f"(workers x processesPerWorker), the cluster has {slots} so far; each worker must "
+        f"be started with ray start --resources='{{\"{WORKER_SLOT_RESOURCE}\": N}}'"
+    )
 
 
 class TelemetryPump:
@@ -135,7 +180,13 @@ def run_training(
             ray.init(address=address, log_to_driver=True)
         else:
             # A local instance sized for the workers (+1 for Ray Train's controller).
-            ray.init(num_cpus=config.world_size + 1, include_dashboard=False)
+            ray.init(
+                num_cpus=config.world_size + 1,
+                resources={WORKER_SLOT_RESOURCE: config.world_size},
+                include_dashboard=False,
+            )
+    if note := missing_slots_note(config):
+        log(note)
     mailbox = Mailbox.remote()
     trainer = TorchTrainer(
         _worker_entry,
@@ -145,11 +196,7 @@ def run_training(
             "use_gpu": config.use_gpu,
             "mailbox": mailbox,
         },
-        scaling_config=ScalingConfig(
-            num_workers=config.world_size,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"GPU": 1} if config.use_gpu else {"CPU": 1},
-        ),
+        scaling_config=scaling_config(config),
         run_config=RunConfig(
             name=config.name,
             storage_path=str((config.output_dir / "ray").resolve()),

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from kubetrain_api import v1alpha1 as api
 from kubetrain_trainer import checkpoint, evaluate, export, metrics, models, optim
 from kubetrain_trainer.config import TrainConfig
-from kubetrain_trainer.parallelize import parallelize, set_gradient_sync
+from kubetrain_trainer.parallelize import compute_dtype, parallelize, set_gradient_sync
 from kubetrain_trainer.sampler import DataOrder
 
 Report = Callable[[dict[str, Any]], None]
@@ -138,10 +138,11 @@ class Trainer:
         return models.load_tokenizer(self.spec.model, self.config.output_dir / "cache")
 
     def _peak_flops(self) -> float | None:
+        dtype = compute_dtype(self.config)  # the peak of what the matmuls actually run in
         if self.config.use_gpu:
-            return metrics.peak_flops(torch.cuda.get_device_name(self.device), torch.bfloat16)
+            return metrics.peak_flops(torch.cuda.get_device_name(self.device), dtype)
         # CPU: no published peak, so an in-run matmul ceiling measured once.
-        return metrics.measure_matmul_flops(seconds=0.3) if self.ctx.is_main else None
+        return metrics.measure_matmul_flops(dtype, seconds=0.3) if self.ctx.is_main else None
 
     def _mfu(self, tokens_per_second: float) -> float | None:
         """Global throughput against the peak of all processes (one device or core each)."""
@@ -259,6 +260,7 @@ class Trainer:
             world_size=self.ctx.world_size,
             params_total=self.shape.n_params,
             params_local=_local_numel(self.model),
+            params_local_by_rank=_all_gather_int(_local_numel(self.model)),
             grad_accum_steps=self.config.grad_accum_steps,
             resumed_from=self.step,
         )
@@ -356,6 +358,15 @@ class Trainer:
 def _local_numel(model: torch.nn.Module) -> int:
     """Parameters this process holds: its FSDP2 shards, or everything when unsharded."""
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+
+
+def _all_gather_int(value: int) -> list[int]:
+    """`value` from every rank, in rank order (a collective)."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return [int(v) for v in out]
 
 
 def _read_json(path: Path) -> Any:

@@ -12,34 +12,47 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kubetrain_trainer.config import TrainConfig
 
-_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+_MIXED = {"bf16-mixed": torch.bfloat16}
+_WEIGHTS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype matmuls run in: the mixed-precision dtype, else the weights' own."""
+    return _MIXED.get(config.precision) or _WEIGHTS[config.param_dtype]
 
 
 def parallelize(
     model: nn.Module, blocks: list[nn.Module], config: TrainConfig, device: torch.device
 ) -> nn.Module:
-    """Apply activation checkpointing, compile and FSDP2/DDP; returns the module to train."""
+    """Apply activation checkpointing, compile and FSDP2/DDP; returns the module to train.
+    Under bf16-mixed the weights (and so the optimizer state) keep their own dtype and only
+    compute runs in bf16: FSDP2 through its MixedPrecisionPolicy, DDP through autocast."""
+    if config.precision not in ("fp32", *_MIXED):
+        # Validation refuses it first (spec.hyperparameters.precision): no loss scaler.
+        raise ValueError(f"precision {config.precision} is not supported; use bf16-mixed")
     dist_spec = config.spec.distributed
+    mixed = _MIXED.get(config.precision)
     if dist_spec.activation_checkpointing:
         # transformers' own switch: non-reentrant checkpointing of each decoder layer.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     if dist_spec.compile:
         for block in blocks:
             block.compile()
-    if not dist.is_initialized():
-        return model
-    if dist_spec.strategy == "ddp":
-        if dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist_spec.strategy == "ddp":
+        if mixed is not None:
+            # DDP has no public mixed-precision policy: autocast the forward (the backward
+            # follows it), so matmuls run in bf16 while the weights stay as they are.
+            model.forward = torch.autocast(device.type, dtype=mixed)(model.forward)  # type: ignore[method-assign]
+        if not dist.is_initialized() or dist.get_world_size() == 1:
             return model
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
     # FSDP2 even on one process (as torchtitan does): its policy is what casts the
     # parameters to the compute dtype, so a single GPU trains in bf16 too.
-    compute_dtype = _DTYPES.get(config.precision)
     mp = (
-        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        if compute_dtype is not None
+        MixedPrecisionPolicy(param_dtype=mixed, reduce_dtype=torch.float32)
+        if mixed is not None
         else MixedPrecisionPolicy()
     )
     reshard = dist_spec.reshard_after_forward
