@@ -158,9 +158,10 @@ class Trainer:
         if extra:
             self.step, self.tokens_seen = int(extra["step"]), int(extra["tokens_seen"])
             self._log(f"resumed from step {self.step}")
-            latest = self.checkpoints.latest()
-            if latest is not None:  # so checkpoint age and status.checkpoints survive restarts
-                self._announce(latest)
+            # So checkpoint age and status.checkpoints survive restarts; the loaded one, which
+            # differs from `latest` when resuming an older step (a new timeline).
+            if self.checkpoints.loaded is not None:
+                self._announce(self.checkpoints.loaded)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches."""
