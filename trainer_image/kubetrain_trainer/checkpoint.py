@@ -27,6 +27,11 @@ timelines past the step where this one branched off. The marker records `timelin
 `branch` (that step); a marker without them (older saves) is timeline 0 branched at 0.
 Until a new timeline's first save commits, `latest` still names the old one.
 
+Only trainable parameters are saved (DCP's `ignore_frozen_params`): a LoRA run's
+checkpoint holds the adapters and their optimizer state, not the frozen base, which a resumed
+run rebuilds exactly as the first did (the same base weights, or the same seeded init). A full
+fine-tune freezes nothing, so its checkpoint holds every parameter.
+
 Roots are local folders (a PVC, a laptop folder) or fsspec URLs (`s3://`, `gs://`, ...), for
 which DCP picks its FsspecWriter/FsspecReader. Locally the marker and the pointer are written
 to a temporary file, fsynced and moved with `os.replace`. On object stores there is no rename:
@@ -60,7 +65,11 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.optim.lr_scheduler import LRScheduler
 
 log = logging.getLogger(__name__)
@@ -68,6 +77,8 @@ log = logging.getLogger(__name__)
 COMMITTED = "COMMITTED"
 POINTER = "latest"
 DCP_METADATA = ".metadata"
+# Frozen parameters (a LoRA base) stay out of checkpoints; loading leaves them as built.
+_TRAINABLE_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 _STEP_DIR = re.compile(r"step-(\d+)(?:-t(\d+))?")
 
 
@@ -378,7 +389,7 @@ class CheckpointManager:
         torch.save(state, buffer)
         _put(self.fs, posixpath.join(folder, _extra_name(self.rank)), buffer.getvalue())
 
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
         with _dcp_context() as no_dist:
             dcp.save(
                 {"model": model_state, "optim": optim_state},
@@ -451,14 +462,20 @@ class CheckpointManager:
             io.BytesIO(fs.cat_file(posixpath.join(folder, _extra_name(self.rank)))),
             weights_only=True,
         )
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
         with _dcp_context() as no_dist:
             dcp.load(
                 {"model": model_state, "optim": optim_state},
                 checkpoint_id=_checkpoint_id(fs, folder),
                 no_dist=no_dist,
             )
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optim_state,
+            options=_TRAINABLE_ONLY,
+        )
         if scheduler is not None:
             if state["scheduler"] is None:
                 raise ValueError(f"{location} holds no scheduler state")
