@@ -124,6 +124,7 @@ class Trainer:
             self.shape.n_heads,
             self.shape.head_dim,
             self.spec.data.sequence_length,
+            n_frozen_params=self.shape.n_frozen_params,
         )
         self.peak = self._peak_flops()
         self.step = 0
