@@ -329,8 +329,6 @@ def model_shape(model: PreTrainedModel | PeftModel) -> ModelShape:
         n_heads=n_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
         n_frozen_params=sum(
-            p.numel()
-            for p in model.parameters()
-            if not p.requires_grad and id(p) not in lookup_ids
+            p.numel() for p in model.parameters() if not p.requires_grad and id(p) not in lookup_ids
         ),
     )

@@ -78,9 +78,9 @@ def test_lora_resume_reproduces_a_straight_run(tmp_path: Path) -> None:
     lora_train(straight, straight_optimizer, steps=3)
 
     resumed, resumed_optimizer = lora_setup(tmp_path)
-    assert CheckpointManager(tmp_path / "ckpt", keep_last=1).resume(
-        resumed, resumed_optimizer
-    ) == {"step": 2}
+    assert CheckpointManager(tmp_path / "ckpt", keep_last=1).resume(resumed, resumed_optimizer) == {
+        "step": 2
+    }
     lora_train(resumed, resumed_optimizer, steps=3)
     assert_same_tensors(adapters(resumed), adapters(straight))
     # The frozen base is untouched by loading: the same as the straight run's.
