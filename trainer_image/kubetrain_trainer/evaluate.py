@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from kubetrain_api.v1alpha1 import GateResult, GateThreshold
 
@@ -109,6 +110,22 @@ def perplexity(mean_loss: float) -> float:
 # --------------------------------------------------------------------------------------
 # model evaluation
 # --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _root_unsharded(model: nn.Module) -> Iterator[None]:
+    """Gather an FSDP2 root's own parameters (embeddings, final norm, head) for the length
+    of the block. `generate` of a PEFT model calls the inner model, not the root's forward,
+    so the root's pre-forward hook that would gather them never runs and the embedding
+    would meet a sharded DTensor. The blocks gather their own in their hooks."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 @contextmanager
@@ -275,11 +292,14 @@ def exact_match_predictions(
     batch_size: int = 8,
 ) -> list[str]:
     """Greedy answers to each prompt: the generated text only, special tokens dropped,
-    whitespace stripped."""
+    whitespace stripped. Works on an FSDP2-sharded model, LoRA or not: ranks keep stepping
+    together until every rank's batch is done (`synced_gpus`), since each step is a
+    collective."""
     pad_id = _pad_id(tokenizer)
     device = _model_device(model)
     answers: list[str] = []
-    with _eval_mode(model):
+    synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    with _eval_mode(model), _root_unsharded(model):
         for start in range(0, len(prompts), batch_size):
             rows = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
             # Left padding so every row's generated tokens start at the same column.
@@ -290,6 +310,7 @@ def exact_match_predictions(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
+                synced_gpus=synced,
             )
             new_tokens = out[:, input_ids.shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -248,3 +248,25 @@ def test_gate_fails_on_missing_or_nan_metrics():
 def test_gate_bounds_are_inclusive():
     result = check_gate({"accuracy": 0.8}, gate({"metric": "accuracy", "min": 0.8, "max": 0.8}))
     assert result.passed is True
+
+
+@pytest.mark.trainer
+def test_exact_match_generates_from_a_lora_model_sharded_by_fsdp2(tmp_path):
+    from tests.trainer.metrics import lora_worker
+
+    out = str(tmp_path / "answers")
+    mp.spawn(lora_worker.run, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    tokenizer = lora_worker.word_tokenizer()
+    reference = lora_worker.lora_model(len(tokenizer))
+    base_answers = []
+    for rank, prompts in enumerate(lora_worker.PROMPTS):
+        sharded = json.loads((tmp_path / f"answers.{rank}").read_text())
+        expected = [greedy(reference, tokenizer, p, lora_worker.MAX_NEW_TOKENS) for p in prompts]
+        assert sharded == expected
+        with reference.disable_adapter():
+            base_answers += [
+                greedy(reference, tokenizer, p, lora_worker.MAX_NEW_TOKENS) for p in prompts
+            ]
+    # The adapters change the answers, so the sharded run really used them.
+    sharded_all = [a for r in range(2) for a in json.loads((tmp_path / f"answers.{r}").read_text())]
+    assert sharded_all != base_answers
