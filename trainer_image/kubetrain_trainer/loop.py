@@ -221,13 +221,15 @@ class Trainer:
             prompts = [e.prompt for e in examples]
             truth = [e.label for e in examples]
             # Every rank runs the same forward passes: an FSDP2 model is one collective.
-            if ds.task == "classification":
-                preds = evaluate.predict_labels(self.model, self.tokenizer, prompts, ds.labels)
-                labels = list(ds.labels)
-            else:
-                preds = evaluate.exact_match_predictions(self.model, self.tokenizer, prompts, 32)
-                labels = sorted(set(truth) | set(preds))
-            scores = evaluate.classification_metrics(truth, preds, labels, ev.average)
+            scores = evaluate.score_dataset(
+                self.model,
+                self.tokenizer,
+                ds,
+                prompts,
+                truth,
+                ev.average,
+                chat=self.spec.method in ("sft", "instruction"),
+            )
             for name in wanted:
                 # The first dataset also reports under the bare name the gate checks.
                 out.setdefault(name, scores[name])
