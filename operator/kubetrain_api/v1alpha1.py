@@ -432,13 +432,23 @@ class EvalDataset(ApiModel):
     """How predictions are compared with labels."""
     labels: Annotated[list[ShortText], Field(max_length=1000)] = Field(default_factory=list)
     """Class labels (classification); the model's answer is scored against each."""
+    scoring: Literal["generate", "loglikelihood", "loglikelihood-normalized"] | None = None
+    """How answers are chosen: `loglikelihood` picks the label the model finds most likely
+    (summed token log-probabilities), `loglikelihood-normalized` the same per character of
+    the label (lm-evaluation-harness's acc_norm), `generate` compares the greedy answer
+    with the label. Default: `loglikelihood` for classification, `generate` for exact-match
+    (which has no label list to score)."""
+
+
+GATE_METRIC = r"^(([a-z0-9]([-a-z0-9]*[a-z0-9])?)/)?(loss|perplexity|accuracy|precision|recall|f1)$"
 
 
 class GateThreshold(ApiModel):
     """One condition a finished model must meet to be served."""
 
-    metric: EvalMetric
-    """Metric to check."""
+    metric: Annotated[str, Field(max_length=MAX_NAME + 12, pattern=GATE_METRIC)]
+    """Metric to check: a name from `metrics` (`f1`: the first dataset's for labelled
+    metrics), or `DATASET/METRIC` for one evaluation dataset's (`intents/f1`)."""
     min: float | None = None
     """Lowest allowed value."""
     max: float | None = None

@@ -461,10 +461,30 @@ def _rule_evaluation(run: api.TrainingRun, limits: Limits) -> Iterator[FieldErro
             yield FieldError(
                 f"spec.evaluation.datasets[{i}].labels", "classification needs its labels"
             )
+        if ds.scoring in ("loglikelihood", "loglikelihood-normalized") and not ds.labels:
+            yield FieldError(
+                f"spec.evaluation.datasets[{i}].scoring",
+                f"{ds.scoring} scores each of the dataset's labels; list them in labels "
+                "or use generate",
+            )
+    names = [d.name for d in ev.datasets]
     for i, gate in enumerate(ev.gate):
         path = f"spec.evaluation.gate[{i}]"
-        if gate.metric not in ev.metrics:
-            yield FieldError(f"{path}.metric", f"{gate.metric} is not in spec.evaluation.metrics")
+        dataset, _, gate_metric = gate.metric.rpartition("/")
+        if gate_metric not in ev.metrics:
+            yield FieldError(f"{path}.metric", f"{gate_metric} is not in spec.evaluation.metrics")
+        if dataset and dataset not in names:
+            yield FieldError(
+                f"{path}.metric",
+                f"no evaluation dataset named {dataset!r} (spec.evaluation.datasets: "
+                f"{', '.join(names) or 'none'})",
+            )
+        elif dataset and gate_metric not in _LABELLED_METRICS:
+            yield FieldError(
+                f"{path}.metric",
+                f"{gate_metric} is computed on the validation split, not per dataset; "
+                f"write {gate_metric!r}",
+            )
         if gate.min is None and gate.max is None:
             yield FieldError(path, "set min, max or both")
         elif gate.min is not None and gate.max is not None and gate.min > gate.max:

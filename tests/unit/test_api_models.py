@@ -173,6 +173,59 @@ def test_gate_thresholds_need_a_bound() -> None:
     ]
 
 
+def _with_datasets(doc: dict, metrics: list[str]) -> dict:
+    doc["spec"]["evaluation"]["metrics"] = metrics
+    doc["spec"]["evaluation"]["datasets"] = [
+        {"name": "intents", "uri": "file:///data/intents.jsonl", "labels": ["a", "b"]},
+        {"name": "qa", "uri": "file:///data/qa.jsonl", "task": "exact-match"},
+    ]
+    return doc
+
+
+def test_gate_can_name_one_datasets_metric() -> None:
+    doc = _with_datasets(quickstart(), ["loss", "perplexity", "f1", "accuracy"])
+    doc["spec"]["evaluation"]["gate"] = [
+        {"metric": "qa/accuracy", "min": 0.5},
+        {"metric": "intents/f1", "min": 0.7},
+        {"metric": "loss", "max": 3},
+    ]
+    assert errors_of(doc) == []
+    run = validation.parse(doc)
+    assert [g.metric for g in run.spec.evaluation.gate] == ["qa/accuracy", "intents/f1", "loss"]
+
+
+def test_gate_dataset_metrics_are_checked() -> None:
+    doc = _with_datasets(quickstart(), ["loss", "perplexity", "f1"])
+    doc["spec"]["evaluation"]["gate"] = [
+        {"metric": "sentiment/f1", "min": 0.5},
+        {"metric": "intents/recall", "min": 0.5},
+        {"metric": "intents/loss", "max": 2},
+    ]
+    assert errors_of(doc) == [
+        "spec.evaluation.gate[0].metric: no evaluation dataset named 'sentiment' "
+        "(spec.evaluation.datasets: intents, qa)",
+        "spec.evaluation.gate[1].metric: recall is not in spec.evaluation.metrics",
+        "spec.evaluation.gate[2].metric: loss is computed on the validation split, not per "
+        "dataset; write 'loss'",
+    ]
+    doc["spec"]["evaluation"]["gate"] = [{"metric": "intents/f2", "min": 0.5}]
+    [error] = validation.validate_document(doc)
+    assert error.path == "spec.evaluation.gate[0].metric"
+
+
+def test_scoring_by_likelihood_needs_labels() -> None:
+    doc = _with_datasets(quickstart(), ["loss", "perplexity", "f1"])
+    doc["spec"]["evaluation"]["datasets"][0]["scoring"] = "loglikelihood-normalized"
+    doc["spec"]["evaluation"]["datasets"][1]["scoring"] = "loglikelihood"
+    assert errors_of(doc) == [
+        "spec.evaluation.datasets[1].scoring: loglikelihood scores each of the dataset's "
+        "labels; list them in labels or use generate",
+    ]
+    doc["spec"]["evaluation"]["datasets"][1]["scoring"] = "sampling"
+    [error] = validation.validate_document(doc)
+    assert error.path == "spec.evaluation.datasets[1].scoring"
+
+
 def test_invalid_spec_carries_every_error() -> None:
     doc = quickstart()
     doc["spec"]["hyperparameters"]["maxSteps"] = None

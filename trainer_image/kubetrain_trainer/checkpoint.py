@@ -7,11 +7,30 @@ A committed checkpoint is never partial (RELIABILITY.md items 2 and 3). Layout u
         extra-rank0.pt ... per rank: step, scheduler, RNG states, the caller's extra state
         __0_0.distcp ...   DCP data, each rank writing its own shards
         .metadata          written last by DCP: the DCP save is complete
-        COMMITTED          {"step", "time", "world_size", "duration_s"}, by rank 0, last
+        COMMITTED          {"step", "time", "world_size", "duration_s", "timeline",
+                           "branch"}, by rank 0, last
+    step-000200-t1/        the same step on timeline 1 (see Timelines)
 
 Order of a save: per-rank extras, DCP data, `.metadata`, barrier, `COMMITTED`, `latest`,
 then retention (rank 0). A crash at any moment leaves the previous committed folder loadable;
 loading reads only folders with a `COMMITTED` marker and a `.metadata` file.
+
+Timelines. Resuming from a checkpoint other than the one `latest` names (`resume: step-N` of
+an older step, a path, or `never` over existing checkpoints) starts a new timeline: its saves
+must replace the abandoned timeline's checkpoints of the same steps. Folders are never
+rewritten in place (a half-written step would be observable, and object stores cannot rename
+a folder atomically); instead each timeline writes its own folders, `step-N` for the first
+(timeline 0) and `step-N-tK` for timeline K, a number one higher than any in the root. So
+a new step folder is always a fresh name, the usual commit protocol applies unchanged, and
+`latest` moves to it. Retention then removes the superseded folders: those of other
+timelines past the step where this one branched off. The marker records `timeline` and
+`branch` (that step); a marker without them (older saves) is timeline 0 branched at 0.
+Until a new timeline's first save commits, `latest` still names the old one.
+
+Only trainable parameters are saved (DCP's `ignore_frozen_params`): a LoRA run's
+checkpoint holds the adapters and their optimizer state, not the frozen base, which a resumed
+run rebuilds exactly as the first did (the same base weights, or the same seeded init). A full
+fine-tune freezes nothing, so its checkpoint holds every parameter.
 
 Roots are local folders (a PVC, a laptop folder) or fsspec URLs (`s3://`, `gs://`, ...), for
 which DCP picks its FsspecWriter/FsspecReader. Locally the marker and the pointer are written
@@ -46,7 +65,11 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.optim.lr_scheduler import LRScheduler
 
 log = logging.getLogger(__name__)
@@ -54,12 +77,14 @@ log = logging.getLogger(__name__)
 COMMITTED = "COMMITTED"
 POINTER = "latest"
 DCP_METADATA = ".metadata"
-_STEP_DIR = re.compile(r"step-(\d+)")
+# Frozen parameters (a LoRA base) stay out of checkpoints; loading leaves them as built.
+_TRAINABLE_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
+_STEP_DIR = re.compile(r"step-(\d+)(?:-t(\d+))?")
 
 
-def step_dirname(step: int) -> str:
-    """Folder name of a step; zero-padded so that folders sort by step in a listing."""
-    return f"step-{step:06d}"
+def step_dirname(step: int, timeline: int = 0) -> str:
+    """Folder name of a step on a timeline; zero-padded so that folders sort by step."""
+    return f"step-{step:06d}" if timeline == 0 else f"step-{step:06d}-t{timeline}"
 
 
 @dataclass(frozen=True)
@@ -72,6 +97,10 @@ class CheckpointInfo:
     """Unix time of the commit."""
     duration_s: float
     """Seconds from the start of the save to the commit."""
+    timeline: int = 0
+    """The timeline the step belongs to (see the module docstring)."""
+    branch: int = 0
+    """The step this timeline branched off from."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,7 +187,14 @@ def _info(fs: AbstractFileSystem, folder: str, marker: dict[str, Any]) -> Checkp
         path=_url(fs, folder),
         time=float(marker["time"]),
         duration_s=float(marker["duration_s"]),
+        timeline=int(marker.get("timeline", 0)),
+        branch=int(marker.get("branch", 0)),
     )
+
+
+def _same(a: str, b: str) -> bool:
+    """Whether two checkpoint locations (paths or URLs) name the same folder."""
+    return posixpath.normpath(url_to_fs(a)[1]) == posixpath.normpath(url_to_fs(b)[1])
 
 
 def _extra_name(rank: int) -> str:
@@ -203,14 +239,20 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        # The timeline saves go to; None until a load or the first save settles it
+        # (continuing the one `latest` names).
+        self.timeline: int | None = None
+        self.branch = 0
+        self.loaded: CheckpointInfo | None = None
+        """The checkpoint the last `load` restored."""
 
     # -- queries --------------------------------------------------------------------------
 
     def _folder(self, step: int) -> str:
-        return posixpath.join(self.root, step_dirname(step))
+        return posixpath.join(self.root, step_dirname(step, self.timeline or 0))
 
     def _step_folders(self) -> list[tuple[int, str]]:
-        """All `step-N` folders, committed or not, by step."""
+        """All `step-N` and `step-N-tK` folders, committed or not, by step."""
         self.fs.invalidate_cache(self.root)  # object-store listings are cached by fsspec
         try:
             entries = self.fs.ls(self.root, detail=False)
@@ -224,12 +266,49 @@ class CheckpointManager:
         return sorted(folders)
 
     def list_committed(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first."""
+        """Committed checkpoints, by step, then by commit time (older timelines first)."""
         found = []
         for _, folder in self._step_folders():
             if (marker := _read_commit(self.fs, folder)) is not None:
                 found.append(_info(self.fs, folder, marker))
-        return found
+        return sorted(found, key=lambda info: (info.step, info.time))
+
+    def find_step(self, step: int) -> CheckpointInfo | None:
+        """The committed checkpoint of `step`: the one on `latest`'s timeline if several
+        timelines hold that step (a crash before retention), else the newest."""
+        candidates = [info for info in self.list_committed() if info.step == step]
+        latest = self.latest()
+        for info in candidates:
+            if latest is not None and info.timeline == latest.timeline:
+                return info
+        return candidates[-1] if candidates else None
+
+    def _new_timeline(self) -> int:
+        """One more than any timeline in the root (folder names, committed or not), so a new
+        timeline's folders never collide with existing ones."""
+        timelines = [
+            int(match[2] or 0)
+            for _, folder in self._step_folders()
+            if (match := _STEP_DIR.fullmatch(posixpath.basename(folder)))
+        ]
+        return max(timelines) + 1 if timelines else 0
+
+    def _follow(self, loaded: CheckpointInfo | None) -> None:
+        """Settle the timeline after loading `loaded` (None: starting fresh). Continuing from
+        the checkpoint `latest` names keeps its timeline; anything else branches off."""
+        latest = self.latest()
+        if loaded is not None and latest is not None and _same(loaded.path, latest.path):
+            self.timeline, self.branch = latest.timeline, latest.branch
+        elif loaded is None and latest is None:
+            self.timeline, self.branch = 0, 0
+        else:
+            self.timeline, self.branch = self._new_timeline(), loaded.step if loaded else 0
+            log.info(
+                "starting checkpoint timeline %d at step %d; later saves supersede the "
+                "checkpoints after it",
+                self.timeline,
+                self.branch,
+            )
 
     def latest(self) -> CheckpointInfo | None:
         """The checkpoint the `latest` pointer names, once verified committed; otherwise
@@ -244,7 +323,7 @@ class CheckpointManager:
                 return _info(self.fs, folder, marker)
             log.warning("checkpoint pointer names %s, which is not committed; scanning", name)
         committed = self.list_committed()
-        return committed[-1] if committed else None
+        return committed[-1] if committed else None  # the highest step, the newest commit
 
     # -- save ------------------------------------------------------------------------------
 
@@ -262,10 +341,16 @@ class CheckpointManager:
     ) -> CheckpointInfo:
         """Save and commit `step-N` (all ranks). `extra` is this rank's own state (tokens
         seen, data position...): plain Python values and tensors. A step that is already
-        committed is kept as it is: rewriting it in place would leave a window with no
-        committed copy of it."""
+        committed on this timeline is kept as it is: rewriting it in place would leave a
+        window with no committed copy of it. The same step of another timeline is superseded
+        (module docstring, Timelines)."""
         start = time.monotonic()
         rng = capture_rng_state()
+        if self.timeline is None:
+            latest = self.latest()
+            self.timeline = latest.timeline if latest else 0
+            self.branch = latest.branch if latest else 0
+            self._barrier()  # every rank has read the pointer before rank 0 may move it
         folder = self._folder(step)
         if (marker := _read_commit(self.fs, folder)) is not None:
             log.info("checkpoint %s is already committed; keeping it", step_dirname(step))
@@ -304,7 +389,7 @@ class CheckpointManager:
         torch.save(state, buffer)
         _put(self.fs, posixpath.join(folder, _extra_name(self.rank)), buffer.getvalue())
 
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
         with _dcp_context() as no_dist:
             dcp.save(
                 {"model": model_state, "optim": optim_state},
@@ -317,6 +402,8 @@ class CheckpointManager:
             "time": time.time(),
             "world_size": self.world_size,
             "duration_s": time.monotonic() - start,
+            "timeline": self.timeline or 0,
+            "branch": self.branch,
         }
         if self.rank == 0:
             _put(self.fs, posixpath.join(folder, COMMITTED), json.dumps(marker).encode())
@@ -324,10 +411,17 @@ class CheckpointManager:
         return marker
 
     def _publish(self, folder: str) -> None:
-        """Move the pointer to `folder`, then apply retention (rank 0)."""
+        """Move the pointer to `folder`, then apply retention (rank 0): keep the newest
+        `keep_last` of this timeline's lineage (its own folders and any at or before its
+        branch step); superseded, old and uncommitted folders go."""
         _put(self.fs, posixpath.join(self.root, POINTER), posixpath.basename(folder).encode())
+        lineage = [
+            info
+            for info in self.list_committed()
+            if info.timeline == self.timeline or info.step <= self.branch
+        ]
         committed = {_url(self.fs, folder)}
-        committed.update(info.path for info in self.list_committed()[-self.keep_last :])
+        committed.update(info.path for info in lineage[-self.keep_last :])
         for _, other in self._step_folders():
             if _url(self.fs, other) in committed:
                 continue
@@ -368,20 +462,28 @@ class CheckpointManager:
             io.BytesIO(fs.cat_file(posixpath.join(folder, _extra_name(self.rank)))),
             weights_only=True,
         )
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
         with _dcp_context() as no_dist:
             dcp.load(
                 {"model": model_state, "optim": optim_state},
                 checkpoint_id=_checkpoint_id(fs, folder),
                 no_dist=no_dist,
             )
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optim_state,
+            options=_TRAINABLE_ONLY,
+        )
         if scheduler is not None:
             if state["scheduler"] is None:
                 raise ValueError(f"{location} holds no scheduler state")
             scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
         log.info("loaded checkpoint %s", location)
+        self.loaded = _info(fs, folder, marker)
+        self._follow(self.loaded)
         return {**state["extra"], "step": int(marker["step"])}
 
     def resume(
@@ -395,20 +497,22 @@ class CheckpointManager:
         there is one, `never` loads nothing, `step-N` that committed step under the root, and
         anything else is a path or URL of a step folder. Returns `load`'s dict, or None."""
         if policy == "never":
+            self._follow(None)  # a fresh start over old checkpoints is a new timeline
             return None
         if policy == "auto":
             info = self.latest()
             if info is None:
                 log.info("no committed checkpoint under %s; starting fresh", self.root)
+                self._follow(None)
                 return None
             return self.load(info, model, optimizer, scheduler)
         if match := _STEP_DIR.fullmatch(policy):
-            folder = self._folder(int(match[1]))
-            if _read_commit(self.fs, folder) is None:
+            found = self.find_step(int(match[1]))
+            if found is None:
                 steps = [info.step for info in self.list_committed()]
                 raise FileNotFoundError(
-                    f"resume policy {policy!r}: {folder} is not a committed checkpoint "
-                    f"(committed steps: {steps or 'none'})"
+                    f"resume policy {policy!r}: no committed checkpoint of step {int(match[1])} "
+                    f"under {_url(self.fs, self.root)} (committed steps: {steps or 'none'})"
                 )
-            return self.load(_url(self.fs, folder), model, optimizer, scheduler)
+            return self.load(found, model, optimizer, scheduler)
         return self.load(policy, model, optimizer, scheduler)

@@ -1,6 +1,20 @@
 """Evaluation: token-weighted validation loss, perplexity, label prediction by likelihood,
 greedy exact-match answers, classification metrics, and the serving gate.
 
+A labelled dataset is scored one of three ways (`EvalDataset.scoring`), as
+lm-evaluation-harness does for multiple choice and generation tasks:
+
+- `loglikelihood` (classification's default; lm-eval's `acc`): the label with the highest
+  sum of token log-probabilities after the prompt;
+- `loglikelihood-normalized` (lm-eval's `acc_norm`): that sum divided by the label's length
+  in characters, so long labels are not penalized for having more tokens;
+- `generate` (exact-match's default): the greedy answer, compared with the label as text.
+
+Precision, recall and F1 are over the dataset's label set (its `labels`, or the true labels
+seen): an answer outside it is wrong for its true class, not a class of its own. Models
+trained on chats (`sft`, `instruction`) see each prompt as a user turn rendered with the
+tokenizer's chat template (or `DEFAULT_CHAT_TEMPLATE`), as in training and serving.
+
 Under FSDP2 a forward pass is a collective, so every rank must call `evaluate_loss`,
 `label_log_likelihoods`/`predict_labels` and `exact_match_predictions` with the same number
 of batches (the same prompts, or equally sized shards).
@@ -18,12 +32,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
-from kubetrain_api.v1alpha1 import GateResult, GateThreshold
+from kubetrain_api.v1alpha1 import EvalDataset, GateResult, GateThreshold
+from kubetrain_trainer.model_folder import DEFAULT_CHAT_TEMPLATE
 
 IGNORE_INDEX = -100  # label value that takes no part in the loss (HF and torch convention)
 
 Average = Literal["macro", "micro", "weighted", "binary"]
+Scoring = Literal["generate", "loglikelihood", "loglikelihood-normalized"]
+MAX_ANSWER_TOKENS = 32
 
 
 # --------------------------------------------------------------------------------------
@@ -112,6 +130,22 @@ def perplexity(mean_loss: float) -> float:
 
 
 @contextmanager
+def _root_unsharded(model: nn.Module) -> Iterator[None]:
+    """Gather an FSDP2 root's own parameters (embeddings, final norm, head) for the length
+    of the block. `generate` of a PEFT model calls the inner model, not the root's forward,
+    so the root's pre-forward hook that would gather them never runs and the embedding
+    would meet a sharded DTensor. The blocks gather their own in their hooks."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+@contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode without autograd, then back to whatever mode the model was in."""
     was_training = model.training
@@ -166,8 +200,29 @@ def evaluate_loss(
     return loss_sum / count, count
 
 
+def chat_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+    """Each prompt as a user turn followed by the assistant's generation prompt, rendered
+    with the tokenizer's chat template (`DEFAULT_CHAT_TEMPLATE` when it has none), the way
+    `data.tokenize` renders training chats and the server renders requests."""
+    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for prompt in prompts
+    ]
+
+
+def _ids(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    # A rendered chat already holds its special tokens (BOS, role markers), as in training.
+    return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+
+
 def _encode_pairs(
-    tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str]
+    tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str], chat: bool = False
 ) -> list[tuple[list[int], int]]:
     """(token ids of prompt + continuation, index where the continuation starts) per pair.
 
@@ -176,8 +231,8 @@ def _encode_pairs(
     """
     pairs = []
     for prompt, continuation in zip(prompts, continuations, strict=True):
-        context = tokenizer(prompt)["input_ids"]
-        whole = tokenizer(prompt + continuation)["input_ids"]
+        context = _ids(tokenizer, prompt, chat)
+        whole = _ids(tokenizer, prompt + continuation, chat)
         if not context:
             raise ValueError(f"prompt {prompt[:40]!r} encodes to no tokens")
         if len(whole) <= len(context):
@@ -233,16 +288,21 @@ def label_log_likelihoods(
     labels: Sequence[str],
     batch_size: int = 8,
     delimiter: str = " ",
+    chat: bool = False,
 ) -> np.ndarray:
     """log P(delimiter + label | prompt) summed over the label's tokens, shape
-    [len(prompts), len(labels)]."""
+    [len(prompts), len(labels)]. With `chat`, prompts go through the chat template and the
+    label is the assistant's answer right after it (no delimiter)."""
     if not labels:
         raise ValueError("no labels to score")
     pad_id = _pad_id(tokenizer)
+    if chat:
+        prompts, delimiter = chat_prompts(tokenizer, prompts), ""
     pairs = _encode_pairs(
         tokenizer,
         [p for p in prompts for _ in labels],
         [delimiter + label for _ in prompts for label in labels],
+        chat,
     )
     scores: list[float] = []
     with _eval_mode(model):
@@ -258,12 +318,20 @@ def predict_labels(
     labels: Sequence[str],
     batch_size: int = 8,
     delimiter: str = " ",
+    *,
+    normalize: bool = False,
+    chat: bool = False,
 ) -> list[str]:
-    """For each prompt, the label whose continuation the model finds most likely (the sum
-    of its token log-probs; ties go to the earlier label)."""
+    """For each prompt, the label whose continuation the model finds most likely: the sum
+    of its token log-probs, or with `normalize` that sum per character of the label
+    (lm-evaluation-harness's `acc_norm`). Ties go to the earlier label."""
     if not prompts:
         return []
-    scores = label_log_likelihoods(model, tokenizer, prompts, labels, batch_size, delimiter)
+    scores = label_log_likelihoods(
+        model, tokenizer, prompts, labels, batch_size, delimiter, chat=chat
+    )
+    if normalize:
+        scores = scores / np.array([max(len(label), 1) for label in labels], dtype=np.float64)
     return [labels[i] for i in scores.argmax(axis=1)]
 
 
@@ -273,15 +341,22 @@ def exact_match_predictions(
     prompts: Sequence[str],
     max_new_tokens: int,
     batch_size: int = 8,
+    *,
+    chat: bool = False,
 ) -> list[str]:
     """Greedy answers to each prompt: the generated text only, special tokens dropped,
-    whitespace stripped."""
+    whitespace stripped. Works on an FSDP2-sharded model, LoRA or not: ranks keep stepping
+    together until every rank's batch is done (`synced_gpus`), since each step is a
+    collective."""
     pad_id = _pad_id(tokenizer)
     device = _model_device(model)
     answers: list[str] = []
-    with _eval_mode(model):
+    synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if chat:
+        prompts = chat_prompts(tokenizer, prompts)
+    with _eval_mode(model), _root_unsharded(model):
         for start in range(0, len(prompts), batch_size):
-            rows = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
+            rows = [_ids(tokenizer, p, chat) for p in prompts[start : start + batch_size]]
             # Left padding so every row's generated tokens start at the same column.
             input_ids, attention_mask = _pad(rows, pad_id, left=True)
             out = model.generate(
@@ -290,11 +365,61 @@ def exact_match_predictions(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
+                synced_gpus=synced,
             )
             new_tokens = out[:, input_ids.shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             answers += [t.strip() for t in texts]
     return answers
+
+
+def scoring_of(ds: EvalDataset) -> Scoring:
+    """The dataset's scoring, or its task's default."""
+    if ds.scoring is not None:
+        return ds.scoring
+    return "loglikelihood" if ds.task == "classification" else "generate"
+
+
+def labelled_scores(
+    y_true: Sequence[str],
+    y_pred: Sequence[str],
+    labels: Sequence[str] | None,
+    average: Average,
+) -> dict[str, float]:
+    """`classification_metrics` over the dataset's label set: `labels` when the dataset
+    lists them, else the true labels seen. Never the predictions: a hallucinated answer
+    is a miss for its true class, not a new class with a precision of its own."""
+    label_set = list(labels) if labels else sorted(set(y_true))
+    return classification_metrics(y_true, y_pred, label_set, average)
+
+
+def score_dataset(
+    model: nn.Module,
+    tokenizer: Any,
+    ds: EvalDataset,
+    prompts: Sequence[str],
+    truth: Sequence[str],
+    average: Average,
+    *,
+    chat: bool = False,
+) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 of the model on one labelled dataset, scored as
+    `ds.scoring` says. Every rank must call it with the same prompts (FSDP2)."""
+    scoring = scoring_of(ds)
+    if scoring == "generate":
+        preds = exact_match_predictions(model, tokenizer, prompts, MAX_ANSWER_TOKENS, chat=chat)
+    else:
+        if not ds.labels:
+            raise ValueError(f"evaluation dataset {ds.name}: {scoring} scoring needs labels")
+        preds = predict_labels(
+            model,
+            tokenizer,
+            prompts,
+            ds.labels,
+            normalize=scoring == "loglikelihood-normalized",
+            chat=chat,
+        )
+    return labelled_scores(truth, preds, ds.labels, average)
 
 
 # --------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class Trainer:
             self.shape.n_heads,
             self.shape.head_dim,
             self.spec.data.sequence_length,
+            n_frozen_params=self.shape.n_frozen_params,
         )
         self.peak = self._peak_flops()
         self.step = 0
@@ -159,9 +160,10 @@ class Trainer:
         if extra:
             self.step, self.tokens_seen = int(extra["step"]), int(extra["tokens_seen"])
             self._log(f"resumed from step {self.step}")
-            latest = self.checkpoints.latest()
-            if latest is not None:  # so checkpoint age and status.checkpoints survive restarts
-                self._announce(latest)
+            # So checkpoint age and status.checkpoints survive restarts; the loaded one, which
+            # differs from `latest` when resuming an older step (a new timeline).
+            if self.checkpoints.loaded is not None:
+                self._announce(self.checkpoints.loaded)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches."""
@@ -220,13 +222,15 @@ class Trainer:
             prompts = [e.prompt for e in examples]
             truth = [e.label for e in examples]
             # Every rank runs the same forward passes: an FSDP2 model is one collective.
-            if ds.task == "classification":
-                preds = evaluate.predict_labels(self.model, self.tokenizer, prompts, ds.labels)
-                labels = list(ds.labels)
-            else:
-                preds = evaluate.exact_match_predictions(self.model, self.tokenizer, prompts, 32)
-                labels = sorted(set(truth) | set(preds))
-            scores = evaluate.classification_metrics(truth, preds, labels, ev.average)
+            scores = evaluate.score_dataset(
+                self.model,
+                self.tokenizer,
+                ds,
+                prompts,
+                truth,
+                ev.average,
+                chat=self.spec.method in ("sft", "instruction"),
+            )
             for name in wanted:
                 # The first dataset also reports under the bare name the gate checks.
                 out.setdefault(name, scores[name])

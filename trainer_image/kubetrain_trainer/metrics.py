@@ -38,11 +38,25 @@ def flops_per_token(
     n_heads: int,
     head_dim: int,
     seq_len: int,
+    n_frozen_params: int = 0,
 ) -> float:
-    """Training FLOPs per token: 6 x (parameters without the input embedding, a lookup) for
-    the matmuls forward and backward, plus 12 x L x H x Dh x T for attention scores (PaLM
-    appendix B, as torchtitan and nanoGPT count it)."""
-    return 6.0 * (n_params - n_embedding_params) + 12.0 * n_layers * n_heads * head_dim * seq_len
+    """Training FLOPs per token (PaLM appendix B, as torchtitan and nanoGPT count it).
+
+    Each matmul weight costs 2 FLOPs per token forward, 2 for the input gradient and 2 for
+    its own weight gradient: 6 x (parameters without the input embedding, a lookup). A
+    frozen weight (a LoRA base) still runs forward and passes the gradient through to its
+    input, but gets no weight gradient: 4 per token. So with N the matmul parameters, of
+    which `n_frozen_params` are frozen, the weights cost 4 N_frozen + 6 N_trainable
+    = 6 N - 2 N_frozen (6 N for a full fine-tune). Attention scores add 12 x L x H x Dh x T
+    (forward 4, backward 8; no weights, so freezing changes nothing there).
+    """
+    if not 0 <= n_frozen_params <= n_params - n_embedding_params:
+        raise ValueError(
+            f"n_frozen_params {n_frozen_params} must be between 0 and the "
+            f"{n_params - n_embedding_params} matmul parameters"
+        )
+    weights = 6.0 * (n_params - n_embedding_params) - 2.0 * n_frozen_params
+    return weights + 12.0 * n_layers * n_heads * head_dim * seq_len
 
 
 # Published dense (no sparsity) peaks per device, FLOP/s: (bf16/fp16 tensor core,

@@ -305,6 +305,9 @@ class ModelShape:
     n_layers: int
     n_heads: int
     head_dim: int
+    n_frozen_params: int = 0
+    """Matmul parameters (input embeddings excluded) that get no weight gradient: the
+    frozen base of a LoRA model."""
 
 
 def model_shape(model: PreTrainedModel | PeftModel) -> ModelShape:
@@ -312,16 +315,20 @@ def model_shape(model: PreTrainedModel | PeftModel) -> ModelShape:
     config = base.config
     output = base.get_output_embeddings()
     output_weight = output.weight if output is not None else None
-    n_embedding = sum(
-        m.weight.numel()
+    lookups = [
+        m.weight
         for m in base.modules()
         if isinstance(m, torch.nn.Embedding) and m.weight is not output_weight
-    )
+    ]
+    lookup_ids = {id(w) for w in lookups}
     n_heads = config.num_attention_heads
     return ModelShape(
         n_params=sum(p.numel() for p in model.parameters()),
-        n_embedding_params=n_embedding,
+        n_embedding_params=sum(w.numel() for w in lookups),
         n_layers=len(transformer_blocks(model)),
         n_heads=n_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+        n_frozen_params=sum(
+            p.numel() for p in model.parameters() if not p.requires_grad and id(p) not in lookup_ids
+        ),
     )

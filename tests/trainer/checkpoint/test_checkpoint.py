@@ -245,3 +245,73 @@ def test_constructor_checks(tmp_path: Path) -> None:
         CheckpointManager(tmp_path, keep_last=0)
     with pytest.raises(ValueError, match="needs an initialized process group"):
         CheckpointManager(tmp_path, keep_last=1, rank=1, world_size=2)
+
+
+def test_resuming_an_older_step_starts_a_timeline_that_supersedes_the_old_one(
+    tmp_path: Path,
+) -> None:
+    # First run: steps 1-40, checkpoints at 20 and 40.
+    model, optimizer, scheduler = tiny_setup(seed=0)
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    train(model, optimizer, scheduler, steps=20)
+    manager.save(20, model, optimizer, scheduler)
+    train(model, optimizer, scheduler, steps=20)
+    old_40 = manager.save(40, model, optimizer, scheduler)
+    old_weights = params(model)
+
+    # Second run: `resume: step-20`, then other data (another RNG stream) up to 40 again.
+    model, optimizer, scheduler = tiny_setup(seed=1)
+    branch = CheckpointManager(tmp_path, keep_last=5)
+    assert branch.resume(model, optimizer, scheduler, policy="step-20") == {"step": 20}
+    assert branch.loaded is not None
+    assert branch.loaded.step == 20
+    torch.manual_seed(99)
+    train(model, optimizer, scheduler, steps=20)
+    new_40 = branch.save(40, model, optimizer, scheduler)
+    new_weights = params(model)
+    assert not torch.equal(new_weights["0.weight"], old_weights["0.weight"])
+
+    # `latest` names the new step 40, whose tensors are the new run's.
+    latest = CheckpointManager(tmp_path, keep_last=5).latest()
+    assert latest == new_40
+    assert latest.path != old_40.path
+    assert (latest.timeline, latest.branch) == (1, 20)
+    assert (tmp_path / "latest").read_text() == Path(new_40.path).name == "step-000040-t1"
+    # The abandoned step 40 is gone; step 20 (shared history) stays.
+    assert not Path(old_40.path).exists()
+    assert [(i.step, Path(i.path).name) for i in branch.list_committed()] == [
+        (20, "step-000020"),
+        (40, "step-000040-t1"),
+    ]
+
+    # `auto` resumes the new timeline, and `step-40` now means its step 40.
+    for policy in ("auto", "step-40"):
+        fresh, fresh_optimizer, fresh_scheduler = tiny_setup(seed=2)
+        resumer = CheckpointManager(tmp_path, keep_last=5)
+        assert resumer.resume(fresh, fresh_optimizer, fresh_scheduler, policy=policy) == {
+            "step": 40
+        }
+        assert_same_tensors(params(fresh), new_weights)
+        assert resumer.timeline == 1  # continuing, not branching again
+
+    # Going on from there stays on timeline 1 and keeps retention by step.
+    train(fresh, fresh_optimizer, fresh_scheduler, steps=1)
+    assert Path(resumer.save(41, fresh, fresh_optimizer, fresh_scheduler).path).name == (
+        "step-000041-t1"
+    )
+
+
+def test_a_fresh_start_over_old_checkpoints_replaces_them(tmp_path: Path, trained: tuple) -> None:
+    model, optimizer, scheduler = trained
+    CheckpointManager(tmp_path, keep_last=3).save(3, model, optimizer, scheduler)
+
+    fresh, fresh_optimizer, fresh_scheduler = tiny_setup(seed=5)
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    assert manager.resume(fresh, fresh_optimizer, fresh_scheduler, policy="never") is None
+    info = manager.save(3, fresh, fresh_optimizer, fresh_scheduler)
+    assert Path(info.path).name == "step-000003-t1"
+    assert manager.list_committed() == [info]
+
+    check, check_optimizer, check_scheduler = tiny_setup(seed=6)
+    CheckpointManager(tmp_path, keep_last=3).resume(check, check_optimizer, check_scheduler)
+    assert_same_tensors(params(check), params(fresh))

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
-from kubetrain_trainer.evaluate import classification_metrics
+from kubetrain_trainer.evaluate import classification_metrics, labelled_scores
 
 LABEL_POOL = ["positive", "negative", "neutral", "mixed", "other"]
 
@@ -104,3 +104,60 @@ def test_binary_uses_first_label_as_positive_by_default():
 def test_bad_input_is_rejected(y_true, y_pred, labels, average, pos_label, message):
     with pytest.raises(ValueError, match=message):
         classification_metrics(y_true, y_pred, labels, average, pos_label=pos_label)
+
+
+# ---- the label set of a dataset: hallucinated answers are misses, not classes ---------
+
+
+def test_hallucinated_answers_are_misses_of_the_true_class():
+    y_true = ["paris", "rome", "paris", "oslo"]
+    y_pred = ["paris", "Rome.", "london", "oslo"]  # two answers no label has
+    for average in ("macro", "micro", "weighted"):
+        assert_scores_equal(
+            labelled_scores(y_true, y_pred, None, average),
+            sklearn_scores(y_true, y_pred, ["oslo", "paris", "rome"], average),
+        )
+    macro = labelled_scores(y_true, y_pred, None, "macro")
+    # paris 1/1, oslo 1/1, rome 0 predicted: precision (1 + 1 + 0) / 3, with no "london" or
+    # "Rome." class of precision 0 dragging it to 2/5.
+    assert macro["precision"] == pytest.approx(2 / 3)
+    assert macro["recall"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert macro["accuracy"] == 0.5
+
+
+def test_every_answer_hallucinated_scores_zero():
+    scores = labelled_scores(["a", "b"], ["x", "y"], None, "macro")
+    assert scores == {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert_scores_equal(
+        labelled_scores(["a", "b"], ["x", "y"], None, "micro"),
+        sklearn_scores(["a", "b"], ["x", "y"], ["a", "b"], "micro"),
+    )
+
+
+def test_a_dataset_label_list_is_the_label_set():
+    # "c" is a listed class nobody's truth: it counts (0 recall, 0 precision) in macro.
+    y_true, y_pred = ["a", "b", "a"], ["a", "c", "zzz"]
+    assert_scores_equal(
+        labelled_scores(y_true, y_pred, ["a", "b", "c"], "macro"),
+        sklearn_scores(y_true, y_pred, ["a", "b", "c"], "macro"),
+    )
+
+
+@st.composite
+def answer_cases(draw):
+    truths = st.sampled_from(LABEL_POOL[:3])
+    answers = st.sampled_from([*LABEL_POOL[:3], "hallucinated", "Positive", ""])
+    n = draw(st.integers(1, 30))
+    return draw(st.lists(truths, min_size=n, max_size=n)), draw(
+        st.lists(answers, min_size=n, max_size=n)
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=answer_cases(), average=st.sampled_from(["macro", "micro", "weighted"]))
+def test_generated_answers_equal_sklearn_over_the_true_label_set(case, average):
+    y_true, y_pred = case
+    assert_scores_equal(
+        labelled_scores(y_true, y_pred, None, average),
+        sklearn_scores(y_true, y_pred, sorted(set(y_true)), average),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -13,14 +14,17 @@ import torch.multiprocessing as mp
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from kubetrain_api.v1alpha1 import GateResult, GateThreshold
+from kubetrain_api.v1alpha1 import EvalDataset, GateResult, GateThreshold
 from kubetrain_trainer.evaluate import (
+    chat_prompts,
     check_gate,
     evaluate_loss,
     exact_match_predictions,
     label_log_likelihoods,
     perplexity,
     predict_labels,
+    score_dataset,
+    scoring_of,
 )
 from tests.trainer.metrics import dist_worker
 from tests.trainer.metrics.conftest import tiny_llama
@@ -248,3 +252,104 @@ def test_gate_fails_on_missing_or_nan_metrics():
 def test_gate_bounds_are_inclusive():
     result = check_gate({"accuracy": 0.8}, gate({"metric": "accuracy", "min": 0.8, "max": 0.8}))
     assert result.passed is True
+
+
+@pytest.mark.trainer
+def test_exact_match_generates_from_a_lora_model_sharded_by_fsdp2(tmp_path):
+    from tests.trainer.metrics import lora_worker
+
+    out = str(tmp_path / "answers")
+    mp.spawn(lora_worker.run, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    tokenizer = lora_worker.word_tokenizer()
+    reference = lora_worker.lora_model(len(tokenizer))
+    base_answers = []
+    for rank, prompts in enumerate(lora_worker.PROMPTS):
+        sharded = json.loads((tmp_path / f"answers.{rank}").read_text())
+        expected = [greedy(reference, tokenizer, p, lora_worker.MAX_NEW_TOKENS) for p in prompts]
+        assert sharded == expected
+        with reference.disable_adapter():
+            base_answers += [
+                greedy(reference, tokenizer, p, lora_worker.MAX_NEW_TOKENS) for p in prompts
+            ]
+    # The adapters change the answers, so the sharded run really used them.
+    sharded_all = [a for r in range(2) for a in json.loads((tmp_path / f"answers.{r}").read_text())]
+    assert sharded_all != base_answers
+
+
+# ---- scoring: normalized likelihood, chat prompts, per-dataset scoring ------------------
+
+
+def test_normalized_likelihood_divides_by_label_characters(word_tokenizer):
+    # "good" is favoured: "very good" has the better log-prob per character, "bad" (one
+    # token) the better sum. acc picks "bad", acc_norm "very good", as in lm-eval-harness.
+    good = word_tokenizer.convert_tokens_to_ids("good")
+    model = BiasLM(len(word_tokenizer), {good: 3.0})
+    labels = ["bad", "very good"]
+    scores = label_log_likelihoods(model, word_tokenizer, PROMPTS, labels)
+    per_char = scores / np.array([3.0, 9.0])
+    assert scores[0].argmax() == 0
+    assert per_char[0].argmax() == 1
+    assert predict_labels(model, word_tokenizer, PROMPTS, labels) == ["bad", "bad"]
+    normalized = predict_labels(model, word_tokenizer, PROMPTS, labels, normalize=True)
+    assert normalized == ["very good", "very good"]
+
+
+def test_chat_prompts_use_the_tokenizers_template_or_the_default(bpe_tokenizer):
+    assert not bpe_tokenizer.chat_template
+    assert chat_prompts(bpe_tokenizer, ["what is two plus two ?"]) == [
+        "<s><|user|>what is two plus two ?</s><|assistant|>"
+    ]
+    own = copy.deepcopy(bpe_tokenizer)
+    own.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    assert chat_prompts(own, ["hi"]) == ["[user] hi\n[assistant] "]
+
+
+def test_chat_scoring_reads_the_answer_right_after_the_assistant_turn(bpe_tokenizer):
+    model = tiny_llama(len(bpe_tokenizer), seed=3)
+    prompt = "question : what is two plus two ? answer :"
+    [rendered] = chat_prompts(bpe_tokenizer, [prompt])
+    scores = label_log_likelihoods(model, bpe_tokenizer, [prompt], ["four", "positive"], chat=True)
+    ids = bpe_tokenizer(rendered + "four", add_special_tokens=False)["input_ids"]
+    start = len(bpe_tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+    direct = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
+    assert scores[0, 0] == pytest.approx(direct, rel=1e-5)
+    # Generation continues the rendered chat too.
+    answers = exact_match_predictions(model, bpe_tokenizer, [prompt], 4, chat=True)
+    assert answers == [greedy(model, bpe_tokenizer, rendered, 4)]
+    assert answers != exact_match_predictions(model, bpe_tokenizer, [prompt], 4)
+
+
+def test_score_dataset_follows_the_datasets_scoring(word_tokenizer):
+    good = word_tokenizer.convert_tokens_to_ids("good")
+    model = BiasLM(len(word_tokenizer), {good: 3.0})
+    truth = ["very good", "very good"]
+
+    def dataset(**fields) -> EvalDataset:
+        return EvalDataset(
+            name="reviews", uri="file:///r.jsonl", labels=["bad", "very good"], **fields
+        )
+
+    plain = score_dataset(model, word_tokenizer, dataset(), PROMPTS, truth, "macro")
+    assert scoring_of(dataset()) == "loglikelihood"
+    assert plain["accuracy"] == 0.0
+    norm = dataset(scoring="loglikelihood-normalized")
+    assert score_dataset(model, word_tokenizer, norm, PROMPTS, truth, "macro")["accuracy"] == 1.0
+    assert scoring_of(EvalDataset(name="qa", uri="file:///q.jsonl", task="exact-match")) == (
+        "generate"
+    )
+
+
+def test_gate_checks_one_datasets_metric():
+    metrics = {"f1": 0.9, "intents/f1": 0.4, "qa/accuracy": 0.8}
+    gate = [
+        GateThreshold(metric="intents/f1", min=0.5),
+        GateThreshold(metric="qa/accuracy", min=0.5),
+    ]
+    assert check_gate(metrics, gate) == GateResult(
+        passed=False, failures=["intents/f1 0.4 < min 0.5"]
+    )

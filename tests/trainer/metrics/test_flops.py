@@ -95,3 +95,16 @@ def test_measured_cpu_matmul_ceiling_is_plausible():
     flops = measure_matmul_flops(size=256, seconds=0.1)
     # Any CPU from a laptop core to a big server: 100 MFLOP/s .. 100 TFLOP/s.
     assert 1e8 < flops < 1e14
+
+
+def test_frozen_weights_cost_forward_and_input_gradient_only():
+    # 900 matmul params, 600 of them a frozen base (LoRA): 4 x 600 + 6 x 300, not 6 x 900.
+    full = flops_per_token(1000, 100, 2, 4, 8, 128)
+    lora = flops_per_token(1000, 100, 2, 4, 8, 128, n_frozen_params=600)
+    attention = 12 * 2 * 4 * 8 * 128
+    assert lora == 4 * 600 + 6 * 300 + attention
+    assert full - lora == 2 * 600
+    # All frozen (nothing trains): forward and input gradients only.
+    assert flops_per_token(1000, 100, 2, 4, 8, 128, n_frozen_params=900) == 4 * 900 + attention
+    with pytest.raises(ValueError, match="n_frozen_params"):
+        flops_per_token(1000, 100, 2, 4, 8, 128, n_frozen_params=901)

@@ -298,6 +298,9 @@ def test_model_shape_matches_a_hand_count(tmp_path, tokenizer):
     )
     adapters = layers * 2 * (hidden * 2)  # A: hidden x r, B: r x hidden
     assert lora.n_params == expected.n_params + adapters
+    # Everything but the adapters is frozen; the input embedding is a lookup, not a matmul.
+    assert lora.n_frozen_params == expected.n_params - embedding
+    assert expected.n_frozen_params == 0
 
 
 def test_tied_embeddings_are_not_counted_as_lookup_only(tmp_path, tokenizer):
