@@ -153,6 +153,8 @@ class Trainer:
             dtype=config.param_dtype,
             cache_dir=config.output_dir / "cache",
         )
+        if self.spec.data.packing:
+            models.check_packed_attention(model)
         if self.spec.lora is not None:
             model = models.apply_lora(model, self.spec.lora)
         self.shape = models.model_shape(model)

@@ -249,6 +249,42 @@ def load_tokenizer(model_spec: api.ModelSpec, cache_dir: Path) -> PreTrainedToke
 
 
 # --------------------------------------------------------------------------------------
+# Packed documents
+# --------------------------------------------------------------------------------------
+
+
+def check_packed_attention(model: PreTrainedModel | PeftModel) -> None:
+    """Raise unless `model` keeps packed documents apart: the data step restarts
+    `position_ids` at each document, and transformers (>= 4.56) turns a restart into a
+    block-diagonal causal mask for sdpa/eager/flex and into varlen kernels for
+    flash_attention_2, when no attention_mask is passed. An architecture that ignores
+    this (remote code, or its own mask) would let documents attend to each other silently,
+    so a 2 x 4-token probe compares the second document packed and alone."""
+    implementation = getattr(_base(model).config, "_attn_implementation", None) or ""
+    if implementation.startswith("flash_attention"):
+        return  # varlen kernels read position_ids by design; and they need a GPU
+    probe = torch.arange(1, 9)[None] % model.get_input_embeddings().num_embeddings
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=probe, position_ids=positions, use_cache=False).logits
+            alone = model(input_ids=probe[:, 4:], use_cache=False).logits
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if alone.dtype == torch.float32 else 2e-2  # bf16/fp16 weights
+    packed, alone = packed[:, 4:].float(), alone.float()
+    if not torch.allclose(packed, alone, atol=tolerance * (1 + alone.abs().max().item())):
+        name = type(_base(model)).__name__
+        raise ValueError(
+            f"spec.data.packing: {name} with attention {implementation!r} lets packed "
+            "documents attend to each other (it ignores per-document position_ids); "
+            "set packing: false"
+        )
+
+
+# --------------------------------------------------------------------------------------
 # LoRA
 # --------------------------------------------------------------------------------------
 
