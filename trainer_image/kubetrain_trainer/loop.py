@@ -160,6 +160,8 @@ class Trainer:
         self.shape = models.model_shape(model)
         model.to(self.device)
         self.model = parallelize(model, models.transformer_blocks(model), config, self.device)
+        # Flash attention keeps packed documents apart only within a single row.
+        self.flat_rows = models.uses_flash_attention(model) and "position_ids" in self.train_data
         self.optimizer = optim.build_optimizer(self.model, hp)
         self.scheduler = optim.build_scheduler(self.optimizer, hp, self.total_steps)
         self.checkpoints = checkpoint.CheckpointManager(
@@ -218,7 +220,7 @@ class Trainer:
         over the trained tokens of the whole global batch."""
         self.model.train()
         micro_batches = [
-            {k: v[rows].to(self.device) for k, v in self.train_data.items()}
+            self._model_batch({k: v[rows].to(self.device) for k, v in self.train_data.items()})
             for rows in self.order.micro_batches(self.step, self.ctx.rank)
         ]
         loss, trained = accumulate_gradients(self.model, micro_batches, self.device)
@@ -236,6 +238,9 @@ class Trainer:
             "trained_tokens": trained,
         }
 
+    def _model_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return models.flatten_rows(batch) if self.flat_rows else batch
+
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.config.hp.max_grad_norm or float("inf")
@@ -246,7 +251,10 @@ class Trainer:
     def evaluate(self, final: bool = False) -> dict[str, float]:
         ev = self.spec.evaluation
         results: dict[str, float] = {}
-        batches = _batches(self.val_data, self.config.micro_batch_size, ev.max_batches)
+        batches = map(
+            self._model_batch,
+            _batches(self.val_data, self.config.micro_batch_size, ev.max_batches),
+        )
         if self.val_data["input_ids"].shape[0]:
             loss, _ = evaluate.evaluate_loss(self.model, batches, self.device)
             if "loss" in ev.metrics:

@@ -109,3 +109,29 @@ def test_a_model_that_lets_documents_attend_to_each_other_is_refused(
 
     with pytest.raises(ValueError, match=r"spec\.data\.packing"):
         models.check_packed_attention(IgnoresPositions(model))  # type: ignore[arg-type]
+
+
+def test_flattened_rows_for_flash_attention_give_the_same_losses(
+    tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    # Flash attention sees document boundaries only in a one-row batch, so the loop
+    # flattens rows for it; checked here with sdpa, which honours both layouts.
+    model = tiny(tokenizer, tmp_path).eval()
+    docs = _docs(tokenizer)
+    rows = tokenize.pack(docs, docs, 20, tokenizer.pad_token_id)
+    batch = {
+        k: torch.from_numpy(getattr(rows, k)).long()
+        for k in ("input_ids", "labels", "position_ids")
+    }
+    assert batch["input_ids"].shape[0] > 2
+    flat = models.flatten_rows(batch)
+    assert flat["input_ids"].shape == (1, batch["input_ids"].numel())
+    assert loop.trained_tokens(flat["labels"]) == loop.trained_tokens(batch["labels"])
+    with torch.no_grad():
+        torch.testing.assert_close(loop.loss_sum(model, flat), loop.loss_sum(model, batch))
+    assert evaluate.evaluate_loss(model, [flat], "cpu") == pytest.approx(
+        evaluate.evaluate_loss(model, [batch], "cpu"), rel=1e-6
+    )
+    assert not models.uses_flash_attention(model)
+    model.config._attn_implementation = "flash_attention_2"
+    assert models.uses_flash_attention(model)
