@@ -50,8 +50,7 @@ def bench_tokenize(n_docs: int, rounds: int) -> dict[str, Any]:
 
     def ours() -> int:
         ids, labels = tokenize.encode(records, tokenizer, mask_prompts=False)
-        input_ids, _, _ = tokenize.pack(ids, labels, 128, tokenize.pad_id(tokenizer))
-        return int(input_ids.size)
+        return int(tokenize.pack(ids, labels, 128, tokenize.pad_id(tokenizer)).input_ids.size)
 
     def raw() -> int:
         return sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))

@@ -177,10 +177,13 @@ def evaluate_loss(
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             mask = batch.get("attention_mask")
+            # Per-document positions of packed rows keep their documents apart.
+            positions = {k: batch[k].to(device) for k in ("position_ids",) if k in batch}
             logits = model(
                 input_ids=input_ids,
                 attention_mask=None if mask is None else mask.to(device),
                 use_cache=False,
+                **positions,
             ).logits
             # Position t predicts token t+1; bf16 logits are upcast for an accurate sum.
             targets = labels[:, 1:].reshape(-1)

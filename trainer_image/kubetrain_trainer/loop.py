@@ -58,8 +58,11 @@ def _device(config: TrainConfig, ctx: WorkerContext) -> torch.device:
 
 
 def _load_split(path: Path) -> dict[str, torch.Tensor]:
+    """`input_ids`, `labels` and, when the preparation has them, per-document
+    `position_ids` (they keep packed documents from attending to each other)."""
     with np.load(path) as data:
-        return {k: torch.from_numpy(data[k].astype(np.int64)) for k in ("input_ids", "labels")}
+        keys = [k for k in ("input_ids", "labels", "position_ids") if k in data]
+        return {k: torch.from_numpy(data[k].astype(np.int64)) for k in keys}
 
 
 def _batches(split: dict[str, torch.Tensor], size: int, limit: int) -> Iterator[dict]:
@@ -70,12 +73,58 @@ def _batches(split: dict[str, torch.Tensor], size: int, limit: int) -> Iterator[
         yield {k: v[start : start + size] for k, v in split.items()}
 
 
-def _all_mean(value: float, device: torch.device) -> float:
+def _all_sum(value: float, device: torch.device) -> float:
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    return float(t.item())
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    """Tokens a batch trains on: labels other than IGNORE_INDEX, after the causal shift
+    (a row's first label is never predicted)."""
+    return int((labels[:, 1:] != evaluate.IGNORE_INDEX).sum())
+
+
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross entropy over the batch's trained tokens (0 when it has none). The same
+    shift and fp32 upcast as `evaluate.evaluate_loss`, so training and validation loss
+    measure the same thing. `position_ids`, when present, mark packed documents."""
+    # No KV cache while training: it only costs memory (and recompiles).
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=evaluate.IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def accumulate_gradients(
+    model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[float, int]:
+    """Backward over this process's micro-batches so that the gradients, once reduced, are
+    those of the mean loss over every trained token of the global batch (all micro-batches
+    of all processes), whatever the split. Returns that mean loss and the global count.
+
+    As HF Trainer's `num_items_in_batch` and torchtitan do: count the global trained tokens
+    first, then backpropagate each micro-batch's loss SUM divided by that count. FSDP2 and
+    DDP average gradients over processes, so the loss is multiplied by the world size to
+    turn their mean back into the sum."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    local = sum(trained_tokens(b["labels"]) for b in micro_batches)
+    total = int(_all_sum(float(local), device))
+    # Without trained tokens anywhere every summed loss is 0: divide by 1, not by 0.
+    scale = world / max(total, 1)
+    summed = 0.0
+    for m, batch in enumerate(micro_batches):
+        set_gradient_sync(model, m == len(micro_batches) - 1)
+        loss = loss_sum(model, batch)
+        (loss * scale).backward()
+        summed += float(loss.detach())
+    return _all_sum(summed, device) / max(total, 1), total
 
 
 class Trainer:
@@ -104,11 +153,15 @@ class Trainer:
             dtype=config.param_dtype,
             cache_dir=config.output_dir / "cache",
         )
+        if self.spec.data.packing:
+            models.check_packed_attention(model)
         if self.spec.lora is not None:
             model = models.apply_lora(model, self.spec.lora)
         self.shape = models.model_shape(model)
         model.to(self.device)
         self.model = parallelize(model, models.transformer_blocks(model), config, self.device)
+        # Flash attention keeps packed documents apart only within a single row.
+        self.flat_rows = models.uses_flash_attention(model) and "position_ids" in self.train_data
         self.optimizer = optim.build_optimizer(self.model, hp)
         self.scheduler = optim.build_scheduler(self.optimizer, hp, self.total_steps)
         self.checkpoints = checkpoint.CheckpointManager(
@@ -166,18 +219,15 @@ class Trainer:
                 self._announce(self.checkpoints.loaded)
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches."""
+        """One optimizer step over `grad_accum_steps` micro-batches; the loss is the mean
+        over the trained tokens of the whole global batch."""
         self.model.train()
-        accum = self.config.grad_accum_steps
-        total_loss, tokens = 0.0, 0
-        for m, rows in enumerate(self.order.micro_batches(self.step, self.ctx.rank)):
-            batch = {k: v[rows].to(self.device) for k, v in self.train_data.items()}
-            set_gradient_sync(self.model, m == accum - 1)
-            # No KV cache while training: it only costs memory (and recompiles).
-            loss = self.model(**batch, use_cache=False).loss
-            (loss / accum).backward()
-            total_loss += float(loss.detach())
-            tokens += int(batch["input_ids"].numel())
+        micro_batches = [
+            self._model_batch({k: v[rows].to(self.device) for k, v in self.train_data.items()})
+            for rows in self.order.micro_batches(self.step, self.ctx.rank)
+        ]
+        loss, trained = accumulate_gradients(self.model, micro_batches, self.device)
+        tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
@@ -185,10 +235,14 @@ class Trainer:
         self.step += 1
         self.tokens_seen += tokens * self.ctx.world_size
         return {
-            "loss": _all_mean(total_loss / accum, self.device),
+            "loss": loss,
             "grad_norm": grad_norm,
             "tokens": tokens * self.ctx.world_size,
+            "trained_tokens": trained,
         }
+
+    def _model_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return models.flatten_rows(batch) if self.flat_rows else batch
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -200,7 +254,10 @@ class Trainer:
     def evaluate(self, final: bool = False) -> dict[str, float]:
         ev = self.spec.evaluation
         results: dict[str, float] = {}
-        batches = _batches(self.val_data, self.config.micro_batch_size, ev.max_batches)
+        batches = map(
+            self._model_batch,
+            _batches(self.val_data, self.config.micro_batch_size, ev.max_batches),
+        )
         if self.val_data["input_ids"].shape[0]:
             loss, _ = evaluate.evaluate_loss(self.model, batches, self.device)
             if "loss" in ev.metrics:

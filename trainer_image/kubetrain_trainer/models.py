@@ -34,6 +34,7 @@ from transformers import (
 
 from kubetrain_api import v1alpha1 as api
 
+IGNORE_INDEX = -100  # label that takes no part in the loss (HF and torch convention)
 PVC_ROOT_ENV = "KUBETRAIN_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 
@@ -246,6 +247,61 @@ def load_tokenizer(model_spec: api.ModelSpec, cache_dir: Path) -> PreTrainedToke
         # positions are masked out of the loss anyway.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# --------------------------------------------------------------------------------------
+# Packed documents
+# --------------------------------------------------------------------------------------
+
+
+def uses_flash_attention(model: torch.nn.Module) -> bool:
+    """Whether the model attends with a flash_attention_* kernel (under DDP, PEFT or not)."""
+    inner = getattr(model, "module", model)  # DDP
+    config = getattr(_base(inner), "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "").startswith("flash_attention")
+
+
+def flatten_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows of a packed batch as one row of B x S tokens, for flash attention: it reads
+    document boundaries from position_ids only when the batch has one row (transformers'
+    `_is_packed_sequence`, as `DataCollatorWithFlattening` feeds it). Position ids restart
+    at every row, so rows stay apart; each row's first label is ignored, because in one
+    row it would be predicted from the previous row's last token. Losses are unchanged."""
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    flat = {k: v.reshape(1, -1) for k, v in batch.items() if k != "labels"}
+    return {**flat, "labels": labels.reshape(1, -1)}
+
+
+def check_packed_attention(model: PreTrainedModel | PeftModel) -> None:
+    """Raise unless `model` keeps packed documents apart: the data step restarts
+    `position_ids` at each document, and transformers (>= 4.56) turns a restart into a
+    block-diagonal causal mask for sdpa/eager/flex and into varlen kernels for
+    flash_attention_2, when no attention_mask is passed. An architecture that ignores
+    this (remote code, or its own mask) would let documents attend to each other silently,
+    so a 2 x 4-token probe compares the second document packed and alone."""
+    if uses_flash_attention(model):
+        return  # varlen kernels on flattened rows (`flatten_rows`); and they need a GPU
+    probe = torch.arange(1, 9)[None] % model.get_input_embeddings().num_embeddings
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=probe, position_ids=positions, use_cache=False).logits
+            alone = model(input_ids=probe[:, 4:], use_cache=False).logits
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if alone.dtype == torch.float32 else 2e-2  # bf16/fp16 weights
+    packed, alone = packed[:, 4:].float(), alone.float()
+    if not torch.allclose(packed, alone, atol=tolerance * (1 + alone.abs().max().item())):
+        name = type(_base(model)).__name__
+        implementation = getattr(_base(model).config, "_attn_implementation", None)
+        raise ValueError(
+            f"spec.data.packing: {name} with attention {implementation!r} lets packed "
+            "documents attend to each other (it ignores per-document position_ids); "
+            "set packing: false"
+        )
 
 
 # --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,43 @@ def test_instruction_data_masks_prompts(tmp_path: Path) -> None:
         trained = labels[labels != IGNORE_INDEX]
         assert (trained == ids[assistant + 1 : assistant + 1 + len(trained)]).all()
         assert trained[-1] == tokenizer.eos_token_id
+
+
+def test_packed_instruction_data_keeps_each_example_in_one_row(tmp_path: Path) -> None:
+    data = {
+        "sources": [
+            {
+                "name": "pairs",
+                "uri": "builtin://quickstart-instructions",
+                "format": "prompt-response",
+            }
+        ],
+        "sequenceLength": 48,
+        "packing": True,
+        "validationSplit": 0.05,
+    }
+    result = prepare_data(make_spec(data, method="instruction"), tmp_path, log=lambda _: None)
+    loaded = load_prepared(tmp_path)
+    assert (loaded.train.position_ids == result.train.position_ids).all()
+    tokens = result.summary["tokens"]["train"]
+    assistant = result.tokenizer.convert_tokens_to_ids("<|assistant|>")
+    eos = result.tokenizer.eos_token_id
+    pad = result.tokenizer.pad_token_id
+    examples = truncated = 0
+    for ids, positions in zip(result.train.input_ids, result.train.position_ids, strict=True):
+        # Every example opens a segment (position 0) and ends with EOS in the same row,
+        # unless it was longer than a row and truncated to one.
+        starts = [*np.flatnonzero(positions == 0).tolist(), len(ids)]
+        for lo, hi in pairwise(starts):
+            segment = ids[lo:hi].tolist()
+            if set(segment) == {pad}:
+                continue
+            examples += 1
+            if segment[-1] != eos:
+                assert hi - lo == 48
+                truncated += 1
+            else:
+                assert assistant in segment
+    assert examples == result.summary["documents"]["train"]
+    assert truncated == tokens["truncated_documents"]  # (none here; see test_tokenize)
+    assert tokens["rows"] < examples  # several examples share a row

@@ -51,7 +51,8 @@ def test_packing_fills_rows_exactly_and_keeps_every_token(tokenizer) -> None:
     eos = tokenizer.eos_token_id
     stream = [token for doc in ids for token in doc]
     assert all(doc[-1] == eos for doc in ids)
-    input_ids, label_rows, padding = tokenize.pack(ids, labels, 16, tokenize.pad_id(tokenizer))
+    rows = tokenize.pack(ids, labels, 16, tokenize.pad_id(tokenizer))
+    input_ids, label_rows, padding = rows.input_ids, rows.labels, rows.padding
     assert input_ids.shape[1] == 16
     assert label_rows.shape == input_ids.shape
     assert input_ids.dtype == np.int32
@@ -71,7 +72,8 @@ def test_packing_fills_rows_exactly_and_keeps_every_token(tokenizer) -> None:
 def test_pad_each_truncates_and_pads(tokenizer) -> None:
     docs = [Record(text="the red fox"), Record(text="word " * 100)]
     ids, labels = tokenize.encode(docs, tokenizer, mask_prompts=False)
-    input_ids, label_rows, padding = tokenize.pad_each(ids, labels, 32, tokenize.pad_id(tokenizer))
+    rows = tokenize.pad_each(ids, labels, 32, tokenize.pad_id(tokenizer))
+    input_ids, label_rows, padding = rows.input_ids, rows.labels, rows.padding
     assert input_ids.shape == (2, 32)
     n = len(ids[0])
     assert input_ids[0, :n].tolist() == ids[0]
@@ -79,6 +81,75 @@ def test_pad_each_truncates_and_pads(tokenizer) -> None:
     assert (label_rows[0, n:] == IGNORE).all()
     assert input_ids[1].tolist() == ids[1][:32]  # truncated
     assert padding == 32 - n
+    assert rows.truncated == 1
+    assert (rows.position_ids == np.arange(32)).all()
+
+
+def _segments(rows: tokenize.Rows) -> list[list[int]]:
+    """The token runs that position ids delimit (a restart at 0 opens a new one)."""
+    out: list[list[int]] = []
+    for ids, positions in zip(rows.input_ids.tolist(), rows.position_ids.tolist(), strict=True):
+        for token, position in zip(ids, positions, strict=True):
+            if position == 0:
+                out.append([])
+            out[-1].append(token)
+    return out
+
+
+def test_packed_position_ids_restart_at_each_document_and_row() -> None:
+    ids = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16]]
+    rows = tokenize.pack(ids, ids, 6, pad_id=0)
+    assert rows.input_ids.tolist() == [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+    assert (rows.padding, rows.truncated) == (0, 0)
+
+
+def test_whole_examples_are_never_split_across_rows() -> None:
+    # Rows of 6. After 4 tokens of text, a 5-token example does not fit the 2 left: the row
+    # is padded and the example opens the next; likewise the 3-token one after it. An
+    # example longer than a row is truncated to one row. Text still continues across rows.
+    text_a, b, c = [40, 41, 42, 43], [1, 2, 3, 4, 5], [6, 7, 8]
+    d, text_e = list(range(20, 28)), list(range(50, 59))
+    ids = [text_a, b, c, d, text_e]
+    labels = [text_a, [IGNORE, IGNORE, 3, 4, 5], [IGNORE, 7, 8], d, text_e]
+    rows = tokenize.pack(ids, labels, 6, pad_id=0, whole=[False, True, True, True, False])
+    assert rows.input_ids.tolist() == [
+        [40, 41, 42, 43, 0, 0],
+        [1, 2, 3, 4, 5, 0],
+        [6, 7, 8, 0, 0, 0],
+        [20, 21, 22, 23, 24, 25],
+        [50, 51, 52, 53, 54, 55],
+        [56, 57, 58, 0, 0, 0],
+    ]
+    assert rows.labels[1].tolist() == [IGNORE, IGNORE, 3, 4, 5, IGNORE]
+    assert rows.truncated == 1
+    assert rows.padding == 36 - (4 + 5 + 3 + 6 + 9)
+    # Each example is one segment; padding and row starts open segments of their own.
+    assert _segments(rows) == [
+        text_a,
+        [0, 0],
+        b,
+        [0],
+        c,
+        [0, 0, 0],
+        d[:6],
+        text_e[:6],
+        text_e[6:],
+        [0, 0, 0],
+    ]
+
+
+def test_packing_whole_examples_keeps_every_one_intact(tokenizer) -> None:
+    records = [
+        chat(("user", "word " * n), ("assistant", "answer " * (n % 7 + 1))) for n in range(1, 40)
+    ]
+    ids, labels = tokenize.encode(records, tokenizer, mask_prompts=True)
+    rows = tokenize.pack(ids, labels, 64, tokenize.pad_id(tokenizer), whole=[True] * len(ids))
+    fitting = [doc for doc in ids if len(doc) <= 64]
+    assert rows.truncated == len(ids) - len(fitting) > 0
+    segments = _segments(rows)
+    for doc in fitting:
+        assert doc in segments
 
 
 def chat(*turns: tuple[str, str]) -> Record:

@@ -53,7 +53,9 @@ spec:
 
 # Loss of the straight run at its last step (seed 7, torch 2.13 CPU). A change here means
 # the numerics changed: data order, init, loss or optimizer. Update only on purpose.
-GOLDEN_FINAL_LOSS = 4.833369731903076
+# 4.8334 -> 4.8238 (issue #12): loss averaged over the global batch's trained tokens, and
+# packed documents no longer attending to each other.
+GOLDEN_FINAL_LOSS = 4.823841397724454
 GOLDEN_TOLERANCE = 1e-3
 
 

@@ -5,7 +5,9 @@ train/validation split per source -> weighted mix of the training documents -> t
 (trained here for built-in models) -> tokenize and pack. The result is written to
 `out_dir` and reused when the same preparation is asked for again:
 
-    out_dir/train.npz, validation.npz   int32 `input_ids` and `labels`, [rows, sequenceLength]
+    out_dir/train.npz, validation.npz   int32 `input_ids`, `labels` and `position_ids`
+                                        (restarting at each packed document),
+                                        [rows, sequenceLength]
     out_dir/tokenizer/                  the tokenizer used (save_pretrained)
     out_dir/summary.json                counts per stage and source, tokens, lineage; last
 
@@ -39,7 +41,7 @@ from . import clean, dedup, mix, tokenize
 from .readers import DataError, Record, read_source
 
 # Bump when a change to the pipeline changes its output for the same spec.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: position_ids; conversations packed whole
 SUMMARY = "summary.json"
 SPLITS = ("train", "validation")
 
@@ -48,10 +50,13 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class TokenizedSplit:
-    """Rows of exactly `sequenceLength` tokens; labels are IGNORE_INDEX where not trained."""
+    """Rows of exactly `sequenceLength` tokens; labels are IGNORE_INDEX where not trained;
+    position ids restart at each document, so packed documents do not attend to each
+    other (see `tokenize.Rows`)."""
 
     input_ids: np.ndarray
     labels: np.ndarray
+    position_ids: np.ndarray
 
     @property
     def rows(self) -> int:
@@ -147,7 +152,7 @@ def load_prepared(out_dir: Path, *, reused: bool = False) -> PreparedData:
     splits = {}
     for name in SPLITS:
         with np.load(out_dir / f"{name}.npz") as npz:
-            splits[name] = TokenizedSplit(npz["input_ids"], npz["labels"])
+            splits[name] = TokenizedSplit(npz["input_ids"], npz["labels"], npz["position_ids"])
     tokenizer = AutoTokenizer.from_pretrained(out_dir / "tokenizer")
     return PreparedData(
         out_dir, splits["train"], splits["validation"], tokenizer, summary, reused=reused
@@ -296,17 +301,25 @@ def _tokenize(
 ) -> tuple[TokenizedSplit, dict[str, int]]:
     ids, labels = tokenize.encode(docs, tokenizer, mask_prompts=_mask_prompts(spec))
     seq_len, pad = spec.data.sequence_length, tokenize.pad_id(tokenizer)
-    shape = tokenize.pack if spec.data.packing else tokenize.pad_each
-    input_ids, label_rows, padding = shape(ids, labels, seq_len, pad)
+    if spec.data.packing:
+        # Conversations (and prompt-response examples) are packed whole; text may continue
+        # on the next row.
+        whole = [doc.messages is not None for doc in docs]
+        rows = tokenize.pack(ids, labels, seq_len, pad, whole=whole)
+    else:
+        rows = tokenize.pad_each(ids, labels, seq_len, pad)
     tokens = sum(map(len, ids))
     stats = {
         "tokens": tokens,
-        "kept_tokens": int(input_ids.size) - padding,  # less than tokens when truncated
-        "padding": padding,
-        "trained_tokens": int(np.count_nonzero(label_rows != tokenize.IGNORE_INDEX)),
-        "rows": int(input_ids.shape[0]),
+        "kept_tokens": int(rows.input_ids.size) - rows.padding,  # less when truncated
+        "padding": rows.padding,
+        "trained_tokens": int(np.count_nonzero(rows.labels != tokenize.IGNORE_INDEX)),
+        "rows": int(rows.input_ids.shape[0]),
+        # Documents longer than sequenceLength that could not be split across rows
+        # (conversations, or any document without packing): cut, their tail lost.
+        "truncated_documents": rows.truncated,
     }
-    return TokenizedSplit(input_ids, label_rows), stats
+    return TokenizedSplit(rows.input_ids, rows.labels, rows.position_ids), stats
 
 
 def _stage(name: str, before: int, after: int, dropped: Counter[str]) -> dict[str, Any]:
@@ -345,7 +358,12 @@ def _write(
     staging.mkdir()
     try:
         for name, split in arrays.items():
-            np.savez(staging / f"{name}.npz", input_ids=split.input_ids, labels=split.labels)
+            np.savez(
+                staging / f"{name}.npz",
+                input_ids=split.input_ids,
+                labels=split.labels,
+                position_ids=split.position_ids,
+            )
         tokenizer.save_pretrained(staging / "tokenizer")
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True))
         for name in SPLITS:

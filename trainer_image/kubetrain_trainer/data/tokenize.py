@@ -6,8 +6,8 @@ loss); positions that must not be trained on hold `IGNORE_INDEX`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
@@ -77,36 +77,94 @@ def encode(
     return ids, labels
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Token rows of exactly `seq_len`: int32 `input_ids`, `labels` and `position_ids`.
+
+    Position ids restart at 0 at every document and at every row start; transformers
+    models read a restart as a document boundary (a block-diagonal causal mask for sdpa and
+    eager, varlen kernels for flash attention), so packed documents never attend to each
+    other. Padding is a segment of its own, labelled IGNORE_INDEX."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray
+    padding: int
+    truncated: int
+    """Documents cut to `seq_len` (their tail is lost)."""
+
+
 def pack(
-    ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], seq_len: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Concatenate documents and cut rows of exactly `seq_len` tokens; the last row is
-    padded (labels IGNORE_INDEX) so that no token is lost. Returns int32 `input_ids`,
-    `labels` and the number of padding tokens."""
-    total = sum(map(len, ids))
-    rows = math.ceil(total / seq_len)
-    padding = rows * seq_len - total
-    flat_ids = np.full(rows * seq_len, pad_id, dtype=np.int32)
-    flat_labels = np.full(rows * seq_len, IGNORE_INDEX, dtype=np.int32)
-    flat_ids[:total] = np.fromiter(chain.from_iterable(ids), np.int32, total)
-    flat_labels[:total] = np.fromiter(chain.from_iterable(labels), np.int32, total)
-    return flat_ids.reshape(rows, seq_len), flat_labels.reshape(rows, seq_len), padding
+    ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    seq_len: int,
+    pad_id: int,
+    whole: Sequence[bool] | None = None,
+) -> Rows:
+    """Documents one after another in rows of `seq_len` tokens. A document marked `whole`
+    (a conversation or prompt-response example) is never cut across rows: when it does not
+    fit in what is left of a row, the row is padded and it starts the next one; one longer
+    than `seq_len` is truncated to it. Other documents (plain text) fill rows exactly and
+    continue on the next row. The last row is padded."""
+    whole = [False] * len(ids) if whole is None else whole
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    truncated = 0
+    starts = np.empty(len(ids), dtype=np.int64)
+    offset = 0
+    for i, (n, keep_whole) in enumerate(zip(lengths.tolist(), whole, strict=True)):
+        if keep_whole:
+            if n > seq_len:
+                lengths[i], n, truncated = seq_len, seq_len, truncated + 1
+            if offset % seq_len + n > seq_len:
+                offset = -(-offset // seq_len) * seq_len  # pad to the next row
+        starts[i] = offset
+        offset += n
+    rows = -(-offset // seq_len)
+    size = rows * seq_len
+    # Where each kept token goes: its document's start plus its index in the document.
+    total = int(lengths.sum())
+    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    where = np.repeat(starts, lengths) + within
+    flat_ids = np.full(size, pad_id, dtype=np.int32)
+    flat_labels = np.full(size, IGNORE_INDEX, dtype=np.int32)
+    kept = [doc[:n] for doc, n in zip(ids, lengths.tolist(), strict=True)]
+    flat_ids[where] = np.fromiter(chain.from_iterable(kept), np.int32, total)
+    kept = [doc[:n] for doc, n in zip(labels, lengths.tolist(), strict=True)]
+    flat_labels[where] = np.fromiter(chain.from_iterable(kept), np.int32, total)
+    # Segments start at each document, each run of padding and each row.
+    covered = np.zeros(size, dtype=bool)
+    covered[where] = True
+    segment_start = np.zeros(size, dtype=bool)
+    segment_start[starts[lengths > 0]] = True
+    segment_start[1:] |= ~covered[1:] & covered[:-1]
+    segment_start[::seq_len] = True
+    index = np.arange(size)
+    positions = index - np.maximum.accumulate(np.where(segment_start, index, 0))
+    return Rows(
+        flat_ids.reshape(rows, seq_len),
+        flat_labels.reshape(rows, seq_len),
+        positions.astype(np.int32).reshape(rows, seq_len),
+        padding=size - total,
+        truncated=truncated,
+    )
 
 
 def pad_each(
     ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], seq_len: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """One document per row, truncated or padded to `seq_len`. Returns int32 `input_ids`,
-    `labels` and the number of padding tokens."""
+) -> Rows:
+    """One document per row, truncated or padded to `seq_len`."""
     out_ids = np.full((len(ids), seq_len), pad_id, dtype=np.int32)
     out_labels = np.full((len(ids), seq_len), IGNORE_INDEX, dtype=np.int32)
-    padding = 0
+    padding = truncated = 0
     for row, (doc, doc_labels) in enumerate(zip(ids, labels, strict=True)):
         n = min(len(doc), seq_len)
         out_ids[row, :n] = doc[:n]
         out_labels[row, :n] = doc_labels[:n]
         padding += seq_len - n
-    return out_ids, out_labels, padding
+        truncated += len(doc) > seq_len
+    # Padding follows the document, so causal attention already keeps it out.
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), out_ids.shape).copy()
+    return Rows(out_ids, out_labels, positions, padding=padding, truncated=truncated)
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
