@@ -30,6 +30,7 @@ from kubetrain_api.contract import (
     LABEL_QUEUE,
     LABEL_ROLE,
     LABEL_RUN,
+    OOM_GUARD_COMMAND,
     ROLE_HEAD,
     ROLE_WORKER,
     WORKER_SLOT_RESOURCE,
@@ -418,7 +419,9 @@ def build_worker_pods(
     )
     container = {
         "name": WORKER_CONTAINER,
-        "command": ["bash", "-c", script],
+        # The OOM killer picks a training actor, not the container: the guard ends the
+        # container then, so the runtime reports OOMKilled (kubetrain_trainer/oomguard.py).
+        "command": [*OOM_GUARD_COMMAND, "bash", "-c", script],
         "resources": resources(res.cpu_per_worker, res.memory_per_worker, res.gpus_per_worker),
     }
     return [

@@ -521,6 +521,7 @@ def test_worker_command(settings: OperatorSettings, cpu: int | str, expected: in
         assert container["name"] == "ray-worker"
         head = f"quickstart-head.{NS}.svc:6379"
         assert container["command"] == [
+            *contract.OOM_GUARD_COMMAND,
             "bash",
             "-c",
             f"until ray health-check --address={head} >/dev/null 2>&1; do sleep 2; done"
