@@ -13,6 +13,7 @@ on a metric of that named dataset.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -29,11 +30,13 @@ import openai
 import pytest
 import torch
 
+from kubetrain_trainer.data.builtin import rows
 from tests.trainer.loop.test_ray_fsdp import events, finish, kubetrain_run
 
 pytestmark = pytest.mark.trainer
 
 LABELLED = ("accuracy", "precision", "recall", "f1")
+DATASETS = ("quickstart-instructions", "quickstart-sentiment")
 KUBETRAIN = [sys.executable, "-m", "kubetrain_cli.main"]
 
 
@@ -104,7 +107,7 @@ def start(tmp: Path, name: str, method: str, base: Path | None = None) -> tuple[
 @pytest.fixture(scope="module")
 def instruction(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc, run_dir = start(tmp_path_factory.mktemp("instr"), "instr", "instruction")
-    finish(proc)
+    (run_dir / "output.txt").write_text(finish(proc))
     return run_dir
 
 
@@ -124,7 +127,7 @@ def sft_lora(instruction: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         assert time.monotonic() < deadline, "no checkpoint and later step within 300 s"
         time.sleep(0.1)
     os.kill(int((run_dir / "pids" / "rank1").read_text()), signal.SIGKILL)
-    finish(proc)
+    (run_dir / "output.txt").write_text(finish(proc))
     return run_dir
 
 
@@ -201,6 +204,10 @@ def check_finished_run(run_dir: Path, *, method: str, steps: int) -> dict[str, A
     # scored alone, its prompts through the chat template as the server renders them.
     for name, value in exported_labelled_metrics(run_dir).items():
         assert metrics[f"sentiment/{name}"] == pytest.approx(value, abs=1e-9), name
+    # The sample `kubetrain run` prints asks a whole prompt of the data, as trained.
+    (line,) = [x for x in (run_dir / "output.txt").read_text().splitlines() if "sample: " in x]
+    prompt = ast.literal_eval(line.split("sample: ", 1)[1].split(" -> ", 1)[0])
+    assert prompt in {r["prompt"].strip() for name in DATASETS for r in rows(name)}, line
     return result
 
 
@@ -237,8 +244,6 @@ def exported_validation_loss(run_dir: Path) -> float:
 
 def check_served(run_dir: Path, step: int) -> None:
     """The exported folder served by `kubetrain serve` classifies a held-out review."""
-    from kubetrain_trainer.data.builtin import rows
-
     review = next(rows("quickstart-sentiment", "test"))
     completion, headers = serve_and_chat(run_dir / "model", review["prompt"])
     assert completion.object == "chat.completion"
