@@ -111,13 +111,18 @@ def generate_sample(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,
     max_new_tokens: int = 40,
+    *,
+    add_special_tokens: bool = True,
 ) -> str:
     """The greedy plain-text continuation of `prompt` (without the prompt), for eyeballing
     a model in logs and reports."""
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        # A rendered chat already holds its special tokens.
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(
+            model.device
+        )
         pad = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )

@@ -118,20 +118,33 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
 
 
 def sample(model_dir: Path, data_dir: Path) -> tuple[str, str]:
-    """A greedy continuation of the start of the first validation row."""
+    """A greedy continuation of the start of the first validation row: its first 8 tokens,
+    or, where its prompt was masked (sft, instruction), that whole prompt with the chat
+    template's markers, which is what the model learned to answer (and how the server
+    renders a chat). Returns the prompt as shown (markers stripped) and the answer."""
     import numpy as np
 
     from kubetrain_trainer import export
+    from kubetrain_trainer.data import IGNORE_INDEX
 
     model, tokenizer, _ = export.load_exported(model_dir)
-    with np.load(data_dir / "validation.npz") as data:
-        rows = (
-            data["input_ids"]
-            if len(data["input_ids"])
-            else np.load(data_dir / "train.npz")["input_ids"]
-        )
-    prompt = tokenizer.decode([int(t) for t in rows[0][:8]], skip_special_tokens=True).strip()
-    return prompt, export.generate_sample(model, tokenizer, prompt, max_new_tokens=30)
+    path = data_dir / "validation.npz"
+    with np.load(path) as data:
+        if not len(data["input_ids"]):
+            path = data_dir / "train.npz"
+    with np.load(path) as data:
+        ids, labels = data["input_ids"][0].tolist(), data["labels"][0].tolist()
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    answer_at = trained[0] if trained else 0
+    if answer_at == 0:  # plain text: every token is trained
+        prompt = tokenizer.decode(ids[:8], skip_special_tokens=True).strip()
+        return prompt, export.generate_sample(model, tokenizer, prompt, max_new_tokens=30)
+    chat = tokenizer.decode(ids[:answer_at])
+    shown = tokenizer.decode(ids[:answer_at], skip_special_tokens=True).strip()
+    text = export.generate_sample(
+        model, tokenizer, chat, max_new_tokens=30, add_special_tokens=False
+    )
+    return shown, text
 
 
 def termination_summary(run_name: str, result: dict[str, Any]) -> RunResult:

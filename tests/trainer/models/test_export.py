@@ -112,3 +112,38 @@ def test_generate_sample_is_the_greedy_continuation(tmp_path, tokenizer):
                 break
     assert text == tokenizer.decode(new, skip_special_tokens=True)
     assert text == export.generate_sample(model, tokenizer, prompt, max_new_tokens=steps)
+
+
+def test_run_sample_of_a_chat_run_answers_its_first_validation_prompt(tmp_path):
+    """`kubetrain run` prints a sample: for sft/instruction (masked prompts) the model must
+    be asked the first validation row's prompt as it was trained, chat markers included,
+    not its first 8 tokens with the markers stripped."""
+    import numpy as np
+
+    from kubetrain_trainer import local
+    from kubetrain_trainer.data import train_tokenizer
+    from kubetrain_trainer.data.readers import Record
+    from kubetrain_trainer.data.tokenize import encode
+
+    chat = (
+        {"role": "user", "content": "what does the red fox eat in the forest in winter?"},
+        {"role": "assistant", "content": "berries"},
+    )
+    tokenizer = train_tokenizer([m["content"] for m in chat] * 8, vocab_size=300)
+    model = tiny(tokenizer, tmp_path, seed=3)
+    model_dir = export.export_model(model, tokenizer, tmp_path / "model", RUN_INFO)
+    (ids,), (labels,) = encode([Record(messages=chat)], tokenizer, mask_prompts=True)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    np.savez(data_dir / "validation.npz", input_ids=np.array([ids]), labels=np.array([labels]))
+
+    prompt, text = local.sample(model_dir, data_dir)
+
+    assert prompt == "what does the red fox eat in the forest in winter?"
+    rendered = tokenizer.apply_chat_template([chat[0]], tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(rendered, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.eval().generate(
+            **inputs, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    assert text == tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
