@@ -15,8 +15,13 @@ AS_PID_1 = """
 import os, sys, time
 assert os.getpid() == 1, os.getpid()
 if sys.argv[1] == "handler":
-    from kubetrain_trainer.local import stop_on_sigterm
+    from kubetrain_trainer.signals import stop_on_sigterm
     stop_on_sigterm()
+elif sys.argv[1] == "ray":  # the driver's path: its handler, then ray.init's, then ours again
+    from kubetrain_trainer.driver import connect_ray
+    from kubetrain_trainer.signals import stop_on_sigterm
+    stop_on_sigterm()
+    connect_ray(None, 1)
 print("ready", flush=True)
 time.sleep(60)
 """
@@ -49,3 +54,13 @@ def test_pid_1_driver_exits_143_on_sigterm() -> None:
     driver, child = _pid_1("handler")
     os.kill(child, signal.SIGTERM)
     assert driver.wait(timeout=15) == 128 + signal.SIGTERM  # retryable for the operator
+
+
+def test_pid_1_driver_still_exits_143_after_joining_ray() -> None:
+    """ray.init replaces the SIGTERM handler with sys.exit(15), which the e2e's head ignored
+    until its grace period ran out."""
+    driver, child = _pid_1("ray")
+    started = time.monotonic()
+    os.kill(child, signal.SIGTERM)
+    assert driver.wait(timeout=30) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 15

@@ -25,6 +25,7 @@ from kubetrain_api.contract import WORKER_SLOT_RESOURCE
 from kubetrain_trainer import metrics
 from kubetrain_trainer.config import TrainConfig, resolve
 from kubetrain_trainer.prepare import prepare
+from kubetrain_trainer.signals import stop_on_sigterm
 
 Listener = Callable[[dict[str, Any]], None]
 
@@ -175,16 +176,7 @@ def run_training(
     summary = prepare(config, log=log)
     telemetry.set_data_summary(summary)
 
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # A local instance sized for the workers (+1 for Ray Train's controller).
-            ray.init(
-                num_cpus=config.world_size + 1,
-                resources={WORKER_SLOT_RESOURCE: config.world_size},
-                include_dashboard=False,
-            )
+    connect_ray(address, config.world_size)
     if note := missing_slots_note(config):
         log(note)
     mailbox = Mailbox.remote()
@@ -209,3 +201,19 @@ def run_training(
     result = json.loads((config.output_dir / "result.json").read_text())
     telemetry.set_phase("Succeeded")
     return result
+
+
+def connect_ray(address: str | None, world_size: int) -> None:
+    """Join the cluster at `address` (the head pod's), or start a local instance sized for
+    `world_size` ranks (+1 CPU for Ray Train's controller); then take SIGTERM back from
+    `ray.init`, which replaces the driver's handler."""
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=world_size + 1,
+                resources={WORKER_SLOT_RESOURCE: world_size},
+                include_dashboard=False,
+            )
+    stop_on_sigterm()

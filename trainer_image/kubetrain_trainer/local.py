@@ -4,11 +4,8 @@ cluster, with a progress bar and everything under runs/<name>/."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,7 @@ from kubetrain_api import contract, validation
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.reports import ReportedModel, RunResult, lenient
 from kubetrain_api.v1alpha1 import EvaluationStatus
+from kubetrain_trainer.signals import stop_on_sigterm
 
 
 class RunError(Exception):
@@ -245,28 +243,6 @@ def serve_after(run: api.TrainingRun, result: dict[str, Any], out: Path, port: i
         **{field: getattr(limits, field) for field in contract.SERVE_LIMITS},
         feedback_path=out / contract.FEEDBACK_DIR / contract.FEEDBACK_FILE,
     )
-
-
-# After SIGTERM the driver unwinds (Ray Train stops its workers); if that hangs, this many
-# seconds later the process exits anyway, well inside a pod's default 30 s grace period.
-SIGTERM_GRACE_S = 10.0
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM end the driver at once, with the signal's exit code (143, retryable).
-
-    In a pod the driver is PID 1 (the head's command execs it), and the kernel ignores a
-    signal PID 1 has no handler for: without this, deleting the head pod waits out the
-    whole grace period and then SIGKILLs it."""
-
-    def handler(signum: int, _frame: Any) -> None:
-        print("kubetrain run: SIGTERM, stopping", file=sys.stderr, flush=True)
-        timer = threading.Timer(SIGTERM_GRACE_S, os._exit, (128 + signum,))
-        timer.daemon = True
-        timer.start()
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def main(args: Any) -> int:
