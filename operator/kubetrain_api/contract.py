@@ -56,8 +56,9 @@ training processes, each rank asks for one, and the head has none; so exactly th
 ranks land on every worker pod (Ray's CPU/GPU counts alone let ranks pile onto one pod)."""
 
 OOM_GUARD_COMMAND: Final = ("python3", "-m", "kubetrain_trainer.oomguard", "--")
-"""Wraps a Ray worker pod's script (trainer image): once the kernel kills any process of the
-container for memory, it ends the container with 137, which the runtime reports OOMKilled."""
+"""PID 1 of the Ray head and worker pods (trainer image), around their script: it passes
+SIGTERM on in every phase, and once the kernel kills any process of the container for
+memory, it ends the container with 137, which the runtime reports OOMKilled."""
 
 TERMINATION_MESSAGE_LIMIT: Final = 4096
 """Kubernetes keeps at most this many bytes of a container's termination message."""

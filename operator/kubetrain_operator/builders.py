@@ -384,7 +384,9 @@ def build_head_pod(
     )
     container = {
         "name": HEAD_CONTAINER,
-        "command": ["bash", "-c", script],
+        # The guard is PID 1: it passes SIGTERM on in every phase (bash, then the driver, as
+        # PID 1 would drop it) and ends the container as OOMKilled if Ray's processes are.
+        "command": [*OOM_GUARD_COMMAND, "bash", "-c", script],
         # The driver's result summary (JSON: model, final metrics, gate) becomes the
         # container's termination message, which the operator reads from the pod status.
         # File, not FallbackToLogsOnError: log lines never end up in the pod status.

@@ -482,8 +482,8 @@ def test_head_pod_and_service(settings: OperatorSettings) -> None:
     head, *workers = pods(objs)
     container = head["spec"]["containers"][0]
     assert container["name"] == "ray-head"
-    script = container["command"][2]
-    assert container["command"][:2] == ["bash", "-c"]
+    *guard, shell, flag, script = container["command"]
+    assert (tuple(guard), shell, flag) == (contract.OOM_GUARD_COMMAND, "bash", "-c")
     assert "ray start --head --port=6379" in script
     assert "--num-cpus=0" in script
     assert "exec kubetrain run /etc/kubetrain/run.yaml --address auto" in script

@@ -80,6 +80,19 @@ def test_exit_codes_and_signals_pass_through(tmp_path: Path) -> None:
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)  # forwarded: sleep dies of it
     assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    # The head's first phase: bash waits on `ray start` before it execs the driver.
+    phase = "sleep 30 && exec sleep 30"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrain_trainer.oomguard", "--", "bash", "-c", phase],
+        start_new_session=True,
+    )
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the orphaned sleep
 
 
 def test_counter_files_for_v1_v2_and_inside_a_container(tmp_path: Path) -> None:
