@@ -33,8 +33,6 @@ Standard library only.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -45,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -122,17 +120,6 @@ def image_ref(which: str, variant: str = "cpu") -> str:
     if which == "trainer" and variant == "cpu":
         tag += "-cpu"
     return f"{repository}:{tag}"
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- buildah
@@ -299,7 +286,7 @@ def _rootfs_tarball() -> Path:
 def ensure_base() -> str:
     """The local base image (Debian bookworm + python3 3.11 + venv), built once."""
     ref = base_image()
-    with _lock(images_dir() / ".base.lock"):
+    with _controlplane()._file_lock(images_dir() / ".base.lock"):
         if _image_exists(ref):
             return ref
         tarball = _rootfs_tarball()
@@ -387,7 +374,7 @@ def build_one(which: str, variant: str = "cpu") -> Path:
     key = inputs_hash(which, build_args)
     safe = ref.rsplit("/", 1)[-1].replace(":", "-")
     archive = images_dir() / "archives" / f"{safe}-{key}.tar"
-    with _lock(images_dir() / f".{which}.lock"):
+    with _controlplane()._file_lock(images_dir() / f".{which}.lock"):
         if archive.is_file():
             log(f"{ref}: cached ({archive})")
             return archive
