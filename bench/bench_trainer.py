@@ -115,6 +115,34 @@ def _step_times(run_dir: Path) -> tuple[float, float]:
     return steps[0], steps[-1]
 
 
+# The start-up marks rank 0 reports with its `setup` event (driver.py, launch_torchrun.py,
+# loop.py), in the order they happen; each phase runs from the previous mark present.
+STARTUP_MARKS = [
+    ("driver_start", "process start + driver imports"),
+    ("data_ready", "data preparation (cached)"),
+    ("ray_ready", "ray.init"),
+    ("worker_entry", "worker group start (Ray Train) / torchrun spawn"),
+    ("imports_done", "worker imports"),
+    ("group_ready", "process group"),
+    ("trainer_built", "trainer build (model, data, optimizer)"),
+    ("resumed", "resume + setup collectives"),
+]
+
+
+def startup_breakdown(run_dir: Path, launched: float) -> dict[str, float]:
+    """Seconds per start-up phase, from the launch to the first step's end."""
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    marks = next(e for e in events if e["kind"] == "setup").get("startup", {})
+    first_step = next(e["time"] for e in events if e["kind"] == "step")
+    out, previous = {}, launched
+    for key, label in STARTUP_MARKS:
+        if key in marks:
+            out[label] = round(marks[key] - previous, 3)
+            previous = marks[key]
+    out["first step"] = round(first_step - previous, 3)
+    return out
+
+
 def bench_launch(steps: int = 60) -> dict[str, Any]:
     """The same training through Ray Train and through torchrun, 2 processes each."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +182,7 @@ def bench_launch(steps: int = 60) -> dict[str, Any]:
             first, last = _step_times(run_dir)
             results[name] = {
                 "time_to_first_step_s": first - start,
+                "startup_breakdown_s": startup_breakdown(run_dir, start),
                 "training_s": last - first,
                 "mfu_median": statistics.median(
                     e["mfu"]
@@ -183,4 +212,14 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+    # `make bench` (run_all) writes every benchmark to bench.json; run alone, the trainer
+    # benchmarks go to their own file so a partial run never overwrites the full one.
+    load_before = os.getloadavg()
+    results = run(quick="--quick" in sys.argv)
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15_before": load_before,
+        "load_average_1_5_15_after": os.getloadavg(),
+    }
+    (ROOT / "bench" / "results" / "trainer_startup.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))

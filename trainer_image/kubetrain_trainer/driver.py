@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,10 @@ class Mailbox:
 
 def _worker_entry(payload: dict[str, Any]) -> None:
     """Runs in each Ray Train worker process."""
+    entered = time.time()
     from kubetrain_trainer.loop import WorkerContext, train
+
+    imported = time.time()
 
     context = ray.train.get_context()
     run = api.TrainingRun.model_validate(payload["run"])
@@ -63,6 +67,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         world_size=context.get_world_size(),
         local_rank=context.get_local_rank(),
         report=lambda event: mailbox.push.remote(event),
+        startup={**payload["startup"], "worker_entry": entered, "imports_done": imported},
     )
     train(config, ctx)
 
@@ -168,12 +173,14 @@ def run_training(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prepare data, train on a Ray cluster, and return the result rank 0 wrote."""
+    startup = {"driver_start": time.time()}
     config = resolve(run, output_dir, use_gpu=use_gpu, world_size=world_size)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     telemetry = telemetry or metrics.Telemetry()
     telemetry.set_phase("Preparing")
     summary = prepare(config, log=log)
     telemetry.set_data_summary(summary)
+    startup["data_ready"] = time.time()
 
     if not ray.is_initialized():
         if address:
@@ -185,6 +192,7 @@ def run_training(
                 resources={WORKER_SLOT_RESOURCE: config.world_size},
                 include_dashboard=False,
             )
+    startup["ray_ready"] = time.time()
     if note := missing_slots_note(config):
         log(note)
     mailbox = Mailbox.remote()
@@ -195,6 +203,7 @@ def run_training(
             "output_dir": str(config.output_dir.resolve()),
             "use_gpu": config.use_gpu,
             "mailbox": mailbox,
+            "startup": startup,
         },
         scaling_config=scaling_config(config),
         run_config=RunConfig(

@@ -36,6 +36,9 @@ class WorkerContext:
     world_size: int = 1
     local_rank: int = 0
     report: Report = field(default=lambda event: None)
+    # Wall-clock marks (time.time()) of the launch before this process trained: the
+    # launcher's own, reported with the `setup` event to show where start-up time went.
+    startup: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -182,6 +185,7 @@ class Trainer:
         self.peak = self._peak_flops()
         self.step = 0
         self.tokens_seen = 0
+        self._built = time.time()
 
     def _tokenizer(self) -> Any:
         local = self.config.data_dir / "tokenizer"
@@ -324,6 +328,7 @@ class Trainer:
             params_local_by_rank=_all_gather_int(_local_numel(self.model)),
             grad_accum_steps=self.config.grad_accum_steps,
             resumed_from=self.step,
+            startup={**self.ctx.startup, "trainer_built": self._built, "resumed": time.time()},
         )
         self._emit(kind="phase", phase="Running", total_steps=self.total_steps)
         last_time, last_tokens = time.perf_counter(), 0
