@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +26,10 @@ from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import WORKER_SLOT_RESOURCE
 from kubetrain_trainer import metrics
 from kubetrain_trainer.config import TrainConfig, resolve
+from kubetrain_trainer.mailbox import Mailbox
 from kubetrain_trainer.prepare import prepare
 
 Listener = Callable[[dict[str, Any]], None]
-
-
-@ray.remote(num_cpus=0)
-class Mailbox:
-    """Events from rank 0 to the driver; an actor so that it works across nodes."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def push(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
-
-    def drain(self) -> list[dict[str, Any]]:
-        events, self.events = self.events, []
-        return events
 
 
 def _worker_entry(payload: dict[str, Any]) -> None:
@@ -160,6 +147,24 @@ def apply_event(telemetry: metrics.Telemetry, event: dict[str, Any]) -> None:
             telemetry.update(total_steps=event["total_steps"])
 
 
+def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    return fn(*args, **kwargs), time.time()
+
+
+def _init_ray(config: TrainConfig, address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A local instance sized for the workers (+1 for Ray Train's controller).
+        ray.init(
+            num_cpus=config.world_size + 1,
+            resources={WORKER_SLOT_RESOURCE: config.world_size},
+            include_dashboard=False,
+        )
+
+
 def run_training(
     run: api.TrainingRun,
     output_dir: Path,
@@ -178,21 +183,14 @@ def run_training(
     config.output_dir.mkdir(parents=True, exist_ok=True)
     telemetry = telemetry or metrics.Telemetry()
     telemetry.set_phase("Preparing")
-    summary = prepare(config, log=log)
+    # Ray starts while the data is prepared (or found prepared): both take seconds, and
+    # ray.init mostly waits on the processes it spawns.
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        prepared = pool.submit(_timed, prepare, config, log=log)
+        _init_ray(config, address)
+        startup["ray_ready"] = time.time()
+        summary, startup["data_ready"] = prepared.result()
     telemetry.set_data_summary(summary)
-    startup["data_ready"] = time.time()
-
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # A local instance sized for the workers (+1 for Ray Train's controller).
-            ray.init(
-                num_cpus=config.world_size + 1,
-                resources={WORKER_SLOT_RESOURCE: config.world_size},
-                include_dashboard=False,
-            )
-    startup["ray_ready"] = time.time()
     if note := missing_slots_note(config):
         log(note)
     mailbox = Mailbox.remote()
