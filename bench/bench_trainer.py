@@ -68,12 +68,6 @@ def bench_step(steps: int = 40, warmup: int = 5) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         config = _config(Path(tmp), steps + warmup, workers=1)
         ours = Trainer(config, WorkerContext())
-        ours_times = []
-        for i in range(steps + warmup):
-            start = time.perf_counter()
-            ours.train_step()
-            if i >= warmup:
-                ours_times.append(time.perf_counter() - start)
 
         # The baseline: what one would write by hand for the same work.
         torch.manual_seed(config.hp.seed)
@@ -87,9 +81,8 @@ def bench_step(steps: int = 40, warmup: int = 5) -> dict[str, Any]:
         opt = torch.optim.AdamW(model.parameters(), lr=config.hp.learning_rate, foreach=True)
         data = ours.train_data
         accum, micro = config.grad_accum_steps, config.micro_batch_size
-        plain_times = []
-        for i in range(steps + warmup):
-            start = time.perf_counter()
+
+        def plain_step(i: int) -> None:
             for m in range(accum):
                 rows = slice((i * accum + m) * micro, (i * accum + m + 1) * micro)
                 loss = model(input_ids=data["input_ids"][rows], labels=data["labels"][rows]).loss
@@ -97,8 +90,17 @@ def bench_step(steps: int = 40, warmup: int = 5) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+        # Alternating steps, so that load from other jobs on a shared machine falls on both.
+        ours_times, plain_times = [], []
+        for i in range(steps + warmup):
+            start = time.perf_counter()
+            ours.train_step()
+            middle = time.perf_counter()
+            plain_step(i)
             if i >= warmup:
-                plain_times.append(time.perf_counter() - start)
+                ours_times.append(middle - start)
+                plain_times.append(time.perf_counter() - middle)
     ours_s, plain_s = statistics.median(ours_times), statistics.median(plain_times)
     return {
         "ours_step_s": ours_s,
@@ -113,6 +115,36 @@ def _step_times(run_dir: Path) -> tuple[float, float]:
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [e["time"] for e in events if e["kind"] == "step"]
     return steps[0], steps[-1]
+
+
+# The start-up marks rank 0 reports with its `setup` event (driver.py, launch_torchrun.py,
+# loop.py), each named for the phase it ends; a phase runs from the mark before it in time
+# (the driver prepares data while Ray starts, so those two may come in either order).
+STARTUP_MARKS = [
+    ("driver_start", "process start + driver imports"),
+    ("data_ready", "data preparation (cached)"),
+    ("ray_ready", "ray.init"),
+    ("worker_entry", "worker group start (Ray Train) / torchrun spawn"),
+    ("imports_done", "worker imports"),
+    ("group_ready", "process group"),
+    ("trainer_built", "trainer build (model, data, optimizer)"),
+    ("resumed", "resume + setup collectives"),
+]
+
+
+def startup_breakdown(run_dir: Path, launched: float) -> dict[str, float]:
+    """Seconds per start-up phase, from the launch to the first step's end."""
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    marks = next(e for e in events if e["kind"] == "setup").get("startup", {})
+    first_step = next(e["time"] for e in events if e["kind"] == "step")
+    out, previous = {}, launched
+    for key, label in sorted(
+        ((k, label) for k, label in STARTUP_MARKS if k in marks), key=lambda kl: marks[kl[0]]
+    ):
+        out[label] = round(marks[key] - previous, 3)
+        previous = marks[key]
+    out["first step"] = round(first_step - previous, 3)
+    return out
 
 
 def bench_launch(steps: int = 60) -> dict[str, Any]:
@@ -154,6 +186,7 @@ def bench_launch(steps: int = 60) -> dict[str, Any]:
             first, last = _step_times(run_dir)
             results[name] = {
                 "time_to_first_step_s": first - start,
+                "startup_breakdown_s": startup_breakdown(run_dir, start),
                 "training_s": last - first,
                 "mfu_median": statistics.median(
                     e["mfu"]
@@ -183,4 +216,14 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+    # `make bench` (run_all) writes every benchmark to bench.json; run alone, the trainer
+    # benchmarks go to their own file so a partial run never overwrites the full one.
+    load_before = os.getloadavg()
+    results = run(quick="--quick" in sys.argv)
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15_before": load_before,
+        "load_average_1_5_15_after": os.getloadavg(),
+    }
+    (ROOT / "bench" / "results" / "trainer_startup.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))

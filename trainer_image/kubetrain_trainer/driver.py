@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +26,19 @@ from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import WORKER_SLOT_RESOURCE
 from kubetrain_trainer import metrics
 from kubetrain_trainer.config import TrainConfig, resolve
+from kubetrain_trainer.mailbox import Mailbox
 from kubetrain_trainer.prepare import prepare
 from kubetrain_trainer.signals import stop_on_sigterm
 
 Listener = Callable[[dict[str, Any]], None]
 
 
-@ray.remote(num_cpus=0)
-class Mailbox:
-    """Events from rank 0 to the driver; an actor so that it works across nodes."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def push(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
-
-    def drain(self) -> list[dict[str, Any]]:
-        events, self.events = self.events, []
-        return events
-
-
 def _worker_entry(payload: dict[str, Any]) -> None:
     """Runs in each Ray Train worker process."""
+    entered = time.time()
     from kubetrain_trainer.loop import WorkerContext, train
+
+    imported = time.time()
 
     context = ray.train.get_context()
     run = api.TrainingRun.model_validate(payload["run"])
@@ -64,6 +55,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         world_size=context.get_world_size(),
         local_rank=context.get_local_rank(),
         report=lambda event: mailbox.push.remote(event),
+        startup={**payload["startup"], "worker_entry": entered, "imports_done": imported},
     )
     train(config, ctx)
 
@@ -156,6 +148,10 @@ def apply_event(telemetry: metrics.Telemetry, event: dict[str, Any]) -> None:
             telemetry.update(total_steps=event["total_steps"])
 
 
+def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    return fn(*args, **kwargs), time.time()
+
+
 def run_training(
     run: api.TrainingRun,
     output_dir: Path,
@@ -169,14 +165,19 @@ def run_training(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prepare data, train on a Ray cluster, and return the result rank 0 wrote."""
+    startup = {"driver_start": time.time()}
     config = resolve(run, output_dir, use_gpu=use_gpu, world_size=world_size)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     telemetry = telemetry or metrics.Telemetry()
     telemetry.set_phase("Preparing")
-    summary = prepare(config, log=log)
+    # Ray starts while the data is prepared (or found prepared): both take seconds, and
+    # ray.init mostly waits on the processes it spawns.
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        prepared = pool.submit(_timed, prepare, config, log=log)
+        connect_ray(address, config.world_size)
+        startup["ray_ready"] = time.time()
+        summary, startup["data_ready"] = prepared.result()
     telemetry.set_data_summary(summary)
-
-    connect_ray(address, config.world_size)
     if note := missing_slots_note(config):
         log(note)
     mailbox = Mailbox.remote()
@@ -187,6 +188,7 @@ def run_training(
             "output_dir": str(config.output_dir.resolve()),
             "use_gpu": config.use_gpu,
             "mailbox": mailbox,
+            "startup": startup,
         },
         scaling_config=scaling_config(config),
         run_config=RunConfig(

@@ -12,10 +12,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -25,6 +24,9 @@ from transformers import (
 
 from kubetrain_trainer.model_folder import RUN_INFO_FILE
 from kubetrain_trainer.models import merge_lora
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 # Room for a paragraph; the server caps requests with spec.serve.maxTokens anyway.
 DEFAULT_MAX_NEW_TOKENS = 256

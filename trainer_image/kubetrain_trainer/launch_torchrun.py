@@ -6,16 +6,22 @@ clusters without Ray). Data must already be prepared (`driver.prepare`).
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
+import time
 
-import torch
-import torch.distributed as dist
+STARTED = time.time()  # before the heavy imports below, for the start-up breakdown
 
-from kubetrain_trainer.config import resolve
-from kubetrain_trainer.local import load_run
-from kubetrain_trainer.loop import WorkerContext, train
+import argparse  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from kubetrain_trainer.config import resolve  # noqa: E402
+from kubetrain_trainer.local import load_run  # noqa: E402
+from kubetrain_trainer.loop import WorkerContext, train  # noqa: E402
+
+IMPORTED = time.time()
 
 
 def main() -> None:
@@ -27,6 +33,7 @@ def main() -> None:
 
     use_gpu = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_gpu else "gloo")
+    grouped = time.time()
     try:
         run = load_run(args.run, max_steps=args.max_steps)
         config = resolve(run, args.output_dir, use_gpu=use_gpu, world_size=dist.get_world_size())
@@ -34,6 +41,7 @@ def main() -> None:
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
             local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            startup={"worker_entry": STARTED, "imports_done": IMPORTED, "group_ready": grouped},
         )
         train(config, ctx)
     finally:

@@ -26,6 +26,7 @@ from kubetrain_trainer.parallelize import compute_dtype, parallelize, set_gradie
 from kubetrain_trainer.sampler import DataOrder
 
 Report = Callable[[dict[str, Any]], None]
+LOG_INTERVAL_STEPS_GPU = 10
 
 
 @dataclass
@@ -36,6 +37,9 @@ class WorkerContext:
     world_size: int = 1
     local_rank: int = 0
     report: Report = field(default=lambda event: None)
+    # Wall-clock marks (time.time()) of the launch before this process trained: the
+    # launcher's own, reported with the `setup` event to show where start-up time went.
+    startup: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -73,18 +77,29 @@ def _batches(split: dict[str, torch.Tensor], size: int, limit: int) -> Iterator[
         yield {k: v[start : start + size] for k, v in split.items()}
 
 
-def _all_sum(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
+def _all_sum_tensor(value: torch.Tensor) -> torch.Tensor:
+    """Sum over processes, on the device: no host sync."""
+    if dist.is_initialized():
+        dist.all_reduce(value)
+    return value
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device; on CUDA through pinned memory, so the copy does not block the host."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
     """Tokens a batch trains on: labels other than IGNORE_INDEX, after the causal shift
     (a row's first label is never predicted)."""
-    return int((labels[:, 1:] != evaluate.IGNORE_INDEX).sum())
+    return int(trained_token_count(labels))
+
+
+def trained_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """`trained_tokens` as a 0-d tensor on the labels' device (no host sync)."""
+    return (labels[:, 1:] != evaluate.IGNORE_INDEX).sum()
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -104,7 +119,7 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 def accumulate_gradients(
     model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], device: torch.device
-) -> tuple[float, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward over this process's micro-batches so that the gradients, once reduced, are
     those of the mean loss over every trained token of the global batch (all micro-batches
     of all processes), whatever the split. Returns that mean loss and the global count.
@@ -112,19 +127,25 @@ def accumulate_gradients(
     As HF Trainer's `num_items_in_batch` and torchtitan do: count the global trained tokens
     first, then backpropagate each micro-batch's loss SUM divided by that count. FSDP2 and
     DDP average gradients over processes, so the loss is multiplied by the world size to
-    turn their mean back into the sum."""
+    turn their mean back into the sum.
+
+    Both come back as 0-d tensors on `device`: nothing here reads the device from the host
+    (a sync per micro-batch on GPU); the caller does, at its logging steps."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    local = sum(trained_tokens(b["labels"]) for b in micro_batches)
-    total = int(_all_sum(float(local), device))
+    local = torch.zeros((), dtype=torch.int64, device=device)
+    for b in micro_batches:
+        local += trained_token_count(b["labels"])
+    total = _all_sum_tensor(local)
     # Without trained tokens anywhere every summed loss is 0: divide by 1, not by 0.
-    scale = world / max(total, 1)
-    summed = 0.0
+    divisor = total.clamp(min=1).double()
+    scale = world / divisor
+    summed = torch.zeros((), dtype=torch.float64, device=device)
     for m, batch in enumerate(micro_batches):
         set_gradient_sync(model, m == len(micro_batches) - 1)
         loss = loss_sum(model, batch)
-        (loss * scale).backward()
-        summed += float(loss.detach())
-    return _all_sum(summed, device) / max(total, 1), total
+        (loss * scale.to(loss.dtype)).backward()
+        summed += loss.detach()
+    return _all_sum_tensor(summed) / divisor, total
 
 
 class Trainer:
@@ -182,6 +203,10 @@ class Trainer:
         self.peak = self._peak_flops()
         self.step = 0
         self.tokens_seen = 0
+        # Steps between step events. On CPU reading the loss costs nothing, so every step;
+        # on GPU it waits for the device, so only every LOG_INTERVAL_STEPS_GPU.
+        self.log_interval = LOG_INTERVAL_STEPS_GPU if config.use_gpu else 1
+        self._built = time.time()
 
     def _tokenizer(self) -> Any:
         local = self.config.data_dir / "tokenizer"
@@ -218,12 +243,15 @@ class Trainer:
             if self.checkpoints.loaded is not None:
                 self._announce(self.checkpoints.loaded)
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
         """One optimizer step over `grad_accum_steps` micro-batches; the loss is the mean
-        over the trained tokens of the whole global batch."""
+        over the trained tokens of the whole global batch. Loss, grad norm and trained
+        tokens stay on the device (0-d tensors); `fit` reads them at logging steps."""
         self.model.train()
         micro_batches = [
-            self._model_batch({k: v[rows].to(self.device) for k, v in self.train_data.items()})
+            self._model_batch(
+                {k: _to_device(v[rows], self.device) for k, v in self.train_data.items()}
+            )
             for rows in self.order.micro_batches(self.step, self.ctx.rank)
         ]
         loss, trained = accumulate_gradients(self.model, micro_batches, self.device)
@@ -244,12 +272,12 @@ class Trainer:
     def _model_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return models.flatten_rows(batch) if self.flat_rows else batch
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.config.hp.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         # FSDP2 returns a DTensor; the full value is the global norm.
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
         ev = self.spec.evaluation
@@ -324,28 +352,31 @@ class Trainer:
             params_local_by_rank=_all_gather_int(_local_numel(self.model)),
             grad_accum_steps=self.config.grad_accum_steps,
             resumed_from=self.step,
+            startup={**self.ctx.startup, "trainer_built": self._built, "resumed": time.time()},
         )
         self._emit(kind="phase", phase="Running", total_steps=self.total_steps)
-        last_time, last_tokens = time.perf_counter(), 0
+        last_time, tokens_since = time.perf_counter(), 0
         while self.step < self.total_steps:
             out = self.train_step()
-            now = time.perf_counter()
-            tps = out["tokens"] / max(now - last_time, 1e-9)
-            last_time = now
-            last_tokens += int(out["tokens"])
-            self._emit(
-                kind="step",
-                step=self.step,
-                total_steps=self.total_steps,
-                loss=out["loss"],
-                grad_norm=out["grad_norm"],
-                learning_rate=self.scheduler.get_last_lr()[0],
-                tokens_per_second=tps,
-                mfu=self._mfu(tps),
-                gpu_memory_peak_bytes=_peak_memory_bytes(),
-                epoch=self.order.epoch(self.step),
-                tokens_seen=self.tokens_seen,
-            )
+            tokens_since += int(out["tokens"])
+            # The loss and grad norm are read to the host only here (a sync on GPU).
+            if self.step % self.log_interval == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                tps = tokens_since / max(now - last_time, 1e-9)
+                last_time, tokens_since = now, 0
+                self._emit(
+                    kind="step",
+                    step=self.step,
+                    total_steps=self.total_steps,
+                    loss=float(out["loss"]),
+                    grad_norm=float(out["grad_norm"]),
+                    learning_rate=self.scheduler.get_last_lr()[0],
+                    tokens_per_second=tps,
+                    mfu=self._mfu(tps),
+                    gpu_memory_peak_bytes=_peak_memory_bytes(),
+                    epoch=self.order.epoch(self.step),
+                    tokens_seen=self.tokens_seen,
+                )
             if self.step % ev.interval_steps == 0 and self.step < self.total_steps:
                 self._emit(kind="eval", step=self.step, metrics=self.evaluate())
             if self.step % cfg.interval_steps == 0 or self.step == self.total_steps:

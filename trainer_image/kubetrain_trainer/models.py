@@ -12,15 +12,15 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import fsspec
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -33,6 +33,9 @@ from transformers import (
 )
 
 from kubetrain_api import v1alpha1 as api
+
+if TYPE_CHECKING:  # peft costs ~2 s of import per process; only LoRA runs load it
+    from peft import PeftModel
 
 IGNORE_INDEX = -100  # label that takes no part in the loss (HF and torch convention)
 PVC_ROOT_ENV = "KUBETRAIN_PVC_ROOT"
@@ -311,6 +314,8 @@ def check_packed_attention(model: PreTrainedModel | PeftModel) -> None:
 
 def apply_lora(model: PreTrainedModel, lora: api.LoraSpec) -> PeftModel:
     """Wrap `model` with LoRA adapters; the base weights are frozen, only adapters train."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -324,7 +329,7 @@ def apply_lora(model: PreTrainedModel, lora: api.LoraSpec) -> PeftModel:
 def merge_lora(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     """A plain model with the adapters folded into the base weights (in place: the PEFT
     wrapper is spent afterwards). A model without adapters comes back unchanged."""
-    if isinstance(model, PeftModel):
+    if is_peft(model):
         return model.merge_and_unload()
     return model
 
@@ -334,8 +339,14 @@ def merge_lora(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
 # --------------------------------------------------------------------------------------
 
 
+def is_peft(model: object) -> bool:
+    """A PEFT-wrapped model; without importing peft, since none exists until it is."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
 def _base(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return model.get_base_model() if is_peft(model) else model
 
 
 def transformer_blocks(model: PreTrainedModel | PeftModel) -> list[torch.nn.Module]:
