@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kubetrain_operator import builders
+from tests.support.cluster import controlplane
 from tests.support.images import images
 
 pytestmark = pytest.mark.controlplane
@@ -133,7 +134,7 @@ def test_trainer_runs_as_1000_with_its_stack(trainer_container: Container) -> No
 @pytest.fixture(scope="module")
 def containerd() -> Iterator[list[str]]:
     """A private containerd (no CRI) on a socket of its own; -> the ctr command for it."""
-    assert shutil.which("containerd"), "containerd is missing (apt-get install containerd)"
+    controlplane.ensure_apt_packages(["containerd", "runc"])  # as the real node does
     # A short path: the socket's must fit in sun_path.
     tmp = Path(tempfile.mkdtemp(prefix="kt-ctrd-"))
     sock = tmp / "c.sock"
