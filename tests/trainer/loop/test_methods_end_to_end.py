@@ -235,7 +235,9 @@ def exported_validation_loss(run_dir: Path) -> float:
         batches = [
             {
                 k: torch.from_numpy(data[k][i : i + 4].astype(np.int64))
-                for k in ("input_ids", "labels")
+                # position_ids: packed rows keep their examples apart, as in training
+                for k in ("input_ids", "labels", "position_ids")
+                if k in data
             }
             for i in (0, 4)
         ]
