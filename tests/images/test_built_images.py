@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain_operator import builders
+from kubetrain_operator import pods
 from tests.support.cluster import controlplane
 from tests.support.images import images
 
@@ -118,9 +118,9 @@ def test_operator_has_neither_torch_nor_ray(operator_container: Container) -> No
 
 def test_trainer_runs_as_1000_with_its_stack(trainer_container: Container) -> None:
     config = trainer_container.config()
-    assert config["User"] == f"{builders.RUN_AS}:{builders.RUN_AS}"
+    assert config["User"] == f"{pods.RUN_AS}:{pods.RUN_AS}"
     assert config["Entrypoint"] == ["kubetrain"]
-    user = f"{builders.RUN_AS}:{builders.RUN_AS}"
+    user = f"{pods.RUN_AS}:{pods.RUN_AS}"
     code = (
         "import getpass, os, torch, ray, transformers, kubetrain_trainer; "
         "print(getpass.getuser(), os.getuid(), os.environ['HOME'], "
@@ -186,7 +186,7 @@ def test_archives_import_and_run_in_containerd(
     refs = {images.image_ref(name) for name in archives}
     assert refs <= set(listed.split())
     code = "import getpass, os; print(getpass.getuser(), os.getuid())"
-    expected = {"operator": "kubetrain 65532", "trainer": f"kubetrain {builders.RUN_AS}"}
+    expected = {"operator": "kubetrain 65532", "trainer": f"kubetrain {pods.RUN_AS}"}
     for name in archives:
         run = [*containerd, "run", "--rm", "--net-host", images.image_ref(name), f"t-{name}"]
         out = _ok(subprocess.run([*run, "python", "-c", code], capture_output=True, text=True))
