@@ -53,5 +53,9 @@ def run(rank: int, world_size: int, store: str, out: str) -> None:
         answers = exact_match_predictions(model, tokenizer, PROMPTS[rank], MAX_NEW_TOKENS)
         with open(f"{out}.{rank}", "w") as f:
             json.dump(answers, f)
+        # Both ranks done before either tears gloo down: a rank that destroys the group
+        # while the other still talks to it can abort ("terminate called without an
+        # active exception"), as seen once in CI.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
