@@ -42,7 +42,12 @@ def memory_cgroup() -> Iterator[Path]:
 
 def _in_group(group: Path, argv: list[str]) -> subprocess.Popen[str]:
     enter = f'echo $$ > {group}/cgroup.procs && exec "$@"'
-    return subprocess.Popen(["sh", "-c", enter, "sh", *argv], stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        ["sh", "-c", enter, "sh", *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, ended whole
+    )
 
 
 def test_an_oom_kill_inside_ends_the_command_with_137(memory_cgroup: Path) -> None:
