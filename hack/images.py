@@ -180,20 +180,7 @@ def buildah_argv(*args: str) -> list[str]:
 
 def buildah(*args: str, quiet: bool = True) -> str:
     """Run buildah on this script's storage; raise with the output's tail on failure."""
-    proc = subprocess.run(
-        buildah_argv(*args),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-40:])
-        raise ImageBuildError(f"buildah {' '.join(args)} failed ({proc.returncode}):\n{tail}")
-    if not quiet:
-        for line in proc.stdout.splitlines()[-5:]:
-            log(f"  | {line}")
-    return proc.stdout
+    return str(_controlplane()._run(buildah_argv(*args), quiet=quiet))
 
 
 def _streaming(argv: Sequence[str], prefix: str) -> None:
@@ -252,23 +239,10 @@ def _rootfs_tarball() -> Path:
     log(f"debootstrap {SUITE} ({', '.join(BASE_PACKAGES)}) from {mirror} (about 2.5 minutes)")
     with tempfile.TemporaryDirectory(dir=images_dir(), prefix="rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        proc = subprocess.run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(BASE_PACKAGES)}",
-                SUITE,
-                str(rootfs),
-                mirror,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stdout.splitlines()[-30:])
-            raise ImageBuildError(f"debootstrap failed ({proc.returncode}):\n{tail}")
+        _controlplane()._run(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+             SUITE, rootfs, mirror],
+        )  # fmt: skip
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in (rootfs / junk).glob("*"):
                 if path.is_file():
@@ -437,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         archives = build(tuple(args.only or IMAGES), args.variant)
-    except ImageBuildError as exc:
+    except (ImageBuildError, _controlplane().ControlPlaneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for name, path in archives.items():
