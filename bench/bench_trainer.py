@@ -1,7 +1,7 @@
 """Trainer benchmarks, each a ratio against a baseline measured in the same run.
 
 1. step: our `Trainer.train_step` vs a plain hand-written torch loop (same tiny model,
-   micro-batches, optimizer and threads), steady-state seconds per step. Target <= 1.05.
+   micro-batches, optimizer and threads), steady-state seconds per step. Target <= 1.02.
 2. launch: the same 2-process training through Ray Train vs plain torchrun: training time
    (first to last step) ratio, target <= 1.05; time to first step for both.
 3. mfu: CPU model FLOPs utilization against the in-run matmul ceiling (reported).
@@ -82,10 +82,18 @@ def bench_step(steps: int = 40, warmup: int = 5) -> dict[str, Any]:
         data = ours.train_data
         accum, micro = config.grad_accum_steps, config.micro_batch_size
 
+        # The same work as ours: packed rows whose documents do not attend to each other,
+        # which transformers does for position_ids only without a KV cache (with one it
+        # runs plain causal attention, ~3% cheaper here and wrong for packed rows).
         def plain_step(i: int) -> None:
             for m in range(accum):
                 rows = slice((i * accum + m) * micro, (i * accum + m + 1) * micro)
-                loss = model(input_ids=data["input_ids"][rows], labels=data["labels"][rows]).loss
+                loss = model(
+                    input_ids=data["input_ids"][rows],
+                    position_ids=data["position_ids"][rows],
+                    labels=data["labels"][rows],
+                    use_cache=False,
+                ).loss
                 (loss / accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             opt.step()
@@ -106,7 +114,7 @@ def bench_step(steps: int = 40, warmup: int = 5) -> dict[str, Any]:
         "ours_step_s": ours_s,
         "plain_step_s": plain_s,
         "ratio": ours_s / plain_s,
-        "target": "<= 1.05",
+        "target": "<= 1.02",
         "steps": steps,
     }
 

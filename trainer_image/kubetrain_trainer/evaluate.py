@@ -161,6 +161,21 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def next_token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed cross entropy of position t's logits against token t+1 over the labels that
+    are not IGNORE_INDEX (0 when there are none); bf16 logits are upcast for an accurate sum.
+
+    The labels move left, not the logits: slicing `logits[:, :-1]` would copy the largest
+    tensor of the step (batch x sequence x vocabulary) once per micro-batch."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
 def evaluate_loss(
     model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device | str
 ) -> tuple[float, int]:
@@ -185,16 +200,8 @@ def evaluate_loss(
                 use_cache=False,
                 **positions,
             ).logits
-            # Position t predicts token t+1; bf16 logits are upcast for an accurate sum.
-            targets = labels[:, 1:].reshape(-1)
-            loss_sum = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                targets,
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            totals[0] += loss_sum.double()
-            totals[1] += (targets != IGNORE_INDEX).sum()
+            totals[0] += next_token_loss_sum(logits, labels).double()
+            totals[1] += (labels[:, 1:] != IGNORE_INDEX).sum()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, count = float(totals[0]), int(totals[1])

@@ -104,17 +104,13 @@ def trained_token_count(labels: torch.Tensor) -> torch.Tensor:
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross entropy over the batch's trained tokens (0 when it has none). The same
-    shift and fp32 upcast as `evaluate.evaluate_loss`, so training and validation loss
-    measure the same thing. `position_ids`, when present, mark packed documents."""
-    # No KV cache while training: it only costs memory (and recompiles).
+    function as `evaluate.evaluate_loss`, so training and validation loss measure the same
+    thing. `position_ids`, when present, mark packed documents."""
+    # No KV cache while training: it costs memory, and with one transformers ignores the
+    # document boundaries in position_ids (it builds the packed mask only without a cache).
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        batch["labels"][:, 1:].reshape(-1),
-        ignore_index=evaluate.IGNORE_INDEX,
-        reduction="sum",
-    )
+    return evaluate.next_token_loss_sum(logits, batch["labels"])
 
 
 def accumulate_gradients(

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from kubetrain_api.v1alpha1 import EvalDataset, GateResult, GateThreshold
+from kubetrain_trainer import evaluate
 from kubetrain_trainer.evaluate import (
     chat_prompts,
     check_gate,
@@ -353,3 +354,25 @@ def test_gate_checks_one_datasets_metric():
     assert check_gate(metrics, gate) == GateResult(
         passed=False, failures=["intents/f1 0.4 < min 0.5"]
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_loss_sum_is_the_shifted_cross_entropy_without_copying_logits(
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11).to(dtype)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, 2:5] = evaluate.IGNORE_INDEX
+    labels[2] = evaluate.IGNORE_INDEX  # a row with nothing to train on
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=evaluate.IGNORE_INDEX,
+        reduction="sum",
+    )
+    got = evaluate.next_token_loss_sum(logits, labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+    nothing = torch.full_like(labels, evaluate.IGNORE_INDEX)
+    assert evaluate.next_token_loss_sum(logits, nothing).item() == 0.0  # never NaN
