@@ -520,7 +520,8 @@ class RunPolicy(ApiModel):
     eviction_limit: Annotated[int, Field(ge=0, le=1000)] = 10
     """Restarts after preemption or eviction, counted apart from backoffLimit."""
     active_deadline_seconds: Annotated[int, Field(ge=1, le=31_536_000)] | None = None
-    """Fail the run with DeadlineExceeded after this long since it started."""
+    """Fail the run with DeadlineExceeded after this many seconds of activity since it
+    started (time suspended does not count)."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=31_536_000)] | None = None
     """Delete the finished run (and its children) after this long."""
     suspend: bool = False
@@ -764,6 +765,10 @@ class TrainingRunStatus(ApiModel):
     """Serving endpoint."""
     start_time: datetime | None = None
     """When the current attempt's cluster was first requested."""
+    suspended_seconds: Annotated[int, Field(ge=0)] | None = None
+    """Seconds spent suspended since startTime; activeDeadlineSeconds does not count them."""
+    suspend_time: datetime | None = None
+    """When the suspension in progress began (absent while not suspended)."""
     completion_time: datetime | None = None
     """When the run reached Succeeded or Failed."""
 

@@ -25,7 +25,7 @@ import logging
 import secrets
 import time
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import yaml
@@ -34,7 +34,7 @@ from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
 from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, PROGRESS_PATH, ROLE_HEAD
 from kubetrain_api.reports import ProgressReport, lenient
-from kubetrain_operator import builders, metrics, serving
+from kubetrain_operator import builders, metrics, serving, timing
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.settings import OperatorSettings
@@ -83,19 +83,6 @@ def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> Pro
     except (OSError, ValueError):
         return None
     return lenient(ProgressReport, data) if isinstance(data, dict) else None
-
-
-def _deadline_exceeded(
-    run: api.TrainingRun | None, previous: dict[str, Any], now: datetime
-) -> bool:
-    if (
-        run is None
-        or not run.spec.run_policy.active_deadline_seconds
-        or not previous.get("startTime")
-    ):
-        return False
-    started = datetime.fromisoformat(previous["startTime"].replace("Z", "+00:00"))
-    return now >= started + timedelta(seconds=run.spec.run_policy.active_deadline_seconds)
 
 
 def _token(kube: Kube, ns: str, name: str) -> str:
@@ -153,7 +140,7 @@ def reconcile(
             now=now,
             previous=previous,
             suspended=bool(run is not None and run.spec.run_policy.suspend),
-            deadline_exceeded=_deadline_exceeded(run, previous, now),
+            deadline_exceeded=timing.deadline_exceeded(run, previous, now),
             serving=served,
         )
     )
@@ -164,7 +151,7 @@ def reconcile(
     # compute_status keeps asking for them until it has seen them, so a crash between the
     # two steps is repaired by the next reconcile.
     if status != previous:
-        kube.patch_status(ns, name, status)
+        kube.patch_status(ns, name, status, previous)
     for event in decision.events:
         kube.event(body, event.type, event.reason, event.message)
 
@@ -267,14 +254,12 @@ def _ttl(
     name: str,
     now: datetime,
 ) -> float | None:
-    if run is None or not is_terminal(status) or not status.get("completionTime"):
+    """Seconds until a finished run's ttlSecondsAfterFinished passes; deletes the run once
+    it has. (An active run's deadline needs no wake-up: active runs are resynced.)"""
+    if not is_terminal(status):
         return None
-    ttl = run.spec.run_policy.ttl_seconds_after_finished
-    if ttl is None:
-        return None
-    finished = datetime.fromisoformat(status["completionTime"].replace("Z", "+00:00"))
-    remaining = (finished + timedelta(seconds=ttl) - now).total_seconds()
-    if remaining <= 0:
+    remaining = timing.ttl_remaining(run, status, now)
+    if remaining is not None and remaining <= 0:
         log.info("deleting %s/%s: ttlSecondsAfterFinished passed", ns, name)
         kube.delete_run(ns, name)
         return None

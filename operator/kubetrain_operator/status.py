@@ -50,7 +50,8 @@ ProgressReport and the driver's RunResult -> status fields, parsed leniently).
 Precedence within one pass: a terminal phase (never left; only observedGeneration and, for
 Succeeded runs, status.serving and the Serving condition move) >
 invalid spec > the driver exited 0 > deadline > suspend > resume > first start > what the
-attempt's pods say. `deadline_exceeded` is the reconciler's call (e.g. not while suspended).
+attempt's pods say. `deadline_exceeded` is the reconciler's call (timing.deadline_exceeded:
+active time only, never while suspended).
 
 Counting: retryable failures = attempts - 1 - evictions; a run that always fails
 retryably ends Failed after exactly backoffLimit + 1 attempts. A resume re-creates the same
@@ -89,6 +90,7 @@ from kubetrain_operator.outcome import (
     workers_of,
 )
 from kubetrain_operator.results import copy_progress, evaluated, parse_progress, parse_result
+from kubetrain_operator.timing import suspended_seconds
 
 __all__ = [
     "PHASES",
@@ -357,6 +359,8 @@ def _suspend(draft: _Draft) -> Decision:
         if draft.has_condition(type):
             draft.condition(type, "False", "Suspended", message)
     draft.enter("Suspended", "Normal", "Suspended", f"attempt {draft.attempt} stopped: {message}")
+    if draft.status.get("startTime"):  # the deadline's clock stops (timing.py)
+        draft.status.setdefault("suspendTime", rfc3339(draft.observed.now))
     return draft.decide("delete_pods" if live(draft.pods) else "none")
 
 
@@ -377,6 +381,9 @@ def _resume(draft: _Draft) -> Decision:
         return draft.decide("delete_pods" if live(draft.pods) else "none")
     attempt = max(draft.attempt, 1)
     message = f"resuming from the latest checkpoint as attempt {attempt}"
+    if draft.status.get("suspendTime"):  # the deadline's clock runs again
+        draft.status["suspendedSeconds"] = int(suspended_seconds(draft.status, draft.observed.now))
+        del draft.status["suspendTime"]
     draft.condition("Suspended", "False", "Resumed", message)
     _create(draft, attempt, "Resuming", message)
     draft.emit("Normal", "Resumed", message)

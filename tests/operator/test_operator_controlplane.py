@@ -225,6 +225,25 @@ def test_suspend_and_resume(operator: None, namespace: str) -> None:
     assert st["attempts"] == 1
 
 
+def test_time_suspended_does_not_count_toward_the_deadline(operator: None, namespace: str) -> None:
+    apply(quickstart("nap", runPolicy={"activeDeadlineSeconds": 15}), namespace)
+    start_cluster("nap", namespace)
+    apply(quickstart("nap", runPolicy={"activeDeadlineSeconds": 15, "suspend": True}), namespace)
+    wait_phase("nap", namespace, "Suspended")
+    time.sleep(17)  # longer than the deadline, all of it suspended
+    assert status("nap", namespace)["phase"] == "Suspended"
+    apply(quickstart("nap", runPolicy={"activeDeadlineSeconds": 15, "suspend": False}), namespace)
+    start_cluster("nap", namespace, attempt=1)
+    st = status("nap", namespace)
+    assert st["phase"] != "Failed", st
+    assert st["suspendedSeconds"] >= 17
+    assert "suspendTime" not in st  # removed from the stored status, not just the draft
+    # The clock runs again: the remaining active time passes and the run fails with no
+    # further event to wake the operator.
+    st = wait_phase("nap", namespace, "Failed", timeout=60)
+    assert condition(st, "Failed")["reason"] == "DeadlineExceeded"
+
+
 def test_ttl_after_finished_deletes_the_run(operator: None, namespace: str) -> None:
     apply(quickstart("brief", runPolicy={"ttlSecondsAfterFinished": 2}), namespace)
     head_name = start_cluster("brief", namespace)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import FieldError, load_documents, parse
+from kubetrain_operator import timing
 from kubetrain_operator.status import (
     PHASES,
     Decision,
@@ -739,6 +740,41 @@ def test_suspended_from_the_start_creates_nothing_until_resumed() -> None:
     resumed = reconcile(decision.status, now=LATER)
     assert (resumed.action, resumed.status["attempts"]) == ("create_cluster", 1)
     assert resumed.status["startTime"] == "2025-03-01T12:07:00Z"
+
+
+def test_time_suspended_does_not_count_toward_the_active_deadline() -> None:
+    run = make_run(deadline=600)
+    status = running_status(run)  # started at NOW
+    # Suspended 100 s in, for a whole day: the deadline's clock stops.
+    suspended = reconcile(
+        status, run=run, pods=cluster(), suspended=True, now=NOW + timedelta(seconds=100)
+    ).status
+    assert suspended["suspendTime"] == "2025-03-01T12:01:40Z"
+    day = NOW + timedelta(days=1)
+    assert not timing.deadline_exceeded(run, suspended, day)
+    assert timing.deadline_remaining(run, suspended, day) is None
+    resumed = reconcile(suspended, run=run, pods=[], now=day).status
+    assert "suspendTime" not in resumed
+    assert resumed["suspendedSeconds"] == 86_400 - 100
+    # 100 s of activity before the pause, 499 after: not yet; 500 after: exceeded.
+    assert timing.active_seconds(resumed, day + timedelta(seconds=499)) == 599
+    assert not timing.deadline_exceeded(run, resumed, day + timedelta(seconds=499))
+    assert timing.deadline_exceeded(run, resumed, day + timedelta(seconds=500))
+    # A second suspension adds to the first.
+    again = reconcile(
+        resumed, run=run, pods=cluster(), suspended=True, now=day + timedelta(seconds=200)
+    ).status
+    back = reconcile(again, run=run, pods=[], now=day + timedelta(seconds=300)).status
+    assert back["suspendedSeconds"] == 86_400 - 100 + 100
+
+
+def test_suspended_before_the_start_does_not_count_as_suspended_time() -> None:
+    run = make_run(deadline=600)
+    decision = reconcile(run=run, suspended=True)
+    assert "suspendTime" not in decision.status
+    resumed = reconcile(decision.status, run=run, now=LATER).status
+    assert "suspendedSeconds" not in resumed
+    assert timing.active_seconds(resumed, LATER + timedelta(seconds=30)) == 30
 
 
 # --------------------------------------------------------------------------------------
