@@ -238,8 +238,12 @@ def _head_ports(settings: OperatorSettings) -> list[tuple[str, int]]:
     ]
 
 
-def build_head_service(run: api.TrainingRun, uid: str, ns: str, settings: OperatorSettings) -> Obj:
-    """Headless Service `<run>-head`: a stable DNS name for the head of any attempt."""
+def build_head_service(
+    run: api.TrainingRun, uid: str, ns: str, attempt: int, settings: OperatorSettings
+) -> Obj:
+    """Headless Service `<run>-head`: a stable DNS name for the head of the current attempt.
+    It selects that attempt only, so a new attempt's workers never find the previous,
+    dying head (the reconciler rewrites the selector when it creates the attempt)."""
     run_name = _run_name(run)
     return with_input_hash(
         {
@@ -248,7 +252,11 @@ def build_head_service(run: api.TrainingRun, uid: str, ns: str, settings: Operat
             "metadata": _metadata(run, uid, ns, ChildNames(run_name).head_service, "ray-head"),
             "spec": {
                 "clusterIP": "None",
-                "selector": {LABEL_RUN: run_name, LABEL_ROLE: ROLE_HEAD},
+                "selector": {
+                    LABEL_RUN: run_name,
+                    LABEL_ROLE: ROLE_HEAD,
+                    LABEL_ATTEMPT: str(attempt),
+                },
                 # Workers resolve the head while it starts, before any readiness.
                 "publishNotReadyAddresses": True,
                 "ports": [
@@ -397,6 +405,12 @@ def build_head_pod(
             for name, port in _head_ports(settings)
         ],
         "resources": resources(head.cpu, head.memory),
+        # Ready once Ray's GCS accepts connections: what workers dial first.
+        "readinessProbe": {
+            "tcpSocket": {"port": "gcs"},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
     }
     name = ChildNames(_run_name(run), attempt).head_pod
     return _pod(run, uid, ns, attempt, settings, name=name, role=ROLE_HEAD, container=container)
@@ -457,7 +471,7 @@ def build_cluster(
         build_ray_token_secret(run, uid, ns, token),
         *([storage] if storage is not None else []),
         build_network_policy(run, uid, ns, settings),
-        build_head_service(run, uid, ns, settings),
+        build_head_service(run, uid, ns, attempt, settings),
         build_head_pod(run, uid, ns, attempt, settings),
         *build_worker_pods(run, uid, ns, attempt, settings),
     ]

@@ -506,6 +506,10 @@ def test_head_pod_and_service(settings: OperatorSettings) -> None:
     selector = service["spec"]["selector"].items()
     assert selector <= head["metadata"]["labels"].items()
     assert all(not selector <= w["metadata"]["labels"].items() for w in workers)
+    # Only this attempt's head: a retry's workers never dial the previous, dying one.
+    later_head = pods(cluster(example("quickstart"), settings, attempt=2))[0]
+    assert not selector <= later_head["metadata"]["labels"].items()
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "gcs"}
 
 
 @pytest.mark.parametrize(

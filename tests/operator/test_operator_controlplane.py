@@ -117,6 +117,9 @@ def test_oom_kill_then_success_takes_two_attempts(operator: None, namespace: str
     kubelet.set_terminated(namespace, head_name, 137, "OOMKilled")
     head_name = start_cluster("oom", namespace, attempt=2)
     assert run_pods("oom", namespace, attempt=1) == []
+    # The head Service publishes attempt 2's head only: workers never join a dying cluster.
+    service = json.loads(kubectl("get", "svc", "oom-head", "-n", namespace, "-o", "json").stdout)
+    assert service["spec"]["selector"]["kubetrain.dev/attempt"] == "2"
     kubelet.set_terminated(namespace, head_name, 0)
     st = wait_phase("oom", namespace, "Succeeded")
     assert st["attempts"] == 2
