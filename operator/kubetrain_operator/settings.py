@@ -48,8 +48,10 @@ def _label_selector(name: str, default: LabelSelector | None) -> LabelSelector |
     ):
         raise ValueError(f"{name}: matchLabels maps label names to string values")
     for expression in value.get("matchExpressions", []):
-        if not isinstance(expression, dict) or expression.get("operator") not in (
-            _SELECTOR_OPERATORS
+        if (
+            not isinstance(expression, dict)
+            or not isinstance(expression.get("key"), str)
+            or expression.get("operator") not in _SELECTOR_OPERATORS
         ):
             raise ValueError(
                 f"{name}: each matchExpressions entry needs a key and an operator of "

@@ -117,6 +117,7 @@ def test_settings_read_the_selectors_as_json(monkeypatch: pytest.MonkeyPatch) ->
         ('{"matchLabel": {"a": "b"}}', "only matchLabels and matchExpressions"),
         ('{"matchLabels": {"a": 1}}', "string values"),
         ('{"matchExpressions": [{"key": "a", "operator": "Is"}]}', "operator"),
+        ('{"matchExpressions": [{"operator": "Exists"}]}', "a key"),
         ('["name", "monitoring"]', "only matchLabels and matchExpressions"),
     ],
 )

@@ -4,10 +4,11 @@ The local control plane logs every request of the operator's identity (hack/cont
 Metadata level). The operator runs in-process with exactly the chart's rendered RBAC
 (`helm template`) and is driven through every path that calls the API server: a run with
 progress, a retry whose children were changed behind its back (read and replaced), a pod
-name taken by a stranger (create, 409, read), success, serving created, scaled, retained
+name taken by a stranger (create, 409, read), success, serving created, retained
 (replaced, the storage claim patched), turned off (deleted), and ttlSecondsAfterFinished
 (the run deleted). The (verb, API group, resource) set of those requests, 403s included,
-must equal the ClusterRole's grants: nothing missing, nothing extra. A second short run
+plus the grants only admission checks (ADMISSION_ONLY), must equal the ClusterRole's
+grants: nothing missing, nothing extra. A second short run
 with `--namespace` (the chart's watchNamespaces) splits the grants between the Role in the
 watched namespace and the cluster-scoped ClusterRole.
 
