@@ -95,8 +95,22 @@ READY_TIMEOUT_S = 180.0
 # Everything `up` writes into its directory (`down` removes exactly these).
 STATE_ENTRIES = (
     "pids", "cluster.json", "env", "kubeconfig", "operator.kubeconfig", "tokens.csv",
-    "pki", "etcd", "flexvolume", "logs",
+    "pki", "etcd", "flexvolume", "logs", "audit-policy.yaml",
 )  # fmt: skip
+# The API server's audit log (logs/audit.jsonl, not *.log: failure reports tail those):
+# every request of the operator's identity, at Metadata level (who, verb, resource, no
+# bodies), so a test can derive the RBAC the operator really uses. Other users are not
+# logged, which keeps it cheap.
+AUDIT_LOG = "audit.jsonl"
+AUDIT_POLICY = f"""\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    users: ["{OPERATOR_USER}"]
+  - level: None
+"""
 
 _T0 = time.monotonic()
 # Popen objects of components started by this process, so down() can reap them.
@@ -494,6 +508,11 @@ class Cluster:
     def logs_dir(self) -> Path:
         return self.dir / "logs"
 
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log: one JSON event per line, the operator's requests."""
+        return self.logs_dir / AUDIT_LOG
+
     def env(self) -> dict[str, str]:
         """os.environ with KUBECONFIG and PATH set for kubectl/helm against this cluster."""
         path = f"{self.kubectl.parent}:{k8s_bin_dir()}:{os.environ.get('PATH', '')}"
@@ -870,6 +889,8 @@ def up(
         f'{tokens["node"]},kubetrain-node,kubetrain-node,"system:nodes"\n'
     )
     token_file.chmod(0o600)
+    audit_policy = state / "audit-policy.yaml"
+    audit_policy.write_text(AUDIT_POLICY)
     kubeconfig = state / "kubeconfig"
     operator_kubeconfig = state / "operator.kubeconfig"
     kcm_kubeconfig = pki / "controller-manager.kubeconfig"
@@ -952,6 +973,14 @@ def up(
                 # The `kubernetes` Service may not point at loopback; don't try every 10 s.
                 "--endpoint-reconciler-type=none",
                 "--authorization-mode=RBAC",
+                # On top of the defaults: checks that whoever sets blockOwnerDeletion on an
+                # owner reference may update the owner's finalizers, as OpenShift and
+                # hardened clusters do, so a missing grant fails tests here too.
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={state / 'logs' / AUDIT_LOG}",
+                # No rotation in a test session (0 means lumberjack's default, 100 MB).
+                "--audit-log-maxsize=100000",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 # hack/node.py's nodes are reached at their IP (their names do not resolve).

@@ -200,16 +200,31 @@ def build_storage_pvc(run: api.TrainingRun, uid: str, ns: str) -> Obj | None:
 def build_network_policy(
     run: api.TrainingRun, uid: str, ns: str, settings: OperatorSettings
 ) -> Obj:
-    """NetworkPolicy `<run>-ray`: the run's pods talk to each other on any port; the
-    operator reaches the head's telemetry port; nothing else gets in."""
+    """NetworkPolicy `<run>-ray`: the run's pods talk to each other on any port (Ray); the
+    operator (/progress) and the configured Prometheus (/metrics) reach the telemetry port;
+    nothing else gets in. Namespaces are selected by labels the installer sets, never by
+    `kubernetes.io/metadata.name`, which Kubernetes 1.20 does not have."""
     run_name = _run_name(run)
     own_pods = {"podSelector": {"matchLabels": {LABEL_RUN: run_name}}}
-    operator_pods = {
-        "namespaceSelector": {
-            "matchLabels": {"kubernetes.io/metadata.name": settings.operator_namespace}
-        },
-        "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
+    operator_namespace = settings.operator_namespace_selector or {
+        "matchLabels": {"name": settings.operator_namespace}
     }
+    telemetry = [
+        {
+            "namespaceSelector": copy.deepcopy(operator_namespace),
+            "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
+        }
+    ]
+    prometheus = {
+        key: copy.deepcopy(selector)
+        for key, selector in (
+            ("namespaceSelector", settings.prometheus_namespace_selector),
+            ("podSelector", settings.prometheus_pod_selector),
+        )
+        if selector is not None
+    }
+    if prometheus:
+        telemetry.append(prometheus)
     return with_input_hash(
         {
             "apiVersion": "networking.k8s.io/v1",
@@ -221,7 +236,7 @@ def build_network_policy(
                 "ingress": [
                     {"from": [own_pods]},
                     {
-                        "from": [operator_pods],
+                        "from": telemetry,
                         "ports": [{"protocol": "TCP", "port": settings.progress_port}],
                     },
                 ],

@@ -6,8 +6,10 @@ and POD_NAME, kopf's identity (cli.py). The Helm chart sets them on the Deployme
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from kubetrain_api import contract
 from kubetrain_api.validation import Limits
@@ -22,6 +24,42 @@ def _optional_int(name: str) -> int | None:
     return int(value) if value else None
 
 
+LabelSelector = dict[str, Any]
+_SELECTOR_OPERATORS = frozenset({"In", "NotIn", "Exists", "DoesNotExist"})
+
+
+def _label_selector(name: str, default: LabelSelector | None) -> LabelSelector | None:
+    """A Kubernetes LabelSelector as JSON (`{"matchLabels": {...}, "matchExpressions":
+    [...]}`), or `null` for none; unset: `default`. Errors name the variable."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{name}: not JSON ({exc})") from None
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not set(value) <= {"matchLabels", "matchExpressions"}:
+        raise ValueError(f"{name}: a label selector has only matchLabels and matchExpressions")
+    labels = value.get("matchLabels", {})
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ValueError(f"{name}: matchLabels maps label names to string values")
+    for expression in value.get("matchExpressions", []):
+        if (
+            not isinstance(expression, dict)
+            or not isinstance(expression.get("key"), str)
+            or expression.get("operator") not in _SELECTOR_OPERATORS
+        ):
+            raise ValueError(
+                f"{name}: each matchExpressions entry needs a key and an operator of "
+                f"{sorted(_SELECTOR_OPERATORS)}"
+            )
+    return value
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     """What an installation may choose; the Helm chart sets these as env vars."""
@@ -34,6 +72,20 @@ class OperatorSettings:
         default_factory=lambda: {contract.LABEL_NAME: "kubetrain-operator"}
     )
     """Labels of the operator's pods."""
+    operator_namespace_selector: LabelSelector | None = None
+    """Selects the operator's namespace in the runs' NetworkPolicies; None: the label
+    `name: <operator_namespace>`, which the installer sets. Never the automatic
+    `kubernetes.io/metadata.name`: Kubernetes 1.20 does not have it (it came in 1.21)."""
+    prometheus_namespace_selector: LabelSelector | None = field(
+        default_factory=lambda: {"matchLabels": {"name": "monitoring"}}
+    )
+    """Selects Prometheus' namespace, which the runs' NetworkPolicies admit to the heads'
+    metrics port; None: the run's own namespace (as in a NetworkPolicyPeer)."""
+    prometheus_pod_selector: LabelSelector | None = field(
+        default_factory=lambda: {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    )
+    """Selects the Prometheus pods; None: every pod of the selected namespaces. Both
+    selectors None: no Prometheus is admitted."""
     progress_port: int = contract.TELEMETRY_PORT
     """Trainer telemetry on the head pod: /metrics and /progress."""
     ray_gcs_port: int = 6379
@@ -63,6 +115,15 @@ class OperatorSettings:
             image=os.environ.get("KUBETRAIN_TRAINER_IMAGE", defaults.image),
             operator_namespace=os.environ.get(
                 "KUBETRAIN_OPERATOR_NAMESPACE", defaults.operator_namespace
+            ),
+            operator_namespace_selector=_label_selector(
+                "KUBETRAIN_OPERATOR_NAMESPACE_SELECTOR", defaults.operator_namespace_selector
+            ),
+            prometheus_namespace_selector=_label_selector(
+                "KUBETRAIN_PROMETHEUS_NAMESPACE_SELECTOR", defaults.prometheus_namespace_selector
+            ),
+            prometheus_pod_selector=_label_selector(
+                "KUBETRAIN_PROMETHEUS_POD_SELECTOR", defaults.prometheus_pod_selector
             ),
             progress_port=_int("KUBETRAIN_PROGRESS_PORT", defaults.progress_port),
             limits=Limits(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -227,6 +228,56 @@ def test_operator_settings_come_from_the_rendered_env(monkeypatch: pytest.Monkey
     assert {e["name"]: e.get("value") for e in container["env"]}["KUBETRAIN_WORKERS"] == "2"
 
 
+def rendered_settings(values: Doc | None, monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
+    """OperatorSettings as the operator reads them from the env the chart renders."""
+    (container,) = operator_deployment(template(values))["spec"]["template"]["spec"]["containers"]
+    for name in [n for n in os.environ if n.startswith("KUBETRAIN_")]:
+        monkeypatch.delenv(name)  # a pod's env holds only what the chart sets
+    for env in container["env"]:
+        if "valueFrom" in env:
+            downward = {"metadata.namespace": NAMESPACE, "metadata.name": "operator-pod"}
+            monkeypatch.setenv(env["name"], downward[env["valueFrom"]["fieldRef"]["fieldPath"]])
+        else:
+            monkeypatch.setenv(env["name"], env["value"])
+    return OperatorSettings.from_env()
+
+
+def policy_peers(settings: OperatorSettings) -> list[Doc]:
+    run = parse(load_documents((ROOT / "examples" / "quickstart.yaml").read_text())[0])
+    policy = builders.build_network_policy(run, "uid", "team-a", settings)
+    return list(policy["spec"]["ingress"][1]["from"])
+
+
+OPERATOR_PODS = {"matchLabels": {"app.kubernetes.io/name": "kubetrain-operator"}}
+
+
+def test_network_policy_values_reach_every_runs_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """networkPolicy values -> the operator's env -> OperatorSettings -> the run's policy."""
+    assert policy_peers(rendered_settings(None, monkeypatch)) == [
+        {"namespaceSelector": {"matchLabels": {"name": NAMESPACE}}, "podSelector": OPERATOR_PODS},
+        {
+            "namespaceSelector": {"matchLabels": {"name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        },
+    ]
+    team = {"matchExpressions": [{"key": "team", "operator": "In", "values": ["ml"]}]}
+    values = {
+        "networkPolicy": {
+            "operatorNamespaceSelector": {"matchLabels": {"ops": "kubetrain"}},
+            # Helm merges maps with the defaults: null drops the default matchLabels.
+            "prometheus": {"namespaceSelector": {"matchLabels": None, **team}, "podSelector": None},
+        }
+    }
+    assert policy_peers(rendered_settings(values, monkeypatch)) == [
+        {"namespaceSelector": {"matchLabels": {"ops": "kubetrain"}}, "podSelector": OPERATOR_PODS},
+        {"namespaceSelector": team},
+    ]
+    off = {"networkPolicy": {"prometheus": {"enabled": False}}}
+    assert policy_peers(rendered_settings(off, monkeypatch)) == [
+        {"namespaceSelector": {"matchLabels": {"name": NAMESPACE}}, "podSelector": OPERATOR_PODS}
+    ]
+
+
 @pytest.mark.parametrize("key", list(COMBINATIONS))
 def test_flag_combination_renders(key: str) -> None:
     values = COMBINATIONS[key]
@@ -370,6 +421,10 @@ REJECTED = {
     ),
     "bad-pull-policy": ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     "label-not-a-string": ({"podLabels": {"team": 1}}, "/podLabels/team"),
+    "selector-typo": (
+        {"networkPolicy": {"prometheus": {"podSelector": {"matchLabel": {"a": "b"}}}}},
+        "matchLabel",
+    ),
 }
 
 
@@ -473,12 +528,13 @@ def test_rbac_equals_operator_deploy_rbac() -> None:
     assert normalized(rbac_rules(template(), "ClusterRole")) == expected
     namespaced = template({"watchNamespaces": ["team-a"]})
     cluster_rules = rbac_rules(namespaced, "ClusterRole")
+    # kopf follows named namespaces: only then does it list and watch them.
+    watching = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+    assert watching in cluster_rules
+    cluster_rules.remove(watching)
     assert normalized(cluster_rules + rbac_rules(namespaced, "Role")) == expected
     # Only rules on cluster-scoped resources stay cluster-wide.
-    assert {r for rule in cluster_rules for r in rule["resources"]} == {
-        "customresourcedefinitions",
-        "namespaces",
-    }
+    assert {r for rule in cluster_rules for r in rule["resources"]} == {"customresourcedefinitions"}
     account = deploy["ServiceAccount"]["metadata"]
     (chart_account,) = find(template(), "ServiceAccount")
     assert chart_account["metadata"]["name"] == account["name"]

@@ -100,6 +100,8 @@ def _lookup(values: dict[str, Any], path: str) -> Any:
 def _type(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
+    if value is None:
+        return "null"
     return {int: "int", float: "float", str: "string", list: "list", dict: "object"}.get(
         type(value), type(value).__name__
     )

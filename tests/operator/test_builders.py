@@ -558,23 +558,7 @@ def test_worker_pods_advertise_one_slot_per_rank_they_host(
     assert "kubetrain_worker_slot" not in head["spec"]["containers"][0]["command"][-1]
 
 
-def test_network_policy(settings: OperatorSettings) -> None:
-    policy = builders.build_network_policy(example("quickstart"), UID, NS, settings)
-    assert policy["spec"]["podSelector"] == {"matchLabels": {"kubetrain.dev/run": "quickstart"}}
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    own, operator = policy["spec"]["ingress"]
-    assert own == {"from": [{"podSelector": {"matchLabels": {"kubetrain.dev/run": "quickstart"}}}]}
-    assert operator == {
-        "from": [
-            {
-                "namespaceSelector": {
-                    "matchLabels": {"kubernetes.io/metadata.name": "kubetrain-system"}
-                },
-                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetrain-operator"}},
-            }
-        ],
-        "ports": [{"protocol": "TCP", "port": 8080}],
-    }
+# The NetworkPolicy: tests/operator/test_network_policy.py.
 
 
 def test_config_map_holds_the_resolved_run(

@@ -1,4 +1,6 @@
-"""The operator's RBAC (operator/deploy/rbac.yaml) is least privilege and covers its needs."""
+"""The operator's RBAC (operator/deploy/rbac.yaml) is least privilege and covers its needs.
+
+That it grants exactly what the operator calls is tests/operator/test_rbac_audit.py's job."""
 
 from __future__ import annotations
 
@@ -15,27 +17,6 @@ from kubetrain_operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 RBAC = ROOT / "operator" / "deploy" / "rbac.yaml"
-RW = {"get", "list", "watch", "create", "update", "patch", "delete"}
-
-# Every grant, on purpose: a new one must be added here and justified in the YAML.
-EXPECTED = {
-    ("kubetrain.dev", "trainingruns"): {"get", "list", "watch", "patch", "update", "delete"},
-    ("kubetrain.dev", "trainingruns/status"): {"get", "patch", "update"},
-    ("kubetrain.dev", "trainingruns/finalizers"): {"update"},
-    ("", "pods"): {"get", "list", "watch", "create", "delete"},
-    ("", "services"): RW,
-    ("", "configmaps"): RW,
-    ("", "persistentvolumeclaims"): RW,
-    ("", "secrets"): {"create", "get", "update", "patch", "delete"},
-    ("networking.k8s.io", "networkpolicies"): RW,
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-    ("", "namespaces"): {"list", "watch"},
-    ("apps", "deployments"): RW,
-    ("autoscaling", "horizontalpodautoscalers"): RW,
-    ("policy", "poddisruptionbudgets"): RW,
-}
 # What the builders create, by (API group, resource).
 PLURALS = {
     "ConfigMap": "configmaps",
@@ -102,8 +83,19 @@ def test_no_way_into_pods(rules: list[dict[str, Any]]) -> None:
     assert not any(r.startswith(("pods/", "nodes", "serviceaccounts")) for r in resources)
 
 
-def test_grants_are_exactly_the_expected(rules: list[dict[str, Any]]) -> None:
-    assert grants(rules) == EXPECTED
+def test_only_runs_and_pods_can_be_enumerated(rules: list[dict[str, Any]]) -> None:
+    """Children are read by name; what the grants equal is tests/operator/test_rbac_audit.py's
+    (the API server's audit log of the operator at work)."""
+    enumerable = {
+        (group, resource)
+        for (group, resource), verbs in grants(rules).items()
+        if {"list", "watch", "deletecollection"} & verbs
+    }
+    assert enumerable == {
+        ("kubetrain.dev", "trainingruns"),
+        ("", "pods"),
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+    }
 
 
 def test_every_rule_is_justified(rules: list[dict[str, Any]]) -> None:
@@ -120,4 +112,4 @@ def test_covers_what_the_builders_create(rules: list[dict[str, Any]]) -> None:
     for obj in builders.build_cluster(run, "uid", "ns", 1, OperatorSettings(), "token"):
         group = obj["apiVersion"].rpartition("/")[0]
         verbs = granted[(group, PLURALS[obj["kind"]])]
-        assert {"create", "get", "delete"} <= verbs, obj["kind"]
+        assert {"create", "get"} <= verbs, obj["kind"]

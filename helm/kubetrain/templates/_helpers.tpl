@@ -77,7 +77,8 @@ app.kubernetes.io/component: operator
 
 {{/*
 The operator's RBAC rules (rbac/operator.yaml): `namespaced` rules apply where runs live,
-`cluster` rules need cluster scope in every mode.
+`cluster` rules need cluster scope in every mode, `watchedNamespaces` rules with
+watchNamespaces only.
 */}}
 {{- define "kubetrain.rbacRules" -}}
 {{- .Files.Get "rbac/operator.yaml" | fromYaml | toJson }}
