@@ -138,8 +138,8 @@ class Kube:
             lambda name, ns, body: custom.replace_namespaced_custom_object(
                 group, version, ns, plural, name, body
             ),
-            lambda name, ns, propagation_policy: custom.delete_namespaced_custom_object(
-                group, version, ns, plural, name, propagation_policy=propagation_policy
+            lambda name, ns, **kwargs: custom.delete_namespaced_custom_object(
+                group, version, ns, plural, name, **kwargs
             ),
         )
 
@@ -235,9 +235,12 @@ class Kube:
         """Delete a child (background propagation); False when it was already gone."""
         _, _, _, delete = self._ops(kind, api_version)
         self._count("delete", kind)
+        # The raw answer, not a model: for some kinds (a Service on Kubernetes 1.20) the
+        # server answers a delete with a Status the client cannot read as that kind.
         return _ok_if_missing(
             lambda: _retry(
-                lambda: delete(name, ns, propagation_policy="Background"), f"delete {kind} {name}"
+                lambda: delete(name, ns, propagation_policy="Background", _preload_content=False),
+                f"delete {kind} {name}",
             )
         )
 

@@ -11,6 +11,7 @@ operator running: the test calls the handler itself, with the operator's credent
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import kopf
@@ -86,3 +87,29 @@ def test_creating_an_existing_child_adopts_it_without_retrying(kube: Kube, names
 
     assert adopted["metadata"]["name"] == "twice"
     assert conflicts() - before == 1  # one 409, then adopted: no retries
+
+
+@pytest.mark.parametrize("kind", ["Service", "Deployment"])  # what the operator deletes
+def test_deleting_a_child_reports_it_gone_whatever_the_server_answers(
+    kube: Kube, namespace: str, kind: str
+) -> None:
+    """Kubernetes 1.20 answers a Service delete with a Status, which the client cannot read
+    as a Service: the delete must still count as done (serving removal stopped there)."""
+    name = "child"
+    manifests = {
+        "Service": {"spec": {"ports": [{"port": 80}]}},
+        "Deployment": {
+            "spec": {
+                "selector": {"matchLabels": {"a": "b"}},
+                "template": {
+                    "metadata": {"labels": {"a": "b"}},
+                    "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+                },
+            }
+        },
+    }
+    api_version = "apps/v1" if kind == "Deployment" else "v1"
+    body = {"apiVersion": api_version, "kind": kind, "metadata": {"name": name}}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({**body, **manifests[kind]}))
+    assert kube.delete(kind, namespace, name) is True
+    assert kube.delete(kind, namespace, name) is False  # already gone
