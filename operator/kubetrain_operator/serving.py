@@ -13,7 +13,10 @@ the run's storage, so the reconciler also makes the operator-created `<run>-stor
 dependent of the retained Deployment: garbage collection keeps it until the Deployment goes.
 
 Serving reads the exported model from the run's PersistentVolumeClaim (subPath
-`<run>/model`, read-only) and appends feedback to `<run>/feedback/` on the same claim.
+`<run folder>/model`, read-only, where the run folder `<run>-<uid[:8]>` is
+contract.run_folder) and appends feedback to `<run folder>/feedback/` on the same claim.
+Every serving object carries the `kubetrain.dev/run-uid` annotation: a retained server has
+no owner reference, and the operator touches only objects of its run (ownership.py).
 Runs whose storage is a URI (object store) cannot be served yet: status.py reports
 Serving=False, reason StorageNotServable, and nothing is built.
 
@@ -29,6 +32,7 @@ from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import (
     ANNOTATION_MODEL_VERSION,
+    ANNOTATION_RUN_UID,
     LABEL_COMPONENT,
     LABEL_INSTANCE,
     LABEL_NAME,
@@ -44,7 +48,7 @@ CONTAINER = "server"
 PORT = contract.SERVE_PORT
 PORT_NAME = "http"
 SERVICE_PORT = 80
-# Where the server container mounts the run's `<run>/model` and `<run>/feedback` folders.
+# Where the server container mounts the run folder's `model` and `feedback` folders.
 MODEL_DIR = f"/{contract.MODEL_DIR}"
 FEEDBACK_DIR = f"/{contract.FEEDBACK_DIR}"
 FEEDBACK_FILE = f"{FEEDBACK_DIR}/{contract.FEEDBACK_FILE}"
@@ -93,6 +97,7 @@ def _metadata(run: api.TrainingRun, uid: str, ns: str) -> Obj:
         "name": ChildNames(run_name).serve,
         "namespace": ns,
         "labels": builders.labels(run_name, COMPONENT),
+        "annotations": {ANNOTATION_RUN_UID: uid},
     }
     if not run.spec.serve.retain:
         metadata["ownerReferences"] = [builders.owner_reference(run_name, uid)]
@@ -142,6 +147,7 @@ def build_deployment(
     spec = run.spec
     serve = spec.serve
     run_name = _run_name(run)
+    folder = contract.run_folder(run_name, uid)
     container = pods.container(
         run,
         settings,
@@ -166,13 +172,13 @@ def build_deployment(
             {
                 "name": "storage",
                 "mountPath": MODEL_DIR,
-                "subPath": contract.run_path(run_name, contract.MODEL_DIR),
+                "subPath": contract.run_path(folder, contract.MODEL_DIR),
                 "readOnly": True,
             },
             {
                 "name": "storage",
                 "mountPath": FEEDBACK_DIR,
-                "subPath": contract.run_path(run_name, contract.FEEDBACK_DIR),
+                "subPath": contract.run_path(folder, contract.FEEDBACK_DIR),
             },
         ],
     )

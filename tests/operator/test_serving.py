@@ -75,6 +75,7 @@ def test_quickstart_serving_objects(settings: OperatorSettings) -> None:
         assert meta["labels"] == builders.labels("quickstart", "serving")
         assert meta["ownerReferences"] == [builders.owner_reference("quickstart", UID)]
         assert meta["annotations"][contract.ANNOTATION_INPUT_HASH] == builders.input_hash(obj)
+        assert meta["annotations"][contract.ANNOTATION_RUN_UID] == UID
 
     deployment = objs[0]
     spec = deployment["spec"]
@@ -144,13 +145,13 @@ def test_model_read_only_and_feedback_writable(settings: OperatorSettings) -> No
     assert mounts["/model"] == {
         "name": "storage",
         "mountPath": "/model",
-        "subPath": "quickstart/model",
+        "subPath": "quickstart-0b6a0e1c/model",
         "readOnly": True,
     }
     assert mounts["/feedback"] == {
         "name": "storage",
         "mountPath": "/feedback",
-        "subPath": "quickstart/feedback",
+        "subPath": "quickstart-0b6a0e1c/feedback",
     }
     assert mounts["/tmp"]["name"] == "tmp"
     volumes = {v["name"]: v for v in pod_spec["volumes"]}
