@@ -125,7 +125,9 @@ def record_conflict(
         if before.get("status") != "True":
             return dict(status), []
         message = "every child is the run's own"
-        new = set_condition(conditions, CONDITION, "False", REASON_RESOLVED, message, generation, now)
+        new = set_condition(
+            conditions, CONDITION, "False", REASON_RESOLVED, message, generation, now
+        )
         return {**status, "conditions": new}, []
     message = clip(conflict.message, api.MAX_MESSAGE)
     new = set_condition(conditions, CONDITION, "True", conflict.reason, message, generation, now)

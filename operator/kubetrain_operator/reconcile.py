@@ -40,8 +40,8 @@ from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, PROGRES
 from kubetrain_api.reports import ProgressReport, lenient
 from kubetrain_operator import builders, metrics, ownership, serving
 from kubetrain_operator.k8s import Kube
-from kubetrain_operator.ownership import ChildConflict
 from kubetrain_operator.names import ChildNames
+from kubetrain_operator.ownership import ChildConflict
 from kubetrain_operator.settings import OperatorSettings
 from kubetrain_operator.status import Observed, compute_status, is_terminal
 

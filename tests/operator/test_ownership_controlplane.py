@@ -270,7 +270,8 @@ def test_pods_of_an_earlier_run_of_the_same_name_are_not_this_runs(
         if p["metadata"]["ownerReferences"][0]["uid"] == new_uid
     ] == []
     old = get("pod", "twice-a1-head", namespace)
-    assert old is not None and old["metadata"]["ownerReferences"][0]["uid"] == earlier
+    assert old is not None
+    assert old["metadata"]["ownerReferences"][0]["uid"] == earlier
 
     kubectl(
         "patch", "pod", "twice-a1-head", "-n", namespace, "--type=merge",
@@ -286,5 +287,6 @@ def test_pods_of_an_earlier_run_of_the_same_name_are_not_this_runs(
     )
     st = reconciled(kube, "twice", namespace)
     head = get("pod", "twice-a1-head", namespace)
-    assert head is not None and head["metadata"]["ownerReferences"][0]["uid"] == new_uid
+    assert head is not None
+    assert head["metadata"]["ownerReferences"][0]["uid"] == new_uid
     assert condition(st, "ChildConflict")["status"] == "False"
