@@ -200,8 +200,8 @@ def reconcile(
             _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])
         if decision.serve == "apply" and run is not None:
             applied = True
-            version = (status.get("model") or {}).get("version")
-            _apply_serving(kube, run, uid, ns, settings, served, version)
+            model = status.get("model") or {}
+            _apply_serving(kube, run, uid, ns, settings, served, model)
         elif decision.serve == "remove":
             _remove_serving(kube, ns, name, uid, settings)
     except ChildConflict as exc:
@@ -221,11 +221,11 @@ def _apply_serving(
     ns: str,
     settings: OperatorSettings,
     deployment: dict[str, Any] | None,
-    model_version: str | None,
+    model: dict[str, Any],
 ) -> None:
     """Create-or-update every serving object; reads only once they are as built."""
     name = ChildNames(run.metadata.name or "").serve
-    objs = serving.build_serving(run, uid, ns, settings, model_version)
+    objs = serving.build_serving(run, uid, ns, settings, model.get("version"), model.get("uri"))
     # Autoscaling turned off: a left-over HPA would keep resizing the Deployment.
     hpa = ("HorizontalPodAutoscaler", ns, name, serving.HPA_API_VERSION)
     if run.spec.serve.autoscaling is None:

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from kubetrain_api import contract
 from tests.support import kubelet
 from tests.support.cluster import kubectl, wait_until
 from tests.support.runs import (
@@ -114,9 +113,8 @@ def test_gate_passed_serves_the_model(operator: None, cluster: Any, namespace: s
     assert container["command"][:3] == ["kubetrain", "serve", "/model"]
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    # The model of this run: its folder is keyed by its uid (contract.run_folder).
-    folder = contract.run_folder("served", get_run("served", namespace)["metadata"]["uid"])
-    assert (mounts["/model"]["subPath"], mounts["/model"]["readOnly"]) == (f"{folder}/model", True)
+    # The folder the driver reported exporting to (status.model.uri).
+    assert (mounts["/model"]["subPath"], mounts["/model"]["readOnly"]) == ("served/model", True)
     assert objs["Service"]["spec"]["ports"][0]["port"] == 80
     assert objs["PodDisruptionBudget"]["apiVersion"] == "policy/v1beta1"  # found by discovery
     assert objs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
