@@ -4,6 +4,8 @@ never resumed or overwritten."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,13 @@ from kubetrain_trainer.local import RunError, output_dir_for
 
 ROOT = Path(__file__).resolve().parents[3]
 FIRST = "0b6a0e1c-1111-4222-8333-444455556666"
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 SECOND = "7c1f2e3d-aaaa-4bbb-8ccc-dddddddddddd"
 
 
 @pytest.fixture
 def run():
-    return parse(load_documents((ROOT / "examples" / "quickstart.yaml").read_text())[0])
+    return parse(load_documents(QUICKSTART.read_text())[0])
 
 
 def test_two_runs_of_one_name_get_two_folders(run, tmp_path: Path) -> None:
@@ -56,3 +59,22 @@ def test_a_folder_of_another_uid_is_refused(run, tmp_path: Path, overwrite: bool
 def test_without_a_uid_the_folder_is_the_name(run, tmp_path: Path) -> None:
     """`kubetrain run FILE` on a laptop: runs/<name>/, as documented."""
     assert output_dir_for(run, tmp_path, resume=False, overwrite=False) == tmp_path / "quickstart"
+
+
+def test_the_cli_refuses_another_runs_folder_before_any_work(tmp_path: Path) -> None:
+    """What the head pod runs: `kubetrain run ... --output-dir /storage --run-uid UID`."""
+    folder = tmp_path / "runs" / contract.run_folder("quickstart", FIRST)
+    (folder / contract.CHECKPOINT_DIR).mkdir(parents=True)
+    (folder / contract.RUN_UID_FILE).write_text("0b6a0e1c-0000-4000-8000-000000000000\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "kubetrain_cli.main", "run", str(QUICKSTART),
+         "--output-dir", str(tmp_path / "runs"), "--run-uid", FIRST, "--resume"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "belongs to the run with uid 0b6a0e1c-0000-4000-8000-000000000000" in out.stderr
+    assert "spec.checkpoint.resume" in out.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [
+        contract.CHECKPOINT_DIR,
+        contract.RUN_UID_FILE,
+    ]
