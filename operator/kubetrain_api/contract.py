@@ -32,6 +32,9 @@ ROLE_WORKER: Final = "worker"
 
 ANNOTATION_INPUT_HASH: Final = "kubetrain.dev/input-hash"
 """sha256 of what the operator built, to skip no-op updates."""
+ANNOTATION_RUN_UID: Final = "kubetrain.dev/run-uid"
+"""On serving objects: the uid of the run that made them. A retained server has no owner
+reference (it outlives its run), so this is how the operator tells its own from another's."""
 ANNOTATION_MODEL_VERSION: Final = "kubetrain.dev/model-version"
 """On the serving pod template: status.model.version, so a new model rolls the pods."""
 ANNOTATION_SCRAPE: Final = "prometheus.io/scrape"
@@ -64,8 +67,12 @@ TERMINATION_MESSAGE_LIMIT: Final = 4096
 """Kubernetes keeps at most this many bytes of a container's termination message."""
 
 # --------------------------------------------------------------------------------------
-# storage layout: folders under a run's folder `<storage>/<run name>/`
+# storage layout: folders under a run's folder `<storage>/<run name>-<uid[:8]>/`
 # --------------------------------------------------------------------------------------
+
+RUN_UID_FILE: Final = "run-uid"
+"""In a run's folder: the uid of the run that owns it, written on first use. A folder that
+names another uid is refused, never continued."""
 
 DATA_DIR: Final = "data"
 """Prepared (tokenized, packed) data."""
@@ -80,9 +87,21 @@ METRICS_FILE: Final = "metrics.jsonl"
 """The training loop's per-step log."""
 
 
-def run_path(run_name: str, folder: str) -> str:
-    """`<run>/<folder>` relative to the storage root (a volume subPath)."""
-    return f"{run_name}/{folder}"
+def run_folder(run_name: str, run_uid: str) -> str:
+    """A TrainingRun's folder under the storage root: `<name>-<first 8 hex digits of uid>`.
+
+    Keyed by uid: a run deleted and re-created under the same name is a new run, and must
+    not continue the old one's checkpoints or serve its model. Continuing another run is
+    what `spec.checkpoint.resume` with that run's checkpoint path is for. `kubetrain run` on
+    a laptop has no uid and uses `<name>`."""
+    if not run_uid:
+        raise ValueError("a run folder needs the run's uid")
+    return f"{run_name}-{run_uid.replace('-', '')[:8]}"
+
+
+def run_path(run_folder: str, folder: str) -> str:
+    """`<run folder>/<folder>` relative to the storage root (a volume subPath)."""
+    return f"{run_folder}/{folder}"
 
 
 # --------------------------------------------------------------------------------------

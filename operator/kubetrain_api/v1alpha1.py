@@ -411,7 +411,9 @@ class CheckpointSpec(ApiModel):
         str, Field(max_length=MAX_URI, pattern=r"^(auto|never|step-[0-9]+|.+://.+)$")
     ] = "auto"
     """`auto` resumes from the latest committed checkpoint, `never` starts fresh, `step-N`
-    or a URI picks one."""
+    or a URI picks one. All but a URI look only in this run's own folder (`<name>-<uid[:8]>`,
+    so a run re-created under an old name starts afresh); to continue another run, give
+    its checkpoint's URI, e.g. `file://` + its `status.checkpoints.latest.path`."""
 
 
 EvalMetric = Literal["loss", "perplexity", "accuracy", "precision", "recall", "f1"]
@@ -642,7 +644,7 @@ class Condition(ApiModel):
 
     type: Annotated[str, Field(max_length=316, pattern=r"^[A-Za-z][A-Za-z0-9]*$")]
     """Condition type, e.g. Validated, ClusterReady, Training, Evaluated, Succeeded, Failed,
-    Suspended, Serving."""
+    Suspended, Serving, ChildConflict."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds."""
     reason: Reason

@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", metavar="FILE", help="TrainingRun YAML")
     run.add_argument("--output-dir", default="runs", help="root of run folders (default: runs)")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    run.add_argument(
+        "--run-uid",
+        metavar="UID",
+        help="the TrainingRun's uid (the operator's head pod passes it): the run folder "
+        "becomes OUTPUT_DIR/<name>-<uid[:8]>/, and a folder of another uid is refused",
+    )
     run.add_argument("--overwrite", action="store_true", help="delete an earlier run first")
     run.add_argument("--workers", type=int, help="training processes (default: spec)")
     run.add_argument("--max-steps", type=int, help="override spec.hyperparameters.maxSteps")

@@ -401,7 +401,9 @@ def build_head_pod(
         f" --dashboard-port={settings.ray_dashboard_port}"
         " --num-cpus=0 --disable-usage-stats"
         f" && exec kubetrain run {CONFIG_DIR}/{CONFIG_KEY} --address auto"
-        f" --output-dir {settings.storage_mount} --resume"
+        # The run's folder is keyed by its uid (contract.run_folder): --resume continues
+        # this run's earlier attempts, never an earlier run of the same name.
+        f" --output-dir {settings.storage_mount} --run-uid {uid} --resume"
         f" --metrics-port {settings.progress_port} --metrics-host 0.0.0.0"
         f" --termination-log {TERMINATION_LOG}"
     )

@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import ANNOTATION_INPUT_HASH
-from kubetrain_operator import metrics
+from kubetrain_operator import metrics, ownership
 
 log = logging.getLogger("kubetrain.k8s")
 T = TypeVar("T")
@@ -190,7 +190,8 @@ class Kube:
 
     def ensure(self, obj: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
         """Create `obj`, or adopt the existing one (409); replace it only when its input hash
-        differs and the kind allows it. `live`, when known, saves the read."""
+        differs and the kind allows it. `live`, when known, saves the read. An existing
+        object that the run of `obj` does not own is never touched: ChildConflict."""
         kind, meta = obj["kind"], obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
         create, read, replace, _ = self._ops(kind, obj["apiVersion"])
@@ -209,6 +210,7 @@ class Kube:
                 _retry(lambda: read(name, ns), f"read {kind} {name}")
             )
         assert live is not None
+        ownership.check(obj, live)
         want = meta.get("annotations", {}).get(ANNOTATION_INPUT_HASH)
         have = (live.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_INPUT_HASH)
         if want != have and replace is not None:

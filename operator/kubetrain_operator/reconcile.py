@@ -12,6 +12,10 @@
    and 4 is repaired by the next reconcile, and there is never a second set.
 5. Serve: create-or-update the serving objects (serving.py) by input hash, or delete them.
 
+Only the run's own objects count and are touched (ownership.py): pods of an earlier run of
+the same name are not this run's, and a child's name held by another object stops the
+run at that child with the ChildConflict condition until the name is free.
+
 Level-based: resync timers call this for every run, so a missed watch event only delays.
 A converged run costs reads only (pods, the ConfigMap while active, the serving objects
 while served), no writes.
@@ -34,9 +38,10 @@ from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
 from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, PROGRESS_PATH, ROLE_HEAD
 from kubetrain_api.reports import ProgressReport, lenient
-from kubetrain_operator import builders, metrics, serving, timing
+from kubetrain_operator import builders, metrics, ownership, serving, timing
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
+from kubetrain_operator.ownership import ChildConflict
 from kubetrain_operator.settings import OperatorSettings
 from kubetrain_operator.status import Observed, compute_status, is_terminal
 
@@ -54,10 +59,12 @@ def _parse(
         return None, exc.errors
 
 
-def _stored_spec(kube: Kube, ns: str, name: str) -> api.TrainingRunSpec | None:
+def _stored_spec(kube: Kube, ns: str, name: str, uid: str) -> api.TrainingRunSpec | None:
     """The spec the running cluster was built from (its ConfigMap), if any."""
     cm = kube.read_config_map(ns, ChildNames(name).config)
-    text = ((cm or {}).get("data") or {}).get(builders.CONFIG_KEY)
+    if cm is None or not ownership.owned_by(cm, uid):
+        return None  # someone else's (a ChildConflict), or an earlier run's
+    text = (cm.get("data") or {}).get(builders.CONFIG_KEY)
     if not text:
         return None
     return api.TrainingRun.model_validate(yaml.safe_load(text)).spec
@@ -85,10 +92,10 @@ def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> Pro
     return lenient(ProgressReport, data) if isinstance(data, dict) else None
 
 
-def _token(kube: Kube, ns: str, name: str) -> str:
-    """The run's Ray token: generated once, then read back from its Secret."""
+def _token(kube: Kube, ns: str, name: str, uid: str) -> str:
+    """The run's Ray token: generated once, then read back from its (own) Secret."""
     secret = kube.read_secret(ns, ChildNames(name).ray_token)
-    if secret and (secret.get("data") or {}).get("token"):
+    if secret and ownership.owned_by(secret, uid) and (secret.get("data") or {}).get("token"):
         return base64.b64decode(secret["data"]["token"]).decode()
     return secrets.token_urlsafe(32)
 
@@ -96,7 +103,7 @@ def _token(kube: Kube, ns: str, name: str) -> str:
 def _create_cluster(
     kube: Kube, run: api.TrainingRun, uid: str, ns: str, attempt: int, settings: OperatorSettings
 ) -> None:
-    token = _token(kube, ns, run.metadata.name or "")
+    token = _token(kube, ns, run.metadata.name or "", uid)
     for obj in builders.build_cluster(run, uid, ns, attempt, settings, token):
         kube.ensure(obj)
 
@@ -116,18 +123,21 @@ def reconcile(
     run, invalid = _parse(body, settings)
     attempt = int(previous.get("attempts") or 0)
 
-    # Ray pods only (they have a role): the run's serving pods are never this loop's.
-    all_pods = kube.list_pods(ns, f"{LABEL_RUN}={name},{LABEL_ROLE}")
+    # Ray pods only (they have a role): the run's serving pods are never this loop's. The
+    # label is the name: pods of an earlier run of that name (a kept head) are not ours.
+    listed = kube.list_pods(ns, f"{LABEL_RUN}={name},{LABEL_ROLE}")
+    all_pods = [p for p in listed if ownership.owned_by(p, uid)]
     current = [p for p in all_pods if _attempt(p) == attempt]
     active = attempt > 0 and not is_terminal(previous)
     if run is not None and active:
-        stored = _stored_spec(kube, ns, name)
+        stored = _stored_spec(kube, ns, name, uid)
         if stored is not None:
             invalid = validation.immutable_changes(stored, run.spec)
             run = run if not invalid else None
     served = None
     if run is not None and previous.get("phase") == "Succeeded":
         served = kube.read("Deployment", ns, ChildNames(name).serve)
+        served = served if served is not None and ownership.owned_by(served, uid) else None
 
     decision = compute_status(
         Observed(
@@ -168,15 +178,23 @@ def reconcile(
     leftovers = any(
         _attempt(p) != new_attempt or p["metadata"].get("deletionTimestamp") for p in all_pods
     )
-    if action in ("create_cluster", "retry") and run is not None and not leftovers:
-        _create_cluster(kube, run, uid, ns, new_attempt, settings)
-    if action == "finish":
-        _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])
-    if decision.serve == "apply" and run is not None:
-        version = (status.get("model") or {}).get("version")
-        _apply_serving(kube, run, uid, ns, settings, served, version)
-    elif decision.serve == "remove":
-        _remove_serving(kube, ns, name, settings)
+    applied, conflict = False, None
+    try:
+        if action in ("create_cluster", "retry") and run is not None and not leftovers:
+            applied = True
+            _create_cluster(kube, run, uid, ns, new_attempt, settings)
+        if action == "finish":
+            _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])
+        if decision.serve == "apply" and run is not None:
+            applied = True
+            model = status.get("model") or {}
+            _apply_serving(kube, run, uid, ns, settings, served, model)
+        elif decision.serve == "remove":
+            _remove_serving(kube, ns, name, uid, settings)
+    except ChildConflict as exc:
+        conflict = exc
+    if applied:
+        _record_conflict(kube, body, status, conflict, now)
     gpus = 0 if run is None else validation.total_gpus(run.spec)
     metrics.RUNS.set(uid, status.get("phase") or "Pending", gpus)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
@@ -190,25 +208,25 @@ def _apply_serving(
     ns: str,
     settings: OperatorSettings,
     deployment: dict[str, Any] | None,
-    model_version: str | None,
+    model: dict[str, Any],
 ) -> None:
     """Create-or-update every serving object; reads only once they are as built."""
     name = ChildNames(run.metadata.name or "").serve
-    objs = serving.build_serving(run, uid, ns, settings, model_version)
+    objs = serving.build_serving(run, uid, ns, settings, model.get("version"), model.get("uri"))
     # Autoscaling turned off: a left-over HPA would keep resizing the Deployment.
     hpa = ("HorizontalPodAutoscaler", ns, name, serving.HPA_API_VERSION)
-    if run.spec.serve.autoscaling is None and kube.read(*hpa):
-        kube.delete(*hpa)
+    if run.spec.serve.autoscaling is None:
+        _delete_own(kube, uid, *hpa)
     for obj in objs:
         kind, version = obj["kind"], obj["apiVersion"]
         live = deployment if kind == "Deployment" else kube.read(kind, ns, name, version)
         applied = kube.ensure(obj, live)
         if kind == "Deployment" and run.spec.serve.retain:
-            _keep_storage_with(kube, run, ns, applied)
+            _keep_storage_with(kube, run, uid, ns, applied)
 
 
 def _keep_storage_with(
-    kube: Kube, run: api.TrainingRun, ns: str, deployment: dict[str, Any]
+    kube: Kube, run: api.TrainingRun, run_uid: str, ns: str, deployment: dict[str, Any]
 ) -> None:
     """A retained server outlives its run, and so must the operator-created PVC it reads:
     the Deployment becomes a second owner, so garbage collection keeps the claim until
@@ -218,22 +236,54 @@ def _keep_storage_with(
         return
     claim = ChildNames(run.metadata.name or "").storage
     pvc = kube.read("PersistentVolumeClaim", ns, claim)
+    if pvc is None or not ownership.owned_by(pvc, run_uid):
+        return  # not the claim this run made
     uid = deployment["metadata"]["uid"]
-    refs = list((pvc or {}).get("metadata", {}).get("ownerReferences") or [])
-    if pvc is None or any(ref.get("uid") == uid for ref in refs):
+    refs = list(pvc.get("metadata", {}).get("ownerReferences") or [])
+    if any(ref.get("uid") == uid for ref in refs):
         return
     owner = {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
     kube.set_pvc_owners(ns, claim, [*refs, {**owner, "uid": uid}])
 
 
-def _remove_serving(kube: Kube, ns: str, run_name: str, settings: OperatorSettings) -> None:
-    """Delete the serving objects; the Deployment last, since its presence is what tells
-    compute_status that something is left."""
+def _remove_serving(
+    kube: Kube, ns: str, run_name: str, uid: str, settings: OperatorSettings
+) -> None:
+    """Delete the serving objects the run owns; the Deployment last, since its presence is
+    what tells compute_status that something is left."""
     name = ChildNames(run_name).serve
-    kube.delete("HorizontalPodAutoscaler", ns, name, serving.HPA_API_VERSION)
-    kube.delete("PodDisruptionBudget", ns, name, settings.pdb_api_version)
-    kube.delete("Service", ns, name)
-    kube.delete("Deployment", ns, name)
+    _delete_own(kube, uid, "HorizontalPodAutoscaler", ns, name, serving.HPA_API_VERSION)
+    _delete_own(kube, uid, "PodDisruptionBudget", ns, name, settings.pdb_api_version)
+    _delete_own(kube, uid, "Service", ns, name)
+    _delete_own(kube, uid, "Deployment", ns, name)
+
+
+def _delete_own(
+    kube: Kube, uid: str, kind: str, ns: str, name: str, api_version: str | None = None
+) -> None:
+    """Delete a child by name, only if it is there and the run's own."""
+    obj = kube.read(kind, ns, name, api_version)
+    if obj is not None and ownership.owned_by(obj, uid):
+        kube.delete(kind, ns, name, api_version)
+
+
+def _record_conflict(
+    kube: Kube,
+    body: dict[str, Any],
+    status: dict[str, Any],
+    conflict: ChildConflict | None,
+    now: datetime,
+) -> None:
+    """Set (or clear) the ChildConflict condition after the run's children were applied."""
+    meta = body["metadata"]
+    generation = int(meta.get("generation") or 0)
+    recorded, events = ownership.record_conflict(status, conflict, generation, now)
+    if conflict is not None:
+        log.warning("%s/%s: %s", meta["namespace"], meta["name"], conflict.message)
+    if recorded != status:
+        kube.patch_status(meta["namespace"], meta["name"], recorded)
+    for event in events:
+        kube.event(body, event.type, event.reason, event.message)
 
 
 def _clean_up_finished(kube: Kube, ns: str, pods: list[dict[str, Any]]) -> None:

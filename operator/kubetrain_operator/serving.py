@@ -13,7 +13,11 @@ the run's storage, so the reconciler also makes the operator-created `<run>-stor
 dependent of the retained Deployment: garbage collection keeps it until the Deployment goes.
 
 Serving reads the exported model from the run's PersistentVolumeClaim (subPath
-`<run>/model`, read-only) and appends feedback to `<run>/feedback/` on the same claim.
+`<run folder>/model`, read-only, where the run folder is the one the driver reported
+(status.model.uri), else `<run>-<uid[:8]>` of contract.run_folder) and appends feedback
+to `<run folder>/feedback/` on the same claim.
+Every serving object carries the `kubetrain.dev/run-uid` annotation: a retained server has
+no owner reference, and the operator touches only objects of its run (ownership.py).
 Runs whose storage is a URI (object store) cannot be served yet: status.py reports
 Serving=False, reason StorageNotServable, and nothing is built.
 
@@ -29,6 +33,7 @@ from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import (
     ANNOTATION_MODEL_VERSION,
+    ANNOTATION_RUN_UID,
     LABEL_COMPONENT,
     LABEL_INSTANCE,
     LABEL_NAME,
@@ -44,7 +49,7 @@ CONTAINER = "server"
 PORT = contract.SERVE_PORT
 PORT_NAME = "http"
 SERVICE_PORT = 80
-# Where the server container mounts the run's `<run>/model` and `<run>/feedback` folders.
+# Where the server container mounts the run folder's `model` and `feedback` folders.
 MODEL_DIR = f"/{contract.MODEL_DIR}"
 FEEDBACK_DIR = f"/{contract.FEEDBACK_DIR}"
 FEEDBACK_FILE = f"{FEEDBACK_DIR}/{contract.FEEDBACK_FILE}"
@@ -93,6 +98,7 @@ def _metadata(run: api.TrainingRun, uid: str, ns: str) -> Obj:
         "name": ChildNames(run_name).serve,
         "namespace": ns,
         "labels": builders.labels(run_name, COMPONENT),
+        "annotations": {ANNOTATION_RUN_UID: uid},
     }
     if not run.spec.serve.retain:
         metadata["ownerReferences"] = [builders.owner_reference(run_name, uid)]
@@ -130,18 +136,36 @@ def _probe(path: str, period: int, failures: int, timeout: int) -> Obj:
     }
 
 
+def model_folder(
+    run: api.TrainingRun, uid: str, settings: OperatorSettings, model_uri: str | None
+) -> str:
+    """The folder on the claim whose `model` is served: the one the run's driver reported
+    exporting to (status.model.uri, `<mount>/<folder>/model`), else the run's own
+    (contract.run_folder). The report wins so that a model exported before run folders
+    were keyed by uid (`<name>/model`) is still served after an upgrade."""
+    prefix = settings.storage_mount.rstrip("/") + "/"
+    reported = (model_uri or "").removeprefix("file://")
+    folder, _, rest = reported.removeprefix(prefix).partition("/")
+    if reported.startswith(prefix) and rest == contract.MODEL_DIR and folder not in ("", ".", ".."):
+        return folder
+    return contract.run_folder(_run_name(run), uid)
+
+
 def build_deployment(
     run: api.TrainingRun,
     uid: str,
     ns: str,
     settings: OperatorSettings,
     model_version: str | None = None,
+    model_uri: str | None = None,
 ) -> Obj:
     """Deployment `<run>-serve`: `kubetrain serve` on the exported model. `model_version`
-    (status.model.version) annotates the pod template, so a new model rolls the pods."""
+    (status.model.version) annotates the pod template, so a new model rolls the pods;
+    `model_uri` (status.model.uri) says where it is (model_folder)."""
     spec = run.spec
     serve = spec.serve
     run_name = _run_name(run)
+    folder = model_folder(run, uid, settings, model_uri)
     container = pods.container(
         run,
         settings,
@@ -166,13 +190,13 @@ def build_deployment(
             {
                 "name": "storage",
                 "mountPath": MODEL_DIR,
-                "subPath": contract.run_path(run_name, contract.MODEL_DIR),
+                "subPath": contract.run_path(folder, contract.MODEL_DIR),
                 "readOnly": True,
             },
             {
                 "name": "storage",
                 "mountPath": FEEDBACK_DIR,
-                "subPath": contract.run_path(run_name, contract.FEEDBACK_DIR),
+                "subPath": contract.run_path(folder, contract.FEEDBACK_DIR),
             },
         ],
     )
@@ -280,11 +304,12 @@ def build_serving(
     ns: str,
     settings: OperatorSettings,
     model_version: str | None = None,
+    model_uri: str | None = None,
 ) -> list[Obj]:
     """Every serving object, in the order the reconciler applies them."""
     hpa = build_hpa(run, uid, ns)
     return [
-        build_deployment(run, uid, ns, settings, model_version),
+        build_deployment(run, uid, ns, settings, model_version, model_uri),
         build_service(run, uid, ns),
         build_pdb(run, uid, ns, settings),
         *([hpa] if hpa is not None else []),

@@ -24,11 +24,12 @@ from typing import Any
 
 import pytest
 
+from kubetrain_api import contract
 from tests.helm.chart import NAMESPACE, install_release, operator_identity_from_chart
 from tests.support.cluster import kubectl, wait_until
 from tests.support.images import built_images
 from tests.support.realnode import RealNode
-from tests.support.runs import apply, condition, quickstart, status, wait_phase
+from tests.support.runs import apply, condition, get_run, quickstart, status, wait_phase
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane]
 
@@ -110,8 +111,9 @@ def storage_events(namespace: str, run: str) -> list[dict[str, Any]]:
         ).stdout
     )["items"][0]
     pv = json.loads(kubectl("get", "pv", claim["spec"]["volumeName"], "-o", "json").stdout)
-    # `kubetrain run --output-dir /storage` keeps each run in a folder of its name.
-    path = Path(pv["spec"]["hostPath"]["path"]) / run / "metrics.jsonl"
+    # `kubetrain run --output-dir /storage --run-uid UID` keeps each run in its own folder.
+    folder = contract.run_folder(run, get_run(run, namespace)["metadata"]["uid"])
+    path = Path(pv["spec"]["hostPath"]["path"]) / folder / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -476,6 +476,23 @@ def test_env(settings: OperatorSettings) -> None:
     assert env[-1] == {"name": "NCCL_DEBUG", "value": "WARN"}
 
 
+def test_a_rerun_of_the_same_name_gets_its_own_storage_folder(settings: OperatorSettings) -> None:
+    """The head resumes (`--resume`) in the run's folder: keyed by uid, a run deleted and
+    re-created under the same name starts fresh instead of continuing the old checkpoints,
+    and serving reads the model of the run that made it."""
+    run = example("quickstart")
+    other = "7c1f2e3d-aaaa-4bbb-8ccc-dddddddddddd"
+
+    def head_script(uid: str) -> str:
+        head = builders.build_head_pod(run, uid, NS, 1, settings)
+        return str(head["spec"]["containers"][0]["command"][-1])
+
+    assert f"--run-uid {UID} " in head_script(UID)
+    assert f"--run-uid {other} " in head_script(other)
+    folders = {contract.run_folder("quickstart", uid) for uid in (UID, other)}
+    assert folders == {"quickstart-0b6a0e1c", "quickstart-7c1f2e3d"}
+
+
 def test_head_pod_and_service(settings: OperatorSettings) -> None:
     objs = cluster(example("quickstart"), settings)
     service = next(o for o in objs if o["kind"] == "Service")
@@ -487,7 +504,8 @@ def test_head_pod_and_service(settings: OperatorSettings) -> None:
     assert "ray start --head --port=6379" in script
     assert "--num-cpus=0" in script
     assert "exec kubetrain run /etc/kubetrain/run.yaml --address auto" in script
-    assert "--output-dir /storage --resume --metrics-port 8080 --metrics-host 0.0.0.0" in script
+    assert f"--output-dir /storage --run-uid {UID} --resume --metrics-port 8080" in script
+    assert "--metrics-host 0.0.0.0" in script
     # The driver's result reaches the operator as the container's termination message.
     assert script.endswith(" --termination-log /dev/termination-log")
     assert container["terminationMessagePath"] == "/dev/termination-log"

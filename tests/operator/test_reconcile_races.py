@@ -18,7 +18,7 @@ import kopf
 import kubernetes
 import pytest
 
-from kubetrain_operator import handlers, metrics
+from kubetrain_operator import builders, handlers, metrics
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.settings import OperatorSettings
 from tests.support.cluster import kubectl
@@ -74,10 +74,12 @@ def conflicts() -> float:
 
 
 def test_creating_an_existing_child_adopts_it_without_retrying(kube: Kube, namespace: str) -> None:
+    apply(quickstart("owner"), namespace)
+    owner = builders.owner_reference("owner", get_run("owner", namespace)["metadata"]["uid"])
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": "twice", "namespace": namespace},
+        "metadata": {"name": "twice", "namespace": namespace, "ownerReferences": [owner]},
         "data": {"k": "v"},
     }
     kube.ensure(config_map)

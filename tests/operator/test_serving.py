@@ -75,6 +75,7 @@ def test_quickstart_serving_objects(settings: OperatorSettings) -> None:
         assert meta["labels"] == builders.labels("quickstart", "serving")
         assert meta["ownerReferences"] == [builders.owner_reference("quickstart", UID)]
         assert meta["annotations"][contract.ANNOTATION_INPUT_HASH] == builders.input_hash(obj)
+        assert meta["annotations"][contract.ANNOTATION_RUN_UID] == UID
 
     deployment = objs[0]
     spec = deployment["spec"]
@@ -137,6 +138,30 @@ def test_server_container(settings: OperatorSettings) -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # model load
 
 
+@pytest.mark.parametrize(
+    ("uri", "folder"),
+    [
+        (None, "quickstart-0b6a0e1c"),  # nothing reported: the run's own folder
+        ("/storage/quickstart-0b6a0e1c/model", "quickstart-0b6a0e1c"),
+        ("file:///storage/quickstart-0b6a0e1c/model", "quickstart-0b6a0e1c"),
+        ("/storage/quickstart/model", "quickstart"),  # exported before folders had uids
+        ("/storage/../etc/model", "quickstart-0b6a0e1c"),
+        ("/storage/a/b/model", "quickstart-0b6a0e1c"),
+        ("/elsewhere/quickstart/model", "quickstart-0b6a0e1c"),
+        ("s3://bucket/quickstart/model", "quickstart-0b6a0e1c"),
+    ],
+)
+def test_the_served_folder_is_the_one_the_driver_reported(
+    settings: OperatorSettings, uri: str | None, folder: str
+) -> None:
+    run = example("quickstart")
+    assert serving.model_folder(run, UID, settings, uri) == folder
+    deployment = serving.build_deployment(run, UID, NS, settings, "v1", uri)
+    mounts = {m["mountPath"]: m for m in server(deployment)["volumeMounts"]}
+    assert mounts["/model"]["subPath"] == f"{folder}/model"
+    assert mounts["/feedback"]["subPath"] == f"{folder}/feedback"
+
+
 def test_model_read_only_and_feedback_writable(settings: OperatorSettings) -> None:
     deployment = serving.build_deployment(example("quickstart"), UID, NS, settings)
     pod_spec = deployment["spec"]["template"]["spec"]
@@ -144,13 +169,13 @@ def test_model_read_only_and_feedback_writable(settings: OperatorSettings) -> No
     assert mounts["/model"] == {
         "name": "storage",
         "mountPath": "/model",
-        "subPath": "quickstart/model",
+        "subPath": "quickstart-0b6a0e1c/model",
         "readOnly": True,
     }
     assert mounts["/feedback"] == {
         "name": "storage",
         "mountPath": "/feedback",
-        "subPath": "quickstart/feedback",
+        "subPath": "quickstart-0b6a0e1c/feedback",
     }
     assert mounts["/tmp"]["name"] == "tmp"
     volumes = {v["name"]: v for v in pod_spec["volumes"]}

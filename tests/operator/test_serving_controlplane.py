@@ -113,6 +113,7 @@ def test_gate_passed_serves_the_model(operator: None, cluster: Any, namespace: s
     assert container["command"][:3] == ["kubetrain", "serve", "/model"]
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    # The folder the driver reported exporting to (status.model.uri).
     assert (mounts["/model"]["subPath"], mounts["/model"]["readOnly"]) == ("served/model", True)
     assert objs["Service"]["spec"]["ports"][0]["port"] == 80
     assert objs["PodDisruptionBudget"]["apiVersion"] == "policy/v1beta1"  # found by discovery

@@ -39,9 +39,25 @@ def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
         raise RunError(f"{path}: invalid TrainingRun:\n{lines}") from exc
 
 
-def output_dir_for(run: api.TrainingRun, root: Path, *, resume: bool, overwrite: bool) -> Path:
-    out = root / (run.metadata.name or "run")
+def run_folder(run: api.TrainingRun, root: Path, run_uid: str | None = None) -> Path:
+    """`root/<name>`, or with the run's uid (a TrainingRun on Kubernetes) the uid-keyed
+    `root/<name>-<uid[:8]>` of contract.run_folder, which the operator's serving reads."""
+    name = run.metadata.name or "run"
+    return root / (contract.run_folder(name, run_uid) if run_uid else name)
+
+
+def output_dir_for(
+    run: api.TrainingRun,
+    root: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    run_uid: str | None = None,
+) -> Path:
+    out = run_folder(run, root, run_uid)
     has_state = (out / contract.CHECKPOINT_DIR).exists() or (out / "result.json").exists()
+    if run_uid:
+        _claim(out, run_uid)
     if has_state and overwrite:
         shutil.rmtree(out)
     elif has_state and not resume:
@@ -50,7 +66,24 @@ def output_dir_for(run: api.TrainingRun, root: Path, *, resume: bool, overwrite:
             "checkpoint, or --overwrite to start over"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if run_uid:
+        (out / contract.RUN_UID_FILE).write_text(run_uid + "\n")
     return out
+
+
+def _claim(out: Path, run_uid: str) -> None:
+    """Refuse a run folder that another run (uid) wrote: its checkpoints are not this
+    run's to resume or overwrite (a shortened uid may collide; a copied folder may lie)."""
+    try:
+        owner = (out / contract.RUN_UID_FILE).read_text().strip()
+    except FileNotFoundError:
+        return
+    if owner != run_uid:
+        raise RunError(
+            f"{out} belongs to the run with uid {owner}, not {run_uid}: a TrainingRun never "
+            "continues another run's folder; to start from its checkpoint, set "
+            f"spec.checkpoint.resume to file://{out.resolve()}/{contract.CHECKPOINT_DIR}/step-N"
+        )
 
 
 class ProgressBar:
@@ -181,12 +214,13 @@ def run_local(
     metrics_host: str = "127.0.0.1",
     address: str | None = None,
     termination_log: Path | None = None,
+    run_uid: str | None = None,
 ) -> dict[str, Any]:
     from kubetrain_trainer import metrics
     from kubetrain_trainer.driver import run_training
 
     run = load_run(path, max_steps=max_steps)
-    out = output_dir_for(run, output_root, resume=resume, overwrite=overwrite)
+    out = output_dir_for(run, output_root, resume=resume, overwrite=overwrite, run_uid=run_uid)
     telemetry = metrics.Telemetry(run.metadata.name or "", run.spec.model.source)
     server = None
     if metrics_port is not None:
@@ -259,12 +293,13 @@ def main(args: Any) -> int:
             metrics_host=args.metrics_host,
             address=args.address,
             termination_log=Path(args.termination_log) if args.termination_log else None,
+            run_uid=args.run_uid,
         )
     except RunError as exc:
         print(f"kubetrain run: {exc}", file=sys.stderr)
         return 1
     if args.serve:
         run = load_run(Path(args.file), max_steps=args.max_steps)
-        out = Path(args.output_dir) / (run.metadata.name or "run")
+        out = run_folder(run, Path(args.output_dir), args.run_uid)
         serve_after(run, result, out, args.serve_port)
     return 0

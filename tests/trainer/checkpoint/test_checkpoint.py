@@ -315,3 +315,29 @@ def test_a_fresh_start_over_old_checkpoints_replaces_them(tmp_path: Path, traine
     check, check_optimizer, check_scheduler = tiny_setup(seed=6)
     CheckpointManager(tmp_path, keep_last=3).resume(check, check_optimizer, check_scheduler)
     assert_same_tensors(params(check), params(fresh))
+
+
+def test_a_new_run_continues_another_only_from_the_path_it_names(
+    tmp_path: Path, trained: tuple
+) -> None:
+    """Run folders are keyed by uid (contract.run_folder): a re-created run has an empty
+    folder of its own, so `resume: auto` starts fresh; `resume: file://<earlier
+    run's folder>/checkpoints/step-N` continues from the earlier run, whose folder the new
+    run's saves never touch."""
+    model, optimizer, scheduler = trained
+    earlier_root = tmp_path / "sft-llama-0b6a0e1c" / "checkpoints"
+    earlier = CheckpointManager(earlier_root, keep_last=3).save(3, model, optimizer, scheduler)
+    before = sorted(p.relative_to(earlier_root) for p in earlier_root.rglob("*"))
+    root = tmp_path / "sft-llama-7c1f2e3d" / "checkpoints"
+
+    fresh, fresh_optimizer, fresh_scheduler = tiny_setup(seed=1)
+    manager = CheckpointManager(root, keep_last=3)
+    assert manager.resume(fresh, fresh_optimizer, fresh_scheduler, policy="auto") is None
+
+    named = f"file://{earlier.path}"
+    assert manager.resume(fresh, fresh_optimizer, fresh_scheduler, policy=named)["step"] == 3
+    assert_same_tensors(params(fresh), params(model))
+    train(fresh, fresh_optimizer, fresh_scheduler, steps=1)
+    info = manager.save(4, fresh, fresh_optimizer, fresh_scheduler)
+    assert Path(info.path).parent == root
+    assert sorted(p.relative_to(earlier_root) for p in earlier_root.rglob("*")) == before
