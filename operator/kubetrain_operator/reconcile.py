@@ -20,11 +20,9 @@ while served), no writes.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import secrets
 import time
-import urllib.request
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -32,11 +30,11 @@ import yaml
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
-from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, PROGRESS_PATH, ROLE_HEAD
-from kubetrain_api.reports import ProgressReport, lenient
+from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, ROLE_HEAD
 from kubetrain_operator import builders, metrics, serving
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
+from kubetrain_operator.progress import read_progress
 from kubetrain_operator.settings import OperatorSettings
 from kubetrain_operator.status import Observed, compute_status, is_terminal
 
@@ -65,24 +63,6 @@ def _stored_spec(kube: Kube, ns: str, name: str) -> api.TrainingRunSpec | None:
 
 def _attempt(pod: dict[str, Any]) -> int:
     return int(pod["metadata"].get("labels", {}).get(LABEL_ATTEMPT, 0))
-
-
-def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> ProgressReport | None:
-    """The head's /progress (parsed leniently: bad values are dropped), or None when it
-    cannot be reached (yet)."""
-    heads = [p for p in pods if p["metadata"].get("labels", {}).get(LABEL_ROLE) == ROLE_HEAD]
-    if not heads or heads[0].get("status", {}).get("phase") != "Running":
-        return None
-    host = settings.progress_host_override or heads[0]["status"].get("podIP")
-    if not host:
-        return None
-    url = f"http://{host}:{settings.progress_port}{PROGRESS_PATH}"
-    try:
-        with urllib.request.urlopen(url, timeout=settings.progress_timeout_seconds) as resp:
-            data = json.loads(resp.read())
-    except (OSError, ValueError):
-        return None
-    return lenient(ProgressReport, data) if isinstance(data, dict) else None
 
 
 def _deadline_exceeded(
