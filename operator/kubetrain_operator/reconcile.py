@@ -20,6 +20,7 @@ while served), no writes.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import secrets
 import time
@@ -27,11 +28,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import yaml
+from kubernetes.client.exceptions import ApiException
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
 from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, ROLE_HEAD
-from kubetrain_operator import builders, metrics, serving
+from kubetrain_operator import builders, create_errors, metrics, serving
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.progress import read_progress
@@ -88,10 +90,27 @@ def _token(kube: Kube, ns: str, name: str) -> str:
 
 def _create_cluster(
     kube: Kube, run: api.TrainingRun, uid: str, ns: str, attempt: int, settings: OperatorSettings
-) -> None:
+) -> create_errors.CreateError | None:
+    """Create-or-adopt the attempt's children. When the API server refuses one (quota,
+    admission, an invalid field), the attempt cannot start: the pods of this attempt are
+    released, so none holds quota or sits Pending, and the refusal is returned."""
     token = _token(kube, ns, run.metadata.name or "")
+    pods: list[str] = []  # created or adopted: pods follow one order, so no other exists
     for obj in builders.build_cluster(run, uid, ns, attempt, settings, token):
-        kube.ensure(obj)
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        try:
+            kube.ensure(obj)
+        except ApiException as exc:
+            if not create_errors.is_refusal(exc.status):
+                raise
+            refused = create_errors.from_api_error(exc.status, exc.body, exc.reason, kind, name)
+            log.warning("%s/%s: %s", ns, run.metadata.name, refused.describe(attempt))
+            for pod in pods:
+                kube.delete("Pod", ns, pod)
+            return refused
+        if kind == "Pod":
+            pods.append(name)
+    return None
 
 
 def reconcile(
@@ -122,21 +141,20 @@ def reconcile(
     if run is not None and previous.get("phase") == "Succeeded":
         served = kube.read("Deployment", ns, ChildNames(name).serve)
 
-    decision = compute_status(
-        Observed(
-            run=run,
-            generation=int(meta.get("generation") or 0),
-            invalid=invalid,
-            attempt=attempt,
-            pods=current,
-            progress=read_progress(current, settings) if run is not None else None,
-            now=now,
-            previous=previous,
-            suspended=bool(run is not None and run.spec.run_policy.suspend),
-            deadline_exceeded=_deadline_exceeded(run, previous, now),
-            serving=served,
-        )
+    observed = Observed(
+        run=run,
+        generation=int(meta.get("generation") or 0),
+        invalid=invalid,
+        attempt=attempt,
+        pods=current,
+        progress=read_progress(current, settings) if run is not None else None,
+        now=now,
+        previous=previous,
+        suspended=bool(run is not None and run.spec.run_policy.suspend),
+        deadline_exceeded=_deadline_exceeded(run, previous, now),
+        serving=served,
     )
+    decision = compute_status(observed)
     status, action = decision.status, decision.action
     new_attempt = int(status.get("attempts") or attempt)
 
@@ -162,7 +180,16 @@ def reconcile(
         _attempt(p) != new_attempt or p["metadata"].get("deletionTimestamp") for p in all_pods
     )
     if action in ("create_cluster", "retry") and run is not None and not leftovers:
-        _create_cluster(kube, run, uid, ns, new_attempt, settings)
+        refused = _create_cluster(kube, run, uid, ns, new_attempt, settings)
+        if refused is not None:  # recorded at once: a second pass of the pure computation
+            again = compute_status(
+                dataclasses.replace(observed, previous=status, create_error=refused)
+            )
+            if again.status != status:
+                kube.patch_status(ns, name, again.status)
+            for event in again.events:
+                kube.event(body, event.type, event.reason, event.message)
+            status = again.status
     if action == "finish":
         _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])
     if decision.serve == "apply" and run is not None:
