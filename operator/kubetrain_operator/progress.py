@@ -31,10 +31,16 @@ log = logging.getLogger("kubetrain.progress")
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A socket's receiving side that gives each receive only the time left."""
+    """A socket's receiving side that gives each receive only the time left. It holds the
+    socket file http.client made, whose reference keeps the socket open after the
+    connection hands it to the response (a Connection: close answer)."""
 
-    def __init__(self, sock: socket.socket, deadline: float):
-        self._sock, self._deadline = sock, deadline
+    def __init__(self, sock: socket.socket, file: io.IOBase, deadline: float):
+        self._sock, self._file, self._deadline = sock, file, deadline
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -57,8 +63,7 @@ class _Connection(http.client.HTTPConnection):
         class Response(http.client.HTTPResponse):
             def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any):
                 super().__init__(sock, *args, **kwargs)
-                self.fp.close()  # the plain socket file http.client made; ours replaces it
-                self.fp = io.BufferedReader(_DeadlineReader(sock, deadline_))
+                self.fp = io.BufferedReader(_DeadlineReader(sock, self.fp, deadline_))
 
         self.response_class = Response
 

@@ -198,10 +198,21 @@ def test_a_head_that_accepts_and_never_answers_is_no_progress(
     assert elapsed < SETTINGS.progress_deadline_seconds + SLACK
 
 
+def answers_to_eof(body: bytes) -> Serve:
+    """HTTP/1.0 with no Content-Length, the body ends when the server closes (Python's
+    http.server, as the trainer's telemetry and the tests' FakeProgress answer)."""
+
+    def serve(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body)
+
+    return serve
+
+
+@pytest.mark.parametrize("framing", [answers, answers_to_eof], ids=["length", "to-eof"])
 def test_a_good_answer_is_read_and_bad_values_dropped(
-    serve: Callable[[Serve], OperatorSettings],
+    serve: Callable[[Serve], OperatorSettings], framing: Callable[[bytes], Serve]
 ) -> None:
     body = b'{"phase": "Running", "step": 7, "totalSteps": 100, "loss": "high"}'
-    result, _, _ = read_in_thread(serve(answers(body)))
+    result, _, _ = read_in_thread(serve(framing(body)))
     assert result is not None
     assert (result.step, result.total_steps, result.loss) == (7, 100, None)
