@@ -20,7 +20,6 @@ while served), no writes.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import logging
 import secrets
 import time
@@ -113,6 +112,37 @@ def _create_cluster(
     return None
 
 
+def _record_refusal(
+    kube: Kube,
+    body: dict[str, Any],
+    run: api.TrainingRun,
+    status: dict[str, Any],
+    refused: create_errors.CreateError | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The status after a refused create, recorded at once: a second pass of the pure
+    computation on the status just written, with the refusal observed (its condition,
+    event and backoff). That status asked for the attempt, so nothing else applies."""
+    if refused is None:
+        return status
+    again = compute_status(
+        Observed(
+            run=run,
+            generation=int(status.get("observedGeneration") or 0),
+            attempt=int(status.get("attempts") or 0),
+            now=now,
+            previous=status,
+            create_error=refused,
+        )
+    )
+    meta = body["metadata"]
+    if again.status != status:
+        kube.patch_status(meta["namespace"], meta["name"], again.status)
+    for event in again.events:
+        kube.event(body, event.type, event.reason, event.message)
+    return again.status
+
+
 def reconcile(
     body: dict[str, Any],
     kube: Kube,
@@ -141,20 +171,21 @@ def reconcile(
     if run is not None and previous.get("phase") == "Succeeded":
         served = kube.read("Deployment", ns, ChildNames(name).serve)
 
-    observed = Observed(
-        run=run,
-        generation=int(meta.get("generation") or 0),
-        invalid=invalid,
-        attempt=attempt,
-        pods=current,
-        progress=read_progress(current, settings) if run is not None else None,
-        now=now,
-        previous=previous,
-        suspended=bool(run is not None and run.spec.run_policy.suspend),
-        deadline_exceeded=_deadline_exceeded(run, previous, now),
-        serving=served,
+    decision = compute_status(
+        Observed(
+            run=run,
+            generation=int(meta.get("generation") or 0),
+            invalid=invalid,
+            attempt=attempt,
+            pods=current,
+            progress=read_progress(current, settings) if run is not None else None,
+            now=now,
+            previous=previous,
+            suspended=bool(run is not None and run.spec.run_policy.suspend),
+            deadline_exceeded=_deadline_exceeded(run, previous, now),
+            serving=served,
+        )
     )
-    decision = compute_status(observed)
     status, action = decision.status, decision.action
     new_attempt = int(status.get("attempts") or attempt)
 
@@ -181,15 +212,7 @@ def reconcile(
     )
     if action in ("create_cluster", "retry") and run is not None and not leftovers:
         refused = _create_cluster(kube, run, uid, ns, new_attempt, settings)
-        if refused is not None:  # recorded at once: a second pass of the pure computation
-            again = compute_status(
-                dataclasses.replace(observed, previous=status, create_error=refused)
-            )
-            if again.status != status:
-                kube.patch_status(ns, name, again.status)
-            for event in again.events:
-                kube.event(body, event.type, event.reason, event.message)
-            status = again.status
+        status = _record_refusal(kube, body, run, status, refused, now)
     if action == "finish":
         _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])
     if decision.serve == "apply" and run is not None:
