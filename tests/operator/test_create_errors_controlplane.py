@@ -129,3 +129,25 @@ def test_a_pod_field_the_server_finds_invalid_fails_the_run(operator: None, name
     assert "badsel-a1-head" in failed["message"]
     wait_until(lambda: warnings("badsel", namespace, "CreateRejected"), message="a Warning")
     assert not run_pods("badsel", namespace)
+
+
+def test_an_admission_denial_is_visible_and_retried_until_lifted(
+    operator: None, namespace: str
+) -> None:
+    # The LimitRanger admission plugin denies pods above a LimitRange's max (403), as a
+    # webhook's denial would: the administrator may lift it without a change to the run.
+    limits = {
+        "apiVersion": "v1",
+        "kind": "LimitRange",
+        "metadata": {"name": "small"},
+        "spec": {"limits": [{"type": "Container", "max": {"cpu": "500m"}}]},
+    }
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(limits))
+    apply(quickstart("denied"), namespace)
+    st = wait_reason("denied", namespace, "ClusterReady", "CreateFailed")
+    assert "maximum cpu usage per Container is 500m" in condition(st, "ClusterReady")["message"]
+    wait_until(lambda: warnings("denied", namespace, "CreateFailed"), message="a Warning")
+    assert not run_pods("denied", namespace, 1)
+
+    kubectl("delete", "limitrange", "small", "-n", namespace)
+    wait_pods("denied", namespace, 1, 3)
