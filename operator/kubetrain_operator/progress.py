@@ -6,8 +6,10 @@ must cost one run a bounded moment, never the operator its memory or its workers
 - one total deadline for connect, request, headers and body (`progress_deadline_seconds`):
   every receive gets the time that is left, so a server trickling a byte per second cannot
   stretch the read the way it would a per-read timeout;
-- a size cap (`progress_max_bytes`): at most cap + 1 bytes are read, and a larger answer is
-  refused (headers are bounded by http.client: 64 KiB a line, 100 lines);
+- a size cap (`progress_max_bytes`): at most cap + 1 bytes of body are read, and a larger
+  answer is refused; the socket gives at most the cap plus HEADER_BYTES in all, so
+  headers cannot take the memory the cap saves (http.client alone allows 100 lines of
+  64 KiB);
 - no proxies and no redirects (plain http.client, not urllib);
 - anything wrong (unreachable, slow, too large, not JSON, not an object, nested too deep)
   is logged and read as "no progress" (None); it never raises.
@@ -29,14 +31,21 @@ from kubetrain_operator.settings import OperatorSettings
 
 log = logging.getLogger("kubetrain.progress")
 
+# Room for the status line and headers on top of the body's cap (and read-ahead).
+HEADER_BYTES = 64 * 1024
+
+
+class AnswerTooLarge(OSError):
+    """The head sent more than the cap allows."""
+
 
 class _DeadlineReader(io.RawIOBase):
     """A socket's receiving side that gives each receive only the time left. It holds the
     socket file http.client made, whose reference keeps the socket open after the
     connection hands it to the response (a Connection: close answer)."""
 
-    def __init__(self, sock: socket.socket, file: io.IOBase, deadline: float):
-        self._sock, self._file, self._deadline = sock, file, deadline
+    def __init__(self, sock: socket.socket, file: io.IOBase, deadline: float, budget: int):
+        self._sock, self._file, self._deadline, self._budget = sock, file, deadline, budget
 
     def close(self) -> None:
         self._file.close()
@@ -49,21 +58,26 @@ class _DeadlineReader(io.RawIOBase):
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("progress deadline passed")
+        if self._budget <= 0:
+            raise AnswerTooLarge("progress answer larger than its cap")
         self._sock.settimeout(left)
-        return self._sock.recv_into(buffer)
+        view = memoryview(buffer)[: self._budget]
+        received = self._sock.recv_into(view)
+        self._budget -= received
+        return received
 
 
 class _Connection(http.client.HTTPConnection):
     """HTTPConnection whose response reads (status line, headers, body) share one deadline."""
 
-    def __init__(self, host: str, port: int, deadline: float):
+    def __init__(self, host: str, port: int, deadline: float, budget: int):
         super().__init__(host, port, timeout=max(deadline - time.monotonic(), 0.001))
-        deadline_ = deadline
+        deadline_, budget_ = deadline, budget
 
         class Response(http.client.HTTPResponse):
             def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any):
                 super().__init__(sock, *args, **kwargs)
-                self.fp = io.BufferedReader(_DeadlineReader(sock, self.fp, deadline_))
+                self.fp = io.BufferedReader(_DeadlineReader(sock, self.fp, deadline_, budget_))
 
         self.response_class = Response
 
@@ -72,7 +86,7 @@ def fetch(host: str, port: int, deadline_seconds: float, max_bytes: int) -> byte
     """GET /progress from host:port within deadline_seconds; None unless a 200 answer of at
     most max_bytes came in time. Never raises for anything the server does."""
     deadline = time.monotonic() + deadline_seconds
-    conn = _Connection(host, port, deadline)
+    conn = _Connection(host, port, deadline, max_bytes + HEADER_BYTES)
     try:
         conn.request("GET", PROGRESS_PATH, headers={"Accept": "application/json"})
         resp = conn.getresponse()

@@ -4,8 +4,8 @@ holding at most its size cap in memory, and never raise.
 
 Each call runs in a thread joined with a test-level timeout, so a reader that hangs fails
 the test instead of hanging the suite. The old reader (urllib, a per-read timeout, no cap)
-read the 50 MB whole, hung on the trickles and raised RecursionError on deep nesting; the
-other cases guard what it already did right."""
+read the 50 MB (and 6 MB of headers) whole, hung on the trickles and raised
+RecursionError on deep nesting; the other cases guard what it already did right."""
 
 from __future__ import annotations
 
@@ -75,6 +75,15 @@ def huge_declared(conn: socket.socket) -> None:
     block = b"x" * 65536
     for _ in range(50 * 1024 * 1024 // len(block)):
         conn.sendall(block)
+
+
+def header_flood(conn: socket.socket) -> None:
+    """100 headers of 60 KiB (what http.client alone would take: 6 MB), then a body."""
+    conn.sendall(HEADERS)
+    line = b"X-Pad: " + b"x" * 60_000 + b"\r\n"
+    for _ in range(99):
+        conn.sendall(line)
+    conn.sendall(b"\r\n" + b'{"step": 1}')
 
 
 def trickle(conn: socket.socket) -> None:
@@ -152,7 +161,9 @@ def read_in_thread(settings: OperatorSettings) -> tuple[Any, float, int]:
     return out["result"], elapsed, peak
 
 
-@pytest.mark.parametrize("handler", [huge, huge_declared], ids=["to-eof", "content-length"])
+@pytest.mark.parametrize(
+    "handler", [huge, huge_declared, header_flood], ids=["to-eof", "content-length", "headers"]
+)
 def test_a_50_mb_answer_is_refused_with_memory_bounded_by_the_cap(
     serve: Callable[[Serve], OperatorSettings], handler: Serve
 ) -> None:
