@@ -755,6 +755,11 @@ class TrainingRunStatus(ApiModel):
     """Ray clusters started for this run (first try plus retries)."""
     evictions: Annotated[int, Field(ge=0)] | None = None
     """Restarts caused by preemption or eviction."""
+    create_failures: Annotated[int, Field(ge=0)] | None = None
+    """Refused creates of the current attempt's children in a row (quota, admission); the
+    ClusterReady condition says why. Absent once the attempt's pods exist."""
+    next_create_time: datetime | None = None
+    """While creates are refused: when the operator tries again (exponential backoff)."""
     progress: Progress | None = None
     """Training progress."""
     checkpoints: CheckpointStatus | None = None

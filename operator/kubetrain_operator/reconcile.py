@@ -24,24 +24,23 @@ while served), no writes.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import secrets
 import time
-import urllib.request
 from datetime import datetime, timezone
 from typing import Any
 
 import yaml
+from kubernetes.client.exceptions import ApiException
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
-from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, PROGRESS_PATH, ROLE_HEAD
-from kubetrain_api.reports import ProgressReport, lenient
-from kubetrain_operator import builders, metrics, ownership, serving, timing
+from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, ROLE_HEAD
+from kubetrain_operator import builders, create_errors, metrics, ownership, serving, timing
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.ownership import ChildConflict
+from kubetrain_operator.progress import read_progress
 from kubetrain_operator.settings import OperatorSettings
 from kubetrain_operator.status import Observed, compute_status, is_terminal
 
@@ -74,24 +73,6 @@ def _attempt(pod: dict[str, Any]) -> int:
     return int(pod["metadata"].get("labels", {}).get(LABEL_ATTEMPT, 0))
 
 
-def read_progress(pods: list[dict[str, Any]], settings: OperatorSettings) -> ProgressReport | None:
-    """The head's /progress (parsed leniently: bad values are dropped), or None when it
-    cannot be reached (yet)."""
-    heads = [p for p in pods if p["metadata"].get("labels", {}).get(LABEL_ROLE) == ROLE_HEAD]
-    if not heads or heads[0].get("status", {}).get("phase") != "Running":
-        return None
-    host = settings.progress_host_override or heads[0]["status"].get("podIP")
-    if not host:
-        return None
-    url = f"http://{host}:{settings.progress_port}{PROGRESS_PATH}"
-    try:
-        with urllib.request.urlopen(url, timeout=settings.progress_timeout_seconds) as resp:
-            data = json.loads(resp.read())
-    except (OSError, ValueError):
-        return None
-    return lenient(ProgressReport, data) if isinstance(data, dict) else None
-
-
 def _token(kube: Kube, ns: str, name: str, uid: str) -> str:
     """The run's Ray token: generated once, then read back from its (own) Secret."""
     secret = kube.read_secret(ns, ChildNames(name).ray_token)
@@ -102,10 +83,58 @@ def _token(kube: Kube, ns: str, name: str, uid: str) -> str:
 
 def _create_cluster(
     kube: Kube, run: api.TrainingRun, uid: str, ns: str, attempt: int, settings: OperatorSettings
-) -> None:
+) -> create_errors.CreateError | None:
+    """Create-or-adopt the attempt's children. When the API server refuses one (quota,
+    admission, an invalid field), the attempt cannot start: the pods of this attempt are
+    released, so none holds quota or sits Pending, and the refusal is returned."""
     token = _token(kube, ns, run.metadata.name or "", uid)
+    pods: list[str] = []  # created or adopted: pods follow one order, so no other exists
     for obj in builders.build_cluster(run, uid, ns, attempt, settings, token):
-        kube.ensure(obj)
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        try:
+            kube.ensure(obj)
+        except ApiException as exc:
+            if not create_errors.is_refusal(exc.status):
+                raise
+            refused = create_errors.from_api_error(exc.status, exc.body, exc.reason, kind, name)
+            log.warning("%s/%s: %s", ns, run.metadata.name, refused.describe(attempt))
+            for pod in pods:
+                kube.delete("Pod", ns, pod)
+            return refused
+        if kind == "Pod":
+            pods.append(name)
+    return None
+
+
+def _record_refusal(
+    kube: Kube,
+    body: dict[str, Any],
+    run: api.TrainingRun,
+    status: dict[str, Any],
+    refused: create_errors.CreateError | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The status after a refused create, recorded at once: a second pass of the pure
+    computation on the status just written, with the refusal observed (its condition,
+    event and backoff). That status asked for the attempt, so nothing else applies."""
+    if refused is None:
+        return status
+    again = compute_status(
+        Observed(
+            run=run,
+            generation=int(status.get("observedGeneration") or 0),
+            attempt=int(status.get("attempts") or 0),
+            now=now,
+            previous=status,
+            create_error=refused,
+        )
+    )
+    meta = body["metadata"]
+    if again.status != status:
+        kube.patch_status(meta["namespace"], meta["name"], again.status, status)
+    for event in again.events:
+        kube.event(body, event.type, event.reason, event.message)
+    return again.status
 
 
 def reconcile(
@@ -182,7 +211,8 @@ def reconcile(
     try:
         if action in ("create_cluster", "retry") and run is not None and not leftovers:
             applied = True
-            _create_cluster(kube, run, uid, ns, new_attempt, settings)
+            refused = _create_cluster(kube, run, uid, ns, new_attempt, settings)
+            status = _record_refusal(kube, body, run, status, refused, now)
         if action == "finish":
             _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])
         if decision.serve == "apply" and run is not None:

@@ -100,8 +100,11 @@ class OperatorSettings:
     """kopf's worker threads for the (blocking) handlers: runs reconciled at once."""
     metrics_port: int | None = None
     """The operator's own Prometheus /metrics (None: not served)."""
-    progress_timeout_seconds: float = 2.0
-    """How long to wait for a head's /progress."""
+    progress_deadline_seconds: float = 2.0
+    """Total time for one read of a head's /progress (connect to last byte), so a slow
+    head costs a worker thread at most this long."""
+    progress_max_bytes: int = 1 << 20
+    """Largest /progress answer read (1 MiB); a larger one is refused as no progress."""
     progress_host_override: str | None = None
     """Read progress from this host instead of the head pod's IP (tests, port-forwards)."""
     pdb_api_version: str = "policy/v1"
@@ -126,6 +129,12 @@ class OperatorSettings:
                 "KUBETRAIN_PROMETHEUS_POD_SELECTOR", defaults.prometheus_pod_selector
             ),
             progress_port=_int("KUBETRAIN_PROGRESS_PORT", defaults.progress_port),
+            progress_deadline_seconds=float(
+                os.environ.get(
+                    "KUBETRAIN_PROGRESS_DEADLINE_SECONDS", defaults.progress_deadline_seconds
+                )
+            ),
+            progress_max_bytes=_int("KUBETRAIN_PROGRESS_MAX_BYTES", defaults.progress_max_bytes),
             limits=Limits(
                 max_gpus_per_run=_int(
                     "KUBETRAIN_MAX_GPUS_PER_RUN", defaults.limits.max_gpus_per_run

@@ -20,6 +20,11 @@ differs), post the events, then act. Every action is idempotent and may come aga
   its old pods are gone), and again on every pass until all the attempt's pods are seen
   (ClusterReady reason Creating/Retrying/Resuming), so a crash between the status patch and
   the pod creation is harmless and a not-yet-created pod is never taken for a lost one.
+  When the API server refuses one of the children (quota, admission, an invalid field),
+  the reconciler releases the attempt's pods and passes the refusal back in
+  `Observed.create_error`: a permanent one (400/422) fails the run (`CreateRejected`),
+  any other sets ClusterReady `QuotaExceeded`/`CreateFailed` and `status.nextCreateTime`
+  (exponential backoff, create_errors.py), before which `create_cluster` becomes `none`.
 - `retry`: like `create_cluster` for attempt `status.attempts` (already incremented here);
   the previous attempt failed or was preempted, and its pods must be deleted. The reconciler
   deletes pods of any attempt other than `status.attempts` on every pass anyway.
@@ -64,11 +69,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, get_args
 
 from kubetrain_api import v1alpha1 as api
-from kubetrain_api.reports import ProgressReport, count, wire
+from kubetrain_api.reports import ProgressReport, count, parse_time, wire
 from kubetrain_api.validation import FieldError
 from kubetrain_operator import serving
 from kubetrain_operator.conditions import (
@@ -78,6 +83,7 @@ from kubetrain_operator.conditions import (
     rfc3339,
     set_condition,
 )
+from kubetrain_operator.create_errors import CreateError, backoff_seconds
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.outcome import (
     Outcome,
@@ -112,9 +118,10 @@ PHASES: tuple[str, ...] = get_args(api.Phase)
 EVENT_MESSAGE_LIMIT = 1024
 # ClusterReady reasons while the current attempt's pods are being created: missing pods are
 # then not yet created rather than lost.
-CREATING_REASONS = frozenset({"Creating", "Retrying", "Resuming"})
+# Refused creates (create_errors.py) leave the attempt in the same state.
+CREATING_REASONS = frozenset({"Creating", "Retrying", "Resuming", "QuotaExceeded", "CreateFailed"})
 # Failed reasons whose clean-up removes the head pod too.
-DELETE_ALL_REASONS = frozenset({"DeadlineExceeded", "InvalidSpec"})
+DELETE_ALL_REASONS = frozenset({"DeadlineExceeded", "InvalidSpec", "CreateRejected"})
 
 Action = Literal["none", "create_cluster", "retry", "delete_pods", "finish"]
 ServeAction = Literal["none", "apply", "remove"]
@@ -137,6 +144,8 @@ class Observed:
     deadline_exceeded: bool = False
     serving: dict[str, Any] | None = None
     """The live serving Deployment `<run>-serve` (read once the run has Succeeded)."""
+    create_error: CreateError | None = None
+    """The API server refused a child of the attempt this status asks for (create_errors)."""
 
 
 @dataclass(frozen=True)
@@ -321,6 +330,7 @@ def _terminal(draft: _Draft) -> Decision:
 
 
 def _close(draft: _Draft, phase: str, reason: str, message: str) -> None:
+    _clear_refusals(draft)
     draft.status["completionTime"] = draft.status.get("completionTime") or rfc3339(
         draft.observed.now
     )
@@ -366,6 +376,7 @@ def _suspend(draft: _Draft) -> Decision:
 
 def _create(draft: _Draft, attempt: int, reason: str, message: str) -> None:
     """Ask for the cluster of `attempt`; it counts as created once its pods are seen."""
+    _clear_refusals(draft)
     draft.status["attempts"] = attempt
     draft.status.setdefault("startTime", rfc3339(draft.observed.now))
     draft.status["phase"] = "Provisioning"
@@ -433,6 +444,39 @@ def _after_failure(draft: _Draft, outcome: Outcome, policy: api.RunPolicy) -> De
     return _fail(draft, "BackoffLimitExceeded", message, "finish")
 
 
+def _clear_refusals(draft: _Draft) -> None:
+    for key in ("createFailures", "nextCreateTime"):
+        if key in draft.status:
+            draft.status[key] = None  # a null, since a merge patch keeps what it leaves out
+
+
+def _refused(draft: _Draft, error: CreateError) -> Decision:
+    """The API server refused a child of this attempt (the reconciler has released the
+    pods it had created). A permanent refusal fails the run; any other is tried again
+    after a backoff, with the refusal in ClusterReady and one Warning per new refusal."""
+    message = error.describe(draft.attempt)
+    if error.permanent:  # the same spec would build the same invalid object
+        return _fail(draft, error.reason, message, "delete_pods")
+    failures = (count(draft.status.get("createFailures")) or 0) + 1
+    wait = backoff_seconds(failures)
+    draft.status["createFailures"] = failures
+    draft.status["nextCreateTime"] = rfc3339(draft.observed.now + timedelta(seconds=wait))
+    before = find_condition(draft.previous.get("conditions") or [], "ClusterReady")
+    draft.condition(
+        "ClusterReady", "False", error.reason, f"{message}; trying again in {wait:.0f}s"
+    )
+    if before.get("reason") != error.reason or message not in before.get("message", ""):
+        draft.emit("Warning", error.reason, message)
+    return draft.decide("delete_pods")
+
+
+def _backing_off(draft: _Draft) -> bool:
+    """Whether a refused create waits for its backoff (status.nextCreateTime)."""
+    moment = parse_time(draft.status.get("nextCreateTime"))
+    now = draft.observed.now
+    return moment is not None and (now if now.tzinfo else now.replace(tzinfo=timezone.utc)) < moment
+
+
 def _progress_phase(draft: _Draft) -> str:
     if draft.report is None:  # head unreachable: keep what we knew
         return draft.previous_phase if draft.previous_phase == "Evaluating" else "Running"
@@ -440,6 +484,7 @@ def _progress_phase(draft: _Draft) -> str:
 
 
 def _observe(draft: _Draft, outcome: Outcome) -> Decision:
+    _clear_refusals(draft)  # the attempt's pods all exist
     if outcome.kind == "pending":
         draft.condition("ClusterReady", "False", outcome.reason, outcome.message)
         draft.condition("Training", "False", "WaitingForCluster", "the Ray cluster is not ready")
@@ -490,10 +535,12 @@ def compute_status(observed: Observed) -> Decision:
         return _suspend(draft)
     if draft.previous_phase == "Suspended":
         return _resume(draft)
+    if observed.create_error is not None:
+        return _refused(draft, observed.create_error)
     if draft.attempt == 0:
         return _start(draft, spec.resources.workers)
     if outcome is None:  # requested, not all pods seen yet: create-or-adopt again
-        return draft.decide("create_cluster")
+        return draft.decide("none" if _backing_off(draft) else "create_cluster")
     if outcome.kind in ("pending", "running"):
         return _observe(draft, outcome)
     return _after_failure(draft, outcome, spec.run_policy)

@@ -19,6 +19,13 @@ from hypothesis import strategies as st
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import FieldError, load_documents, parse
 from kubetrain_operator import timing
+from kubetrain_operator.create_errors import (
+    MAX_API_MESSAGE,
+    CreateError,
+    backoff_seconds,
+    from_api_error,
+    is_refusal,
+)
 from kubetrain_operator.status import (
     PHASES,
     Decision,
@@ -1056,3 +1063,122 @@ def test_random_observations_never_regress_or_overspend(
             decision.action, set()
         )
         status = new
+
+
+# --------------------------------------------------------------------------------------
+# the API server refusing the attempt's children (create_errors.py)
+# --------------------------------------------------------------------------------------
+
+QUOTA = CreateError(
+    403,
+    "Pod",
+    "quickstart-a1-worker-1",
+    'pods "quickstart-a1-worker-1" is forbidden: exceeded quota: q, requested: pods=1, '
+    "used: pods=2, limited: pods=2",
+)
+
+
+def refused(previous: dict[str, Any], error: CreateError, now: datetime = NOW) -> Decision:
+    """The reconciler's second pass after a refused create."""
+    observed = Observed(
+        run=make_run(),
+        generation=1,
+        now=now,
+        attempt=previous.get("attempts") or 0,
+        previous=previous,
+        create_error=error,
+    )
+    decision = compute_status(observed)
+    assert_valid_status(decision.status)
+    return decision
+
+
+def test_a_refused_create_is_a_condition_and_an_event_and_is_tried_again_after_a_backoff() -> None:
+    first = refused(started(), QUOTA)
+    status = first.status
+    assert (status["phase"], first.action) == ("Provisioning", "delete_pods")
+    ready = condition(status, "ClusterReady")
+    assert ready["reason"] == "QuotaExceeded"
+    assert "exceeded quota: q" in ready["message"]
+    assert "quickstart-a1-worker-1" in ready["message"]
+    assert reasons(first) == [("Warning", "QuotaExceeded")]
+    assert (status["createFailures"], status["nextCreateTime"]) == (1, "2025-03-01T12:00:05Z")
+
+    # Within the backoff nothing is created; after it, the attempt is created again.
+    assert reconcile(status, now=NOW + timedelta(seconds=4)).action == "none"
+    assert reconcile(status, now=NOW + timedelta(seconds=5)).action == "create_cluster"
+
+    # The same refusal again: the wait doubles, and no second event.
+    second = refused(status, QUOTA, now=NOW + timedelta(seconds=5))
+    assert second.status["createFailures"] == 2
+    assert second.status["nextCreateTime"] == "2025-03-01T12:00:15Z"
+    assert second.events == []
+    assert second.status["attempts"] == 1  # a refusal is no attempt
+
+    # Quota freed: the pods exist, the refusal is gone (null: removed by the merge patch).
+    seen = reconcile(second.status, pods=cluster(workers=[running, pending]))
+    assert condition(seen.status, "ClusterReady")["reason"] != "QuotaExceeded"
+    assert seen.status["createFailures"] is None
+    assert seen.status["nextCreateTime"] is None
+
+
+def test_the_backoff_doubles_up_to_five_minutes() -> None:
+    assert [backoff_seconds(n) for n in (1, 2, 3, 6, 7, 20)] == [5, 10, 20, 160, 300, 300]
+
+
+def test_an_invalid_child_fails_the_run_and_releases_its_pods() -> None:
+    invalid = CreateError(422, "Pod", "quickstart-a1-head", 'Pod "x" is invalid: spec.nodeSelector')
+    decision = refused(started(), invalid)
+    status = decision.status
+    assert (status["phase"], decision.action) == ("Failed", "delete_pods")
+    assert condition(status, "Failed")["reason"] == "CreateRejected"
+    assert "spec.nodeSelector" in condition(status, "Failed")["message"]
+    assert reasons(decision) == [("Warning", "CreateRejected")]
+    # Terminal: pods still there are deleted, the head's included.
+    assert reconcile(status, pods=cluster()).action == "delete_pods"
+
+
+def status_body(message: str, code: int) -> str:
+    return json.dumps({"kind": "Status", "message": message, "code": code})
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "reason", "permanent"),
+    [
+        (
+            403,
+            'pods "p" is forbidden: exceeded quota: q, requested: pods=1',
+            "QuotaExceeded",
+            False,
+        ),
+        (
+            403,
+            'pods "p" is forbidden: no PriorityClass with name x was found',
+            "CreateFailed",
+            False,
+        ),
+        (403, 'admission webhook "policy.example" denied the request: no', "CreateFailed", False),
+        (422, 'Pod "p" is invalid: spec.nodeSelector: Invalid value', "CreateRejected", True),
+        (400, "bad request", "CreateRejected", True),
+    ],
+)
+def test_refusals_are_classified_from_the_api_servers_answer(
+    code: int, message: str, reason: str, permanent: bool
+) -> None:
+    error = from_api_error(code, status_body(message, code), "Forbidden", "Pod", "p")
+    assert (error.reason, error.permanent, error.message) == (reason, permanent, message)
+
+
+def test_the_api_servers_message_is_bounded_and_a_missing_body_falls_back() -> None:
+    long = from_api_error(403, status_body("x" * 10_000, 403), "Forbidden", "Pod", "p")
+    assert len(long.message) <= MAX_API_MESSAGE
+    assert from_api_error(403, "<html>", "Forbidden", "Pod", "p").message == "Forbidden"
+    assert from_api_error(403, None, None, "Pod", "p").message == "HTTP 403"
+
+
+@pytest.mark.parametrize(
+    ("code", "refusal"),
+    [(400, True), (403, True), (404, True), (422, True), (409, False), (429, False), (500, False)],
+)
+def test_only_the_server_refusing_the_object_is_a_refusal(code: int, refusal: bool) -> None:
+    assert is_refusal(code) is refusal
