@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="join this Ray cluster (`auto` in a Ray head pod) instead of a local one"
     )
     run.add_argument(
+        "--max-failures",
+        type=int,
+        metavar="N",
+        help="Ray Train worker restarts within this run (default: spec.runPolicy.backoffLimit; "
+        "0 with --address, where the operator retries whole attempts)",
+    )
+    run.add_argument(
         "--termination-log",
         metavar="PATH",
         help="write a JSON summary (model, final metrics, gate; <= 4 KiB) to PATH when "
