@@ -120,7 +120,8 @@ def reconcile(
     settings: OperatorSettings,
     now: datetime | None = None,
 ) -> float | None:
-    """Reconcile one run; returns seconds until it wants to be looked at again (TTL)."""
+    """Reconcile one run; returns seconds until it wants to be looked at again (a retry's
+    backoff, the TTL)."""
     started = time.perf_counter()
     now = now or datetime.now(timezone.utc)
     meta = body["metadata"]
@@ -164,7 +165,9 @@ def reconcile(
     # compute_status keeps asking for them until it has seen them, so a crash between the
     # two steps is repaired by the next reconcile.
     if status != previous:
-        kube.patch_status(ns, name, status)
+        # A merge patch: a top-level key the new status dropped goes only as null.
+        dropped = {key: None for key in previous if key not in status}
+        kube.patch_status(ns, name, {**status, **dropped})
     for event in decision.events:
         kube.event(body, event.type, event.reason, event.message)
 
@@ -181,7 +184,9 @@ def reconcile(
     leftovers = any(
         _attempt(p) != new_attempt or p["metadata"].get("deletionTimestamp") for p in all_pods
     )
-    if action in ("create_cluster", "retry") and run is not None and not leftovers:
+    # ... and until its retry backoff (status.nextAttemptTime) has passed.
+    create = action in ("create_cluster", "retry") and not leftovers and not decision.wait
+    if create and run is not None:
         _create_cluster(kube, run, uid, ns, new_attempt, settings)
     if action == "finish":
         _clean_up_finished(kube, ns, [p for p in live if _attempt(p) == new_attempt])
@@ -193,7 +198,8 @@ def reconcile(
     gpus = 0 if run is None else validation.total_gpus(run.spec)
     metrics.RUNS.set(uid, status.get("phase") or "Pending", gpus)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-    return _ttl(kube, run, status, ns, name, now)
+    ttl = _ttl(kube, run, status, ns, name, now)
+    return decision.wait or ttl  # a backoff (active runs) or the TTL (finished ones)
 
 
 def _apply_serving(
