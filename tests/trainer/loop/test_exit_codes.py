@@ -17,8 +17,10 @@ from ray.exceptions import ActorDiedError
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from kubetrain_api import contract
+from kubetrain_api.validation import load_documents, parse
 from kubetrain_trainer import exits
 from kubetrain_trainer.data.readers import DataError
+from kubetrain_trainer.local import ray_train_max_failures
 
 ROOT = Path(__file__).resolve().parents[3]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
@@ -122,3 +124,14 @@ def test_user_and_infrastructure_codes_are_distinct() -> None:
         contract.INFRASTRUCTURE_EXIT_CODES
     )
     assert all(1 <= c <= 127 for c in contract.INFRASTRUCTURE_EXIT_CODES)
+
+
+def test_ray_train_restarts_nothing_on_kubernetes() -> None:
+    """One layer counts runPolicy.backoffLimit: on Kubernetes (the head joins its cluster)
+    the operator's attempts, on a laptop Ray Train's restarts."""
+    (doc,) = load_documents(QUICKSTART.read_text())
+    doc["spec"]["runPolicy"] = {"backoffLimit": 4}
+    run = parse(doc)
+    assert ray_train_max_failures(run, address="auto") == 0
+    assert ray_train_max_failures(run, address=None) == 4
+    assert ray_train_max_failures(run, address="auto", override=2) == 2
