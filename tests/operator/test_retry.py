@@ -215,3 +215,27 @@ def test_invalid_rules_name_the_field(rule: dict[str, Any], path: str, message: 
         make_run(failureRules=[rule])
     errors = [str(e) for e in caught.value.errors]
     assert any(e.startswith(f"spec.runPolicy.{path}:") and message in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("ray_exit", "driver_exit", "expected"),
+    [(1, 0, contract.EXIT_RAY_UNAVAILABLE), (0, contract.EXIT_INVALID_DATA, 11), (0, 0, 0)],
+)
+def test_the_head_command_reports_a_failed_ray_start_as_infrastructure(
+    tmp_path: Path, ray_exit: int, driver_exit: int, expected: int
+) -> None:
+    """The head pod's real script, with `ray` and `kubetrain` played by stubs."""
+    import os
+    import subprocess
+
+    from kubetrain_operator import builders
+    from kubetrain_operator.settings import OperatorSettings
+
+    for tool, code in (("ray", ray_exit), ("kubetrain", driver_exit)):
+        stub = tmp_path / tool
+        stub.write_text(f"#!/bin/sh\nexit {code}\n")
+        stub.chmod(0o755)
+    pod = builders.build_head_pod(make_run(), "uid", "ns", 1, OperatorSettings())
+    *_, shell, flag, script = pod["spec"]["containers"][0]["command"]
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    assert subprocess.run([shell, flag, script], env=env, check=False).returncode == expected
