@@ -96,7 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"kubetrain run needs the trainer extra (pip install 'kubetrain[trainer]'): {exc}",
             file=sys.stderr,
         )
-        return 2
+        return contract.EXIT_USAGE
     return int(local.main(args))
 
 

@@ -410,7 +410,9 @@ def _start(draft: _Draft, workers: int) -> Decision:
 
 def _retry(draft: _Draft, outcome: Outcome, budget: str, backoff: int = 0) -> Decision:
     attempt = draft.attempt + 1
-    what = "was preempted" if outcome.kind == "preempted" else "failed"
+    # An Ignore rule spends the eviction budget on a driver's exit: that is no preemption.
+    preempted = outcome.kind == "preempted" and outcome.exit_code is None
+    what = "was preempted" if preempted else "failed"
     when = ""
     if backoff > 0:
         until = rfc3339(draft.observed.now + timedelta(seconds=backoff))
