@@ -91,8 +91,9 @@ EXIT_NETWORK: Final = 21
 """Infrastructure: a remote service (Hugging Face Hub, object store) was unreachable,
 timed out or answered 5xx/429. Retryable."""
 EXIT_WORKERS_LOST: Final = 22
-"""Infrastructure: Ray Train lost its workers (a worker process, pod or node died) and
-has no restarts left within the attempt. Retryable."""
+"""Infrastructure: Ray Train gave up on its workers (a worker process, pod or node died,
+or a rank failed with an error that is not a known user error: NCCL, CUDA, I/O) and has
+no restarts left within the attempt. Retryable."""
 
 USER_ERROR_EXIT_CODES: Final = frozenset({EXIT_USAGE, EXIT_INVALID_SPEC, EXIT_INVALID_DATA})
 INFRASTRUCTURE_EXIT_CODES: Final = frozenset(
