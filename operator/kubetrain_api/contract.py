@@ -2,8 +2,9 @@
 
 Everything here crosses a process boundary and is not part of the TrainingRun spec: the
 labels and annotations on a run's children, the ports the trainer and the server listen
-on, the layout of a run's storage, the termination message's size, and how `spec.serve`'s
-limits become the model server's options. Standard library only (see kubetrain_api).
+on, the driver's exit codes, the layout of a run's storage, the termination message's
+size, and how `spec.serve`'s limits become the model server's options. Standard library
+only (see kubetrain_api).
 """
 
 from __future__ import annotations
@@ -65,6 +66,44 @@ memory, it ends the container with 137, which the runtime reports OOMKilled."""
 
 TERMINATION_MESSAGE_LIMIT: Final = 4096
 """Kubernetes keeps at most this many bytes of a container's termination message."""
+
+# --------------------------------------------------------------------------------------
+# exit codes of the training driver (`kubetrain run`, the head pod's container)
+# --------------------------------------------------------------------------------------
+# The driver maps every failure to one of these in one place (kubetrain_trainer/exits.py);
+# the operator's default retry rules (kubetrain_operator/retry.py) read them: user errors
+# end the run, infrastructure errors are retried against runPolicy.backoffLimit.
+# spec.runPolicy.failureRules can override either.
+
+EXIT_SUCCEEDED: Final = 0
+"""Training finished (a failed evaluation gate too: the run succeeds, it is not served)."""
+EXIT_FAILED: Final = 1
+"""An unexpected error (a bug): the traceback is in the log. Permanent by default."""
+EXIT_USAGE: Final = 2
+"""Bad command line, or the image lacks the trainer's dependencies. Permanent."""
+EXIT_INVALID_SPEC: Final = 10
+"""User error: the TrainingRun (or a file it names: model, tokenizer) is invalid or not
+there; the message names the field. Permanent."""
+EXIT_INVALID_DATA: Final = 11
+"""User error: a data source cannot be read or leaves no usable rows; the message names
+the source. Permanent."""
+EXIT_RAY_UNAVAILABLE: Final = 20
+"""Infrastructure: the Ray head did not start, or the driver could not join it in time
+(KUBETRAIN_RAY_CONNECT_TIMEOUT_S). Retryable."""
+EXIT_NETWORK: Final = 21
+"""Infrastructure: a remote service (Hugging Face Hub, object store) was unreachable,
+timed out or answered 5xx/429. Retryable."""
+EXIT_WORKERS_LOST: Final = 22
+"""Infrastructure: Ray Train gave up on its workers (a worker process, pod or node died,
+or a rank failed with an error that is not a known user error: NCCL, CUDA, I/O) and has
+no restarts left within the attempt. Retryable."""
+
+USER_ERROR_EXIT_CODES: Final = frozenset({EXIT_USAGE, EXIT_INVALID_SPEC, EXIT_INVALID_DATA})
+INFRASTRUCTURE_EXIT_CODES: Final = frozenset(
+    {EXIT_RAY_UNAVAILABLE, EXIT_NETWORK, EXIT_WORKERS_LOST}
+)
+"""Retryable by default although in 1-127, where other codes are permanent."""
+
 
 # --------------------------------------------------------------------------------------
 # storage layout: folders under a run's folder `<storage>/<run name>-<uid[:8]>/`

@@ -513,14 +513,70 @@ class ServeSpec(ApiModel):
     """Keep the serving objects when the TrainingRun is deleted."""
 
 
+FailureAction = Literal["FailRun", "Retry", "Ignore"]
+FailureReason = Literal[
+    "OOMKilled",
+    "WorkerFailed",
+    "Evicted",
+    "Preempted",
+    "DisruptionTarget",
+    "NodeLost",
+    "Shutdown",
+    "Terminated",
+    "PodDeleted",
+    "PodMissing",
+]
+
+
+class ExitCodeMatch(ApiModel):
+    """Exit codes of the training driver (the Ray head pod's container): kubetrain's own
+    codes (README: Retries), 128 + N after signal N, or your own."""
+
+    operator: Literal["In", "NotIn"]
+    """In: the code is one of `values`; NotIn: the driver failed with a code not listed."""
+    values: Annotated[
+        list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=1, max_length=255)
+    ]
+    """Exit codes, distinct (0 only with NotIn: exit 0 is success)."""
+
+
+class FailureRule(ApiModel):
+    """What a failed attempt leads to, when it matches; like a Kubernetes Job's
+    podFailurePolicy rule. Set exactly one of onExitCodes and onReasons."""
+
+    action: FailureAction
+    """FailRun: the run fails at once. Retry: a new attempt, counted against backoffLimit,
+    after the backoff. Ignore: a new attempt at once, counted against evictionLimit (as
+    preemptions are), never against backoffLimit."""
+    on_exit_codes: ExitCodeMatch | None = None
+    """Match the driver's exit code."""
+    on_reasons: Annotated[list[FailureReason], Field(min_length=1, max_length=16)] | None = None
+    """Match why a pod stopped: OOMKilled (a container over its memory limit), WorkerFailed
+    (a worker pod stopped), Evicted, Preempted, NodeLost, Shutdown, Terminated (pod
+    status reasons), DisruptionTarget (the pod condition), PodDeleted, PodMissing."""
+
+
 class RunPolicy(ApiModel):
     """Retries, deadlines and clean-up."""
 
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
-    """Retries after retryable failures (signals, OOM kill, node loss); the run fails after
-    backoffLimit + 1 attempts."""
+    """Retries after counted failures (infrastructure exit codes, signals, OOM kill, a lost
+    worker; see failureRules); the run fails after backoffLimit + 1 such attempts. The one
+    count of retries: on Kubernetes Ray Train restarts no workers within an attempt."""
+    backoff_seconds: Annotated[int, Field(ge=0, le=3600)] = 10
+    """Wait before the first retry; each further counted failure doubles it (0: retry at
+    once)."""
+    max_backoff_seconds: Annotated[int, Field(ge=0, le=86_400)] = 600
+    """The longest wait between retries."""
+    failure_rules: Annotated[list[FailureRule], Field(max_length=32)] = Field(default_factory=list)
+    """Rules tried in order before the defaults; the first that matches a failed attempt
+    decides. Defaults: the driver's user-error codes and other codes 1-127 fail the run;
+    its infrastructure codes (20-22), signals (128+), OOMKilled and a lost worker are
+    retried (backoffLimit); evictions, preemption and node loss are retried at once
+    (evictionLimit)."""
     eviction_limit: Annotated[int, Field(ge=0, le=1000)] = 10
-    """Restarts after preemption or eviction, counted apart from backoffLimit."""
+    """Restarts after preemption or eviction (and Ignore rules), counted apart from
+    backoffLimit."""
     active_deadline_seconds: Annotated[int, Field(ge=1, le=31_536_000)] | None = None
     """Fail the run with DeadlineExceeded after this many seconds of activity since it
     started (time suspended does not count)."""
@@ -760,6 +816,8 @@ class TrainingRunStatus(ApiModel):
     ClusterReady condition says why. Absent once the attempt's pods exist."""
     next_create_time: datetime | None = None
     """While creates are refused: when the operator tries again (exponential backoff)."""
+    next_attempt_time: datetime | None = None
+    """When the next attempt may start, while a retry backs off after a failure."""
     progress: Progress | None = None
     """Training progress."""
     checkpoints: CheckpointStatus | None = None

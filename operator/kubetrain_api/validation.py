@@ -503,6 +503,20 @@ def _rule_serve(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
         yield FieldError("spec.serve.autoscaling.minReplicas", "must be <= maxReplicas")
 
 
+def _rule_failure_rules(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    for i, rule in enumerate(run.spec.run_policy.failure_rules):
+        path = f"spec.runPolicy.failureRules[{i}]"
+        if (rule.on_exit_codes is None) == (rule.on_reasons is None):
+            yield FieldError(path, "set exactly one of onExitCodes and onReasons")
+        codes = rule.on_exit_codes
+        if codes is not None and len(set(codes.values)) != len(codes.values):
+            yield FieldError(f"{path}.onExitCodes.values", "must be distinct")
+        if codes is not None and codes.operator == "In" and 0 in codes.values:
+            yield FieldError(f"{path}.onExitCodes.values", "0 is success; it cannot fail a run")
+        if rule.on_reasons is not None and len(set(rule.on_reasons)) != len(rule.on_reasons):
+            yield FieldError(f"{path}.onReasons", "must be distinct")
+
+
 RULES: tuple[Rule, ...] = (
     _rule_name,
     _rule_size,
@@ -516,6 +530,7 @@ RULES: tuple[Rule, ...] = (
     _rule_evaluation,
     _rule_checkpoint,
     _rule_serve,
+    _rule_failure_rules,
 )
 
 

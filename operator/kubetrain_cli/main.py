@@ -96,7 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"kubetrain run needs the trainer extra (pip install 'kubetrain[trainer]'): {exc}",
             file=sys.stderr,
         )
-        return 2
+        return contract.EXIT_USAGE
     return int(local.main(args))
 
 
@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--address", help="join this Ray cluster (`auto` in a Ray head pod) instead of a local one"
+    )
+    run.add_argument(
+        "--max-failures",
+        type=int,
+        metavar="N",
+        help="Ray Train worker restarts within this run (default: spec.runPolicy.backoffLimit; "
+        "0 with --address, where the operator retries whole attempts)",
     )
     run.add_argument(
         "--termination-log",

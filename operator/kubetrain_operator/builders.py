@@ -21,6 +21,7 @@ from kubernetes.utils.quantity import parse_quantity
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import (
     ANNOTATION_INPUT_HASH,
+    EXIT_RAY_UNAVAILABLE,
     LABEL_ATTEMPT,
     LABEL_COMPONENT,
     LABEL_INSTANCE,
@@ -399,7 +400,8 @@ def build_head_pod(
     script = (
         f"ray start --head --port={settings.ray_gcs_port} --dashboard-host=0.0.0.0"
         f" --dashboard-port={settings.ray_dashboard_port}"
-        " --num-cpus=0 --disable-usage-stats"
+        # A head that cannot start Ray is the infrastructure's failure (retried), not exit 1.
+        f" --num-cpus=0 --disable-usage-stats || exit {EXIT_RAY_UNAVAILABLE}"
         f" && exec kubetrain run {CONFIG_DIR}/{CONFIG_KEY} --address auto"
         # The run's folder is keyed by its uid (contract.run_folder): --resume continues
         # this run's earlier attempts, never an earlier run of the same name.

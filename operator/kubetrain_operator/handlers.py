@@ -96,7 +96,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
             metrics.RECONCILE_ERRORS.inc()
             raise
     if delay is not None:
-        raise kopf.TemporaryError("waiting for ttlSecondsAfterFinished", delay=delay)
+        raise kopf.TemporaryError("waiting: retry backoff or ttlSecondsAfterFinished", delay=delay)
 
 
 @kopf.on.resume(*RESOURCE)

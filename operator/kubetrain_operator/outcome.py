@@ -1,6 +1,8 @@
 """Pod classification: the live pods of one attempt in, what they say (`Outcome`) out.
 
-Pure, like status.py, which takes the decision from the Outcome.
+Pure, like status.py, which takes the decision from the Outcome. The kind of a failure
+here is the default; spec.runPolicy.failureRules may change it (retry.py), matching the
+Outcome's `exit_code` and `causes`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from kubetrain_api import contract
 from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, ROLE_HEAD, ROLE_WORKER
 from kubetrain_api.reports import parse_time
 from kubetrain_operator.builders import HEAD_CONTAINER
@@ -23,11 +26,26 @@ OutcomeKind = Literal[
 DISRUPTION_REASONS = frozenset({"Evicted", "Preempted", "NodeLost", "Shutdown", "Terminated"})
 
 
+# The condition reasons of the driver's own exit codes (others read ExitCode<N>).
+EXIT_REASONS = {
+    contract.EXIT_USAGE: "UsageError",
+    contract.EXIT_INVALID_SPEC: "InvalidRunSpec",
+    contract.EXIT_INVALID_DATA: "InvalidData",
+    contract.EXIT_RAY_UNAVAILABLE: "RayUnavailable",
+    contract.EXIT_NETWORK: "NetworkError",
+    contract.EXIT_WORKERS_LOST: "WorkersLost",
+}
+
+
 @dataclass(frozen=True)
 class Outcome:
     kind: OutcomeKind
     reason: str
     message: str
+    exit_code: int | None = None
+    """The driver's exit code, when the driver's container ended the attempt."""
+    causes: frozenset[str] = frozenset()
+    """What a failure rule's onReasons can match (api.FailureReason values)."""
 
 
 def _meta(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -78,8 +96,10 @@ def _exit(term: Mapping[str, Any]) -> tuple[OutcomeKind, str, str]:
     detail = f"exit code {code}" + (f" ({term['reason']})" if term.get("reason") else "")
     if term.get("reason") == "OOMKilled":
         return "failed_retryable", "OOMKilled", detail
+    if code in contract.INFRASTRUCTURE_EXIT_CODES:
+        return "failed_retryable", EXIT_REASONS[code], detail
     if isinstance(code, int) and 1 <= code <= 127:
-        return "failed_permanent", f"ExitCode{code}", detail
+        return "failed_permanent", EXIT_REASONS.get(code, f"ExitCode{code}"), detail
     if isinstance(code, int) and code >= 128:
         return "failed_retryable", f"ExitCode{code}", detail
     if isinstance(signal, int) and signal > 0:
@@ -100,14 +120,17 @@ def _disruption(pod: Mapping[str, Any]) -> Outcome | None:
     status = _pod_status(pod)
     if status.get("reason") in DISRUPTION_REASONS:
         message = str(status.get("message") or status["reason"])
-        return Outcome("preempted", status["reason"], f"pod {_name(pod)}: {message}")
+        cause = frozenset({status["reason"]})
+        return Outcome("preempted", status["reason"], f"pod {_name(pod)}: {message}", None, cause)
     target = _pod_condition(pod, "DisruptionTarget")
     if target.get("status") == "True":
         message = str(target.get("message") or "disrupted")
         reason = as_reason(target.get("reason"), "DisruptionTarget")
-        return Outcome("preempted", reason, f"pod {_name(pod)}: {message}")
+        causes = frozenset({"DisruptionTarget"})
+        return Outcome("preempted", reason, f"pod {_name(pod)}: {message}", None, causes)
     if _terminating(pod):
-        return Outcome("preempted", "PodDeleted", f"pod {_name(pod)} is being deleted")
+        message = f"pod {_name(pod)} is being deleted"
+        return Outcome("preempted", "PodDeleted", message, None, frozenset({"PodDeleted"}))
     return None
 
 
@@ -132,7 +155,11 @@ def _head_failure(head: Mapping[str, Any]) -> tuple[datetime, Outcome] | None:
     term = _terminated(_head_container(head))
     if term is not None:
         kind, reason, detail = _exit(term)
-        return _finished_at(term), Outcome(kind, reason, f"driver in pod {_name(head)}: {detail}")
+        code = term.get("exitCode")
+        causes = frozenset({"OOMKilled"} if term.get("reason") == "OOMKilled" else ())
+        message = f"driver in pod {_name(head)}: {detail}"
+        outcome = Outcome(kind, reason, message, code if isinstance(code, int) else None, causes)
+        return _finished_at(term), outcome
     if _phase(head) == "Failed":
         reason = as_reason(_pod_status(head).get("reason"), "PodFailed")
         return _LATEST, Outcome("failed_retryable", reason, f"head pod {_name(head)} failed")
@@ -150,7 +177,8 @@ def _worker_failure(worker: Mapping[str, Any]) -> tuple[datetime, Outcome] | Non
     reason = (
         "OOMKilled" if term is not None and term.get("reason") == "OOMKilled" else "WorkerFailed"
     )
-    return _finished_at(term), Outcome("failed_retryable", reason, message)
+    causes = frozenset({"WorkerFailed", reason})
+    return _finished_at(term), Outcome("failed_retryable", reason, message, None, causes)
 
 
 def _head_ready(head: Mapping[str, Any]) -> bool:
@@ -209,7 +237,8 @@ def classify(pods: list[dict[str, Any]], expected_workers: int) -> Outcome:
             return disrupted
     gone = missing(head, workers, expected_workers)
     if gone:
-        return Outcome("preempted", "PodMissing", "pods vanished: " + ", ".join(gone))
+        message = "pods vanished: " + ", ".join(gone)
+        return Outcome("preempted", "PodMissing", message, None, frozenset({"PodMissing"}))
     assert head is not None
     failures = [f for f in (_head_failure(head), *map(_worker_failure, workers)) if f]
     if failures:

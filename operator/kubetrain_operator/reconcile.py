@@ -143,7 +143,8 @@ def reconcile(
     settings: OperatorSettings,
     now: datetime | None = None,
 ) -> float | None:
-    """Reconcile one run; returns seconds until it wants to be looked at again (TTL)."""
+    """Reconcile one run; returns seconds until it wants to be looked at again (a retry's
+    backoff, the TTL)."""
     started = time.perf_counter()
     now = now or datetime.now(timezone.utc)
     meta = body["metadata"]
@@ -207,9 +208,11 @@ def reconcile(
     leftovers = any(
         _attempt(p) != new_attempt or p["metadata"].get("deletionTimestamp") for p in all_pods
     )
+    # ... and until its retry backoff (status.nextAttemptTime) has passed.
+    create = action in ("create_cluster", "retry") and not leftovers and not decision.wait
     applied, conflict = False, None
     try:
-        if action in ("create_cluster", "retry") and run is not None and not leftovers:
+        if create and run is not None:
             applied = True
             refused = _create_cluster(kube, run, uid, ns, new_attempt, settings)
             status = _record_refusal(kube, body, run, status, refused, now)
@@ -228,7 +231,8 @@ def reconcile(
     gpus = 0 if run is None else validation.total_gpus(run.spec)
     metrics.RUNS.set(uid, status.get("phase") or "Pending", gpus)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-    return _ttl(kube, run, status, ns, name, now)
+    ttl = _ttl(kube, run, status, ns, name, now)
+    return decision.wait or ttl  # a backoff (active runs) or the TTL (finished ones)
 
 
 def _apply_serving(

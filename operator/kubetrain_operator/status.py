@@ -28,6 +28,9 @@ differs), post the events, then act. Every action is idempotent and may come aga
 - `retry`: like `create_cluster` for attempt `status.attempts` (already incremented here);
   the previous attempt failed or was preempted, and its pods must be deleted. The reconciler
   deletes pods of any attempt other than `status.attempts` on every pass anyway.
+  After a counted failure the new attempt backs off (retry.py): `status.nextAttemptTime`
+  says until when, `Decision.wait` how many seconds are left; while it is above 0 the
+  reconciler creates no pods and looks at the run again after that long.
 - `delete_pods`: delete every pod of the current attempt (suspend, deadline, invalid spec);
   returned while such a pod has no deletionTimestamp.
 - `finish`: the run is terminal: delete the worker pods, keep the head pod for its logs.
@@ -59,7 +62,9 @@ attempt's pods say. `deadline_exceeded` is the reconciler's call (timing.deadlin
 active time only, never while suspended).
 
 Counting: retryable failures = attempts - 1 - evictions; a run that always fails
-retryably ends Failed after exactly backoffLimit + 1 attempts. A resume re-creates the same
+retryably ends Failed after exactly backoffLimit + 1 attempts. Which failures are
+retryable, and which count as evictions, is outcome.classify's default as changed by
+spec.runPolicy.failureRules (retry.apply_rules). A resume re-creates the same
 attempt number (its pods are gone by then), so it counts as neither a failure nor an
 eviction.
 """
@@ -75,7 +80,7 @@ from typing import Any, Literal, get_args
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.reports import ProgressReport, count, parse_time, wire
 from kubetrain_api.validation import FieldError
-from kubetrain_operator import serving
+from kubetrain_operator import retry, serving
 from kubetrain_operator.conditions import (
     as_reason,
     clip,
@@ -161,6 +166,8 @@ class Decision:
     action: Action
     events: list[Event] = field(default_factory=list)
     serve: ServeAction = "none"
+    wait: float = 0.0
+    """Seconds the next attempt still backs off: no pods before then (see above)."""
 
 
 def is_terminal(status: Mapping[str, Any]) -> bool:
@@ -310,8 +317,17 @@ class _Draft:
             self.emit(event_type, reason, message)
         self.status["phase"] = phase
 
-    def decide(self, action: Action, serve: ServeAction = "none") -> Decision:
-        return Decision(self.status, action, self.events, serve)
+    def decide(self, action: Action, serve: ServeAction = "none", wait: float = 0.0) -> Decision:
+        return Decision(self.status, action, self.events, serve, wait)
+
+    def backoff_left(self) -> float:
+        """Seconds until status.nextAttemptTime, 0 when it has passed or is not set."""
+        until = parse_time(self.status.get("nextAttemptTime"))
+        if until is None:
+            return 0.0
+        now = self.observed.now
+        now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+        return max(0.0, (until - now).total_seconds())
 
 
 def _cleanup(phase: str, reason: str, pods: list[dict[str, Any]]) -> Action:
@@ -331,6 +347,7 @@ def _terminal(draft: _Draft) -> Decision:
 
 def _close(draft: _Draft, phase: str, reason: str, message: str) -> None:
     _clear_refusals(draft)
+    draft.status.pop("nextAttemptTime", None)
     draft.status["completionTime"] = draft.status.get("completionTime") or rfc3339(
         draft.observed.now
     )
@@ -363,6 +380,7 @@ def _invalid(draft: _Draft) -> Decision:
 
 
 def _suspend(draft: _Draft) -> Decision:
+    draft.status.pop("nextAttemptTime", None)  # a resume starts at once
     message = "spec.runPolicy.suspend is true; resuming continues from the latest checkpoint"
     draft.condition("Suspended", "True", "Suspended", message)
     for type in ("ClusterReady", "Training"):
@@ -408,17 +426,24 @@ def _start(draft: _Draft, workers: int) -> Decision:
     return draft.decide("create_cluster")
 
 
-def _retry(draft: _Draft, outcome: Outcome, budget: str) -> Decision:
+def _retry(draft: _Draft, outcome: Outcome, budget: str, backoff: int = 0) -> Decision:
     attempt = draft.attempt + 1
-    what = "was preempted" if outcome.kind == "preempted" else "failed"
+    # An Ignore rule spends the eviction budget on a driver's exit: that is no preemption.
+    preempted = outcome.kind == "preempted" and outcome.exit_code is None
+    what = "was preempted" if preempted else "failed"
+    when = ""
+    if backoff > 0:
+        until = rfc3339(draft.observed.now + timedelta(seconds=backoff))
+        draft.status["nextAttemptTime"] = until
+        when = f" after a {backoff}s backoff, at {until}"
     message = (
         f"attempt {draft.attempt} {what}: {outcome.reason}: {outcome.message}; "
-        f"retrying as attempt {attempt} ({budget})"
+        f"retrying as attempt {attempt}{when} ({budget})"
     )
     _create(draft, attempt, "Retrying", message)
     draft.condition("Training", "False", "Retrying", message)
     draft.emit("Warning", outcome.reason, message)
-    return draft.decide("retry")
+    return draft.decide("retry", wait=float(backoff))
 
 
 def _after_failure(draft: _Draft, outcome: Outcome, policy: api.RunPolicy) -> Decision:
@@ -436,7 +461,8 @@ def _after_failure(draft: _Draft, outcome: Outcome, policy: api.RunPolicy) -> De
         return _fail(draft, "EvictionLimitExceeded", message, "finish")
     failures = draft.attempt - draft.evictions  # this one included
     if failures <= policy.backoff_limit:
-        return _retry(draft, outcome, f"retry {failures} of {policy.backoff_limit}")
+        budget = f"retry {failures} of {policy.backoff_limit}"
+        return _retry(draft, outcome, budget, retry.backoff_seconds(policy, failures))
     message = (
         f"{outcome.reason}: {outcome.message}; backoffLimit {policy.backoff_limit} reached "
         f"after {draft.attempt} attempts"
@@ -521,6 +547,8 @@ def compute_status(observed: Observed) -> Decision:
     )
     if started and not creating:
         outcome = classify(draft.pods, spec.resources.workers)
+        outcome = retry.apply_rules(outcome, spec.run_policy.failure_rules)
+        draft.status.pop("nextAttemptTime", None)  # the attempt has started
 
     # A finished driver beats a deadline or a suspend that came too late to matter.
     if outcome is not None and outcome.kind == "succeeded":
@@ -540,6 +568,9 @@ def compute_status(observed: Observed) -> Decision:
     if draft.attempt == 0:
         return _start(draft, spec.resources.workers)
     if outcome is None:  # requested, not all pods seen yet: create-or-adopt again
+        wait = draft.backoff_left()
+        if wait:
+            return draft.decide("none", wait=wait)
         return draft.decide("none" if _backing_off(draft) else "create_cluster")
     if outcome.kind in ("pending", "running"):
         return _observe(draft, outcome)

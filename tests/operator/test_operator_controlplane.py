@@ -128,7 +128,7 @@ def test_oom_kill_then_success_takes_two_attempts(operator: None, namespace: str
 def test_a_retry_waits_until_the_old_attempts_pods_are_gone(operator: None, namespace: str) -> None:
     """The head Service selects every attempt's head: workers of attempt 2 started while
     attempt 1's head is still shutting down could join the dying cluster."""
-    apply(quickstart("gone"), namespace)
+    apply(quickstart("gone", runPolicy={"backoffSeconds": 0}), namespace)  # no backoff wait
     head_name = start_cluster("gone", namespace)
     # A finalizer keeps the old worker in Terminating, as a slow kubelet would.
     hold = {"metadata": {"finalizers": ["kubetrain.dev/test-hold"]}}
@@ -181,7 +181,7 @@ def test_exit_1_is_permanent(operator: None, namespace: str) -> None:
 
 
 def test_always_137_fails_after_backoff_limit_plus_one(operator: None, namespace: str) -> None:
-    apply(quickstart("flaky", runPolicy={"backoffLimit": 2}), namespace)
+    apply(quickstart("flaky", runPolicy={"backoffLimit": 2, "backoffSeconds": 1}), namespace)
     for attempt in (1, 2, 3):
         head_name = start_cluster("flaky", namespace, attempt=attempt)
         kubelet.set_terminated(namespace, head_name, 137, "OOMKilled")
@@ -262,7 +262,7 @@ def test_ttl_after_finished_deletes_the_run(operator: None, namespace: str) -> N
 
 
 def test_deleting_the_run_cascades_to_children(operator: None, namespace: str) -> None:
-    apply(quickstart("gone"), namespace)
+    apply(quickstart("gone", runPolicy={"backoffSeconds": 0}), namespace)  # no backoff wait
     start_cluster("gone", namespace)
     kubectl("delete", "tr", "gone", "-n", namespace, "--wait=false")
     wait_until(

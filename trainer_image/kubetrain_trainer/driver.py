@@ -1,6 +1,7 @@
 """The Ray driver: prepares the data once, then runs the training loop on every worker
-through Ray Train's `TorchTrainer`, restarting failed workers (`FailureConfig`) from the
-latest committed checkpoint.
+through Ray Train's `TorchTrainer`, restarting failed workers (`FailureConfig`, up to
+`max_failures`: 0 on Kubernetes, where the operator retries attempts) from the latest
+committed checkpoint.
 
 On Kubernetes it runs in the Ray head pod (`ray.init(address="auto")`); on a laptop it
 starts a local Ray instance. Rank 0 pushes progress events to a small mailbox actor; the
@@ -11,6 +12,8 @@ listener (the local progress bar).
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,10 +25,12 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import WORKER_SLOT_RESOURCE
 from kubetrain_trainer import metrics
 from kubetrain_trainer.config import TrainConfig, resolve
+from kubetrain_trainer.exits import RayUnavailable
 from kubetrain_trainer.mailbox import Mailbox
 from kubetrain_trainer.prepare import prepare
 from kubetrain_trainer.signals import stop_on_sigterm
@@ -205,17 +210,54 @@ def run_training(
     return result
 
 
+RAY_CONNECT_TIMEOUT_ENV = "KUBETRAIN_RAY_CONNECT_TIMEOUT_S"
+RAY_CONNECT_TIMEOUT_S = 120.0
+
+
+def ray_connect_timeout() -> float:
+    """Seconds `ray.init` may take before the driver gives up (EXIT_RAY_UNAVAILABLE)."""
+    value = os.environ.get(RAY_CONNECT_TIMEOUT_ENV, "")
+    try:
+        return float(value) if float(value) > 0 else RAY_CONNECT_TIMEOUT_S
+    except ValueError:
+        return RAY_CONNECT_TIMEOUT_S
+
+
+def _give_up_on_ray(where: str, timeout: float) -> None:
+    # ray.init retries an unreachable GCS for minutes inside native code, where no Python
+    # exception can reach it, so the watchdog ends the process itself, with the same code
+    # and message exits.report would give.
+    print(
+        f"kubetrain run: Ray unavailable: could not start or join {where} within {timeout:g}s "
+        f"({RAY_CONNECT_TIMEOUT_ENV}) (exit code {contract.EXIT_RAY_UNAVAILABLE})",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(contract.EXIT_RAY_UNAVAILABLE)
+
+
 def connect_ray(address: str | None, world_size: int) -> None:
     """Join the cluster at `address` (the head pod's), or start a local instance sized for
     `world_size` ranks (+1 CPU for Ray Train's controller); then take SIGTERM back from
-    `ray.init`, which replaces the driver's handler."""
+    `ray.init`, which replaces the driver's handler. A cluster that cannot be joined within
+    ray_connect_timeout() is an infrastructure failure (EXIT_RAY_UNAVAILABLE, retried)."""
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(
-                num_cpus=world_size + 1,
-                resources={WORKER_SLOT_RESOURCE: world_size},
-                include_dashboard=False,
-            )
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        timeout = ray_connect_timeout()
+        watchdog = threading.Timer(timeout, _give_up_on_ray, (where, timeout))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            else:
+                ray.init(
+                    num_cpus=world_size + 1,
+                    resources={WORKER_SLOT_RESOURCE: world_size},
+                    include_dashboard=False,
+                )
+        except Exception as exc:
+            raise RayUnavailable(f"could not start or join {where}: {exc}") from exc
+        finally:
+            watchdog.cancel()
     stop_on_sigterm()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,15 @@ from kubetrain_api import contract, validation
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.reports import ReportedModel, RunResult, lenient
 from kubetrain_api.v1alpha1 import EvaluationStatus
+from kubetrain_trainer.exits import SpecFailure, report
 from kubetrain_trainer.signals import stop_on_sigterm
 
 
-class RunError(Exception):
-    """A local run that cannot start; the message says why and what to do."""
+class RunError(SpecFailure):
+    """A run that cannot start (its file, its spec, its output folder); the message says
+    why and what to do."""
+
+    kind = "cannot start"
 
 
 def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
@@ -202,6 +205,19 @@ def write_termination_log(path: Path, summary: RunResult) -> None:
     path.write_text(summary.to_message())
 
 
+def ray_train_max_failures(
+    run: api.TrainingRun, address: str | None, override: int | None = None
+) -> int:
+    """How often Ray Train restarts failed workers within this driver. Only one layer counts
+    spec.runPolicy.backoffLimit: on Kubernetes (the head joins its cluster: `--address`) the
+    operator does, retrying the whole attempt (a lost pod never comes back to Ray), so Ray
+    Train restarts nothing and a lost worker ends the attempt at once (exit code
+    EXIT_WORKERS_LOST); on a laptop Ray Train is the only layer and counts it."""
+    if override is not None:
+        return override
+    return 0 if address else run.spec.run_policy.backoff_limit
+
+
 def run_local(
     path: Path,
     *,
@@ -215,6 +231,7 @@ def run_local(
     address: str | None = None,
     termination_log: Path | None = None,
     run_uid: str | None = None,
+    max_failures: int | None = None,
 ) -> dict[str, Any]:
     from kubetrain_trainer import metrics
     from kubetrain_trainer.driver import run_training
@@ -234,7 +251,7 @@ def run_local(
             address=address,
             world_size=workers,  # None: config.resolve derives it from the spec
             use_gpu=False if run.spec.resources.gpus_per_worker == 0 else None,
-            max_failures=run.spec.run_policy.backoff_limit,
+            max_failures=ray_train_max_failures(run, address, max_failures),
             telemetry=telemetry,
             listeners=[bar],
             log=lambda msg: print(msg, flush=True),
@@ -294,10 +311,10 @@ def main(args: Any) -> int:
             address=args.address,
             termination_log=Path(args.termination_log) if args.termination_log else None,
             run_uid=args.run_uid,
+            max_failures=getattr(args, "max_failures", None),
         )
-    except RunError as exc:
-        print(f"kubetrain run: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # the one place a failure becomes an exit code
+        return report(exc)
     if args.serve:
         run = load_run(Path(args.file), max_steps=args.max_steps)
         out = run_folder(run, Path(args.output_dir), args.run_uid)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kubetrain_api import contract
+
 ROOT = Path(__file__).resolve().parents[3]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
@@ -24,14 +26,14 @@ def test_invalid_spec_names_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(QUICKSTART.read_text().replace("microBatchSize: 8", "microBatchSize: 0"))
     out = run(str(bad), cwd=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == contract.EXIT_INVALID_SPEC
     assert "spec.hyperparameters.microBatchSize: must be >= 1" in out.stderr
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
 def test_missing_file(tmp_path: Path) -> None:
     out = run("nope.yaml", cwd=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == contract.EXIT_INVALID_SPEC
     assert "nope.yaml: cannot read" in out.stderr
 
 
@@ -39,13 +41,13 @@ def test_file_without_a_training_run(tmp_path: Path) -> None:
     other = tmp_path / "cm.yaml"
     other.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
     out = run(str(other), cwd=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == contract.EXIT_INVALID_SPEC
     assert "expected exactly one TrainingRun, found 0" in out.stderr
 
 
 def test_bad_max_steps_override_is_validated(tmp_path: Path) -> None:
     out = run(str(QUICKSTART), "--max-steps", "0", cwd=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == contract.EXIT_INVALID_SPEC
     assert "spec.hyperparameters.maxSteps: must be >= 1" in out.stderr
 
 
@@ -54,6 +56,6 @@ def test_an_earlier_run_is_not_overwritten_silently(tmp_path: Path) -> None:
     earlier.mkdir(parents=True)
     (earlier / "keep-me").write_text("x")
     out = run(str(QUICKSTART), cwd=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == contract.EXIT_INVALID_SPEC
     assert "pass --resume" in out.stderr
     assert (earlier / "keep-me").exists()
