@@ -71,7 +71,7 @@ def test_the_cli_refuses_another_runs_folder_before_any_work(tmp_path: Path) -> 
          "--output-dir", str(tmp_path / "runs"), "--run-uid", FIRST, "--resume"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
-    assert out.returncode == 1
+    assert out.returncode == contract.EXIT_INVALID_SPEC  # a user error: permanent
     assert "belongs to the run with uid 0b6a0e1c-0000-4000-8000-000000000000" in out.stderr
     assert "spec.checkpoint.resume" in out.stderr
     assert sorted(p.name for p in folder.iterdir()) == [
