@@ -80,6 +80,19 @@ def _ok_if_missing(call: Callable[[], Any]) -> bool:
         raise
 
 
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) from `old` to `new`: `new` itself, plus a null for
+    every key that `new` drops, at any depth (lists are replaced whole)."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            patch[key] = merge_patch(before, value)
+        else:
+            patch[key] = value
+    return patch
+
+
 def load_configuration() -> kubernetes.client.Configuration:
     """In-cluster credentials, else the kubeconfig named by KUBECONFIG, read now (the
     kubernetes package captures the variable when it is imported)."""
@@ -295,11 +308,16 @@ class Kube:
             raise
         return dict(cast(dict[str, Any], obj))
 
-    def patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+    def patch_status(
+        self, ns: str, name: str, status: dict[str, Any], previous: dict[str, Any] | None = None
+    ) -> None:
+        """Merge-patch the status to `status`; fields of `previous` (the status as read)
+        that `status` drops are removed (a merge patch keeps what it does not name)."""
+        body = {"status": merge_patch(previous or {}, status)}
         self._count("patch", "TrainingRun/status")
         _retry(
             lambda: self.custom.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, ns, api.PLURAL, name, {"status": status}
+                api.GROUP, api.VERSION, ns, api.PLURAL, name, body
             ),
             f"patch status of {name}",
         )

@@ -12,7 +12,8 @@
    and 4 is repaired by the next reconcile, and there is never a second set.
 5. Serve: create-or-update the serving objects (serving.py) by input hash, or delete them.
 
-Level-based: resync timers call this for every run, so a missed watch event only delays.
+Level-based: watch events on the run and its children, and a resync of runs not yet
+finished (controller.py), call this, so a missed watch event only delays.
 A converged run costs reads only (pods, the ConfigMap while active, the serving objects
 while served), no writes.
 """
@@ -164,7 +165,7 @@ def reconcile(
     # compute_status keeps asking for them until it has seen them, so a crash between the
     # two steps is repaired by the next reconcile.
     if status != previous:
-        kube.patch_status(ns, name, status)
+        kube.patch_status(ns, name, status, previous)
     for event in decision.events:
         kube.event(body, event.type, event.reason, event.message)
 
