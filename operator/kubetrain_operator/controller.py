@@ -131,7 +131,11 @@ class Controller:
     def reconcile(self, key: Key) -> float | None:
         """Reconcile the run as stored now; seconds until it wants another look, if ever."""
         run = self.kube.read_run(*key)
-        if run is None:
+        if run is None:  # its DELETED event may have been lost in a watch restart
+            with self._lock:
+                for uid in [uid for uid, known in self._known.items() if known == key]:
+                    del self._known[uid]
+                    self._handled.pop(uid, None)
             return None
         meta = run["metadata"]
         ttl = reconcile(run, self.kube, self.settings)

@@ -107,10 +107,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 @kopf.on.cleanup()
 def shut_down(memo: kopf.Memo, **_: Any) -> None:
-    if getattr(memo, "elector", None) is not None:
-        memo.elector.stop()  # releases the Lease: a standby takes over at once
+    # Reconciles in flight finish first; then the Lease goes: a standby takes over at once.
     if getattr(memo, "controller", None) is not None:
         memo.controller.stop()
+    if getattr(memo, "elector", None) is not None:
+        memo.elector.stop()
 
 
 @kopf.on.event(*RESOURCE)

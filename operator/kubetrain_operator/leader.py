@@ -58,6 +58,8 @@ class LeaseElector:
         self.namespace, self.name, self.identity = namespace, name, identity
         self.on_started_leading, self.on_stopped_leading = on_started_leading, on_stopped_leading
         self.lease_duration, self.renew_deadline = lease_duration, renew_deadline
+        # Each call is bounded by the retry period, so a leader whose renewals hang notices
+        # within renew_deadline + 2 * retry_period, before a standby may take over.
         self.retry_period = retry_period
         self.leading = False
         self._observed: tuple[Any, ...] | None = None  # the record as last seen
@@ -122,7 +124,9 @@ class LeaseElector:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+            lease = self.api.read_namespaced_lease(
+                self.name, self.namespace, _request_timeout=self.retry_period
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -133,7 +137,11 @@ class LeaseElector:
         lease = self._read()
         if lease is None:
             body = self._body(self._spec(None, 0))
-            return self._write(lambda: self.api.create_namespaced_lease(self.namespace, body))
+            return self._write(
+                lambda: self.api.create_namespaced_lease(
+                    self.namespace, body, _request_timeout=self.retry_period
+                )
+            )
         spec, version = lease.get("spec") or {}, lease["metadata"]["resourceVersion"]
         holder = spec.get("holderIdentity") or ""
         duration = spec.get("leaseDurationSeconds") or self.lease_duration
@@ -148,7 +156,9 @@ class LeaseElector:
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if mine else 1)
         body = self._body(self._spec(acquired, transitions), version)
         return self._write(
-            lambda: self.api.replace_namespaced_lease(self.name, self.namespace, body)
+            lambda: self.api.replace_namespaced_lease(
+                self.name, self.namespace, body, _request_timeout=self.retry_period
+            )
         )
 
     @staticmethod
