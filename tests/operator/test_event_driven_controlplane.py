@@ -3,7 +3,8 @@ operator in-process (conftest's `operator`, resync every second):
 
 - a finished run costs nothing at steady state: the operator's API client sends no
   request about it (counted at the client, in this process);
-- runs carry no finalizer (kopf adds one for any timer or daemon);
+- runs carry no finalizer (kopf adds one for any timer or daemon), and the one older
+  versions left is removed;
 - turning serving off removes `status.serving`, and the run then converges: a reconcile
   writes nothing.
 """
@@ -129,3 +130,12 @@ def test_turning_serving_off_removes_status_serving(
     for _ in range(2):
         reconcile(get_run("toggle", namespace), kube, OperatorSettings.from_env())
     assert sum(kube.mutations.values()) == 0, kube.mutations
+
+
+def test_the_finalizer_of_older_versions_is_removed(operator: None, namespace: str) -> None:
+    """Operators that had a resync timer left kopf's finalizer on every run; after an
+    upgrade it must go, or the run could never be deleted without the operator."""
+    doc = quickstart("legacy")
+    doc["metadata"]["finalizers"] = ["kubetrain.dev/finalizer"]
+    apply(doc, namespace)
+    wait_until(lambda: finalizers("legacy", namespace) == [], timeout=30, message="removed")
