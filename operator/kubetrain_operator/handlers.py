@@ -64,17 +64,13 @@ def bearer_token(header: str) -> str | None:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # No change handlers, timers or daemons use these; the finalizer name lets kopf remove
-    # the finalizer that versions with a resync timer put on runs.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetrain.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubetrain.dev", key="last-handled-configuration"
-    )
+    # Only event handlers: kopf stores no progress and adds no finalizer. Naming the one
+    # that operators with a resync timer put on every run lets kopf remove it.
     settings.persistence.finalizer = "kubetrain.dev/finalizer"
     settings.posting.enabled = False
     settings.watching.server_timeout = 300  # finite watches, reconnected by kopf
     settings.watching.client_timeout = 330
-    selectors = getattr(settings.watching, "label_selectors", None)  # kopf >= 1.43
+    selectors = getattr(settings.watching, "label_selectors", None)  # newer kopf only
     for child in CHILDREN:
         if selectors is not None:  # else kopf filters by the handlers' labels= itself
             selectors[child] = LABEL_RUN  # stream only the runs' children

@@ -97,6 +97,9 @@ def test_runs_carry_no_finalizer(operator: None, namespace: str) -> None:
     time.sleep(3)  # several resyncs of an active run
     assert finalizers("free", namespace) == []
     assert status("free", namespace)["phase"] == "Running"
+    # Nor any bookkeeping of kopf's (progress, last-handled configuration).
+    annotations = get_run("free", namespace)["metadata"].get("annotations") or {}
+    assert not [key for key in annotations if "kopf" in key or "last-handled" in key]
 
 
 def test_turning_serving_off_removes_status_serving(
