@@ -136,6 +136,7 @@ class Controller:
                 for uid in [uid for uid, known in self._known.items() if known == key]:
                     del self._known[uid]
                     self._handled.pop(uid, None)
+                    metrics.RUNS.forget(uid)
             return None
         meta = run["metadata"]
         ttl = reconcile(run, self.kube, self.settings)

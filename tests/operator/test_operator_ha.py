@@ -87,7 +87,7 @@ def status_writes(op: OperatorProcess) -> float:
 
 @pytest.fixture
 def two_operators(
-    rbac: None, cluster: Any, progress: kubelet.FakeProgress, tmp_path: Path
+    rbac: None, cluster: Any, progress: kubelet.FakeProgress, tmp_path: Path, namespace: str
 ) -> Iterator[tuple[OperatorProcess, OperatorProcess]]:
     kubectl("delete", "lease", LEASE[1], "-n", LEASE[0], "--ignore-not-found")
     ops = tuple(
@@ -107,6 +107,9 @@ def two_operators(
         for op in ops:
             if op.running():
                 op.kill()
+        # No run left for the next test's operator to count (no finalizer: no operator
+        # needed for this).
+        kubectl("delete", "tr", "--all", "-n", namespace, "--timeout=60s", check=False)
         kubectl("delete", "lease", LEASE[1], "-n", LEASE[0], "--ignore-not-found")
         for op in ops:
             if op.log and op.log.exists():
