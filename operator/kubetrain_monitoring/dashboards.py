@@ -384,8 +384,8 @@ def operator() -> Json:
                 ),
             ),
             unit="ops",
-            description="Reconciles of one TrainingRun per second (events and the resync "
-            "timer), and those that raised (kopf retries them).",
+            description="Reconciles of one TrainingRun per second (watch events, and the "
+            "resync of unfinished runs), and those that raised (retried with backoff).",
         ),
         Panel(
             "Reconcile latency",

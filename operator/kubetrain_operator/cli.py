@@ -1,4 +1,5 @@
-"""`kubetrain operator`: run the kopf operator (standalone: one replica, no peering)."""
+"""`kubetrain operator`: run the kopf operator (kopf standalone: several replicas elect a
+leader through a Lease, leader.py, not through kopf's peering)."""
 
 from __future__ import annotations
 

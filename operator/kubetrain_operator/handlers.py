@@ -1,18 +1,18 @@
-"""kopf handlers: thin. Each one hands the body to `reconcile.reconcile`.
+"""kopf handlers: thin. Watch events on runs and on their children go to the
+controller's work queue (controller.py), whose workers call `reconcile.reconcile`.
 
-Change handlers give a prompt reaction; a timer per run reconciles it again every
-`KUBETRAIN_RESYNC_SECONDS` (level-based: a missed event only delays). Reconciles of one
-run are serialized by a lock, since kopf may run its timer and a change handler at once.
-kopf keeps its bookkeeping in annotations under kubetrain.dev and posts no events of its
-own; the reconciler posts ours.
+Event-driven: no kopf timer or daemon, so kopf puts no finalizer on runs, and a finished
+run costs nothing at steady state. Children are watched with a server-side label
+selector (`kubetrain.dev/run`), so the operator streams only its own pods, Deployments
+and Services. With leader election (KUBETRAIN_LEADER_ELECTION, leader.py) every replica
+watches but only the holder of the Lease reconciles. kopf keeps no bookkeeping of its own
+on the runs (no change handlers) and posts no events; the reconciler posts ours.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-from collections import defaultdict
 from typing import Any
 
 import kopf
@@ -20,16 +20,17 @@ import kubernetes
 from prometheus_client import start_http_server
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import LABEL_RUN
 from kubetrain_operator import metrics, serving
+from kubetrain_operator.controller import Controller
 from kubetrain_operator.k8s import Kube, load_configuration
-from kubetrain_operator.reconcile import reconcile
+from kubetrain_operator.leader import LeaseElector, default_identity
 from kubetrain_operator.settings import OperatorSettings
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
-# The timer's interval is fixed when this module is imported, so it is read here, from the
-# same settings (the environment) that configure() reads at start-up.
-RESYNC_SECONDS = OperatorSettings.from_env().resync_seconds
-_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+# Children whose events re-queue their run: the Ray pods (phases, exit codes), the
+# serving Deployment (rollout, availability) and Services (repaired when deleted).
+CHILDREN = (("v1", "pods"), ("apps", "deployments"), ("v1", "services"))
 
 
 @kopf.on.login()
@@ -63,56 +64,62 @@ def bearer_token(header: str) -> str | None:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetrain.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubetrain.dev", key="last-handled-configuration"
-    )
+    # Only event handlers: kopf stores no progress and adds no finalizer. Naming the one
+    # that operators with a resync timer put on every run lets kopf remove it.
     settings.persistence.finalizer = "kubetrain.dev/finalizer"
     settings.posting.enabled = False
     settings.watching.server_timeout = 300  # finite watches, reconnected by kopf
     settings.watching.client_timeout = 330
+    selectors = getattr(settings.watching, "label_selectors", None)  # newer kopf only
+    for child in CHILDREN:
+        if selectors is not None:  # else kopf filters by the handlers' labels= itself
+            selectors[child] = LABEL_RUN  # stream only the runs' children
     ours = OperatorSettings.from_env()
-    settings.execution.max_workers = ours.workers
-    memo.kube = Kube.from_environment()
+    kube = Kube.from_environment()
     # Asked once: the PodDisruptionBudget API moved to policy/v1 in Kubernetes 1.21.
-    served = memo.kube.served_versions("policy")
-    memo.settings = dataclasses.replace(ours, pdb_api_version=serving.pdb_api_version(served))
+    served = kube.served_versions("policy")
+    ours = dataclasses.replace(ours, pdb_api_version=serving.pdb_api_version(served))
+    memo.kube, memo.settings = kube, ours
+    memo.controller = Controller(kube, ours, leading=not ours.leader_election)
+    memo.controller.start(ours.workers)
+    memo.elector = None
+    if ours.leader_election:
+        memo.elector = LeaseElector(
+            kube.client,
+            ours.operator_namespace,
+            ours.lease_name,
+            default_identity(),
+            on_started_leading=memo.controller.start_leading,
+            on_stopped_leading=memo.controller.stop_leading,
+            lease_duration=ours.lease_duration_seconds,
+            renew_deadline=ours.lease_renew_deadline_seconds,
+            retry_period=ours.lease_retry_period_seconds,
+        )
+        memo.elector.start()
     if ours.metrics_port:
         start_http_server(ours.metrics_port, registry=metrics.REGISTRY)
         logging.info("operator metrics on :%s/metrics", ours.metrics_port)
 
 
-def _reconcile(body: kopf.Body, memo: kopf.Memo) -> None:
-    meta = body["metadata"]
-    with _locks[meta["uid"]]:
-        # The body kopf hands over may predate the reconcile that held the lock (its
-        # status writes, the user's latest spec): decide on the run as stored now.
-        fresh = memo.kube.read_run(meta["namespace"], meta["name"])
-        if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
-            return
-        try:
-            delay = reconcile(fresh, memo.kube, memo.settings)
-        except Exception:
-            metrics.RECONCILE_ERRORS.inc()
-            raise
-    if delay is not None:
-        raise kopf.TemporaryError("waiting: retry backoff or ttlSecondsAfterFinished", delay=delay)
+@kopf.on.cleanup()
+def shut_down(memo: kopf.Memo, **_: Any) -> None:
+    # Reconciles in flight finish first; then the Lease goes: a standby takes over at once.
+    if getattr(memo, "controller", None) is not None:
+        memo.controller.stop()
+    if getattr(memo, "elector", None) is not None:
+        memo.elector.stop()
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE, field="spec")
-def on_change(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, memo)
+@kopf.on.event(*RESOURCE)
+async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.run_event(type, body)
 
 
-@kopf.timer(*RESOURCE, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(body, memo)
+async def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.child_event(type, body)
 
 
-@kopf.on.delete(*RESOURCE, optional=True)  # optional: no finalizer just for this
-def forget(body: kopf.Body, **_: Any) -> None:
-    uid = body["metadata"]["uid"]
-    metrics.RUNS.forget(uid)
-    _locks.pop(uid, None)
+for _group, _plural in CHILDREN:
+    kopf.on.event(_group, _plural, labels={LABEL_RUN: kopf.PRESENT}, id=f"{_plural}-event")(
+        child_event
+    )

@@ -16,7 +16,8 @@ Only the run's own objects count and are touched (ownership.py): pods of an earl
 the same name are not this run's, and a child's name held by another object stops the
 run at that child with the ChildConflict condition until the name is free.
 
-Level-based: resync timers call this for every run, so a missed watch event only delays.
+Level-based: watch events on the run and its children, and a resync of runs not yet
+finished (controller.py), call this, so a missed watch event only delays.
 A converged run costs reads only (pods, the ConfigMap while active, the serving objects
 while served), no writes.
 """

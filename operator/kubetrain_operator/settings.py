@@ -19,6 +19,10 @@ def _int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
 def _optional_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value else None
@@ -95,7 +99,8 @@ class OperatorSettings:
     limits: Limits = field(default_factory=Limits)
     """Caps on specs (GPUs per run, spec size, name length)."""
     resync_seconds: float = 10.0
-    """Level-based reconcile: every run is recomputed from the cluster this often."""
+    """Runs that are not finished are recomputed from the cluster this often (progress has
+    no watch event); finished runs only on events."""
     workers: int = 8
     """kopf's worker threads for the (blocking) handlers: runs reconciled at once."""
     metrics_port: int | None = None
@@ -107,6 +112,16 @@ class OperatorSettings:
     """Largest /progress answer read (1 MiB); a larger one is refused as no progress."""
     progress_host_override: str | None = None
     """Read progress from this host instead of the head pod's IP (tests, port-forwards)."""
+    leader_election: bool = False
+    """Reconcile only while holding the Lease `lease_name` in `operator_namespace`, so
+    several replicas can run (leader.py)."""
+    lease_name: str = "kubetrain-operator"
+    lease_duration_seconds: float = 15.0
+    """A standby takes over after seeing the Lease unrenewed this long."""
+    lease_renew_deadline_seconds: float = 10.0
+    """A leader that could not renew this long stops reconciling."""
+    lease_retry_period_seconds: float = 2.0
+    """How often the leader renews and a standby checks."""
     pdb_api_version: str = "policy/v1"
     """API version of the serving PodDisruptionBudget. The operator asks the API server at
     start-up (discovery) and uses policy/v1beta1 where policy/v1 is not served (< 1.21)."""
@@ -146,4 +161,16 @@ class OperatorSettings:
             workers=_int("KUBETRAIN_WORKERS", defaults.workers),
             metrics_port=_optional_int("KUBETRAIN_METRICS_PORT"),
             progress_host_override=os.environ.get("KUBETRAIN_PROGRESS_HOST") or None,
+            leader_election=os.environ.get("KUBETRAIN_LEADER_ELECTION", "").lower()
+            in ("1", "true", "yes"),
+            lease_name=os.environ.get("KUBETRAIN_LEASE_NAME", defaults.lease_name),
+            lease_duration_seconds=_float(
+                "KUBETRAIN_LEASE_DURATION_SECONDS", defaults.lease_duration_seconds
+            ),
+            lease_renew_deadline_seconds=_float(
+                "KUBETRAIN_LEASE_RENEW_DEADLINE_SECONDS", defaults.lease_renew_deadline_seconds
+            ),
+            lease_retry_period_seconds=_float(
+                "KUBETRAIN_LEASE_RETRY_PERIOD_SECONDS", defaults.lease_retry_period_seconds
+            ),
         )

@@ -278,6 +278,45 @@ def test_network_policy_values_reach_every_runs_policy(monkeypatch: pytest.Monke
     ]
 
 
+def test_more_replicas_elect_a_leader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One replica: no leader election, Recreate. More: every replica campaigns for the
+    release's Lease, with a Role for exactly that Lease (operator/deploy/rbac.yaml's)."""
+    single = template()
+    deployment = operator_deployment(single)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert (deployment["spec"]["replicas"], deployment["spec"]["strategy"]["type"]) == (
+        1,
+        "Recreate",
+    )
+    assert "KUBETRAIN_LEADER_ELECTION" not in {e["name"] for e in container["env"]}
+    assert find(single, "Role") == []
+
+    docs = template({"replicas": 2})
+    deployment = operator_deployment(docs)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert (deployment["spec"]["replicas"], deployment["spec"]["strategy"]["type"]) == (
+        2,
+        "RollingUpdate",
+    )
+    env = {e["name"]: e.get("value") for e in container["env"] if "value" in e}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings.from_env()
+    assert settings.leader_election is True
+    assert settings.lease_name == deployment["metadata"]["name"]
+    (role,) = find(docs, "Role")
+    (binding,) = find(docs, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    deploy = {d["kind"]: d for d in yaml.safe_load_all(RBAC.read_text())}
+    lease = OperatorSettings().lease_name
+    expected = [
+        {**r, "resourceNames": [settings.lease_name]} if r.get("resourceNames") == [lease] else r
+        for r in deploy["Role"]["rules"]
+    ]
+    assert role["rules"] == expected
+
+
 @pytest.mark.parametrize("key", list(COMBINATIONS))
 def test_flag_combination_renders(key: str) -> None:
     values = COMBINATIONS[key]

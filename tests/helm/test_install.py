@@ -116,8 +116,9 @@ def test_install_upgrade_uninstall(
     with operator(cluster, "--all-namespaces"):
         reconciles("helm-all", namespace)
 
-    # Upgrade: watch only this namespace, resync faster. The Deployment follows, and the
-    # namespaced permissions move from the ClusterRole into a Role in the namespace.
+    # Upgrade: watch only this namespace, resync faster, two replicas. The Deployment
+    # follows, the namespaced permissions move from the ClusterRole into a Role in the
+    # namespace, and the replicas elect a leader through the release's Lease.
     helm(
         "upgrade",
         RELEASE,
@@ -125,7 +126,11 @@ def test_install_upgrade_uninstall(
         "-n",
         NAMESPACE,
         "--reuse-values",
-        values={"watchNamespaces": [namespace], "operator": {"resyncSeconds": 5}},
+        values={
+            "watchNamespaces": [namespace],
+            "operator": {"resyncSeconds": 5},
+            "replicas": 2,
+        },
         kubeconfig=cluster.kubeconfig,
     )
     deployment = get("deployment", NAME, NAMESPACE)
@@ -134,14 +139,27 @@ def test_install_upgrade_uninstall(
     assert f"--namespace={namespace}" in container["args"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["KUBETRAIN_RESYNC_SECONDS"] == "5"
+    assert (env["KUBETRAIN_LEADER_ELECTION"], env["KUBETRAIN_LEASE_NAME"]) == ("true", NAME)
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert get("role", f"{NAME}-leader-election", NAMESPACE) is not None
     assert get("role", NAME, namespace) is not None
     assert get("rolebinding", NAME, namespace) is not None
     assert can_i(cluster, "create", "pods", namespace)
     assert not can_i(cluster, "create", "pods", "default")
     assert can_i(cluster, "watch", "customresourcedefinitions", "default")
 
-    with operator(cluster, "--namespace", namespace):
-        reconciles("helm-one", namespace)
+    leader_election = {
+        "KUBETRAIN_LEADER_ELECTION": "true",
+        "KUBETRAIN_LEASE_NAME": NAME,
+        "KUBETRAIN_OPERATOR_NAMESPACE": NAMESPACE,
+    }
+    with in_process_operator(
+        cluster.operator_kubeconfig, "--namespace", namespace, **leader_election
+    ):
+        reconciles("helm-one", namespace)  # as the leader: the chart's Role lets it lead
+        lease = get("lease", NAME, NAMESPACE)
+        assert lease is not None
+        assert lease["spec"]["holderIdentity"]
 
     # Uninstall: everything of the release goes, the CRD (and so the runs) stays.
     manifest = helm("get", "manifest", RELEASE, "-n", NAMESPACE, kubeconfig=cluster.kubeconfig)
@@ -158,9 +176,8 @@ def test_install_upgrade_uninstall(
     assert get("crd", crd.CRD_NAME) is not None
     assert get("tr", "helm-one", namespace) is not None
     assert not can_i(cluster, "create", "pods", namespace)
-    # No operator is left to remove kopf's finalizers: drop them so the namespace can go.
+    # No finalizer on the runs: they and their namespace can go without the operator.
     for run in ("helm-all", "helm-one"):
-        kubectl(
-            "patch", "tr", run, "-n", namespace, "--type=merge",
-            "-p", '{"metadata": {"finalizers": null}}',
-        )  # fmt: skip
+        found = get("tr", run, namespace)
+        assert found is not None, run
+        assert not found["metadata"].get("finalizers"), run

@@ -8,12 +8,8 @@ Also checks the process's liveness and metrics endpoints, since it is the real c
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +17,7 @@ import pytest
 
 from tests.support import kubelet
 from tests.support.cluster import kubectl, wait_until
-from tests.support.operators import free_port, operator_command
+from tests.support.operators import OperatorProcess
 from tests.support.runs import (
     RBAC,
     apply,
@@ -32,38 +28,6 @@ from tests.support.runs import (
 )
 
 pytestmark = pytest.mark.controlplane
-
-
-class OperatorProcess:
-    """`kubetrain operator` as a child process that can be killed like the OOM killer."""
-
-    def __init__(self, kubeconfig: str, progress_port: int):
-        self.liveness, self.metrics = free_port(), free_port()
-        self.env = {
-            **os.environ,
-            "KUBECONFIG": kubeconfig,
-            "KUBETRAIN_RESYNC_SECONDS": "1",
-            "KUBETRAIN_PROGRESS_PORT": str(progress_port),
-            "KUBETRAIN_PROGRESS_HOST": "127.0.0.1",
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            operator_command(self.metrics, self.liveness),
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def get(self, port: int, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-            return str(resp.read().decode())
 
 
 @pytest.fixture

@@ -1,24 +1,23 @@
 """Races the operator must survive, produced for real on the local control plane with no
-operator running: the test calls the handler itself, with the operator's credentials.
+operator running: the test drives the controller itself, with the operator's credentials.
 
-- kopf hands a handler the body it had when the handler was queued; by the time the
-  per-run lock is free, another reconcile may have written status, or the user changed
-  the spec. The handler must decide on the run as stored now.
+- A run is queued by an event (controller.py); by the time a worker takes it, another
+  reconcile may have written status, or the user changed the spec. The worker must
+  decide on the run as stored now.
 - Creating a child that already exists answers 409; it is adopted at once, never asked
   again (each retry would cost seconds of backoff per child on every resume).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
-import kopf
 import kubernetes
 import pytest
 
-from kubetrain_operator import builders, handlers, metrics
+from kubetrain_operator import builders, metrics
+from kubetrain_operator.controller import Controller
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.settings import OperatorSettings
 from tests.support.cluster import kubectl
@@ -35,19 +34,17 @@ def kube(cluster: Any, crd_installed: None) -> Kube:
     return Kube(client)
 
 
-def _memo(kube: Kube) -> kopf.Memo:
-    memo = kopf.Memo()
-    memo.kube = kube
-    memo.settings = OperatorSettings()
-    return memo
+def _controller(kube: Kube) -> Controller:
+    return Controller(kube, OperatorSettings())
 
 
 def test_a_stale_body_is_decided_on_the_stored_run(kube: Kube, namespace: str) -> None:
     apply(quickstart("late"), namespace)
-    queued = get_run("late", namespace)  # what kopf holds when the handler is queued
+    controller = _controller(kube)
+    controller.run_event("ADDED", get_run("late", namespace))  # queued as it was then
     apply(quickstart("late", runPolicy={"suspend": True}), namespace)
 
-    handlers._reconcile(kopf.Body(copy.deepcopy(queued)), _memo(kube))
+    controller.reconcile(controller.queue.get() or ("", ""))
 
     stored = get_run("late", namespace)
     assert stored["status"]["phase"] == "Suspended", stored["status"]
@@ -56,10 +53,11 @@ def test_a_stale_body_is_decided_on_the_stored_run(kube: Kube, namespace: str) -
 
 def test_a_deleted_run_is_left_alone(kube: Kube, namespace: str) -> None:
     apply(quickstart("gone"), namespace)
-    queued = get_run("gone", namespace)
+    controller = _controller(kube)
+    controller.run_event("ADDED", get_run("gone", namespace))
     kubectl("delete", "tr", "gone", "-n", namespace)
 
-    handlers._reconcile(kopf.Body(copy.deepcopy(queued)), _memo(kube))
+    assert controller.reconcile(controller.queue.get() or ("", "")) is None
 
     assert run_pods("gone", namespace) == []
     assert kube.mutations == {}

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,3 +57,44 @@ def operator_command(metrics_port: int, liveness_port: int | None = None) -> lis
         "--metrics-port",
         str(metrics_port),
     ]
+
+
+class OperatorProcess:
+    """`kubetrain operator` as a child process that can be killed like the OOM killer.
+    `env` adds KUBETRAIN_* settings; `log` receives its output (else it is dropped)."""
+
+    def __init__(
+        self, kubeconfig: str, progress_port: int, log: Path | None = None, **env: str
+    ) -> None:
+        self.liveness, self.metrics = free_port(), free_port()
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": kubeconfig,
+            "KUBETRAIN_RESYNC_SECONDS": "1",
+            "KUBETRAIN_PROGRESS_PORT": str(progress_port),
+            "KUBETRAIN_PROGRESS_HOST": "127.0.0.1",
+            **env,
+        }
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            operator_command(self.metrics, self.liveness),
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT if self.log else subprocess.DEVNULL,
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def get(self, port: int, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+            return str(resp.read().decode())
