@@ -15,7 +15,6 @@ renew for `renew_deadline` stops leading before anyone may take over (`lease_dur
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -31,8 +30,8 @@ log = logging.getLogger("kubetrain.leader")
 
 
 def default_identity() -> str:
-    """Unique per process: the pod's name (downward API) or the host, and a random tag."""
-    return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    """Unique per process: the host name (a pod's is its name) and a random tag."""
+    return f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
 def _micro_time(at: datetime) -> str:

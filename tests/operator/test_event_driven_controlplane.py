@@ -142,3 +142,22 @@ def test_the_finalizer_of_older_versions_is_removed(operator: None, namespace: s
     doc["metadata"]["finalizers"] = ["kubetrain.dev/finalizer"]
     apply(doc, namespace)
     wait_until(lambda: finalizers("legacy", namespace) == [], timeout=30, message="removed")
+
+
+def test_a_pending_ttl_does_not_stop_repairs_of_a_finished_run(
+    operator: None, namespace: str
+) -> None:
+    """A served run with a week-long TTL: its serving Deployment, deleted by hand, comes
+    back at once (the TTL used to hold every reconcile of the run until it expired)."""
+    doc = served_run("kept")
+    doc["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 7 * 24 * 3600}
+    finish_training(doc, namespace, summary("kept"))
+    before = wait_serving_objects("kept", namespace)["Deployment"]
+    kubectl("delete", "deployment", "kept-serve", "-n", namespace)
+    wait_until(
+        lambda: (d := get("Deployment", "kept-serve", namespace))
+        and d["metadata"]["uid"] != before["metadata"]["uid"],
+        timeout=30,
+        message="the serving Deployment re-created",
+    )
+    assert get_run("kept", namespace)["status"]["phase"] == "Succeeded"
