@@ -849,11 +849,15 @@ def _clear(
 
 
 def run(
-    quick: bool = False, workdir: Path | None = None, steady_runs: int | None = None
+    quick: bool = False,
+    workdir: Path | None = None,
+    steady_runs: int | None = None,
+    steady_only: bool = False,
 ) -> dict[str, Any]:
     """All benchmarks for both operators on a private control plane in workdir (a temp
     dir by default); the control plane and the operators are always stopped.
-    steady_runs: runs of the steady state (STEADY_RUNS, QUICK_STEADY_RUNS with quick)."""
+    steady_runs: runs of the steady state (STEADY_RUNS, QUICK_STEADY_RUNS with quick).
+    steady_only: (c) alone, for a quick look at scale (no ratios, no plot bars)."""
     latency_runs, burst_runs = (5, 20) if quick else (30, 200)
     settle_s = 0.0 if quick else 2.0 * RESYNC_SECONDS
     if steady_runs is None:
@@ -881,18 +885,20 @@ def run(
             ("minimal", _minimal, 0),
             ("ours", _ours, _pods_per_run()),
         ):
-            _log(f"{label}: starting the operator")
-            op = start(cluster.operator_kubeconfig, workdir / f"{label}-operator.log")
-            try:
-                results[label] = bench_one(
-                    op, custom, core, latency_runs, burst_runs, pods_per_run, settle_s
-                )
-                _clear(core, custom, label, BENCH_NAMESPACES)
-            except BaseException:
-                _log(f"{label} operator log tail:\n{op.log_tail()}")
-                raise
-            finally:
-                op.stop()
+            results[label] = {}
+            if not steady_only:
+                _log(f"{label}: starting the operator")
+                op = start(cluster.operator_kubeconfig, workdir / f"{label}-operator.log")
+                try:
+                    results[label] = bench_one(
+                        op, custom, core, latency_runs, burst_runs, pods_per_run, settle_s
+                    )
+                    _clear(core, custom, label, BENCH_NAMESPACES)
+                except BaseException:
+                    _log(f"{label} operator log tail:\n{op.log_tail()}")
+                    raise
+                finally:
+                    op.stop()
             results[label]["steady"] = measure_steady(
                 cluster,
                 custom,
@@ -906,6 +912,8 @@ def run(
                 window_s,
                 clear_after=label != "ours",  # the last: the control plane goes anyway
             )
+    if steady_only:
+        return results
     ours, minimal = results["ours"], results["minimal"]
     for kind in ("latency", "settled"):
         for q in ("p50", "p95"):
@@ -982,12 +990,14 @@ def main() -> int:
         "--out",
         type=Path,
         help="write the JSON here too (default: bench/results/operator_scale.json, "
-        "not for --quick)",
+        "not for --quick or --steady-only)",
     )
+    parser.add_argument("--steady-only", action="store_true", help="the steady state alone")
     args = parser.parse_args()
-    results = run(quick=args.quick, steady_runs=args.runs)
+    results = run(quick=args.quick, steady_runs=args.runs, steady_only=args.steady_only)
     text = json.dumps(results, indent=2)
-    out = args.out or (None if args.quick else RESULTS / "operator_scale.json")
+    full = not (args.quick or args.steady_only)
+    out = args.out or (RESULTS / "operator_scale.json" if full else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
