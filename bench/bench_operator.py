@@ -31,8 +31,10 @@ Two operators take turns on the same cluster, CRD and RBAC (the operator's own t
 The minimal operator goes first: deleting ours' runs leaves garbage collection of its
 children running, which would slow whoever comes next. Each operator gets fresh
 namespaces and waits for the cluster to hold no runs before it starts.
-Run: `python -m bench.bench_operator [--quick] [--runs N] [--out PATH]`; prints JSON on
-stdout, progress on stderr; a full run also writes bench/results/operator_scale.json.
+Run: `python -m bench.bench_operator [--quick] [--runs N] [--steady-only] [--out PATH]`;
+prints JSON on stdout, progress on stderr; a full run also writes
+bench/results/operator_scale.json. A full run with 1,000 runs takes about 13 minutes on a
+loaded 2-core machine, the steady state alone about 8.
 """
 
 from __future__ import annotations
