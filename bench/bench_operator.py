@@ -12,12 +12,29 @@ Two operators take turns on the same cluster, CRD and RBAC (the operator's own t
 (b) burst: M runs created at once by parallel API calls; time until all have a phase
     (target <= 60 s for ours), time until all their pods exist (ours only; they stay
     Pending, there is no kubelet), and the operator's peak RSS (children included) from
-    the burst until its first resync wave (target <= 300 MiB).
+    the burst until its first resync wave (target <= 300 MiB); and each run's create ->
+    first status (from the create request to the watch event with a phase): p50 (target
+    <= 0.5 s, and p50 ours / minimal <= 1.3) and p99.
+(c) steady state (`--runs`, default 1,000): half the runs finished (status Succeeded, as
+    the operator writes it, patched in while no operator runs), half active (ours creates
+    their pods, which the bench then marks Running like a kubelet would, and reads their
+    progress from one small local fake /progress server). Once every active run is
+    Running and a settle period has passed: the operator's API requests per second over a
+    window, split by namespace (finished runs, active runs, other: watches and
+    cluster-scoped calls), its RSS (target < 300 MiB) and CPU. Requests are counted at the
+    API server: from its audit log of the operator's user when the control plane writes
+    one (`Cluster.audit_log`), else from the `apiserver_request_total` delta of every
+    client (the operator being the only busy one), without the split.
+    Ours runs with its default resync interval here. The minimal operator gets the same
+    runs and statuses (it only marks them Pending at start-up).
 
 The minimal operator goes first: deleting ours' runs leaves garbage collection of its
 children running, which would slow whoever comes next. Each operator gets fresh
 namespaces and waits for the cluster to hold no runs before it starts.
-Run: `python -m bench.bench_operator [--quick]`; prints JSON on stdout, progress on stderr.
+Run: `python -m bench.bench_operator [--quick] [--runs N] [--steady-only] [--out PATH]`;
+prints JSON on stdout, progress on stderr; a full run also writes
+bench/results/operator_scale.json. A full run with 1,000 runs takes about 13 minutes on a
+loaded 2-core machine, the steady state alone about 8.
 """
 
 from __future__ import annotations
@@ -29,14 +46,19 @@ import json
 import os
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -45,17 +67,29 @@ from kubernetes import client, config, watch
 
 from kubetrain_api import crd, validation
 from kubetrain_api import v1alpha1 as api
+from kubetrain_operator.conditions import rfc3339, set_condition
+from kubetrain_operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 TARGET_LATENCY_RATIO = 1.5
 TARGET_BURST_S = 60.0
 TARGET_RSS_MIB = 300.0
+TARGET_BURST_P50_S = 0.5
+TARGET_BURST_RATIO = 1.3
+# "Near zero" for all finished runs together: one request per 10 s.
+TARGET_FINISHED_RPS = 0.1
+STEADY_RUNS = 1000
+QUICK_STEADY_RUNS = 40
+# What every active run's head answers on /progress (one server for all of them).
+PROGRESS_DOCUMENT = {"phase": "Running", "step": 7, "totalSteps": 200, "loss": 2.0}
 RESYNC_SECONDS = 30
 CREATE_THREADS = 8
 # Pause between creates for the "settled" latency: the operator finishes creating the
 # previous run's children (well under a second) before the next run arrives.
 SETTLED_GAP_S = 1.0
-NAMESPACES = ("warmup", "latency", "settled", "burst")  # per operator: bench-<label>-<kind>
+BENCH_NAMESPACES = ("warmup", "latency", "settled", "burst")  # bench-<label>-<kind>
+STEADY_NAMESPACES = ("finished", "active")
 RSS_SAMPLE_S = 0.05
 _T0 = time.monotonic()
 
@@ -94,6 +128,17 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str, interval: flo
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def _tail(samples: list[float]) -> dict[str, Any]:
+    """p50, p99, max and mean of many samples (a burst's runs)."""
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")  # 1 % steps
+    return {
+        "p50_s": round(cuts[49], 4),
+        "p99_s": round(cuts[98], 4),
+        "max_s": round(max(samples), 4),
+        "mean_s": round(statistics.fmean(samples), 4),
+    }
+
+
 def _percentiles(samples: list[float]) -> dict[str, Any]:
     cuts = statistics.quantiles(samples, n=20, method="inclusive")  # 5 % steps
     return {
@@ -127,17 +172,25 @@ def _cpu_seconds(pid: int) -> float:
 
 
 class RssPeak:
-    """Samples a process tree's RSS in a thread; `.peak` is the largest seen."""
+    """Samples a process tree's RSS in a thread; `.peak` is the largest seen, `.mean` the
+    mean of the samples."""
 
-    def __init__(self, pid: int):
-        self.pid, self.peak = pid, 0
+    def __init__(self, pid: int, interval_s: float = RSS_SAMPLE_S):
+        self.pid, self.peak, self.interval_s = pid, 0, interval_s
+        self._samples: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self._samples) if self._samples else 0.0
+
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes(self.pid))
-            self._stop.wait(RSS_SAMPLE_S)
+            rss = _rss_bytes(self.pid)
+            self._samples.append(rss)
+            self.peak = max(self.peak, rss)
+            self._stop.wait(self.interval_s)
 
     def __enter__(self) -> RssPeak:
         self._thread.start()
@@ -178,19 +231,22 @@ class OperatorProcess:
                 self.proc.wait(timeout=15)
 
 
-def _ours(kubeconfig: Path, log_path: Path) -> OperatorProcess:
+def _ours(kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None) -> OperatorProcess:
+    """env: on top of KUBECONFIG and KUBETRAIN_RESYNC_SECONDS=RESYNC_SECONDS."""
     argv = [sys.executable, "-m", "kubetrain_cli.main", "operator"]
     argv += ["--liveness-port", str(_free_port()), "--metrics-port", str(_free_port())]
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    env["KUBETRAIN_RESYNC_SECONDS"] = str(RESYNC_SECONDS)
-    return OperatorProcess("ours", argv, env, log_path)
+    full = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    full["KUBETRAIN_RESYNC_SECONDS"] = str(RESYNC_SECONDS)
+    return OperatorProcess("ours", argv, {**full, **(env or {})}, log_path)
 
 
-def _minimal(kubeconfig: Path, log_path: Path) -> OperatorProcess:
+def _minimal(
+    kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None
+) -> OperatorProcess:
     argv = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces"]
     argv.append(str(ROOT / "bench" / "minimal_operator.py"))
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    return OperatorProcess("minimal", argv, env, log_path)
+    full = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    return OperatorProcess("minimal", argv, {**full, **(env or {})}, log_path)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -353,19 +409,34 @@ def measure_burst(
     pods_per_run: int,
     settle_s: float,
 ) -> dict[str, Any]:
-    """Create runs at once; time until all have a phase (and pods), and the peak RSS."""
+    """Create runs at once; time until all have a phase (and pods), the peak RSS, and
+    each run's time from its create request to its first phase."""
     names = [f"burst-{i:03d}" for i in range(runs)]
     phases = PhaseWatch(custom, namespace)
+    sent: dict[str, float] = {}
+
+    def create(name: str) -> None:
+        # From the request, not its return: the watch may see the phase before the
+        # creating thread gets the response back, and both operators pay the create alike.
+        sent[name] = time.monotonic()
+        _create(custom, namespace, name)
+
     idle_rss, cpu_before = _rss_bytes(op.proc.pid), _cpu_seconds(op.proc.pid)
     try:
         with RssPeak(op.proc.pid) as rss:
             started = time.monotonic()
             with ThreadPoolExecutor(CREATE_THREADS) as pool:
-                list(pool.map(lambda n: _create(custom, namespace, n), names))
+                list(pool.map(create, names))
             created = time.monotonic()
             _log(f"  {runs} runs created in {created - started:.1f}s")
-            last_phase = max(phases.wait(names, timeout=600, alive=op).values())
-            _log(f"  all {runs} have a phase after {last_phase - started:.1f}s")
+            phased = phases.wait(names, timeout=600, alive=op)
+            last_phase = max(phased.values())
+            first_status = _tail([phased[n] - sent[n] for n in names])
+            p50, p99 = first_status["p50_s"], first_status["p99_s"]
+            _log(
+                f"  all {runs} have a phase after {last_phase - started:.1f}s; per run "
+                f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms"
+            )
             all_pods = None
             if pods_per_run:
 
@@ -390,12 +461,346 @@ def measure_burst(
         "runs": runs,
         "create_s": round(created - started, 3),
         "all_status_s": round(last_phase - started, 3),
+        "first_status": first_status,
         "all_pods_s": None if all_pods is None else round(all_pods, 3),
         "idle_rss_mib": round(idle_rss / 2**20, 1),
         "peak_rss_mib": round(rss.peak / 2**20, 1),
         "operator_cpu_s": round(cpu, 2),
         "window_s": round(time.monotonic() - started, 1),
     }
+
+
+# --------------------------------------------------------------------------- steady state
+
+
+class ProgressServer:
+    """The heads' telemetry for the steady state: every GET /progress answers
+    PROGRESS_DOCUMENT (the operator reads all heads at KUBETRAIN_PROGRESS_HOST/PORT)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        outer, body = self, json.dumps(PROGRESS_DOCUMENT).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.reads += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def finished_status(now: datetime) -> dict[str, Any]:
+    """The status the operator writes when attempt 1 of a run succeeded (status.py
+    `_close`), at generation 1, so its first reconcile finds nothing to change."""
+    message = "training finished in attempt 1"
+    conditions: list[dict[str, Any]] = []
+    for type, state, reason, text in (
+        ("Validated", "True", "Valid", ""),
+        ("ClusterReady", "False", "Completed", message),
+        ("Training", "False", "Completed", message),
+        ("Succeeded", "True", "Completed", message),
+    ):
+        conditions = set_condition(conditions, type, state, reason, text, 1, now)
+    return {
+        "phase": "Succeeded",
+        "observedGeneration": 1,
+        "attempts": 1,
+        "evictions": 0,
+        "startTime": rfc3339(now),
+        "completionTime": rfc3339(now),
+        "conditions": conditions,
+    }
+
+
+def _patch_run_status(
+    custom: client.CustomObjectsApi, namespace: str, name: str, status: dict[str, Any]
+) -> None:
+    custom.patch_namespaced_custom_object_status(
+        api.GROUP,
+        api.VERSION,
+        namespace,
+        api.PLURAL,
+        name,
+        {"status": status},
+        _content_type="application/merge-patch+json",
+    )
+
+
+def _list_raw(list_call: Callable[..., Any], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    # Raw JSON: building client models for a thousand objects costs seconds per poll.
+    return list(json.loads(list_call(*args, **kwargs, _preload_content=False).data)["items"])
+
+
+def _phases(custom: client.CustomObjectsApi, namespace: str) -> Counter[str | None]:
+    runs = _list_raw(
+        custom.list_namespaced_custom_object, api.GROUP, api.VERSION, namespace, api.PLURAL
+    )
+    return Counter((run.get("status") or {}).get("phase") for run in runs)
+
+
+def mark_running(core: client.CoreV1Api, namespace: str) -> int:
+    """Write every run pod's status the way a kubelet does once its containers run
+    (tests/support/kubelet.py `set_running`): phase Running, Ready, running containers.
+    The scheduler's PodScheduled condition is kept as it is, so it has nothing to redo."""
+    pods = _list_raw(core.list_namespaced_pod, namespace, label_selector="kubetrain.dev/run")
+
+    def patch(pod: dict[str, Any]) -> None:
+        now = rfc3339(datetime.now(timezone.utc))
+        conditions = [
+            c for c in pod.get("status", {}).get("conditions") or [] if c["type"] != "Ready"
+        ]
+        conditions.append({"type": "Ready", "status": "True", "lastTransitionTime": now})
+        containers = [
+            {
+                "name": c["name"],
+                "image": c["image"],
+                "imageID": "",
+                "ready": True,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": now}},
+            }
+            for c in pod["spec"]["containers"]
+        ]
+        status = {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "startTime": now,
+            "conditions": conditions,
+            "containerStatuses": containers,
+        }
+        core.patch_namespaced_pod_status(
+            pod["metadata"]["name"],
+            namespace,
+            {"status": status},
+            _content_type="application/merge-patch+json",
+        )
+
+    with ThreadPoolExecutor(CREATE_THREADS) as pool:
+        list(pool.map(patch, pods))
+    return len(pods)
+
+
+class ApiRequests:
+    """The operator's API requests in a window, counted at the API server.
+
+    With an audit log of the operator's user (`Cluster.audit_log`): every request
+    received in the window, once (by auditID), by namespace bucket and by call. Without
+    one: the `apiserver_request_total` delta of all clients; the operator must then be the
+    only busy one (the controller-manager and scheduler add a little), and there is no split.
+    """
+
+    def __init__(self, cluster: Any, user: str, buckets: dict[str, str]):
+        self.cluster, self.user, self.buckets = cluster, user, buckets
+        self.audit: Path | None = getattr(cluster, "audit_log", None)
+        self.source = "audit" if self.audit is not None else "apiserver_request_total"
+
+    def start(self) -> None:
+        self._t0 = time.time()
+        if self.audit is not None:
+            self._offset = self.audit.stat().st_size if self.audit.exists() else 0
+        else:
+            self._before = self._metric_total()
+
+    def stop(self) -> dict[str, Any]:
+        t1 = time.time()
+        window = t1 - self._t0
+        if self.audit is None:
+            total = self._metric_total() - self._before
+            return {
+                "source": self.source,
+                "window_s": round(window, 1),
+                "requests_per_s": round(total / window, 3),
+                "by_namespace_per_s": None,
+                "by_call": None,
+            }
+        time.sleep(1.0)  # requests received before t1 may be logged a little later
+        seen: set[str] = set()
+        buckets: Counter[str] = Counter()
+        calls: Counter[str] = Counter()
+        with open(self.audit, "rb") as log:
+            log.seek(self._offset)
+            for line in log:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a line being written
+                if event.get("user", {}).get("username") != self.user:
+                    continue
+                received = datetime.fromisoformat(
+                    event["requestReceivedTimestamp"].replace("Z", "+00:00")
+                ).timestamp()
+                if not self._t0 <= received < t1 or event["auditID"] in seen:
+                    continue
+                seen.add(event["auditID"])
+                ref = event.get("objectRef") or {}
+                buckets[self.buckets.get(ref.get("namespace") or "", "other")] += 1
+                resource = ref.get("resource", event.get("requestURI", "?"))
+                if ref.get("subresource"):
+                    resource += "/" + ref["subresource"]
+                calls[f"{event['verb']} {resource}"] += 1
+        names = sorted({*self.buckets.values(), "other"})
+        return {
+            "source": self.source,
+            "window_s": round(window, 1),
+            "requests_per_s": round(len(seen) / window, 3),
+            "by_namespace_per_s": {b: round(buckets[b] / window, 3) for b in names},
+            "by_call": dict(calls.most_common(12)),
+        }
+
+    def _metric_total(self) -> float:
+        request = urllib.request.Request(
+            f"{self.cluster.server}/metrics",
+            headers={"Authorization": f"Bearer {self.cluster.admin_token}"},
+        )
+        context = ssl.create_default_context(cafile=str(self.cluster.ca_file))
+        with urllib.request.urlopen(request, context=context, timeout=30) as resp:
+            text = resp.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("apiserver_request_total{")
+        )
+
+
+def measure_steady(
+    cluster: Any,
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    label: str,
+    start: Callable[..., OperatorProcess],
+    log_path: Path,
+    runs: int,
+    pods_per_run: int,
+    settle_s: float,
+    window_s: float,
+    clear_after: bool,
+) -> dict[str, Any]:
+    """Steady state of one operator over `runs` runs, half finished and half active (see
+    the module's docstring). pods_per_run: 0 for an operator that makes no pods (the
+    minimal one: its active runs get a Running status from the bench instead)."""
+    finished_ns = _namespace(core, f"bench-{label}-finished")
+    active_ns = _namespace(core, f"bench-{label}-active")
+    n_finished = runs // 2
+    n_active = runs - n_finished
+    now = datetime.now(timezone.utc)
+    done, running = finished_status(now), {"phase": "Running", "attempts": 1, "evictions": 0}
+
+    def create(item: tuple[str, str, dict[str, Any] | None]) -> None:
+        namespace, name, status = item
+        doc = _run_doc(name)
+        if status is done:
+            doc["spec"]["serve"]["enabled"] = False  # nothing to serve: the plain case
+        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, doc)
+        if status is not None:
+            _patch_run_status(custom, namespace, name, status)
+
+    items = [(finished_ns, f"done-{i:04d}", done) for i in range(n_finished)]
+    items += [
+        (active_ns, f"run-{i:04d}", None if pods_per_run else running) for i in range(n_active)
+    ]
+    _log(f"{label}: steady state: creating {n_finished} finished + {n_active} active runs")
+    started = time.monotonic()
+    with ThreadPoolExecutor(CREATE_THREADS) as pool:
+        list(pool.map(create, items))
+    created = time.monotonic() - started
+    _log(f"{label}: {runs} runs created in {created:.1f}s; starting the operator")
+
+    progress = ProgressServer()
+    resync = OperatorSettings().resync_seconds  # the operator's default, as shipped
+    env = {
+        "KUBETRAIN_RESYNC_SECONDS": f"{resync:g}",
+        "KUBETRAIN_PROGRESS_HOST": "127.0.0.1",
+        "KUBETRAIN_PROGRESS_PORT": str(progress.port),
+    }
+    op = start(cluster.operator_kubeconfig, log_path, env)
+    timeout = 300 + runs  # about a second a run, on top, on a small shared machine
+    try:
+        if pods_per_run:
+
+            def pods_made() -> bool:
+                op.check_alive()
+                return _pod_count(core, active_ns) >= n_active * pods_per_run
+
+            _wait(pods_made, timeout, f"{n_active * pods_per_run} pods", interval=2)
+            _log(f"{label}: all pods exist after {time.monotonic() - started:.1f}s")
+            marked = mark_running(core, active_ns)
+            _log(f"{label}: {marked} pods marked Running")
+            want, namespaces = {"Running": n_active}, [active_ns]
+        else:
+            want, namespaces = {"Pending": runs}, [finished_ns, active_ns]
+
+        def settled() -> bool:
+            op.check_alive()
+            seen = sum((_phases(custom, ns) for ns in namespaces), Counter())
+            return all(seen[phase] >= n for phase, n in want.items())
+
+        _wait(settled, timeout, f"{label}: runs to reach {want}", interval=2)
+        ready = time.monotonic() - started
+        _log(f"{label}: settled after {ready:.1f}s; waiting {settle_s:.0f}s more")
+        time.sleep(settle_s)
+        requests = ApiRequests(
+            cluster,
+            _load_controlplane().OPERATOR_USER,
+            {finished_ns: "finished", active_ns: "active"},
+        )
+        _log(f"{label}: measuring for {window_s:.0f}s")
+        reads, cpu_before = progress.reads, _cpu_seconds(op.proc.pid)
+        with RssPeak(op.proc.pid, interval_s=0.5) as rss:
+            requests.start()
+            time.sleep(window_s)
+            counted = requests.stop()
+        op.check_alive()
+        cpu = _cpu_seconds(op.proc.pid) - cpu_before
+        reads = progress.reads - reads
+        if clear_after:
+            _clear(core, custom, label, STEADY_NAMESPACES)  # while it runs: its finalizers
+    except BaseException:
+        _log(f"{label} operator log tail:\n{op.log_tail()}")
+        raise
+    finally:
+        op.stop()
+        progress.close()
+    by_namespace = counted["by_namespace_per_s"] or {}
+    result = {
+        "runs": runs,
+        "finished": n_finished,
+        "active": n_active,
+        "resync_seconds": resync if pods_per_run else None,
+        "create_s": round(created, 1),
+        "ready_s": round(ready, 1),
+        "settle_s": settle_s,
+        "window_s": counted["window_s"],
+        "requests_source": counted["source"],
+        "requests_per_s": counted["requests_per_s"],
+        "finished_requests_per_s": by_namespace.get("finished"),
+        "active_requests_per_s": by_namespace.get("active"),
+        "other_requests_per_s": by_namespace.get("other"),
+        "requests_by_call": counted["by_call"],
+        "progress_reads_per_s": round(reads / counted["window_s"], 3),
+        "rss_mib": round(rss.mean / 2**20, 1),
+        "peak_rss_mib": round(rss.peak / 2**20, 1),
+        "cpu_percent": round(100 * cpu / counted["window_s"], 1),
+    }
+    _log(
+        f"{label}: {result['requests_per_s']} requests/s (finished "
+        f"{result['finished_requests_per_s']}, active {result['active_requests_per_s']}), "
+        f"RSS {result['rss_mib']} MiB, CPU {result['cpu_percent']} %"
+    )
+    return result
 
 
 def bench_one(
@@ -434,19 +839,33 @@ def bench_one(
     return {**latency, "burst": burst}
 
 
-def _clear(core: client.CoreV1Api, custom: client.CustomObjectsApi, label: str) -> None:
-    """Delete an operator's namespaces and wait until no run is left in the cluster."""
-    for kind in NAMESPACES:
+def _clear(
+    core: client.CoreV1Api, custom: client.CustomObjectsApi, label: str, kinds: tuple[str, ...]
+) -> None:
+    """Delete an operator's namespaces and wait until no run is left in the cluster. Ours
+    puts a finalizer on runs (kopf does, for its timer): clear while it runs."""
+    for kind in kinds:
         with contextlib.suppress(client.ApiException):
             core.delete_namespace(f"bench-{label}-{kind}")
-    _wait(lambda: _run_count(custom) == 0, timeout=300, what="the runs to be deleted", interval=1)
+    _wait(lambda: _run_count(custom) == 0, timeout=900, what="the runs to be deleted", interval=1)
 
 
-def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
-    """Both benchmarks for both operators on a private control plane in workdir (a temp
-    dir by default); the control plane and the operators are always stopped."""
+def run(
+    quick: bool = False,
+    workdir: Path | None = None,
+    steady_runs: int | None = None,
+    steady_only: bool = False,
+) -> dict[str, Any]:
+    """All benchmarks for both operators on a private control plane in workdir (a temp
+    dir by default); the control plane and the operators are always stopped.
+    steady_runs: runs of the steady state (STEADY_RUNS, QUICK_STEADY_RUNS with quick).
+    steady_only: (c) alone, for a quick look at scale (no ratios, no plot bars)."""
     latency_runs, burst_runs = (5, 20) if quick else (30, 200)
     settle_s = 0.0 if quick else 2.0 * RESYNC_SECONDS
+    if steady_runs is None:
+        steady_runs = QUICK_STEADY_RUNS if quick else STEADY_RUNS
+    # After every active run is Running: settle, then measure (quick: one resync or so).
+    steady_settle_s, window_s = (5.0, 15.0) if quick else (20.0, 60.0)
     controlplane = _load_controlplane()
     with contextlib.ExitStack() as stack:
         if workdir is None:
@@ -464,42 +883,74 @@ def run(quick: bool = False, workdir: Path | None = None) -> dict[str, Any]:
             "kubernetes": controlplane.K8S_VERSION,
             "resync_seconds": RESYNC_SECONDS,
         }
-        previous = None
         for label, start, pods_per_run in (
             ("minimal", _minimal, 0),
             ("ours", _ours, _pods_per_run()),
         ):
-            if previous:
-                _clear(core, custom, previous)
-            previous = label
-            _log(f"{label}: starting the operator")
-            op = start(cluster.operator_kubeconfig, workdir / f"{label}-operator.log")
-            try:
-                results[label] = bench_one(
-                    op, custom, core, latency_runs, burst_runs, pods_per_run, settle_s
-                )
-            except BaseException:
-                _log(f"{label} operator log tail:\n{op.log_tail()}")
-                raise
-            finally:
-                op.stop()
+            results[label] = {}
+            if not steady_only:
+                _log(f"{label}: starting the operator")
+                op = start(cluster.operator_kubeconfig, workdir / f"{label}-operator.log")
+                try:
+                    results[label] = bench_one(
+                        op, custom, core, latency_runs, burst_runs, pods_per_run, settle_s
+                    )
+                    _clear(core, custom, label, BENCH_NAMESPACES)
+                except BaseException:
+                    _log(f"{label} operator log tail:\n{op.log_tail()}")
+                    raise
+                finally:
+                    op.stop()
+            results[label]["steady"] = measure_steady(
+                cluster,
+                custom,
+                core,
+                label,
+                start,
+                workdir / f"{label}-steady-operator.log",
+                steady_runs,
+                pods_per_run,
+                steady_settle_s,
+                window_s,
+                clear_after=label != "ours",  # the last: the control plane goes anyway
+            )
+    if steady_only:
+        return results
     ours, minimal = results["ours"], results["minimal"]
     for kind in ("latency", "settled"):
         for q in ("p50", "p95"):
             ratio = ours[kind][f"{q}_s"] / minimal[kind][f"{q}_s"]
             results[f"{kind}_ratio_{q}"] = round(ratio, 3)
+    for q in ("p50", "p99"):
+        ratio = ours["burst"]["first_status"][f"{q}_s"] / minimal["burst"]["first_status"][f"{q}_s"]
+        results[f"burst_first_status_ratio_{q}"] = round(ratio, 3)
     results["targets"] = {
         "latency_ratio_p50_max": TARGET_LATENCY_RATIO,
         "ours_burst_all_status_s_max": TARGET_BURST_S,
         "ours_burst_peak_rss_mib_max": TARGET_RSS_MIB,
+        "ours_burst_first_status_p50_s_max": TARGET_BURST_P50_S,
+        "burst_first_status_ratio_p50_max": TARGET_BURST_RATIO,
+        "ours_steady_rss_mib_max": TARGET_RSS_MIB,
+        "ours_steady_finished_requests_per_s_max": TARGET_FINISHED_RPS,
     }
     return results
 
 
+# Bars of plot_bars that are ratios against the minimal operator; the rest are absolute.
+RATIO_BARS = 3
+
+
 def plot_bars(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
-    """(label, value, target, 'max'|'min') bars for bench/run_all.py's plot."""
+    """(label, value, target, 'max'|'min') bars for bench/run_all.py's plot: RATIO_BARS
+    ratios first, then absolute values."""
     burst, ratio = results["ours"]["burst"], TARGET_LATENCY_RATIO
-    runs = burst["runs"]
+    steady = results["ours"]["steady"]
+    runs, n = burst["runs"], steady["runs"]
+    finished = steady["finished_requests_per_s"]
+    if finished is None:  # no audit log: all of the operator's requests
+        finished_bar = (f"{n} runs steady:\nAPI req/s (ours, all)", steady["requests_per_s"])
+    else:
+        finished_bar = (f"{steady['finished']} finished runs:\nAPI req/s (ours)", finished)
     return [
         ("first status p50\nours / kopf min", results["latency_ratio_p50"], ratio, "max"),
         (
@@ -508,15 +959,52 @@ def plot_bars(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
             ratio,
             "max",
         ),
+        (
+            f"burst of {runs}: first status\np50 ours / kopf min",
+            results["burst_first_status_ratio_p50"],
+            TARGET_BURST_RATIO,
+            "max",
+        ),
         (f"burst of {runs}: all\nstatus (s, ours)", burst["all_status_s"], TARGET_BURST_S, "max"),
         ("operator peak\nRSS (MiB, ours)", burst["peak_rss_mib"], TARGET_RSS_MIB, "max"),
+        (
+            f"burst of {runs}: first\nstatus p50 (s, ours)",
+            burst["first_status"]["p50_s"],
+            TARGET_BURST_P50_S,
+            "max",
+        ),
+        (f"{n} runs steady:\nRSS (MiB, ours)", steady["rss_mib"], TARGET_RSS_MIB, "max"),
+        (*finished_bar, TARGET_FINISHED_RPS, "max"),
     ]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="5 + 20 runs instead of 30 + 200")
-    print(json.dumps(run(quick=parser.parse_args().quick), indent=2))
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"5 + 20 runs instead of 30 + 200, steady state of {QUICK_STEADY_RUNS} runs",
+    )
+    parser.add_argument(
+        "--runs", type=int, help=f"runs of the steady state (default {STEADY_RUNS})"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the JSON here too (default: bench/results/operator_scale.json, "
+        "not for --quick or --steady-only)",
+    )
+    parser.add_argument("--steady-only", action="store_true", help="the steady state alone")
+    args = parser.parse_args()
+    results = run(quick=args.quick, steady_runs=args.runs, steady_only=args.steady_only)
+    text = json.dumps(results, indent=2)
+    full = not (args.quick or args.steady_only)
+    out = args.out or (RESULTS / "operator_scale.json" if full else None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        _log(f"wrote {out}")
+    print(text)
     return 0
 
 

@@ -53,9 +53,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ratios += serve_bars[1:]
     if "operator" in results:
         operator_bars = bench_operator.plot_bars(results["operator"])
-        ratios += operator_bars[:2]
-        absolute += operator_bars[2:]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+        ratios += operator_bars[: bench_operator.RATIO_BARS]
+        absolute += operator_bars[bench_operator.RATIO_BARS :]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(18, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     _bars(ax, ratios, "ratio (dashed: target)")
     ax.set_title("kubetrain vs same-run baselines")
     if absolute:
@@ -82,7 +82,7 @@ def main() -> int:
     results["trainer"] = bench_trainer.run(quick=quick)
     _log("serve: HTTP vs in-process generate", started)
     results["serve"] = bench_serve.run(quick=quick)
-    _log("operator: create -> first status vs minimal kopf, burst of runs", started)
+    _log("operator: first status, a burst and a steady state vs minimal kopf", started)
     results["operator"] = bench_operator.run(quick=quick)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench.json").write_text(json.dumps(results, indent=2))
