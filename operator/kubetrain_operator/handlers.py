@@ -88,7 +88,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
             kube.client,
             ours.operator_namespace,
             ours.lease_name,
-            default_identity(),
+            default_identity(ours.pod_name),
             on_started_leading=memo.controller.start_leading,
             on_stopped_leading=memo.controller.stop_leading,
             lease_duration=ours.lease_duration_seconds,

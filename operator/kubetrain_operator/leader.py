@@ -29,9 +29,9 @@ from kubernetes.client.exceptions import ApiException
 log = logging.getLogger("kubetrain.leader")
 
 
-def default_identity() -> str:
-    """Unique per process: the host name (a pod's is its name) and a random tag."""
-    return f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+def default_identity(pod_name: str = "") -> str:
+    """Unique per process: the pod's name (or the host's) and a random tag."""
+    return f"{pod_name or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
 def _micro_time(at: datetime) -> str:

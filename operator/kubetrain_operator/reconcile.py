@@ -211,6 +211,11 @@ def reconcile(
     )
     # ... and until its retry backoff (status.nextAttemptTime) has passed.
     create = action in ("create_cluster", "retry") and not leftovers and not decision.wait
+    # Acknowledge first: a run seen for the first time gets its status in this pass and
+    # its children in the next (at the back of the queue), so in a burst every new run
+    # shows a status before any of them builds a cluster.
+    acknowledge = create and not previous.get("phase")
+    create = create and not acknowledge
     applied, conflict = False, None
     try:
         if create and run is not None:
@@ -233,6 +238,8 @@ def reconcile(
     metrics.RUNS.set(uid, status.get("phase") or "Pending", gpus)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     ttl = _ttl(kube, run, status, ns, name, now)
+    if acknowledge:
+        return 0.0  # straight back into the queue, behind the runs already waiting
     return decision.wait or ttl  # a backoff (active runs) or the TTL (finished ones)
 
 

@@ -2,7 +2,8 @@
 
 Every environment variable the operator reads is read here (`from_env`), except
 KUBECONFIG, which follows the Kubernetes client's own convention (k8s.load_configuration),
-and POD_NAME, kopf's identity (cli.py). The Helm chart sets them on the Deployment."""
+and POD_NAME for kopf's identity (cli.py; read here too, for the Lease). The Helm chart sets
+them on the Deployment."""
 
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ class OperatorSettings:
     """Reconcile only while holding the Lease `lease_name` in `operator_namespace`, so
     several replicas can run (leader.py)."""
     lease_name: str = "kubetrain-operator"
+    pod_name: str = ""
+    """This replica's pod (POD_NAME, the downward API): its Lease holder identity."""
     lease_duration_seconds: float = 15.0
     """A standby takes over after seeing the Lease unrenewed this long."""
     lease_renew_deadline_seconds: float = 10.0
@@ -164,6 +167,7 @@ class OperatorSettings:
             leader_election=os.environ.get("KUBETRAIN_LEADER_ELECTION", "").lower()
             in ("1", "true", "yes"),
             lease_name=os.environ.get("KUBETRAIN_LEASE_NAME", defaults.lease_name),
+            pod_name=os.environ.get("POD_NAME", ""),
             lease_duration_seconds=_float(
                 "KUBETRAIN_LEASE_DURATION_SECONDS", defaults.lease_duration_seconds
             ),

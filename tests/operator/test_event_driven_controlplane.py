@@ -155,8 +155,10 @@ def test_a_pending_ttl_does_not_stop_repairs_of_a_finished_run(
     before = wait_serving_objects("kept", namespace)["Deployment"]
     kubectl("delete", "deployment", "kept-serve", "-n", namespace)
     wait_until(
-        lambda: (d := get("Deployment", "kept-serve", namespace))
-        and d["metadata"]["uid"] != before["metadata"]["uid"],
+        lambda: (
+            (d := get("Deployment", "kept-serve", namespace))
+            and d["metadata"]["uid"] != before["metadata"]["uid"]
+        ),
         timeout=30,
         message="the serving Deployment re-created",
     )

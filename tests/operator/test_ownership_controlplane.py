@@ -49,7 +49,8 @@ def kube(cluster: Any, crd_installed: None) -> Kube:
     return Kube(client)
 
 
-def reconciled(kube: Kube, name: str, namespace: str, times: int = 1) -> dict[str, Any]:
+def reconciled(kube: Kube, name: str, namespace: str, times: int = 2) -> dict[str, Any]:
+    """Reconcile `times` passes (a new run's first pass only writes its status)."""
     for _ in range(times):
         reconcile(get_run(name, namespace), kube, SETTINGS)
     return status(name, namespace)
