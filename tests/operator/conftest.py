@@ -1,13 +1,16 @@
-"""Fixtures for the operator's tests: its default settings (unit tests), and the operator
-itself, in-process, against the local control plane (`operator`, with `progress`)."""
+"""Fixtures for the operator's tests: its default settings (unit tests), its API client with
+no operator running (`kube`), and the operator itself, in-process, against the local
+control plane (`operator`, with `progress`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
+import kubernetes
 import pytest
 
+from kubetrain_operator.k8s import Kube
 from kubetrain_operator.settings import OperatorSettings
 from tests.support import kubelet
 from tests.support.cluster import kubectl
@@ -42,3 +45,12 @@ def operator(cluster: Any, crd_installed: None, progress: kubelet.FakeProgress) 
         KUBETRAIN_PROGRESS_HOST="127.0.0.1",
     ):
         yield
+
+
+@pytest.fixture
+def kube(cluster: Any, crd_installed: None) -> Kube:
+    """The operator's API client, with the operator's token and RBAC, and no operator."""
+    kubectl("create", "namespace", "kubetrain-system", check=False)
+    kubectl("apply", "-f", str(RBAC))
+    client = kubernetes.config.new_client_from_config(config_file=str(cluster.operator_kubeconfig))
+    return Kube(client)

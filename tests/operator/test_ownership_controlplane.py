@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import kubernetes
 import pytest
 
 from kubetrain_api import contract
@@ -26,7 +25,6 @@ from kubetrain_operator.settings import OperatorSettings
 from tests.support import kubelet
 from tests.support.cluster import kubectl, wait_until
 from tests.support.runs import (
-    RBAC,
     apply,
     condition,
     events,
@@ -39,14 +37,6 @@ from tests.support.runs import (
 pytestmark = pytest.mark.controlplane
 
 SETTINGS = OperatorSettings()
-
-
-@pytest.fixture
-def kube(cluster: Any, crd_installed: None) -> Kube:
-    kubectl("create", "namespace", "kubetrain-system", check=False)
-    kubectl("apply", "-f", str(RBAC))
-    client = kubernetes.config.new_client_from_config(config_file=str(cluster.operator_kubeconfig))
-    return Kube(client)
 
 
 def reconciled(kube: Kube, name: str, namespace: str, times: int = 2) -> dict[str, Any]:

@@ -11,9 +11,7 @@ operator running: the test drives the controller itself, with the operator's cre
 from __future__ import annotations
 
 import json
-from typing import Any
 
-import kubernetes
 import pytest
 
 from kubetrain_operator import builders, metrics
@@ -21,17 +19,9 @@ from kubetrain_operator.controller import Controller
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.settings import OperatorSettings
 from tests.support.cluster import kubectl
-from tests.support.runs import RBAC, apply, get_run, quickstart, run_pods
+from tests.support.runs import apply, get_run, quickstart, run_pods
 
 pytestmark = pytest.mark.controlplane
-
-
-@pytest.fixture
-def kube(cluster: Any, crd_installed: None) -> Kube:
-    kubectl("create", "namespace", "kubetrain-system", check=False)
-    kubectl("apply", "-f", str(RBAC))
-    client = kubernetes.config.new_client_from_config(config_file=str(cluster.operator_kubeconfig))
-    return Kube(client)
 
 
 def _controller(kube: Kube) -> Controller:
