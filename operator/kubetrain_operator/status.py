@@ -320,9 +320,10 @@ class _Draft:
     def decide(self, action: Action, serve: ServeAction = "none", wait: float = 0.0) -> Decision:
         return Decision(self.status, action, self.events, serve, wait)
 
-    def backoff_left(self) -> float:
-        """Seconds until status.nextAttemptTime, 0 when it has passed or is not set."""
-        until = parse_time(self.status.get("nextAttemptTime"))
+    def seconds_until(self, field: str) -> float:
+        """Seconds until the time in status[field] (a backoff: nextAttemptTime after a
+        failed attempt, nextCreateTime after a refused create), 0 when passed or unset."""
+        until = parse_time(self.status.get(field))
         if until is None:
             return 0.0
         now = self.observed.now
@@ -496,13 +497,6 @@ def _refused(draft: _Draft, error: CreateError) -> Decision:
     return draft.decide("delete_pods")
 
 
-def _backing_off(draft: _Draft) -> bool:
-    """Whether a refused create waits for its backoff (status.nextCreateTime)."""
-    moment = parse_time(draft.status.get("nextCreateTime"))
-    now = draft.observed.now
-    return moment is not None and (now if now.tzinfo else now.replace(tzinfo=timezone.utc)) < moment
-
-
 def _progress_phase(draft: _Draft) -> str:
     if draft.report is None:  # head unreachable: keep what we knew
         return draft.previous_phase if draft.previous_phase == "Evaluating" else "Running"
@@ -568,10 +562,8 @@ def compute_status(observed: Observed) -> Decision:
     if draft.attempt == 0:
         return _start(draft, spec.resources.workers)
     if outcome is None:  # requested, not all pods seen yet: create-or-adopt again
-        wait = draft.backoff_left()
-        if wait:
-            return draft.decide("none", wait=wait)
-        return draft.decide("none" if _backing_off(draft) else "create_cluster")
+        wait = draft.seconds_until("nextAttemptTime") or draft.seconds_until("nextCreateTime")
+        return draft.decide("none", wait=wait) if wait else draft.decide("create_cluster")
     if outcome.kind in ("pending", "running"):
         return _observe(draft, outcome)
     return _after_failure(draft, outcome, spec.run_policy)
