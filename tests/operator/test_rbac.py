@@ -103,9 +103,11 @@ def test_no_way_into_pods(rules: list[dict[str, Any]]) -> None:
     assert not any(r.startswith(("pods/", "nodes", "serviceaccounts")) for r in resources)
 
 
-def test_only_runs_and_pods_can_be_enumerated(rules: list[dict[str, Any]]) -> None:
-    """Children are read by name; what the grants equal is tests/operator/test_rbac_audit.py's
-    (the API server's audit log of the operator at work)."""
+def test_only_runs_and_watched_children_can_be_enumerated(rules: list[dict[str, Any]]) -> None:
+    """Runs, and the children whose events queue a run (pods, Services, Deployments, watched
+    by the run label), can be listed; every other child is read by name, Secrets above all.
+    What the grants equal is tests/operator/test_rbac_audit.py's (the API server's audit
+    log of the operator at work)."""
     enumerable = {
         (group, resource)
         for (group, resource), verbs in grants(rules).items()
@@ -114,6 +116,8 @@ def test_only_runs_and_pods_can_be_enumerated(rules: list[dict[str, Any]]) -> No
     assert enumerable == {
         ("kubetrain.dev", "trainingruns"),
         ("", "pods"),
+        ("", "services"),
+        ("apps", "deployments"),
         ("apiextensions.k8s.io", "customresourcedefinitions"),
     }
 
