@@ -147,10 +147,8 @@ class OperatorSettings:
                 "KUBETRAIN_PROMETHEUS_POD_SELECTOR", defaults.prometheus_pod_selector
             ),
             progress_port=_int("KUBETRAIN_PROGRESS_PORT", defaults.progress_port),
-            progress_deadline_seconds=float(
-                os.environ.get(
-                    "KUBETRAIN_PROGRESS_DEADLINE_SECONDS", defaults.progress_deadline_seconds
-                )
+            progress_deadline_seconds=_float(
+                "KUBETRAIN_PROGRESS_DEADLINE_SECONDS", defaults.progress_deadline_seconds
             ),
             progress_max_bytes=_int("KUBETRAIN_PROGRESS_MAX_BYTES", defaults.progress_max_bytes),
             limits=Limits(
@@ -158,9 +156,7 @@ class OperatorSettings:
                     "KUBETRAIN_MAX_GPUS_PER_RUN", defaults.limits.max_gpus_per_run
                 )
             ),
-            resync_seconds=float(
-                os.environ.get("KUBETRAIN_RESYNC_SECONDS", defaults.resync_seconds)
-            ),
+            resync_seconds=_float("KUBETRAIN_RESYNC_SECONDS", defaults.resync_seconds),
             workers=_int("KUBETRAIN_WORKERS", defaults.workers),
             metrics_port=_optional_int("KUBETRAIN_METRICS_PORT"),
             progress_host_override=os.environ.get("KUBETRAIN_PROGRESS_HOST") or None,

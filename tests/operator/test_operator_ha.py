@@ -116,14 +116,19 @@ def two_operators(
                 print(f"--- {op.log.name} (tail)\n" + op.log.read_text()[-3000:])
 
 
-def test_only_the_leader_reconciles_and_a_standby_takes_over(
-    two_operators: tuple[OperatorProcess, OperatorProcess], namespace: str
-) -> None:
-    first, second = two_operators
+def leader_then_standby(first: OperatorProcess, second: OperatorProcess) -> None:
+    """op-a starts and takes the Lease; op-b starts after it, as the standby."""
     first.start()
     wait_until(lambda: holder().startswith("op-a_"), timeout=60, message="op-a to lead")
     second.start()
     wait_until(lambda: up(second), timeout=60, message="op-b up")
+
+
+def test_only_the_leader_reconciles_and_a_standby_takes_over(
+    two_operators: tuple[OperatorProcess, OperatorProcess], namespace: str
+) -> None:
+    first, second = two_operators
+    leader_then_standby(first, second)
 
     apply(quickstart("before"), namespace)
     start_cluster("before", namespace)
@@ -158,10 +163,7 @@ def test_a_leader_that_stops_cleanly_hands_over_at_once(
     two_operators: tuple[OperatorProcess, OperatorProcess], namespace: str
 ) -> None:
     first, second = two_operators
-    first.start()
-    wait_until(lambda: holder().startswith("op-a_"), timeout=60, message="op-a to lead")
-    second.start()
-    wait_until(lambda: up(second), timeout=60, message="op-b up")
+    leader_then_standby(first, second)
     assert first.proc is not None
     first.proc.send_signal(signal.SIGTERM)  # an upgrade or a drain: kopf shuts down
     stopped = time.monotonic()
