@@ -143,6 +143,14 @@ def run_path(run_folder: str, folder: str) -> str:
     return f"{run_folder}/{folder}"
 
 
+def run_url(storage_uri: str, run_folder: str, folder: str = "") -> str:
+    """`<storage uri>/<run folder>[/<folder>]`: where a run's files live when
+    spec.checkpoint.storage.uri names an object store (s3://, gs://). The operator passes
+    the serving pod its model's URL from here; the trainer writes there."""
+    parts = [storage_uri.rstrip("/"), run_folder, *([folder] if folder else [])]
+    return "/".join(parts)
+
+
 # --------------------------------------------------------------------------------------
 # serving limits: ServeSpec field -> the model server's option, one to one
 # --------------------------------------------------------------------------------------
