@@ -17,9 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RBAC = ROOT / "operator" / "deploy" / "rbac.yaml"
 
 
-def quickstart(name: str, **spec_changes: Any) -> dict[str, Any]:
-    (doc,) = validation.load_documents((ROOT / "examples" / "quickstart.yaml").read_text())
-    doc["metadata"]["name"] = name
+def example(stem: str, name: str | None = None, **spec_changes: Any) -> dict[str, Any]:
+    """examples/<stem>.yaml as a dict, renamed when `name` is given, with `a__b=value`
+    setting spec.a.b."""
+    (doc,) = validation.load_documents((ROOT / "examples" / f"{stem}.yaml").read_text())
+    if name is not None:
+        doc["metadata"]["name"] = name
     for path, value in spec_changes.items():
         node = doc["spec"]
         *parents, leaf = path.split("__")
@@ -27,6 +30,10 @@ def quickstart(name: str, **spec_changes: Any) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[leaf] = value
     return dict(doc)
+
+
+def quickstart(name: str, **spec_changes: Any) -> dict[str, Any]:
+    return example("quickstart", name, **spec_changes)
 
 
 def apply(doc: dict[str, Any], namespace: str) -> None:
