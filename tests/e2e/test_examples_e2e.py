@@ -4,10 +4,15 @@ joined to the local control plane, with the images built from this repository:
 - `helm install` the chart as a user does: the operator runs as its pod, in-cluster, with
   the chart's ServiceAccount, RBAC and restricted security context;
 - `kubectl apply` the quickstart: the Ray head and two workers run from the CPU trainer
-  image as uid 1000 with a read-only root; FSDP2 trains across the two worker pods;
-- a worker's container is killed, later a worker pod is deleted: each time the run goes
-  on from its latest checkpoint; it succeeds; the head's log is read with `kubectl logs`;
-- the serving pod answers the `openai` client through its Service's ClusterIP;
+  image as uid 1000 with a read-only root; FSDP2 trains across the two worker pods; a
+  worker pod is deleted and the run goes on from its latest checkpoint; it succeeds; the
+  head's log is read with `kubectl logs`; the serving pod answers the `openai` client
+  through its Service's ClusterIP;
+- the CPU twins of the GPU examples, as written: `pretrain-cpu` keeps everything on an S3
+  server (SeaweedFS on the node's bridge address), survives a killed worker container by
+  resuming from the object store, and serves the model it fetches from there;
+  `finetune-lora-cpu` reads its model, data and evaluation set from claims mounted
+  read-only, trains LoRA adapters, passes its gate and serves;
 - a run whose workers exceed their memory limit is classified OOMKilled, retried per its
   run policy and failed; the head it leaves behind stops promptly on SIGTERM.
 """
@@ -15,6 +20,7 @@ joined to the local control plane, with the images built from this repository:
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,14 +32,24 @@ import pytest
 
 from kubetrain_api import contract
 from tests.helm.chart import NAMESPACE, install_release, operator_identity_from_chart
+from tests.support import example_inputs
 from tests.support.cluster import kubectl, wait_until
 from tests.support.images import built_images
 from tests.support.realnode import RealNode
-from tests.support.runs import apply, condition, get_run, quickstart, status, wait_phase
+from tests.support.runs import (
+    apply,
+    condition,
+    example,
+    get_run,
+    quickstart,
+    status,
+    wait_phase,
+)
+from tests.support.s3 import seaweedfs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane]
 
-STEPS, CHECKPOINT = 60, 20
+STEPS, CHECKPOINT = 40, 20
 OPERATOR_DEPLOYMENT = "kubetrain-operator"
 # The node has 2 CPUs: the head, two workers and the serving pod share them.
 SMALL = {"cpu": "250m", "memory": "2Gi"}
@@ -135,6 +151,27 @@ def wait_checkpoint(namespace: str, run: str, step: int) -> dict[str, Any]:
     return status(run, namespace)
 
 
+def ask_served_model(namespace: str, run: str, prompt: str) -> str:
+    """Wait for the run's Serving condition, then a completion from the `openai` client
+    through the serving Service's ClusterIP."""
+    wait_until(
+        lambda: condition(status(run, namespace), "Serving").get("status") == "True",
+        timeout=300,
+        message=f"{run}: Serving condition True",
+    )
+    cluster_ip = json.loads(
+        kubectl("get", "svc", f"{run}-serve", "-n", namespace, "-o", "json").stdout
+    )["spec"]["clusterIP"]
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://{cluster_ip}:80/v1", api_key="-", timeout=30)
+    completion = client.completions.create(model=run, prompt=prompt, max_tokens=8, seed=0)
+    text = completion.choices[0].text
+    assert text, completion
+    return text
+
+
 def test_quickstart_trains_on_real_pods_resumes_and_serves(
     real_node: RealNode, chart_operator: str, namespace: str
 ) -> None:
@@ -145,8 +182,8 @@ def test_quickstart_trains_on_real_pods_resumes_and_serves(
         checkpoint__intervalSteps=CHECKPOINT,
         evaluation__intervalSteps=CHECKPOINT,
         evaluation__gate=[{"metric": "perplexity", "max": 1000}],
-        # Two failures are caused on purpose; room for one slow Ray start on 2 cores.
-        runPolicy__backoffLimit=4,
+        # A failure is caused on purpose; room for one slow Ray start on 2 cores.
+        runPolicy__backoffLimit=3,
     )
     apply(run, namespace)
     try:
@@ -163,17 +200,10 @@ def test_quickstart_trains_on_real_pods_resumes_and_serves(
         assert pods
         assert all(p["spec"]["nodeName"] == real_node.name for p in pods)
 
-        # 1. A worker's container dies (as an OOM kill or a crash would).
-        kill_container(real_node, namespace, f"quickstart-a{first['attempts']}-worker-1")
-        wait_until(
-            lambda: status("quickstart", namespace).get("attempts", 0) > first["attempts"],
-            timeout=300,
-            message="a new attempt after the container kill",
-        )
-        second = wait_checkpoint(namespace, "quickstart", 2 * CHECKPOINT)
-        # 2. A worker pod is deleted (a drained node, a user's mistake).
+        # A worker pod is deleted (a drained node, a user's mistake). (The pretrain twin
+        # below kills a worker's container instead.)
         kubectl(
-            "delete", "pod", f"quickstart-a{second['attempts']}-worker-0", "-n", namespace,
+            "delete", "pod", f"quickstart-a{first['attempts']}-worker-0", "-n", namespace,
             "--wait=false",
         )  # fmt: skip
         final = wait_phase("quickstart", namespace, "Succeeded", timeout=900)
@@ -181,7 +211,7 @@ def test_quickstart_trains_on_real_pods_resumes_and_serves(
         sys.stderr.write(real_node.diagnostics(namespace))
         raise
     trained = time.monotonic() - started
-    assert final["attempts"] > second["attempts"]
+    assert final["attempts"] > first["attempts"]
     assert final["progress"]["step"] == STEPS
     assert final["evaluation"]["metrics"]["perplexity"] < 1000
     assert final["model"]
@@ -190,8 +220,7 @@ def test_quickstart_trains_on_real_pods_resumes_and_serves(
         e["resumed_from"] for e in storage_events(namespace, "quickstart") if e["kind"] == "setup"
     ]
     assert resumed[0] == 0
-    assert CHECKPOINT in resumed[1:]
-    assert max(resumed) >= 2 * CHECKPOINT
+    assert min(resumed[1:]) >= CHECKPOINT
 
     # The driver's output is in the head's log, through the API server and the kubelet.
     logs = kubectl(
@@ -199,27 +228,136 @@ def test_quickstart_trains_on_real_pods_resumes_and_serves(
     ).stdout
     assert f"run quickstart: {STEPS} steps" in logs
 
-    wait_until(
-        lambda: condition(status("quickstart", namespace), "Serving").get("status") == "True",
-        timeout=300,
-        message="Serving condition True",
-    )
-    cluster_ip = json.loads(
-        kubectl("get", "svc", "quickstart-serve", "-n", namespace, "-o", "json").stdout
-    )["spec"]["clusterIP"]
-
-    import openai
-
-    client = openai.OpenAI(base_url=f"http://{cluster_ip}:80/v1", api_key="-", timeout=30)
-    completion = client.completions.create(
-        model="quickstart", prompt="the cat was", max_tokens=8, seed=0
-    )
-    assert completion.choices[0].text
+    text = ask_served_model(namespace, "quickstart", "the cat was")
     sys.stderr.write(
         f"\ne2e: trained in {trained:.0f}s over {final['attempts']} attempts (resumed from"
         f" {resumed}), served after {time.monotonic() - started:.0f}s;"
-        f" completion={completion.choices[0].text!r}\n"
+        f" completion={text!r}\n"
     )
+
+
+# --------------------------------------------------------------------------------------
+# The CPU twins of the GPU examples, as written (resized only to share a 2-CPU node)
+# --------------------------------------------------------------------------------------
+
+
+def resized(stem: str) -> dict[str, Any]:
+    return example(
+        stem,
+        resources__cpuPerWorker=SMALL["cpu"],
+        resources__head=SMALL,
+        serve__resources=SMALL,
+    )
+
+
+@pytest.fixture
+def object_store(real_node: RealNode, tmp_path: Path) -> Iterator[Any]:
+    """SeaweedFS on the node's bridge address, the one host address pods may reach."""
+    with seaweedfs(host=real_node.node.ip, workdir=tmp_path / "seaweedfs") as server:
+        yield server
+
+
+def test_pretrain_twin_keeps_everything_on_the_object_store(
+    real_node: RealNode, chart_operator: str, namespace: str, object_store: Any
+) -> None:
+    """examples/pretrain-cpu.yaml: model config, data, checkpoints and the exported model
+    on S3; a worker's container is killed and the next attempt resumes from the
+    checkpoint on the object store (the pods' local scratch is gone with them); the model
+    is served from the object store."""
+    fs = object_store.filesystem()
+    for key, data in example_inputs.pretrain_objects().items():
+        bucket = key.split("/", 1)[0]
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        fs.pipe(key, data)
+    fs.mkdir("checkpoint-bucket")
+    # The Secret the example names: credentials and endpoint, by reference only.
+    kubectl(
+        "create", "secret", "generic", "s3-credentials", "-n", namespace,
+        *(f"--from-literal={k}={v}" for k, v in object_store.env.items()),
+    )  # fmt: skip
+    run = resized("pretrain-cpu")
+    name, steps = run["metadata"]["name"], run["spec"]["hyperparameters"]["maxSteps"]
+    interval = run["spec"]["checkpoint"]["intervalSteps"]
+    apply(run, namespace)
+    try:
+        first = wait_checkpoint(namespace, name, interval)
+        kill_container(real_node, namespace, f"{name}-a{first['attempts']}-worker-1")
+        final = wait_phase(name, namespace, "Succeeded", timeout=900)
+    except BaseException:
+        sys.stderr.write(real_node.diagnostics(namespace))
+        raise
+    assert final["attempts"] > first["attempts"]
+    assert final["progress"]["step"] == steps
+    root = contract.run_url(
+        "s3://checkpoint-bucket/pretrain-cpu",
+        contract.run_folder(name, get_run(name, namespace)["metadata"]["uid"]),
+    ).removeprefix("s3://")
+    assert final["model"]["uri"] == f"s3://{root}/{contract.MODEL_DIR}", final["model"]
+    assert final["checkpoints"]["latest"]["path"].startswith(f"s3://{root}/"), final
+    events = [
+        json.loads(line)
+        for line in fs.cat(f"{root}/{contract.METRICS_FILE}").decode().splitlines()
+        if line.strip()
+    ]
+    resumed = [e["resumed_from"] for e in events if e["kind"] == "setup"]
+    assert resumed[0] == 0, resumed
+    assert min(resumed[1:]) >= interval, resumed
+    summary = json.loads(fs.cat(f"{root}/{contract.DATA_DIR}/summary.json"))
+    assert set(summary["sources"]) == {"web", "code"}
+    assert ask_served_model(namespace, name, "the fox")
+
+
+def test_finetune_twin_reads_mounted_claims_trains_lora_and_serves(
+    real_node: RealNode, chart_operator: str, namespace: str, tmp_path: Path
+) -> None:
+    """examples/finetune-lora-cpu.yaml: the model, both data sources and the evaluation
+    set come from two claims mounted read-only; LoRA on every projection; the labelled
+    metrics are computed, the gate passes, the merged model is served."""
+    kubectl(
+        "create", "priorityclass", "training-high", "--value=1000", check=False
+    )  # fmt: skip
+    example_inputs.write_finetune_claims(tmp_path / "claims")
+    for claim in ("models", "datasets"):
+        apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadOnlyMany"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+            namespace,
+        )
+        volume = claim_folder(namespace, claim)
+        shutil.copytree(tmp_path / "claims" / claim, volume, dirs_exist_ok=True)
+    run = resized("finetune-lora-cpu")
+    name = run["metadata"]["name"]
+    apply(run, namespace)
+    try:
+        final = wait_phase(name, namespace, "Succeeded", timeout=900)
+    except BaseException:
+        sys.stderr.write(real_node.diagnostics(namespace))
+        raise
+    metrics = final["evaluation"]["metrics"]
+    assert {"loss", "perplexity", "accuracy", "f1", "intents/accuracy"} <= set(metrics)
+    assert final["evaluation"]["gate"]["passed"] is True
+    assert ask_served_model(namespace, name, "where is my parcel")
+
+
+def claim_folder(namespace: str, claim: str) -> Path:
+    """The host folder of a claim the node's provisioner bound to a hostPath volume."""
+    volume = wait_until(
+        lambda: json.loads(kubectl("get", "pvc", claim, "-n", namespace, "-o", "json").stdout)[
+            "spec"
+        ].get("volumeName"),
+        timeout=60,
+        message=f"claim {claim} to be bound",
+    )
+    pv = json.loads(kubectl("get", "pv", volume, "-o", "json").stdout)
+    return Path(pv["spec"]["hostPath"]["path"])
 
 
 def test_workers_over_their_memory_limit_are_oomkilled_and_retried(
