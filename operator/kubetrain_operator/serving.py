@@ -162,18 +162,20 @@ def _model_volumes(
         raise ValueError("serving needs the run's storage on a PVC or an object store")
     mounts: list[Obj] = [
         {
-            "name": "storage",
+            "name": builders.STORAGE_VOLUME,
             "mountPath": MODEL_DIR,
             "subPath": contract.run_path(folder, contract.MODEL_DIR),
             "readOnly": True,
         },
         {
-            "name": "storage",
+            "name": builders.STORAGE_VOLUME,
             "mountPath": FEEDBACK_DIR,
             "subPath": contract.run_path(folder, contract.FEEDBACK_DIR),
         },
     ]
-    return [{"name": "storage", "persistentVolumeClaim": {"claimName": claim}}], mounts
+    return [
+        {"name": builders.STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+    ], mounts
 
 
 def _probe(path: str, period: int, failures: int, timeout: int) -> Obj:
