@@ -17,8 +17,8 @@ driver reported (status.model.uri), else `<run>-<uid[:8]>` of contract.run_folde
 - A PersistentVolumeClaim: the server mounts `<run folder>/model` read-only (subPath) and
   appends feedback to `<run folder>/feedback/` on the same claim.
 - An object store (`s3://`, `gs://`): the server is given the model's URL
-  (`--model <storage uri>/<run folder>/model`) and downloads it into an emptyDir
-  (`--model-cache`) before /readyz turns ready, with the credentials of
+  (`<storage uri>/<run folder>/model`, where a folder goes otherwise) and downloads it into
+  an emptyDir (`--model-cache`) before /readyz turns ready, with the credentials of
   spec.secrets.objectStore by reference. There is no claim to keep feedback on, so the
   server gets no `--feedback-path` and /v1/feedback answers 404: an emptyDir would lose
   it with the pod. A ModelService's router logs feedback durably.
@@ -59,12 +59,14 @@ SERVICE_PORT = 80
 MODEL_DIR = f"/{contract.MODEL_DIR}"
 FEEDBACK_DIR = f"/{contract.FEEDBACK_DIR}"
 FEEDBACK_FILE = f"{FEEDBACK_DIR}/{contract.FEEDBACK_FILE}"
-# Object-store storage: the server's options for the model's URL and the local folder it
-# downloads the model into (an emptyDir of this name at this path).
-MODEL_OPTION = "--model"
+# Object-store storage: the server is given the model's URL in place of a folder, and the
+# local folder it downloads the model into. That folder is one level inside the emptyDir:
+# the download is staged next to it and moved into place, which a mount point refuses
+# (and the root filesystem beside it is read-only).
 MODEL_CACHE_OPTION = "--model-cache"
 MODEL_CACHE_VOLUME = "model-cache"
-MODEL_CACHE_DIR = "/model-cache"
+MODEL_CACHE_MOUNT = "/model-cache"
+MODEL_CACHE_DIR = f"{MODEL_CACHE_MOUNT}/{contract.MODEL_DIR}"
 # Storage URI schemes a server pod can fetch the model from.
 OBJECT_STORE_SCHEMES = ("s3", "gs")
 HPA_API_VERSION = "autoscaling/v1"
@@ -131,14 +133,12 @@ def _metadata(run: api.TrainingRun, uid: str, ns: str) -> Obj:
 def _command(serve: api.ServeSpec, model_url: str | None) -> list[str]:
     """`kubetrain serve`: the mounted model folder with feedback on the claim, or (object
     store) the model's URL to download, without feedback (see the module docstring)."""
-    model = [MODEL_DIR] if model_url is None else [MODEL_OPTION, model_url]
+    model = [MODEL_DIR] if model_url is None else [model_url, MODEL_CACHE_OPTION, MODEL_CACHE_DIR]
     tail = ["--feedback-path", FEEDBACK_FILE] if model_url is None else []
-    cache = [] if model_url is None else [MODEL_CACHE_OPTION, MODEL_CACHE_DIR]
     return [
         "kubetrain",
         "serve",
         *model,
-        *cache,
         "--host",
         "0.0.0.0",
         "--port",
@@ -156,7 +156,7 @@ def _model_volumes(
     if model_url is not None:
         # No sizeLimit: the API has no field for it, and a guess would evict large models.
         volumes: list[Obj] = [{"name": MODEL_CACHE_VOLUME, "emptyDir": {}}]
-        return volumes, [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR}]
+        return volumes, [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT}]
     claim = builders.storage_claim_name(run)
     if claim is None:
         raise ValueError("serving needs the run's storage on a PVC or an object store")

@@ -328,10 +328,9 @@ def test_object_store_model_is_downloaded_not_mounted(settings: OperatorSettings
     assert container["command"] == [
         "kubetrain",
         "serve",
-        "--model",
         "s3://bucket/runs/quickstart-0b6a0e1c/model",
         "--model-cache",
-        "/model-cache",
+        "/model-cache/model",
         "--host",
         "0.0.0.0",
         "--port",
@@ -374,7 +373,7 @@ def test_the_served_object_store_folder_is_the_one_the_driver_reported(
     run = object_store_run()
     assert serving.model_folder(run, UID, settings, uri) == folder
     deployment = serving.build_deployment(run, UID, NS, settings, "v1", uri)
-    assert server(deployment)["command"][3] == f"s3://bucket/runs/{folder}/model"
+    assert server(deployment)["command"][2] == f"s3://bucket/runs/{folder}/model"
 
 
 def test_service_url() -> None:

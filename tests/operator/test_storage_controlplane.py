@@ -109,13 +109,12 @@ def test_claims_and_object_store_reach_the_pods(operator: None, namespace: str) 
     )
     pod_spec = deployment["spec"]["template"]["spec"]
     (server,) = pod_spec["containers"]
-    assert server["command"][:6] == [
+    assert server["command"][:5] == [
         "kubetrain",
         "serve",
-        "--model",
         model_url,
         "--model-cache",
-        "/model-cache",
+        "/model-cache/model",
     ]
     assert "--feedback-path" not in server["command"]
     assert server["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
