@@ -9,6 +9,8 @@ only (see kubetrain_api).
 
 from __future__ import annotations
 
+import os
+import posixpath
 from collections.abc import Mapping
 from typing import Final
 
@@ -149,6 +151,40 @@ def run_url(storage_uri: str, run_folder: str, folder: str = "") -> str:
     the serving pod its model's URL from here; the trainer writes there."""
     parts = [storage_uri.rstrip("/"), run_folder, *([folder] if folder else [])]
     return "/".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# mounted claims: `pvc://CLAIM/PATH` model and data sources
+# --------------------------------------------------------------------------------------
+
+PVC_ROOT: Final = "/mnt/pvc"
+"""Where the operator mounts every claim a run's `pvc://CLAIM/PATH` sources name, read-only,
+as `<PVC_ROOT>/<CLAIM>`, and where the trainer looks for them."""
+PVC_ROOT_ENV: Final = "KUBETRAIN_PVC_ROOT"
+"""Overrides PVC_ROOT for the trainer (tests, laptops); the operator never sets it."""
+
+
+def pvc_claim(uri: str) -> str | None:
+    """The claim of a `pvc://CLAIM/PATH` URI; None for any other URI."""
+    if not uri.startswith("pvc://"):
+        return None
+    return uri.removeprefix("pvc://").partition("/")[0]
+
+
+def pvc_path(uri: str, root: str | None = None) -> str:
+    """`pvc://CLAIM/PATH` -> `<root>/CLAIM/PATH`, root defaulting to $KUBETRAIN_PVC_ROOT or
+    PVC_ROOT. Raises ValueError for a path that leaves its claim (`pvc://a/../b` would
+    read claim b, which no pod of the run mounts for it)."""
+    claim = pvc_claim(uri)
+    if not claim:
+        raise ValueError(f"{uri}: not a pvc://CLAIM/PATH URI")
+    base = root if root is not None else os.environ.get(PVC_ROOT_ENV, PVC_ROOT)
+    claim_root = posixpath.normpath(posixpath.join(base, claim))
+    rest = uri.removeprefix("pvc://").partition("/")[2]
+    path = posixpath.normpath(posixpath.join(claim_root, rest))
+    if posixpath.commonpath([path, claim_root]) != claim_root:
+        raise ValueError(f"{uri}: path leaves the claim")
+    return path
 
 
 # --------------------------------------------------------------------------------------

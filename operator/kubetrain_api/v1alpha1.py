@@ -101,9 +101,10 @@ class ModelSpec(ApiModel):
     """Which model to train, and how to load it."""
 
     source: Uri
-    """Where the model comes from: `hf://org/name`, `pvc://claim/path`, `s3://bucket/path`,
-    `file:///path`, or `builtin://NAME` for a tiny built-in config (tiny-llama, tiny-qwen2)
-    that needs no download."""
+    """Where the model comes from: `hf://org/name`, `pvc://claim/path` (the claim is mounted
+    read-only into the head and worker pods), `s3://bucket/path`, `file:///path`, or
+    `builtin://NAME` for a tiny built-in config (tiny-llama, tiny-qwen2) that needs no
+    download."""
     init: Literal["pretrained", "random"] = "pretrained"
     """`pretrained` loads the source's weights; `random` builds the model from the source's
     config with fresh weights (pretraining from scratch). Built-in models are always random."""
@@ -175,8 +176,9 @@ class DataSource(ApiModel):
     name: Name
     """Short name, unique within the run; used in summaries and metrics."""
     uri: Uri
-    """Location: `file://`, `pvc://claim/path`, `s3://`, `gs://`, `hf://org/dataset` or
-    `builtin://NAME` (quickstart-corpus, quickstart-instructions, quickstart-sentiment)."""
+    """Location: `file://`, `pvc://claim/path` (the claim is mounted read-only into the head
+    and worker pods), `s3://`, `gs://`, `hf://org/dataset` or `builtin://NAME`
+    (quickstart-corpus, quickstart-instructions, quickstart-sentiment)."""
     format: DataFormat = "text"
     """Record format."""
     fields: FieldMapping = Field(default_factory=FieldMapping)
@@ -395,7 +397,9 @@ class CheckpointStorage(ApiModel):
     pvc: PvcStorage | None = None
     """Use a PersistentVolumeClaim."""
     uri: Uri | None = None
-    """Use an object store (`s3://`, `gs://`) or a local path (`file://`, laptop runs)."""
+    """Use an object store (`s3://`, `gs://`; credentials from `secrets.objectStore`, else
+    the pods' ambient ones) or a local path (`file://`, laptop runs; not servable on
+    Kubernetes). Training pods keep a local emptyDir for scratch."""
 
 
 class CheckpointSpec(ApiModel):
@@ -425,7 +429,7 @@ class EvalDataset(ApiModel):
     name: Name
     """Short name, unique within the run."""
     uri: Uri
-    """Location, as for data sources."""
+    """Location, as for data sources (a `pvc://` claim is mounted into the worker pods)."""
     format: Literal["jsonl", "parquet", "hf-dataset", "prompt-response"] = "jsonl"
     """Record format."""
     fields: FieldMapping = Field(default_factory=FieldMapping)
@@ -634,8 +638,11 @@ class Secrets(ApiModel):
     hugging_face_token: KeySelector | None = None
     """Secret key with a Hugging Face token (mounted as a file, exported as HF_TOKEN_PATH)."""
     object_store: SecretRef | None = None
-    """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optional AWS_ENDPOINT_URL)
-    for `s3://` data and checkpoints."""
+    """Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optional AWS_ENDPOINT_URL,
+    AWS_DEFAULT_REGION, AWS_SESSION_TOKEN) for `s3://` data, checkpoints and the served
+    model; every key becomes an environment variable of the training and serving pods
+    (envFrom). Without it the pods use ambient credentials (a node's instance role, or
+    workload identity bound to the namespace's default ServiceAccount)."""
 
 
 # --------------------------------------------------------------------------------------

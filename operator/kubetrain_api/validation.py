@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import pydantic
 import yaml
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 
 
@@ -279,6 +280,9 @@ def _rule_uris(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
             yield FieldError(path, "must be hf://ORG/NAME")
         elif scheme == "pvc" and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$", rest):
             yield FieldError(path, "must be pvc://CLAIM/PATH with a lowercase claim name")
+        elif scheme == "pvc" and _leaves_claim(uri):
+            # The operator mounts only the named claim; `..` would reach another one.
+            yield FieldError(path, "must be pvc://CLAIM/PATH with a PATH inside the claim")
         elif scheme in ("s3", "gs") and not re.match(r"^[a-z0-9][-a-z0-9._]{1,62}(/.*)?$", rest):
             yield FieldError(path, f"must be {scheme}://BUCKET/KEY")
         elif scheme == "file" and not rest.startswith("/"):
@@ -288,6 +292,14 @@ def _rule_uris(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
             if rest not in known:
                 choices = ", ".join(known) or "none here"
                 yield FieldError(path, f"unknown built-in {what} {rest!r} (known: {choices})")
+
+
+def _leaves_claim(uri: str) -> bool:
+    try:
+        contract.pvc_path(uri, root="/")
+    except ValueError:
+        return True
+    return False
 
 
 def _rule_steps(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:

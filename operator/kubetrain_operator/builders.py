@@ -37,7 +37,7 @@ from kubetrain_api.contract import (
     WORKER_SLOT_RESOURCE,
 )
 from kubetrain_api.validation import processes_per_worker
-from kubetrain_operator import pods
+from kubetrain_operator import claims, pods
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.pods import resources
 from kubetrain_operator.settings import OperatorSettings
@@ -51,6 +51,7 @@ HF_TOKEN_DIR = "/var/run/secrets/kubetrain/hf"
 HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
 TERMINATION_LOG = "/dev/termination-log"
+STORAGE_VOLUME = "storage"
 
 # --------------------------------------------------------------------------------------
 # Metadata
@@ -372,18 +373,23 @@ def _pod(
     volumes, mounts = _volumes(run)
     claim = storage_claim_name(run)
     if claim is not None:
-        volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": claim}})
+        volumes.append({"name": STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim}})
     else:
-        # storage.uri: the trainer still needs a writable scratch folder for data
-        # preparation and export. Writing checkpoints to the URI itself is not wired yet,
-        # so they do not outlive the pod (see README, known gaps).
-        volumes.append({"name": "storage", "emptyDir": {}})
-    mounts.append({"name": "storage", "mountPath": settings.storage_mount})
+        # storage.uri (object store): the run's files live there, and the trainer derives
+        # their URL itself (contract.run_url). The pod still needs local scratch at the
+        # same mount: downloads (hub models, data), the driver's Ray state and the export
+        # staged before upload. Its size is the node's: the API has no field for it yet.
+        volumes.append({"name": STORAGE_VOLUME, "emptyDir": {}})
+    mounts.append({"name": STORAGE_VOLUME, "mountPath": settings.storage_mount})
+    # The claims of the run's pvc:// sources this role reads, read-only.
+    extra_volumes, extra_mounts = claims.claim_volumes(spec, role, claim, STORAGE_VOLUME)
+    volumes += extra_volumes
+    mounts += extra_mounts
 
     container = pods.container(run, settings, **container, env=_env(run, attempt))
     container["volumeMounts"] = mounts
     if spec.secrets.object_store is not None:
-        container["envFrom"] = [{"secretRef": {"name": spec.secrets.object_store.name}}]
+        container["envFrom"] = pods.object_store_env_from(spec.secrets.object_store)
 
     # A failed pod ends the attempt; the operator decides about retries.
     pod_spec = pods.pod_spec(run, [container], volumes, restart_policy="Never")

@@ -46,6 +46,15 @@ def container_security_context() -> Obj:
     }
 
 
+def object_store_env_from(secret: api.SecretRef) -> list[Obj]:
+    """The object-store Secret (spec.secrets.objectStore) as the container's environment:
+    every key becomes a variable (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, when set,
+    AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION), which boto and s3fs read.
+    By reference: the values never pass through the operator. A missing Secret keeps the
+    pod from starting (CreateContainerConfigError), rather than running without them."""
+    return [{"secretRef": {"name": secret.name}}]
+
+
 def resources(cpu: int | str, memory: int | str, gpus: int = 0) -> Obj:
     # requests == limits: Guaranteed QoS, so training is the last thing a node evicts.
     amounts = {"cpu": str(cpu), "memory": str(memory)}

@@ -12,14 +12,20 @@ app.kubernetes.io/instance=<run>,app.kubernetes.io/component=serving`). The mode
 the run's storage, so the reconciler also makes the operator-created `<run>-storage` PVC a
 dependent of the retained Deployment: garbage collection keeps it until the Deployment goes.
 
-Serving reads the exported model from the run's PersistentVolumeClaim (subPath
-`<run folder>/model`, read-only, where the run folder is the one the driver reported
-(status.model.uri), else `<run>-<uid[:8]>` of contract.run_folder) and appends feedback
-to `<run folder>/feedback/` on the same claim.
+Where the model comes from follows the run's storage; the run folder is the one the
+driver reported (status.model.uri), else `<run>-<uid[:8]>` of contract.run_folder:
+- A PersistentVolumeClaim: the server mounts `<run folder>/model` read-only (subPath) and
+  appends feedback to `<run folder>/feedback/` on the same claim.
+- An object store (`s3://`, `gs://`): the server is given the model's URL
+  (`<storage uri>/<run folder>/model`, where a folder goes otherwise) and downloads it into
+  an emptyDir (`--model-cache`) before /readyz turns ready, with the credentials of
+  spec.secrets.objectStore by reference. There is no claim to keep feedback on, so the
+  server gets no `--feedback-path` and /v1/feedback answers 404: an emptyDir would lose
+  it with the pod. A ModelService's router logs feedback durably.
+Other storage URIs (`file://`, a laptop's) are not servable: status.py reports
+Serving=False, reason StorageNotServable, and nothing is built.
 Every serving object carries the `kubetrain.dev/run-uid` annotation: a retained server has
 no owner reference, and the operator touches only objects of its run (ownership.py).
-Runs whose storage is a URI (object store) cannot be served yet: status.py reports
-Serving=False, reason StorageNotServable, and nothing is built.
 
 Serving pods carry the standard labels except `kubetrain.dev/run`: that label marks the
 Ray pods of a run, which the reconciler lists (and deletes when they belong to another
@@ -53,6 +59,16 @@ SERVICE_PORT = 80
 MODEL_DIR = f"/{contract.MODEL_DIR}"
 FEEDBACK_DIR = f"/{contract.FEEDBACK_DIR}"
 FEEDBACK_FILE = f"{FEEDBACK_DIR}/{contract.FEEDBACK_FILE}"
+# Object-store storage: the server is given the model's URL in place of a folder, and the
+# local folder it downloads the model into. That folder is one level inside the emptyDir:
+# the download is staged next to it and moved into place, which a mount point refuses
+# (and the root filesystem beside it is read-only).
+MODEL_CACHE_OPTION = "--model-cache"
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_MOUNT = "/model-cache"
+MODEL_CACHE_DIR = f"{MODEL_CACHE_MOUNT}/{contract.MODEL_DIR}"
+# Storage URI schemes a server pod can fetch the model from.
+OBJECT_STORE_SCHEMES = ("s3", "gs")
 HPA_API_VERSION = "autoscaling/v1"
 # Loading a large model from a network volume takes minutes: the startup probe allows
 # STARTUP_PERIOD * STARTUP_FAILURES seconds before the kubelet restarts the container.
@@ -70,9 +86,18 @@ def pdb_api_version(served: set[str]) -> str:
     return "policy/v1" if "policy/v1" in served else "policy/v1beta1"
 
 
+def object_store_uri(run: api.TrainingRun) -> str | None:
+    """spec.checkpoint.storage.uri when it names an object store (s3://, gs://)."""
+    uri = run.spec.checkpoint.storage.uri
+    if uri is not None and uri.partition("://")[0] in OBJECT_STORE_SCHEMES:
+        return uri
+    return None
+
+
 def servable(run: api.TrainingRun) -> bool:
-    """Whether the run's model can be mounted by a model server (it lives on a PVC)."""
-    return builders.storage_claim_name(run) is not None
+    """Whether a model server can reach the run's model: on a PVC it mounts, or on an
+    object store it downloads from (not on a `file://` path, which is one machine's)."""
+    return builders.storage_claim_name(run) is not None or object_store_uri(run) is not None
 
 
 def selector(run_name: str) -> dict[str, str]:
@@ -105,26 +130,52 @@ def _metadata(run: api.TrainingRun, uid: str, ns: str) -> Obj:
     return metadata
 
 
-def _claim(run: api.TrainingRun) -> str:
-    claim = builders.storage_claim_name(run)
-    if claim is None:
-        raise ValueError("serving needs the run's storage on a PVC (see servable())")
-    return claim
-
-
-def _command(serve: api.ServeSpec) -> list[str]:
+def _command(serve: api.ServeSpec, model_url: str | None) -> list[str]:
+    """`kubetrain serve`: the mounted model folder with feedback on the claim, or (object
+    store) the model's URL to download, without feedback (see the module docstring)."""
+    model = [MODEL_DIR] if model_url is None else [model_url, MODEL_CACHE_OPTION, MODEL_CACHE_DIR]
+    tail = ["--feedback-path", FEEDBACK_FILE] if model_url is None else []
     return [
         "kubetrain",
         "serve",
-        MODEL_DIR,
+        *model,
         "--host",
         "0.0.0.0",
         "--port",
         str(PORT),
         *contract.serve_args(serve.model_dump()),
-        "--feedback-path",
-        FEEDBACK_FILE,
+        *tail,
     ]
+
+
+def _model_volumes(
+    run: api.TrainingRun, folder: str, model_url: str | None
+) -> tuple[list[Obj], list[Obj]]:
+    """(volumes, mounts) for the model: the run's claim (model read-only, feedback
+    writable), or (object store) an emptyDir the server downloads the model into."""
+    if model_url is not None:
+        # No sizeLimit: the API has no field for it, and a guess would evict large models.
+        volumes: list[Obj] = [{"name": MODEL_CACHE_VOLUME, "emptyDir": {}}]
+        return volumes, [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT}]
+    claim = builders.storage_claim_name(run)
+    if claim is None:
+        raise ValueError("serving needs the run's storage on a PVC or an object store")
+    mounts: list[Obj] = [
+        {
+            "name": builders.STORAGE_VOLUME,
+            "mountPath": MODEL_DIR,
+            "subPath": contract.run_path(folder, contract.MODEL_DIR),
+            "readOnly": True,
+        },
+        {
+            "name": builders.STORAGE_VOLUME,
+            "mountPath": FEEDBACK_DIR,
+            "subPath": contract.run_path(folder, contract.FEEDBACK_DIR),
+        },
+    ]
+    return [
+        {"name": builders.STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+    ], mounts
 
 
 def _probe(path: str, period: int, failures: int, timeout: int) -> Obj:
@@ -139,14 +190,20 @@ def _probe(path: str, period: int, failures: int, timeout: int) -> Obj:
 def model_folder(
     run: api.TrainingRun, uid: str, settings: OperatorSettings, model_uri: str | None
 ) -> str:
-    """The folder on the claim whose `model` is served: the one the run's driver reported
-    exporting to (status.model.uri, `<mount>/<folder>/model`), else the run's own
-    (contract.run_folder). The report wins so that a model exported before run folders
-    were keyed by uid (`<name>/model`) is still served after an upgrade."""
-    prefix = settings.storage_mount.rstrip("/") + "/"
-    reported = (model_uri or "").removeprefix("file://")
+    """The run folder whose `model` is served: the one the run's driver reported exporting
+    to (status.model.uri: `<mount>/<folder>/model` on a claim, `<storage uri>/<folder>/model`
+    on an object store), else the run's own (contract.run_folder). The report wins so that
+    a model exported before run folders were keyed by uid (`<name>/model`) is still served
+    after an upgrade."""
+    remote = object_store_uri(run)
+    root = remote if remote is not None else settings.storage_mount
+    prefix = root.rstrip("/") + "/"
+    reported = model_uri or ""
+    if remote is None:
+        reported = reported.removeprefix("file://")
     folder, _, rest = reported.removeprefix(prefix).partition("/")
-    if reported.startswith(prefix) and rest == contract.MODEL_DIR and folder not in ("", ".", ".."):
+    is_model = rest.rstrip("/") == contract.MODEL_DIR
+    if reported.startswith(prefix) and is_model and folder not in ("", ".", ".."):
         return folder
     return contract.run_folder(_run_name(run), uid)
 
@@ -166,11 +223,14 @@ def build_deployment(
     serve = spec.serve
     run_name = _run_name(run)
     folder = model_folder(run, uid, settings, model_uri)
+    remote = object_store_uri(run)
+    model_url = None if remote is None else contract.run_url(remote, folder, contract.MODEL_DIR)
+    model_volumes, model_mounts = _model_volumes(run, folder, model_url)
     container = pods.container(
         run,
         settings,
         name=CONTAINER,
-        command=_command(serve),
+        command=_command(serve, model_url),
         env=[
             # The root filesystem is read-only; libraries write caches under $HOME.
             {"name": "HOME", "value": "/tmp"},
@@ -185,25 +245,11 @@ def build_deployment(
         startupProbe=_probe("/readyz", STARTUP_PERIOD, STARTUP_FAILURES, timeout=3),
         readinessProbe=_probe("/readyz", 5, 3, timeout=3),
         livenessProbe=_probe("/healthz", 10, 3, timeout=5),
-        volumeMounts=[
-            {"name": "tmp", "mountPath": "/tmp"},
-            {
-                "name": "storage",
-                "mountPath": MODEL_DIR,
-                "subPath": contract.run_path(folder, contract.MODEL_DIR),
-                "readOnly": True,
-            },
-            {
-                "name": "storage",
-                "mountPath": FEEDBACK_DIR,
-                "subPath": contract.run_path(folder, contract.FEEDBACK_DIR),
-            },
-        ],
+        volumeMounts=[{"name": "tmp", "mountPath": "/tmp"}, *model_mounts],
     )
-    volumes = [
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "storage", "persistentVolumeClaim": {"claimName": _claim(run)}},
-    ]
+    if remote is not None and spec.secrets.object_store is not None:
+        container["envFrom"] = pods.object_store_env_from(spec.secrets.object_store)
+    volumes = [{"name": "tmp", "emptyDir": {}}, *model_volumes]
     # The training node selector (a GPU product) applies to serving only when it asks for
     # GPUs too. Priority and Kueue are for training.
     pod_spec = pods.pod_spec(

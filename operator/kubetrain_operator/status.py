@@ -210,8 +210,9 @@ def _serving_blocked(run: api.TrainingRun, status: Mapping[str, Any]) -> tuple[s
     if not serving.servable(run):
         return (
             "StorageNotServable",
-            "the model server reads the model from a PersistentVolumeClaim; runs with "
-            "spec.checkpoint.storage.uri cannot be served yet",
+            "the model server reads the model from a PersistentVolumeClaim or an object "
+            "store (s3://, gs://); spec.checkpoint.storage.uri names a path only the "
+            "training pods could see",
         )
     return None
 

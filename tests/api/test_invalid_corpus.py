@@ -61,6 +61,7 @@ CASES: dict[str, tuple[str, str]] = {
     "malformed-hf-uri": ("rules", "spec.model.source"),
     "unknown-builtin-model": ("rules", "spec.model.source"),
     "relative-file-uri": ("rules", "spec.data.sources[0].uri"),
+    "pvc-path-leaves-claim": ("rules", "spec.data.sources[0].uri"),
     "storage-pvc-and-uri": ("rules", "spec.checkpoint.storage"),
     "name-too-long-for-children-xxxxxxxxxxxxxxxxxx": ("rules", "metadata.name"),
     "unknown-field-typo": ("rules", "spec.hyperparameter"),

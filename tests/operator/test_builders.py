@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import load_documents, parse
-from kubetrain_operator import builders
+from kubetrain_operator import builders, claims
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.settings import OperatorSettings
 
@@ -420,6 +420,157 @@ def test_storage_uri_gets_scratch_space_and_no_claim(settings: OperatorSettings)
         assert mount(pod, "storage")["mountPath"] == settings.storage_mount
 
 
+def claim_run(**changes: Any) -> api.TrainingRun:
+    """The quickstart reading its model, tokenizer, data and evaluation set from claims:
+    `models` twice (model and tokenizer), `datasets` twice, `evals` only for evaluation."""
+    spec: Obj = {
+        "model": {"source": "pvc://models/llama", "tokenizer": "pvc://models/tokenizer"},
+        "data": {
+            "sources": [
+                {"name": "a", "uri": "pvc://datasets/a.jsonl"},
+                {"name": "b", "uri": "pvc://datasets/b/", "format": "text"},
+                {"name": "c", "uri": "builtin://quickstart-corpus"},
+            ]
+        },
+        "evaluation": {
+            "metrics": ["loss", "accuracy"],
+            "datasets": [{"name": "intents", "uri": "pvc://evals/x.jsonl", "labels": ["a", "b"]}],
+        },
+    }
+    return with_spec(example("quickstart"), **(spec | changes))
+
+
+def claim_volume(claim: str) -> Obj:
+    return {"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+
+
+def claim_mount(claim: str, volume: str | None = None) -> Obj:
+    return {"name": volume or f"pvc-{claim}", "mountPath": f"/mnt/pvc/{claim}", "readOnly": True}
+
+
+def pvc_volumes(pod: Obj) -> list[Obj]:
+    return [v for v in pod["spec"]["volumes"] if v["name"].startswith("pvc-")]
+
+
+def pvc_mounts(pod: Obj) -> list[Obj]:
+    mounts = pod["spec"]["containers"][0]["volumeMounts"]
+    return [m for m in mounts if m["mountPath"].startswith(contract.PVC_ROOT + "/")]
+
+
+def test_claims_are_mounted_read_only_into_the_pods_that_read_them(
+    settings: OperatorSettings,
+) -> None:
+    head, *workers = pods(cluster(claim_run(), settings))
+    assert len(workers) == 2
+    # The head prepares data and loads the tokenizer; it never evaluates.
+    assert pvc_volumes(head) == [claim_volume("models"), claim_volume("datasets")]
+    assert pvc_mounts(head) == [claim_mount("models"), claim_mount("datasets")]
+    for worker in workers:
+        assert pvc_volumes(worker) == [
+            claim_volume("models"),
+            claim_volume("datasets"),
+            claim_volume("evals"),
+        ]
+        assert pvc_mounts(worker) == [
+            claim_mount("models"),
+            claim_mount("datasets"),
+            claim_mount("evals"),
+        ]
+    # The trainer finds each source where the pods mount its claim.
+    assert contract.pvc_path("pvc://datasets/a.jsonl") == "/mnt/pvc/datasets/a.jsonl"
+
+
+def test_no_claim_is_mounted_where_no_source_names_one(settings: OperatorSettings) -> None:
+    for run in (example("quickstart"), example("pretrain-gpu")):
+        for pod in pods(cluster(run, settings)):
+            assert pvc_volumes(pod) == []
+            assert pvc_mounts(pod) == []
+    # Evaluation alone reads a claim: the workers mount it, the head does not.
+    run = with_spec(
+        example("quickstart"),
+        evaluation={
+            "metrics": ["accuracy"],
+            "datasets": [{"name": "e", "uri": "pvc://evals/e.jsonl", "labels": ["x"]}],
+        },
+    )
+    head, *workers = pods(cluster(run, settings))
+    assert pvc_volumes(head) == []
+    assert pvc_mounts(head) == []
+    for worker in workers:
+        assert pvc_volumes(worker) == [claim_volume("evals")]
+
+
+def test_the_lora_example_mounts_its_datasets_claim(settings: OperatorSettings) -> None:
+    head, *workers = pods(cluster(example("finetune-lora-gpu"), settings))
+    assert pvc_volumes(head) == [claim_volume("datasets")]
+    for worker in workers:
+        assert pvc_volumes(worker) == [claim_volume("datasets")]
+        assert pvc_mounts(worker) == [claim_mount("datasets")]
+
+
+def test_a_source_on_the_storage_claim_reuses_its_volume(settings: OperatorSettings) -> None:
+    run = claim_run(checkpoint={"storage": {"pvc": {"claimName": "datasets"}}})
+    for pod in pods(cluster(run, settings)):
+        claims_used = [
+            v["persistentVolumeClaim"]["claimName"]
+            for v in pod["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        ]
+        assert claims_used.count("datasets") == 1
+        assert volume(pod, "pvc-datasets") is None
+        assert claim_mount("datasets", volume="storage") in pvc_mounts(pod)
+        assert mount(pod, "storage") == {"name": "storage", "mountPath": settings.storage_mount}
+
+
+def test_claim_volume_names_are_dns_labels_that_never_collide() -> None:
+    long_a, long_b = "a" * 200 + "-x", "a" * 200 + "-y"
+    names = {
+        claim: claims.volume_name(claim) for claim in ("data", "a" * 58, "a" * 59, long_a, long_b)
+    }
+    assert names["data"] == "pvc-data"
+    assert names["a" * 58] == "pvc-" + "a" * 58
+    assert len(set(names.values())) == len(names)
+    for name in names.values():
+        assert len(name) <= 63, name
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+    assert claims.volume_name(long_a) == names[long_a]  # deterministic
+    assert len(names["a" * 59]) == len(names[long_a]) == 63  # cut names are all 63 long
+    run = claim_run(data={"sources": [{"name": "a", "uri": f"pvc://{long_a}/x.jsonl"}]})
+    for pod in pods(cluster(run, OperatorSettings())):
+        assert volume(pod, names[long_a]) == {
+            "name": names[long_a],
+            "persistentVolumeClaim": {"claimName": long_a, "readOnly": True},
+        }
+        assert claim_mount(long_a, volume=names[long_a]) in pvc_mounts(pod)
+
+
+def test_object_store_storage_is_scratch_plus_credentials_by_reference(
+    settings: OperatorSettings,
+) -> None:
+    run = with_spec(
+        example("quickstart"),
+        checkpoint={"storage": {"uri": "s3://bucket/runs"}},
+        secrets={"objectStore": {"name": "s3-creds"}},
+    )
+    for pod in pods(cluster(run, settings)):
+        container = pod["spec"]["containers"][0]
+        assert volume(pod, "storage") == {"name": "storage", "emptyDir": {}}
+        assert mount(pod, "storage") == {"name": "storage", "mountPath": settings.storage_mount}
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & {
+            e["name"] for e in container["env"]
+        }
+    # The head's arguments do not change: the trainer derives the URL from the spec.
+    head = pods(cluster(run, settings))[0]
+    script = head["spec"]["containers"][0]["command"][-1]
+    assert f"--output-dir {settings.storage_mount} --run-uid {UID} --resume" in script
+    assert "s3://" not in script
+    # Ambient credentials (node role, workload identity): allowed, no envFrom.
+    bare = with_spec(example("quickstart"), checkpoint={"storage": {"uri": "s3://bucket/runs"}})
+    for pod in pods(cluster(bare, settings)):
+        assert "envFrom" not in pod["spec"]["containers"][0]
+
+
 def test_secrets_by_reference(settings: OperatorSettings) -> None:
     objs = cluster(example("pretrain-gpu"), settings)
     for pod in pods(objs):
@@ -623,6 +774,14 @@ OBJECT_NAMES = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,14}[a-z0-9])?\Z").filter(n
 SECRET_KEYS = st.from_regex(r"\A[a-z][a-z0-9.-]{0,15}\Z").filter(no_credential_shape)
 QUANTITIES = st.sampled_from([1, 4, "500m", "1.5", "2", "96"])
 MEMORY = st.sampled_from([1, "512Mi", "2Gi", "16Gi", "1Ti"])
+SOURCES = st.sampled_from(
+    [
+        "builtin://quickstart-corpus",
+        "pvc://datasets/corpus.jsonl",
+        "pvc://existing-claim/corpus.jsonl",  # the storage claim of one drawn storage
+        f"pvc://{'long-claim-' * 20}x/corpus.jsonl",
+    ]
+)
 OPERATOR_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "KUBETRAIN_RUN", "KUBETRAIN_ATTEMPT"}
 
 
@@ -696,7 +855,7 @@ def training_runs(draw: st.DrawFn) -> api.TrainingRun:
     spec: Obj = {
         "model": {"source": "builtin://tiny-llama"},
         "method": "pretrain",
-        "data": {"sources": [{"name": "corpus", "uri": "builtin://quickstart-corpus"}]},
+        "data": {"sources": [{"name": "corpus", "uri": draw(SOURCES)}]},
         "hyperparameters": {
             "maxSteps": 10,
             "microBatchSize": micro,
@@ -768,6 +927,15 @@ def test_any_valid_run_builds_safe_pods(run: api.TrainingRun, attempt: int) -> N
             assert hf_volume["secret"]["items"] == [{"key": hf.key, "path": hf.key}]
             hf_path = next(e for e in container["env"] if e["name"] == "HF_TOKEN_PATH")
             assert hf_path["value"] == f"{builders.HF_TOKEN_DIR}/{hf.key}"
+        names = [v["name"] for v in pod["spec"]["volumes"]]
+        assert len(names) == len(set(names)), names
+        for vol in pod["spec"]["volumes"]:
+            assert len(vol["name"]) <= 63
+            if vol["name"] != "storage" and "persistentVolumeClaim" in vol:
+                assert vol["persistentVolumeClaim"]["readOnly"] is True
+        for m in container["volumeMounts"]:
+            if m["mountPath"].startswith(contract.PVC_ROOT + "/"):
+                assert m["readOnly"] is True
         storage = volume(pod, "storage")
         claim = builders.storage_claim_name(run)
         if spec.checkpoint.storage.uri:

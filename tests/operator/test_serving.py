@@ -300,12 +300,80 @@ def test_builders_are_pure_and_hash_their_inputs(settings: OperatorSettings) -> 
     assert [k for k, v in digest(first).items() if changed[k] != v] == ["Deployment"]
 
 
-def test_uri_storage_is_not_servable(settings: OperatorSettings) -> None:
-    run = with_spec(example("quickstart"), checkpoint={"storage": {"uri": "s3://bucket/runs"}})
+def object_store_run(
+    uri: str = "s3://bucket/runs/", secret: str | None = "s3-creds"
+) -> api.TrainingRun:
+    run = with_spec(example("quickstart"), checkpoint={"storage": {"uri": uri}})
+    if secret is None:
+        return run
+    return with_spec(run, secrets={"objectStore": {"name": secret}})
+
+
+def test_local_path_storage_is_not_servable(settings: OperatorSettings) -> None:
+    run = with_spec(example("quickstart"), checkpoint={"storage": {"uri": "file:///data/runs"}})
     assert not serving.servable(run)
     assert serving.servable(example("quickstart"))
-    with pytest.raises(ValueError, match="PVC"):
+    assert serving.servable(object_store_run("gs://bucket/runs"))
+    with pytest.raises(ValueError, match="PVC or an object store"):
         serving.build_deployment(run, UID, NS, settings)
+
+
+def test_object_store_model_is_downloaded_not_mounted(settings: OperatorSettings) -> None:
+    """The server gets the model's URL and an emptyDir to download it into, the object
+    store's credentials by reference, no claim, and no feedback path (nowhere durable)."""
+    run = object_store_run()
+    deployment = serving.build_deployment(run, UID, NS, settings, "v1")
+    pod_spec = deployment["spec"]["template"]["spec"]
+    container = server(deployment)
+    assert container["command"] == [
+        "kubetrain",
+        "serve",
+        "s3://bucket/runs/quickstart-0b6a0e1c/model",
+        "--model-cache",
+        "/model-cache/model",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(contract.SERVE_PORT),
+        *contract.serve_args(run.spec.serve.model_dump()),
+    ]
+    assert pod_spec["volumes"] == [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "model-cache", "emptyDir": {}},
+    ]
+    assert container["volumeMounts"] == [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "model-cache", "mountPath": "/model-cache"},
+    ]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert restricted_violations(pod_of(deployment)) == []
+    # Ambient credentials (node role, workload identity): no envFrom at all.
+    ambient = serving.build_deployment(object_store_run(secret=None), UID, NS, settings, "v1")
+    assert "envFrom" not in server(ambient)
+    # A PVC run's server never gets the object store's Secret.
+    pvc_run = with_spec(example("quickstart"), secrets={"objectStore": {"name": "s3-creds"}})
+    assert "envFrom" not in server(serving.build_deployment(pvc_run, UID, NS, settings))
+
+
+@pytest.mark.parametrize(
+    ("uri", "folder"),
+    [
+        (None, "quickstart-0b6a0e1c"),
+        ("s3://bucket/runs/quickstart-0b6a0e1c/model", "quickstart-0b6a0e1c"),
+        ("s3://bucket/runs/quickstart-0b6a0e1c/model/", "quickstart-0b6a0e1c"),
+        ("s3://bucket/runs/quickstart/model", "quickstart"),
+        ("s3://bucket/runs/../model", "quickstart-0b6a0e1c"),
+        ("s3://other/runs/quickstart/model", "quickstart-0b6a0e1c"),
+        ("/storage/quickstart/model", "quickstart-0b6a0e1c"),
+    ],
+)
+def test_the_served_object_store_folder_is_the_one_the_driver_reported(
+    settings: OperatorSettings, uri: str | None, folder: str
+) -> None:
+    run = object_store_run()
+    assert serving.model_folder(run, UID, settings, uri) == folder
+    deployment = serving.build_deployment(run, UID, NS, settings, "v1", uri)
+    assert server(deployment)["command"][2] == f"s3://bucket/runs/{folder}/model"
 
 
 def test_service_url() -> None:
@@ -572,12 +640,13 @@ def test_serving_disabled() -> None:
     assert (gone.serve, gone.status) == ("none", turned_off.status)
 
 
-def test_uri_storage_is_reported_not_served() -> None:
-    run = with_spec(example("quickstart"), checkpoint={"storage": {"uri": "s3://bucket/runs"}})
+def test_local_path_storage_is_reported_not_served() -> None:
+    run = with_spec(example("quickstart"), checkpoint={"storage": {"uri": "file:///data/runs"}})
     done = succeed(run, json.dumps(SUMMARY))
     cond = serving_condition(done.status)
     assert cond is not None
     assert (cond["reason"], done.serve) == ("StorageNotServable", "none")
+    assert (succeed(object_store_run(), json.dumps(SUMMARY)).serve) == "apply"
 
 
 @pytest.mark.parametrize(

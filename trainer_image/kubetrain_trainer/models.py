@@ -32,14 +32,14 @@ from transformers import (
     Qwen2Config,
 )
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 
 if TYPE_CHECKING:  # peft costs ~2 s of import per process; only LoRA runs load it
     from peft import PeftModel
 
 IGNORE_INDEX = -100  # label that takes no part in the loss (HF and torch convention)
-PVC_ROOT_ENV = "KUBETRAIN_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
+PVC_ROOT_ENV = contract.PVC_ROOT_ENV
 
 # ~0.9M parameters at a 512-token vocabulary, ~2.9M at 8k: a few seconds per hundred steps
 # on two CPU cores, yet a real GQA decoder with RoPE, RMSNorm and SwiGLU.
@@ -107,12 +107,7 @@ def _local_folder(uri: str, cache_dir: Path, revision: str | None) -> Path:
 
 def _pvc_path(uri: str) -> Path:
     """pvc://CLAIM/PATH -> $KUBETRAIN_PVC_ROOT/CLAIM/PATH, where the pod mounts each claim."""
-    claim, _, rest = uri.removeprefix("pvc://").partition("/")
-    claim_root = os.path.join(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT), claim)
-    path = os.path.normpath(os.path.join(claim_root, rest))
-    if os.path.commonpath([path, claim_root]) != claim_root:
-        raise ValueError(f"{uri}: path leaves the claim")
-    return Path(path)
+    return Path(contract.pvc_path(uri))
 
 
 def _hf_token() -> str | None:

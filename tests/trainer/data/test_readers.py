@@ -101,6 +101,15 @@ def test_pvc_uri_maps_under_the_pvc_root(tmp_path: Path, monkeypatch: pytest.Mon
     assert list(read_source(src)) == [Record(text="on the claim")]
 
 
+def test_pvc_uri_never_leaves_its_claim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the named claim is mounted into the pod: `..` would read another claim's files.
+    (tmp_path / "other").mkdir()
+    write_jsonl(tmp_path / "other" / "t.jsonl", [{"text": "another claim"}])
+    monkeypatch.setenv("KUBETRAIN_PVC_ROOT", str(tmp_path))
+    with pytest.raises(DataError, match="leaves the claim"):
+        list(read_source(source("pvc://datasets/../other/t.jsonl", "jsonl")))
+
+
 def test_hub_uri_goes_through_load_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `datasets.load_dataset("org/name")` prefers a local folder of that name: the real hub
     # code path, without the network.

@@ -9,7 +9,6 @@ parquet) follows its extension; the source's `format` says how a row becomes a r
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
@@ -19,12 +18,10 @@ from typing import Any
 import fsspec
 from fsspec.utils import infer_compression
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 
 from . import builtin
-
-PVC_ROOT_ENV = "KUBETRAIN_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
 
 # Containers by file extension (after a compression suffix such as .gz is removed).
 _EXTENSIONS = {
@@ -85,10 +82,13 @@ def load_eval_examples(ds: api.EvalDataset, limit: int | None = None) -> list[Ev
 
 def local_path(uri: str) -> str:
     """The filesystem path of a `pvc://CLAIM/PATH` (under $KUBETRAIN_PVC_ROOT, where the
-    operator mounts claims) or a `file://` URI; other URIs are returned unchanged."""
+    operator mounts claims; never outside the claim) or a `file://` URI; other URIs are
+    returned unchanged."""
     if uri.startswith("pvc://"):
-        root = os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)
-        return str(Path(root) / uri.removeprefix("pvc://"))
+        try:
+            return contract.pvc_path(uri)
+        except ValueError as err:
+            raise DataError(str(err)) from None
     if uri.startswith("file://"):
         return uri.removeprefix("file://")
     return uri
