@@ -86,9 +86,14 @@ class S3Server:
 
     @contextmanager
     def environ(self, *, secret_key: str | None = None) -> Iterator[dict[str, str]]:
-        """`env()` set in this process (and inherited by the processes it starts)."""
+        """`env()` set in this process (and inherited by the processes it starts). fsspec
+        keeps one filesystem per set of arguments, created with the variables of its time:
+        the cache is cleared on the way in and out, so these variables take effect."""
+        import s3fs
+
         saved = {k: os.environ.get(k) for k in self.env()}
         os.environ.update(self.env(secret_key=secret_key))
+        s3fs.S3FileSystem.clear_instance_cache()
         try:
             yield self.env(secret_key=secret_key)
         finally:
@@ -97,6 +102,7 @@ class S3Server:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            s3fs.S3FileSystem.clear_instance_cache()
 
     def filesystem(self, *, secret_key: str | None = None) -> Any:
         """A fresh (uncached) s3fs filesystem on this server."""
