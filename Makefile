@@ -19,7 +19,7 @@ $(BIN)/kubetrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '$(TORCH_SPEC)'
-	$(BIN)/pip install --quiet -e '.[operator,trainer,serve,dev]'
+	$(BIN)/pip install --quiet -e '.[operator,trainer,serve,object-store,dev]'
 	@touch $@
 
 install: $(BIN)/kubetrain ## create .venv with kubetrain, its trainer and the dev tools

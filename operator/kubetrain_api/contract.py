@@ -126,6 +126,12 @@ FEEDBACK_DIR: Final = "feedback"
 FEEDBACK_FILE: Final = "feedback.jsonl"
 METRICS_FILE: Final = "metrics.jsonl"
 """The training loop's per-step log."""
+RESULT_FILE: Final = "result.json"
+"""The final step, metrics, gate and model location, written last by rank 0."""
+FOLDER_COMMIT_MARKER: Final = ".kubetrain-committed"
+"""On an object store (spec.checkpoint.storage.uri), in an uploaded folder (data, model):
+the list of its files, written last in one PUT. Readers (workers, the model server) take
+only folders that have it (kubetrain_trainer.storage)."""
 
 
 def run_folder(run_name: str, run_uid: str) -> str:

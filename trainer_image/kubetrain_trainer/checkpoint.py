@@ -36,8 +36,10 @@ Roots are local folders (a PVC, a laptop folder) or fsspec URLs (`s3://`, `gs://
 which DCP picks its FsspecWriter/FsspecReader. Locally the marker and the pointer are written
 to a temporary file, fsynced and moved with `os.replace`. On object stores there is no rename:
 they are written with a single PUT, which object stores apply atomically (a reader sees the
-old object or the new one, never part of one); that path cannot be tested against a real
-bucket here.
+old object or the new one, never part of one). That path is tested against a real S3 server
+(SeaweedFS, tests/trainer/checkpoint/test_s3.py): a process killed after the DCP data and
+before the marker, or after the marker and before the pointer, leaves the previous checkpoint
+loadable, and the next save removes the leftovers.
 """
 
 from __future__ import annotations

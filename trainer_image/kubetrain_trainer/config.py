@@ -24,6 +24,9 @@ class TrainConfig:
     output_dir: Path
     world_size: int
     use_gpu: bool
+    remote_root: str | None = None
+    """The run's durable root on an object store (kubetrain_trainer.storage), when
+    spec.checkpoint.storage.uri names one; `output_dir` is then local scratch."""
 
     @property
     def hp(self) -> api.Hyperparameters:
@@ -75,6 +78,14 @@ class TrainConfig:
         return self.output_dir / contract.CHECKPOINT_DIR
 
     @property
+    def checkpoint_root(self) -> str:
+        """Where checkpoints go: the object store's `<root>/checkpoints`, else the local
+        folder."""
+        if self.remote_root:
+            return f"{self.remote_root.rstrip('/')}/{contract.CHECKPOINT_DIR}"
+        return str(self.checkpoint_dir)
+
+    @property
     def model_dir(self) -> Path:
         return self.output_dir / contract.MODEL_DIR
 
@@ -89,6 +100,7 @@ def resolve(
     *,
     use_gpu: bool | None = None,
     world_size: int | None = None,
+    remote_root: str | None = None,
 ) -> TrainConfig:
     """Derive the TrainConfig of a validated run. GPUs are used when the spec asks for them,
     unless `use_gpu` says otherwise; `world_size` overrides the process count (local runs)."""
@@ -100,4 +112,5 @@ def resolve(
         output_dir=Path(output_dir),
         world_size=world_size or data_parallel_size(spec),
         use_gpu=gpu,
+        remote_root=remote_root,
     )

@@ -28,7 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import WORKER_SLOT_RESOURCE
-from kubetrain_trainer import metrics
+from kubetrain_trainer import metrics, run_storage
 from kubetrain_trainer.config import TrainConfig, resolve
 from kubetrain_trainer.exits import RayUnavailable
 from kubetrain_trainer.mailbox import Mailbox
@@ -52,7 +52,9 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         Path(payload["output_dir"]),
         use_gpu=payload["use_gpu"],
         world_size=context.get_world_size(),
+        remote_root=payload.get("remote_root"),
     )
+    run_storage.fetch_data(config, context.get_local_rank())
     _record_placement(config.output_dir, context)
     mailbox = payload["mailbox"]
     ctx = WorkerContext(
@@ -168,17 +170,22 @@ def run_training(
     telemetry: metrics.Telemetry | None = None,
     listeners: list[Listener] | None = None,
     log: Callable[[str], None] = print,
+    remote_root: str | None = None,
 ) -> dict[str, Any]:
-    """Prepare data, train on a Ray cluster, and return the result rank 0 wrote."""
+    """Prepare data, train on a Ray cluster, and return the result rank 0 wrote. With a
+    `remote_root` (kubetrain_trainer.run_storage) `output_dir` is scratch and the run's
+    files live there."""
     startup = {"driver_start": time.time()}
-    config = resolve(run, output_dir, use_gpu=use_gpu, world_size=world_size)
+    config = resolve(
+        run, output_dir, use_gpu=use_gpu, world_size=world_size, remote_root=remote_root
+    )
     config.output_dir.mkdir(parents=True, exist_ok=True)
     telemetry = telemetry or metrics.Telemetry()
     telemetry.set_phase("Preparing")
     # Ray starts while the data is prepared (or found prepared): both take seconds, and
     # ray.init mostly waits on the processes it spawns.
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
-        prepared = pool.submit(_timed, prepare, config, log=log)
+        prepared = pool.submit(_timed, run_storage.prepare, config, prepare, log)
         connect_ray(address, config.world_size)
         startup["ray_ready"] = time.time()
         summary, startup["data_ready"] = prepared.result()
@@ -192,6 +199,7 @@ def run_training(
             "run": run.model_dump(by_alias=True, exclude_none=True, mode="json"),
             "output_dir": str(config.output_dir.resolve()),
             "use_gpu": config.use_gpu,
+            "remote_root": config.remote_root,
             "mailbox": mailbox,
             "startup": startup,
         },
@@ -205,7 +213,8 @@ def run_training(
     )
     with TelemetryPump(mailbox, telemetry, listeners or []):
         trainer.fit()
-    result = json.loads((config.output_dir / "result.json").read_text())
+    result = run_storage.read_result(config)
+    run_storage.fetch_outputs(config, result)
     telemetry.set_phase("Succeeded")
     return result
 

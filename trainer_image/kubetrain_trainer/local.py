@@ -45,8 +45,32 @@ def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
 def run_folder(run: api.TrainingRun, root: Path, run_uid: str | None = None) -> Path:
     """`root/<name>`, or with the run's uid (a TrainingRun on Kubernetes) the uid-keyed
     `root/<name>-<uid[:8]>` of contract.run_folder, which the operator's serving reads."""
+    return root / run_folder_name(run, run_uid)
+
+
+def run_folder_name(run: api.TrainingRun, run_uid: str | None = None) -> str:
     name = run.metadata.name or "run"
-    return root / (contract.run_folder(name, run_uid) if run_uid else name)
+    return contract.run_folder(name, run_uid) if run_uid else name
+
+
+def remote_root(run: api.TrainingRun, run_uid: str | None = None) -> str | None:
+    """The run's durable root when spec.checkpoint.storage.uri is an object store (the
+    same folder name under it as under a local root), else None."""
+    from kubetrain_trainer import storage
+
+    return storage.remote_root(run.spec.checkpoint.storage.uri, run_folder_name(run, run_uid))
+
+
+def scratch_dir_for(
+    run: api.TrainingRun, root: Path, *, overwrite: bool, run_uid: str | None = None
+) -> Path:
+    """The local folder of a run whose files live on an object store: scratch only (the
+    state checks and the uid claim are made on the store, storage.claim)."""
+    out = run_folder(run, root, run_uid)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def output_dir_for(
@@ -237,7 +261,14 @@ def run_local(
     from kubetrain_trainer.driver import run_training
 
     run = load_run(path, max_steps=max_steps)
-    out = output_dir_for(run, output_root, resume=resume, overwrite=overwrite, run_uid=run_uid)
+    remote = remote_root(run, run_uid)
+    if remote:
+        from kubetrain_trainer import storage
+
+        storage.claim(remote, run_uid, resume=resume, overwrite=overwrite)
+        out = scratch_dir_for(run, output_root, overwrite=overwrite, run_uid=run_uid)
+    else:
+        out = output_dir_for(run, output_root, resume=resume, overwrite=overwrite, run_uid=run_uid)
     telemetry = metrics.Telemetry(run.metadata.name or "", run.spec.model.source)
     server = None
     if metrics_port is not None:
@@ -255,6 +286,7 @@ def run_local(
             telemetry=telemetry,
             listeners=[bar],
             log=lambda msg: print(msg, flush=True),
+            remote_root=remote,
         )
     finally:
         bar.close()
@@ -276,9 +308,18 @@ def run_local(
     if plot:
         print(f"  loss curve: {plot}")
     if result.get("model"):
-        prompt, text = sample(Path(result["model"]), out / contract.DATA_DIR)
+        prompt, text = sample(local_model(result, out), out / contract.DATA_DIR)
         print(f"  sample: {prompt!r} -> {text!r}")
     return result
+
+
+def local_model(result: dict[str, Any], out: Path) -> Path:
+    """The exported model on this machine: result's folder, or, when result names it by
+    its object-store URL, the copy the driver downloaded into the run's scratch."""
+    from kubetrain_trainer import storage
+
+    model = str(result["model"])
+    return out / contract.MODEL_DIR if storage.is_remote(model) else Path(model)
 
 
 def serve_after(run: api.TrainingRun, result: dict[str, Any], out: Path, port: int) -> None:
@@ -288,7 +329,7 @@ def serve_after(run: api.TrainingRun, result: dict[str, Any], out: Path, port: i
     limits = run.spec.serve
     print(f"serving {result['model']} on http://127.0.0.1:{port}/v1 (Ctrl-C stops)", flush=True)
     serve(
-        Path(result["model"]),
+        local_model(result, out),
         "127.0.0.1",
         port,
         **{field: getattr(limits, field) for field in contract.SERVE_LIMITS},

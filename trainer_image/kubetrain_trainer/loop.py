@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from kubetrain_api import v1alpha1 as api
-from kubetrain_trainer import checkpoint, evaluate, export, metrics, models, optim
+from kubetrain_trainer import checkpoint, evaluate, export, metrics, models, optim, run_storage
 from kubetrain_trainer.config import TrainConfig
 from kubetrain_trainer.parallelize import compute_dtype, parallelize, set_gradient_sync
 from kubetrain_trainer.sampler import DataOrder
@@ -182,7 +182,7 @@ class Trainer:
         self.optimizer = optim.build_optimizer(self.model, hp)
         self.scheduler = optim.build_scheduler(self.optimizer, hp, self.total_steps)
         self.checkpoints = checkpoint.CheckpointManager(
-            config.checkpoint_dir,
+            config.checkpoint_root,
             self.spec.checkpoint.keep_last,
             rank=ctx.rank,
             world_size=ctx.world_size,
@@ -325,6 +325,8 @@ class Trainer:
                 self.step, self.model, self.optimizer, self.scheduler, extra=extra
             )
         )
+        if self.ctx.is_main:
+            run_storage.upload_metrics(self.config)
 
     def _announce(self, info: checkpoint.CheckpointInfo) -> None:
         self._emit(
@@ -339,6 +341,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg, ev = self.spec.checkpoint, self.spec.evaluation
+        if self.ctx.is_main:
+            run_storage.restore_metrics(self.config)
         self.resume()
         self._emit(
             kind="setup",
@@ -393,6 +397,7 @@ class Trainer:
             "model": str(model_dir) if model_dir else None,
         }
         if self.ctx.is_main:
+            result = run_storage.publish(self.config, result)
             (self.config.output_dir / "result.json").write_text(json.dumps(result, indent=2))
         return result
 
