@@ -45,7 +45,7 @@ from tests.support.runs import (
     status,
     wait_phase,
 )
-from tests.support.s3 import seaweedfs
+from tests.support.s3 import S3Server, start_s3
 
 pytestmark = [pytest.mark.e2e, pytest.mark.controlplane]
 
@@ -251,30 +251,30 @@ def resized(stem: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def object_store(real_node: RealNode, tmp_path: Path) -> Iterator[Any]:
+def object_store(real_node: RealNode) -> Iterator[S3Server]:
     """SeaweedFS on the node's bridge address, the one host address pods may reach."""
-    with seaweedfs(host=real_node.node.ip, workdir=tmp_path / "seaweedfs") as server:
+    server = start_s3(host=real_node.node.ip)
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 def test_pretrain_twin_keeps_everything_on_the_object_store(
-    real_node: RealNode, chart_operator: str, namespace: str, object_store: Any
+    real_node: RealNode, chart_operator: str, namespace: str, object_store: S3Server
 ) -> None:
     """examples/pretrain-cpu.yaml: model config, data, checkpoints and the exported model
     on S3; a worker's container is killed and the next attempt resumes from the
     checkpoint on the object store (the pods' local scratch is gone with them); the model
     is served from the object store."""
     fs = object_store.filesystem()
-    for key, data in example_inputs.pretrain_objects().items():
-        bucket = key.split("/", 1)[0]
-        if not fs.exists(bucket):
-            fs.mkdir(bucket)
-        fs.pipe(key, data)
-    fs.mkdir("checkpoint-bucket")
+    for bucket in ("model-bucket", "corpus-bucket", "checkpoint-bucket"):
+        object_store.make_bucket(bucket)
+    fs.pipe(example_inputs.pretrain_objects())
     # The Secret the example names: credentials and endpoint, by reference only.
     kubectl(
         "create", "secret", "generic", "s3-credentials", "-n", namespace,
-        *(f"--from-literal={k}={v}" for k, v in object_store.env.items()),
+        *(f"--from-literal={k}={v}" for k, v in object_store.env().items()),
     )  # fmt: skip
     run = resized("pretrain-cpu")
     name, steps = run["metadata"]["name"], run["spec"]["hyperparameters"]["maxSteps"]
