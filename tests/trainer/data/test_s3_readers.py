@@ -37,3 +37,13 @@ def test_jsonl_and_parquet_sources_on_s3(s3: S3Server, s3_bucket: str) -> None:
         assert [r.text for r in folder] == ["doc 0", "doc 1", "doc 2", "p0", "p1"]
         with pytest.raises(DataError, match="no such file or folder"):
             list(read_source(source(f"s3://{s3_bucket}/missing.jsonl", "jsonl")))
+
+
+def test_refused_credentials_name_the_source_and_the_secret(s3: S3Server, s3_bucket: str) -> None:
+    s3.filesystem().pipe_file(f"{s3_bucket}/a.jsonl", b'{"text": "doc"}\n')
+    with s3.environ(secret_key="wrong"), pytest.raises(DataError) as refused:
+        list(read_source(source(f"s3://{s3_bucket}/a.jsonl", "jsonl")))
+    message = str(refused.value)
+    assert "source 'src'" in message
+    assert "access denied" in message
+    assert "secrets.objectStore" in message

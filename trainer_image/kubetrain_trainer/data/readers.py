@@ -159,6 +159,18 @@ def _saved_dataset_rows(name: str, path: str, split: str | None) -> Iterator[Row
 
 def _file_rows(name: str, uri: str, fmt: str, text_field: str) -> Iterator[Row]:
     try:
+        yield from _fs_rows(name, uri, fmt, text_field)
+    except PermissionError as err:
+        # An object store's 403: the credentials, not the data, so no retry helps.
+        raise DataError(
+            f"source {name!r}: {uri}: access denied ({err}); check the object store "
+            "credentials (secrets.objectStore: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL)"
+        ) from err
+
+
+def _fs_rows(name: str, uri: str, fmt: str, text_field: str) -> Iterator[Row]:
+    try:
         fs, root = fsspec.core.url_to_fs(local_path(uri))
     except ImportError as err:  # s3fs / gcsfs missing from the image
         raise DataError(f"source {name!r}: cannot open {uri}: {err}") from err
