@@ -1,0 +1,311 @@
+"""Sharded model initialization, the torchtitan way: build the model on the meta device, wrap
+LoRA, shard it (FSDP2), then materialize only this rank's shards and fill them, so that no
+rank ever holds the full model (a 7B model is 28 GB of fp32 per rank the old way).
+
+Filling is per parameter and independent of the sharding:
+- pretrained weights are read slice by slice out of the model's safetensors files (memory-
+  mapped: a rank reads the bytes of its own rows only);
+- random weights come from Hugging Face's own `_init_weights`, run on a full-size copy of
+  one module at a time, under a seed derived from the run's seed and the parameter's name,
+  so the full weights are the same at any world size (DTensor's RNG tracker is not: it is
+  offset-based on CUDA only, and on CPU each rank draws its own stream);
+- LoRA adapters start as PEFT starts them (lora_B zero: the wrapped model is the base).
+Buffers (rotary `inv_freq`, ...) are built for real with the meta model (they are small)
+and copied back after `to_empty`, which leaves every tensor uninitialized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from kubetrain_api import v1alpha1 as api
+from kubetrain_trainer import models
+from kubetrain_trainer.config import TrainConfig
+from kubetrain_trainer.parallelize import parallelize
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+# PEFT's names around a wrapped layer: `x.base_layer.weight` is the checkpoint's `x.weight`.
+_LORA_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)\.")
+
+
+@dataclass(frozen=True)
+class InitPlan:
+    """How to fill a model: from a pretrained folder's safetensors, or at random."""
+
+    spec: api.ModelSpec
+    config: object  # the transformers config the model is built from
+    dtype: torch.dtype
+    seed: int
+    weights: dict[str, Path] | None = None
+    """Checkpoint key -> the safetensors file holding it; None for random init."""
+
+
+def plan_init(
+    model_spec: api.ModelSpec,
+    *,
+    vocab_size: int | None,
+    dropout: float,
+    dtype: str,
+    cache_dir: Path,
+    seed: int,
+) -> InitPlan | None:
+    """The plan for a sharded build, or None (with the reason logged) where only the full
+    build works: a pretrained folder without safetensors files (legacy .bin), or one whose
+    embeddings must grow for the tokenizer (transformers' mean-resizing needs all rows)."""
+    config, path = models.model_config(
+        model_spec, vocab_size=vocab_size, dropout=dropout, cache_dir=cache_dir
+    )
+    torch_dtype = models.torch_dtype(dtype)
+    if path is None or model_spec.init != "pretrained":
+        if vocab_size is not None and vocab_size > config.vocab_size:
+            config.vocab_size = vocab_size  # random rows either way: no resize needed
+        return InitPlan(model_spec, config, torch_dtype, seed)
+    weights = safetensors_index(path)
+    if weights is None:
+        log.warning("%s has no safetensors files: every rank loads the full model", path)
+        return None
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        log.warning(
+            "%s: the tokenizer (%d) outgrows the embeddings (%d): every rank loads the full "
+            "model to resize them",
+            model_spec.source,
+            vocab_size,
+            config.vocab_size,
+        )
+        return None
+    return InitPlan(model_spec, config, torch_dtype, seed, weights)
+
+
+def safetensors_index(folder: Path) -> dict[str, Path] | None:
+    """Checkpoint key -> file, from the sharded index or the single file's header."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: folder / name for key, name in weight_map.items()}
+    single = folder / SAFETENSORS_SINGLE
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    return None
+
+
+def build_empty(plan: InitPlan, lora: api.LoraSpec | None) -> nn.Module:
+    """The model on the meta device (buffers real, on the CPU), LoRA-wrapped if asked."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(plan.config, dtype=plan.dtype)
+    # The meta context re-registers every parameter, which unties shared ones: tie again.
+    model.tie_weights()
+    if plan.weights is not None:
+        _check_keys(model, plan)
+    if lora is not None:
+        return models.apply_lora(model, lora, low_cpu_mem_usage=True)
+    return model
+
+
+def _check_keys(model: PreTrainedModel, plan: InitPlan) -> None:
+    # Fail before any shard is read, naming what the folder lacks (a renamed architecture,
+    # a checkpoint saved from the base model without its head, ...).
+    missing = sorted(name for name, _ in model.named_parameters() if name not in plan.weights)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"spec.model.source: {plan.spec.source} lacks {len(missing)} weights the "
+            f"{type(model).__name__} needs ({shown})"
+        )
+
+
+def materialize(model: nn.Module, plan: InitPlan, device: torch.device) -> None:
+    """Allocate this rank's shards on `device` (a sharded or a plain model) and fill them."""
+    buffers = {name: buf for name, buf in model.named_buffers() if not buf.is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, saved in buffers.items():
+            model.get_buffer(name).copy_(saved)
+        base = models.base_model(model)
+        params = dict(base.named_parameters())  # one name per shared (tied) parameter
+        if plan.weights is not None:
+            _load_pretrained(params, plan.weights)
+        else:
+            _init_random(base, plan.seed)
+        _init_adapters(params, plan.seed)
+
+
+def _load_pretrained(params: dict[str, nn.Parameter], weights: dict[str, Path]) -> None:
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name in params:
+        if _LORA_PARAM.search(name):
+            continue
+        key = name.replace(".base_layer.", ".")
+        by_file.setdefault(weights[key], []).append((name, key))
+    for file, entries in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name, key in entries:
+                region = f.get_slice(key)
+                _fill(params[name], lambda slices, region=region: region[slices])
+
+
+def _init_random(base: nn.Module, seed: int) -> None:
+    """HF's init of each module, on a full-size CPU copy of that module's own parameters,
+    seeded by the parameter's name; then each rank keeps its slices."""
+    init_weights: Callable[[nn.Module], None] = base._init_weights  # type: ignore[assignment]
+    done: set[int] = set()
+    for module_name, module in base.named_modules():
+        own = {
+            n: p
+            for n, p in module.named_parameters(recurse=False)
+            if id(p) not in done and not _LORA_PARAM.search(f".{module_name}.{n}")
+        }
+        if not own:
+            continue
+        done.update(id(p) for p in own.values())
+        prefix = f"{module_name}." if module_name else ""
+        with _seeded(seed, prefix + next(iter(own))):
+            full = _full_size_copy(module)
+            init_weights(full)
+        for n, p in own.items():
+            whole = full.get_parameter(n).detach()
+            _fill(p, lambda slices, whole=whole: whole[slices])
+        del full
+
+
+def _full_size_copy(module: nn.Module) -> nn.Module:
+    """`module` with only its own parameters, real and full-size on the CPU: what HF's init
+    functions (they dispatch on the module's class and read its attributes) expect."""
+    import copy
+
+    full = copy.copy(module)
+    full._parameters = {
+        n: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype))
+        for n, p in module._parameters.items()
+    }
+    full._buffers = {}
+    full._modules = {}
+    return full
+
+
+def _init_adapters(params: dict[str, nn.Parameter], seed: int) -> None:
+    """PEFT's default init (`reset_lora_parameters`, init_lora_weights=True)."""
+    for name, p in params.items():
+        kind = _LORA_PARAM.search(name)
+        if kind is None:
+            continue
+        whole = torch.empty(p.shape, dtype=p.dtype)
+        with _seeded(seed, name):
+            if kind.group(1) == "A":
+                nn.init.kaiming_uniform_(whole, a=math.sqrt(5))
+            elif kind.group(1) == "embedding_B":
+                nn.init.normal_(whole)
+            else:  # lora_B (weight and bias) and lora_embedding_A start at zero
+                nn.init.zeros_(whole)
+        _fill(p, lambda slices, whole=whole: whole[slices])
+
+
+def _fill(param: torch.Tensor, read: Callable[[tuple[slice, ...]], torch.Tensor]) -> None:
+    """Copy this rank's part of a parameter, read as slices of the full tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(
+            param.shape, param.device_mesh, param.placements
+        )
+        local = param.to_local()
+    else:
+        shape, offset, local = tuple(param.shape), (0,) * param.dim(), param
+    if local.numel() == 0:
+        return
+    slices = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
+    local.copy_(read(slices))
+
+
+@contextmanager
+def _seeded(seed: int, name: str) -> Iterator[None]:
+    """The global CPU generator seeded from (seed, name), restored afterwards: HF's init
+    functions draw from it, and training's own random stream must not depend on them."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    with ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        yield
+
+
+def build_for_training(
+    config: TrainConfig, device: torch.device, vocab_size: int
+) -> tuple[nn.Module, models.ModelShape]:
+    """The model to train, parallelized, and its shape: built on the meta device and
+    materialized shard by shard (FSDP2; under DDP or on one process the whole model, which
+    each rank needs anyway). Falls back to the full build where `plan_init` says so."""
+    spec, hp = config.spec, config.hp
+    plan = plan_init(
+        spec.model,
+        vocab_size=vocab_size,
+        dropout=hp.dropout,
+        dtype=config.param_dtype,
+        cache_dir=config.output_dir / "cache",
+        seed=hp.seed,
+    )
+    if plan is None:
+        model = models.build_model(
+            spec.model,
+            vocab_size=vocab_size,
+            dropout=hp.dropout,
+            dtype=config.param_dtype,
+            cache_dir=config.output_dir / "cache",
+        )
+        if spec.data.packing:
+            models.check_packed_attention(model)
+        if spec.lora is not None:
+            model = models.apply_lora(model, spec.lora)
+        shape = models.model_shape(model)
+        model.to(device)
+        return parallelize(model, models.transformer_blocks(model), config, device), shape
+
+    model = build_empty(plan, spec.lora)
+    shape = models.model_shape(model)  # DTensors report global shapes, meta ones too
+    blocks = models.transformer_blocks(model)
+    if dist.is_initialized() and spec.distributed.strategy == "fsdp":
+        model = parallelize(model, blocks, config, device)
+        materialize(model, plan, device)
+        if spec.data.packing:
+            _check_packed_sharded(model)
+        return model, shape
+    materialize(model, plan, device)
+    if spec.data.packing:
+        models.check_packed_attention(model)
+    return parallelize(model, blocks, config, device), shape
+
+
+def _check_packed_sharded(model: nn.Module) -> None:
+    """`check_packed_attention` on the sharded model (a collective: every rank runs it),
+    eagerly, then resharded: FSDP2 leaves the root unsharded after a forward, and the
+    optimizer must see the sharded parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    with torch.compiler.set_stance("force_eager"):
+        models.check_packed_attention(model)  # type: ignore[arg-type]
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
