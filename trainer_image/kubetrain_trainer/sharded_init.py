@@ -187,7 +187,7 @@ def _init_random(base: nn.Module, seed: int) -> None:
         for n, p in own.items():
             whole = full.get_parameter(n).detach()
             _fill(p, lambda slices, whole=whole: whole[slices])
-        del full
+        del full, whole  # one module's full-size copy at a time
 
 
 def _full_size_copy(module: nn.Module) -> nn.Module:
