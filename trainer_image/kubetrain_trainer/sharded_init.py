@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -52,8 +53,8 @@ class InitPlan:
     config: object  # the transformers config the model is built from
     dtype: torch.dtype
     seed: int
-    weights: dict[str, Path] | None = None
-    """Checkpoint key -> the safetensors file holding it; None for random init."""
+    weights: dict[str, Stored] | None = None
+    """Checkpoint key -> where it is stored; None for random init."""
 
 
 def plan_init(
@@ -92,19 +93,58 @@ def plan_init(
     return InitPlan(model_spec, config, torch_dtype, seed, weights)
 
 
-def safetensors_index(folder: Path) -> dict[str, Path] | None:
-    """Checkpoint key -> file, from the sharded index or the single file's header."""
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    """Byte offset of its first element from the start of the file."""
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def safetensors_index(folder: Path) -> dict[str, Stored] | None:
+    """Checkpoint key -> where it is stored, from the files' headers (the sharded index
+    names the files); None when the folder has no safetensors files."""
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: folder / name for key, name in weight_map.items()}
-    single = folder / SAFETENSORS_SINGLE
-    if single.is_file():
-        from safetensors import safe_open
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / SAFETENSORS_SINGLE).is_file():
+        files = [SAFETENSORS_SINGLE]
+    else:
+        return None
+    return {key: stored for name in files for key, stored in _header(folder / name).items()}
 
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    return None
+
+def _header(file: Path) -> dict[str, Stored]:
+    # The format: an 8-byte little-endian length, a JSON header, then the raw data.
+    with file.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    data = 8 + length
+    out = {}
+    for key, entry in header.items():
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: {key} has dtype {entry['dtype']}, which we cannot load")
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        out[key] = Stored(file, dtype, tuple(entry["shape"]), data + entry["data_offsets"][0])
+    return out
 
 
 def build_empty(plan: InitPlan, lora: api.LoraSpec | None) -> nn.Module:
@@ -150,20 +190,48 @@ def materialize(model: nn.Module, plan: InitPlan, device: torch.device) -> None:
         _init_adapters(params, plan.seed)
 
 
-def _load_pretrained(params: dict[str, nn.Parameter], weights: dict[str, Path]) -> None:
-    from safetensors import safe_open
+def _load_pretrained(params: dict[str, nn.Parameter], weights: dict[str, Stored]) -> None:
+    """Read each parameter's shard with plain reads, not a memory map: a rank's resident
+    memory then holds its shards only, not the file pages it read them from."""
+    files: dict[Path, BinaryIO] = {}
+    try:
+        for name, param in params.items():
+            if _LORA_PARAM.search(name):
+                continue
+            stored = weights[name.replace(".base_layer.", ".")]
+            if tuple(param.shape) != stored.shape:
+                raise ValueError(
+                    f"spec.model.source: {name} is {tuple(stored.shape)} in {stored.file.name}, "
+                    f"the model expects {tuple(param.shape)}"
+                )
+            if stored.file not in files:
+                files[stored.file] = stored.file.open("rb", buffering=0)
+            f = files[stored.file]
+            _fill(param, lambda slices, f=f, stored=stored: _read(f, stored, slices))
+    finally:
+        for f in files.values():
+            f.close()
 
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for name in params:
-        if _LORA_PARAM.search(name):
-            continue
-        key = name.replace(".base_layer.", ".")
-        by_file.setdefault(weights[key], []).append((name, key))
-    for file, entries in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for name, key in entries:
-                region = f.get_slice(key)
-                _fill(params[name], lambda slices, region=region: region[slices])
+
+def _read(f: BinaryIO, stored: Stored, slices: tuple[slice, ...]) -> torch.Tensor:
+    """The slices of a stored tensor. FSDP2 shards dim 0, so a shard is a contiguous byte
+    range: read just that range."""
+    if any(s.start != 0 or s.stop != n for s, n in zip(slices[1:], stored.shape[1:], strict=True)):
+        rows = slice(slices[0].start, slices[0].stop) if slices else slice(None)
+        whole = _read(f, stored, (rows, *(slice(0, n) for n in stored.shape[1:])))
+        return whole[(slice(None), *slices[1:])]
+    start, stop = (slices[0].start, slices[0].stop) if slices else (0, 1)
+    out = torch.empty((stop - start, *stored.shape[1:]), dtype=stored.dtype)
+    row_bytes = math.prod(stored.shape[1:]) * out.element_size()
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    f.seek(stored.offset + start * row_bytes)
+    got = 0
+    while got < buffer.nbytes:
+        n = f.readinto(buffer[got:])
+        if not n:
+            raise ValueError(f"{stored.file}: truncated (a tensor's bytes run past its end)")
+        got += n
+    return out if slices else out[0]
 
 
 def _init_random(base: nn.Module, seed: int) -> None:
