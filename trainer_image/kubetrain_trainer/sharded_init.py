@@ -16,6 +16,8 @@ and copied back after `to_empty`, which leaves every tensor uninitialized.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 # PEFT's names around a wrapped layer: `x.base_layer.weight` is the checkpoint's `x.weight`.
+# Rows of a Linear or Embedding weight drawn per seed (16 MiB of fp32): small beside a
+# shard, and fixed, so the weights do not depend on the world size.
+_ROW_BLOCK_ELEMENTS = 1 << 22
 _LORA_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)\.")
 
 
@@ -238,6 +243,10 @@ def _init_random(base: nn.Module, seed: int) -> None:
     """HF's init of each module, on a full-size CPU copy of that module's own parameters,
     seeded by the parameter's name; then each rank keeps its slices."""
     init_weights: Callable[[nn.Module], None] = base._init_weights  # type: ignore[assignment]
+    # transformers' generic init draws Linear and Embedding weights element by element
+    # (normal, zeros), so blocks of rows can be drawn apart: each rank draws only the blocks
+    # of its rows, not the whole embedding. A model's own init may not: whole modules then.
+    by_rows = type(base)._init_weights is PreTrainedModel._init_weights
     done: set[int] = set()
     for module_name, module in base.named_modules():
         own = {
@@ -249,6 +258,11 @@ def _init_random(base: nn.Module, seed: int) -> None:
             continue
         done.update(id(p) for p in own.values())
         prefix = f"{module_name}." if module_name else ""
+        if by_rows and isinstance(module, (nn.Linear, nn.Embedding)):
+            for n, p in own.items():
+                draw = functools.partial(_draw_rows, module, n, prefix + n, seed, init_weights)
+                _fill(p, lambda slices, draw=draw, shape=tuple(p.shape): draw(shape, slices))
+            continue
         with _seeded(seed, prefix + next(iter(own))):
             full = _full_size_copy(module)
             init_weights(full)
@@ -258,14 +272,46 @@ def _init_random(base: nn.Module, seed: int) -> None:
         del full, whole  # one module's full-size copy at a time
 
 
-def _full_size_copy(module: nn.Module) -> nn.Module:
-    """`module` with only its own parameters, real and full-size on the CPU: what HF's init
-    functions (they dispatch on the module's class and read its attributes) expect."""
-    import copy
+def _draw_rows(
+    module: nn.Module,
+    param_name: str,
+    name: str,
+    seed: int,
+    init_weights: Callable[[nn.Module], None],
+    shape: tuple[int, ...],
+    slices: tuple[slice, ...],
+) -> torch.Tensor:
+    """The rows `slices` asks for of one parameter, drawn in fixed blocks of rows (each
+    from its own seed), so the values do not depend on how the rows are split."""
+    per = max(1, _ROW_BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    first, stop = slices[0].start, slices[0].stop
+    parts = []
+    for block in range(first // per, -(-stop // per)):
+        low, high = block * per, min(shape[0], (block + 1) * per)
+        piece = _full_size_copy(module, only=param_name)
+        piece._parameters[param_name] = nn.Parameter(
+            torch.empty((high - low, *shape[1:]), dtype=module._parameters[param_name].dtype)
+        )
+        if isinstance(module, nn.Embedding):
+            pad = module.padding_idx
+            piece.padding_idx = pad - low if pad is not None and low <= pad < high else None
+        with _seeded(seed, f"{name}/rows{block}"):
+            init_weights(piece)
+        drawn = piece.get_parameter(param_name).detach()
+        parts.append(drawn[max(first, low) - low : min(stop, high) - low])
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return rows[(slice(None), *slices[1:])]
 
+
+def _full_size_copy(module: nn.Module, only: str | None = None) -> nn.Module:
+    """`module` with only its own parameters, real and full-size on the CPU: what HF's init
+    functions (they dispatch on the module's class and read its attributes) expect. With
+    `only`, the other parameters are None (HF's init skips absent ones)."""
     full = copy.copy(module)
     full._parameters = {
-        n: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype))
+        n: None
+        if p is None or only is not None
+        else nn.Parameter(torch.empty(p.shape, dtype=p.dtype))
         for n, p in module._parameters.items()
     }
     full._buffers = {}

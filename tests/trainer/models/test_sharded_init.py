@@ -135,6 +135,8 @@ def _memory(folder: str, vocab: int, cache: Path) -> dict[str, int]:
 def worker(rank: int, world: int, store: str, folders: dict[str, str], out: str) -> None:
     """Each case in turn on this rank; results in OUT/CASE-rankR.pt."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # Blocks of 23 rows of 128: rank 1's half of the 320-row embedding starts mid-block.
+    sharded_init._ROW_BLOCK_ELEMENTS = 23 * 128
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(folders["pretrained"])
         vocab, cache = len(tokenizer), Path(out) / f"cache{rank}"
