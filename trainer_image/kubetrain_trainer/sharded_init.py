@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 # PEFT's names around a wrapped layer: `x.base_layer.weight` is the checkpoint's `x.weight`.
-# Rows of a Linear or Embedding weight drawn per seed (16 MiB of fp32): small beside a
+# Rows of a Linear or Embedding weight drawn per seed (4 MiB of fp32): small beside a
 # shard, and fixed, so the weights do not depend on the world size.
-_ROW_BLOCK_ELEMENTS = 1 << 22
+_ROW_BLOCK_ELEMENTS = 1 << 20
 _LORA_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)\.")
 
 
@@ -280,12 +280,12 @@ def _draw_rows(
     init_weights: Callable[[nn.Module], None],
     shape: tuple[int, ...],
     slices: tuple[slice, ...],
-) -> torch.Tensor:
-    """The rows `slices` asks for of one parameter, drawn in fixed blocks of rows (each
-    from its own seed), so the values do not depend on how the rows are split."""
+) -> Iterator[torch.Tensor]:
+    """The rows `slices` asks for of one parameter, in order, drawn in fixed blocks of rows
+    (each from its own seed), so the values do not depend on how the rows are split; one
+    block at a time."""
     per = max(1, _ROW_BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
     first, stop = slices[0].start, slices[0].stop
-    parts = []
     for block in range(first // per, -(-stop // per)):
         low, high = block * per, min(shape[0], (block + 1) * per)
         piece = _full_size_copy(module, only=param_name)
@@ -298,9 +298,7 @@ def _draw_rows(
         with _seeded(seed, f"{name}/rows{block}"):
             init_weights(piece)
         drawn = piece.get_parameter(param_name).detach()
-        parts.append(drawn[max(first, low) - low : min(stop, high) - low])
-    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return rows[(slice(None), *slices[1:])]
+        yield drawn[max(first, low) - low : min(stop, high) - low][(slice(None), *slices[1:])]
 
 
 def _full_size_copy(module: nn.Module, only: str | None = None) -> nn.Module:
@@ -336,8 +334,12 @@ def _init_adapters(params: dict[str, nn.Parameter], seed: int) -> None:
         _fill(p, lambda slices, whole=whole: whole[slices])
 
 
-def _fill(param: torch.Tensor, read: Callable[[tuple[slice, ...]], torch.Tensor]) -> None:
-    """Copy this rank's part of a parameter, read as slices of the full tensor."""
+def _fill(
+    param: torch.Tensor,
+    read: Callable[[tuple[slice, ...]], torch.Tensor | Iterator[torch.Tensor]],
+) -> None:
+    """Copy this rank's part of a parameter, read as slices of the full tensor: one tensor,
+    or consecutive runs of its rows."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(param, DTensor):
@@ -352,7 +354,16 @@ def _fill(param: torch.Tensor, read: Callable[[tuple[slice, ...]], torch.Tensor]
     if local.numel() == 0:
         return
     slices = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
-    local.copy_(read(slices))
+    parts = read(slices)
+    if isinstance(parts, torch.Tensor):
+        local.copy_(parts)
+        return
+    row = 0
+    for part in parts:
+        local[row : row + part.shape[0]].copy_(part)
+        row += part.shape[0]
+    if row != local.shape[0]:
+        raise AssertionError(f"filled {row} of {local.shape[0]} rows")
 
 
 @contextmanager
