@@ -212,23 +212,36 @@ def _load_pretrained(params: dict[str, nn.Parameter], weights: dict[str, Stored]
             if stored.file not in files:
                 files[stored.file] = stored.file.open("rb", buffering=0)
             f = files[stored.file]
-            _fill(param, lambda slices, f=f, stored=stored: _read(f, stored, slices))
+            _fill(param, functools.partial(_read, f, stored))
     finally:
         for f in files.values():
             f.close()
 
 
-def _read(f: BinaryIO, stored: Stored, slices: tuple[slice, ...]) -> torch.Tensor:
+def _read(
+    f: BinaryIO, stored: Stored, slices: tuple[slice, ...], into: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """The slices of a stored tensor. FSDP2 shards dim 0, so a shard is a contiguous byte
-    range: read just that range."""
+    range: read just that range, straight into `into` when it can hold the bytes as they
+    are (then None comes back)."""
     if any(s.start != 0 or s.stop != n for s, n in zip(slices[1:], stored.shape[1:], strict=True)):
         rows = slice(slices[0].start, slices[0].stop) if slices else slice(None)
         whole = _read(f, stored, (rows, *(slice(0, n) for n in stored.shape[1:])))
+        assert whole is not None
         return whole[(slice(None), *slices[1:])]
     start, stop = (slices[0].start, slices[0].stop) if slices else (0, 1)
-    out = torch.empty((stop - start, *stored.shape[1:]), dtype=stored.dtype)
+    shape = (stop - start, *stored.shape[1:])
+    direct = (
+        into is not None
+        and into.device.type == "cpu"
+        and into.dtype == stored.dtype
+        and into.is_contiguous()
+        and into.numel() == math.prod(shape)
+    )
+    out = into if direct else torch.empty(shape, dtype=stored.dtype)
+    assert out is not None
     row_bytes = math.prod(stored.shape[1:]) * out.element_size()
-    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    buffer = memoryview(out.detach().view(-1).view(torch.uint8).numpy())
     f.seek(stored.offset + start * row_bytes)
     got = 0
     while got < buffer.nbytes:
@@ -236,6 +249,8 @@ def _read(f: BinaryIO, stored: Stored, slices: tuple[slice, ...]) -> torch.Tenso
         if not n:
             raise ValueError(f"{stored.file}: truncated (a tensor's bytes run past its end)")
         got += n
+    if direct:
+        return None
     return out if slices else out[0]
 
 
@@ -261,14 +276,14 @@ def _init_random(base: nn.Module, seed: int) -> None:
         if by_rows and isinstance(module, (nn.Linear, nn.Embedding)):
             for n, p in own.items():
                 draw = functools.partial(_draw_rows, module, n, prefix + n, seed, init_weights)
-                _fill(p, lambda slices, draw=draw, shape=tuple(p.shape): draw(shape, slices))
+                _fill(p, lambda slices, _, draw=draw, shape=tuple(p.shape): draw(shape, slices))
             continue
         with _seeded(seed, prefix + next(iter(own))):
             full = _full_size_copy(module)
             init_weights(full)
         for n, p in own.items():
             whole = full.get_parameter(n).detach()
-            _fill(p, lambda slices, whole=whole: whole[slices])
+            _fill(p, lambda slices, _, whole=whole: whole[slices])
         del full, whole  # one module's full-size copy at a time
 
 
@@ -331,15 +346,16 @@ def _init_adapters(params: dict[str, nn.Parameter], seed: int) -> None:
                 nn.init.normal_(whole)
             else:  # lora_B (weight and bias) and lora_embedding_A start at zero
                 nn.init.zeros_(whole)
-        _fill(p, lambda slices, whole=whole: whole[slices])
+        _fill(p, lambda slices, _, whole=whole: whole[slices])
 
 
 def _fill(
     param: torch.Tensor,
-    read: Callable[[tuple[slice, ...]], torch.Tensor | Iterator[torch.Tensor]],
+    read: Callable[[tuple[slice, ...], torch.Tensor], torch.Tensor | Iterator[torch.Tensor] | None],
 ) -> None:
-    """Copy this rank's part of a parameter, read as slices of the full tensor: one tensor,
-    or consecutive runs of its rows."""
+    """Fill this rank's part of a parameter from slices of the full tensor: `read(slices,
+    local)` returns them as one tensor or as consecutive runs of rows, or None when it
+    wrote them into `local` itself."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(param, DTensor):
@@ -354,7 +370,9 @@ def _fill(
     if local.numel() == 0:
         return
     slices = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
-    parts = read(slices)
+    parts = read(slices, local)
+    if parts is None:
+        return
     if isinstance(parts, torch.Tensor):
         local.copy_(parts)
         return
