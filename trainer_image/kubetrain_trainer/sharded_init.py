@@ -3,11 +3,13 @@ LoRA, shard it (FSDP2), then materialize only this rank's shards and fill them, 
 rank ever holds the full model (a 7B model is 28 GB of fp32 per rank the old way).
 
 Filling is per parameter and independent of the sharding:
-- pretrained weights are read slice by slice out of the model's safetensors files (memory-
-  mapped: a rank reads the bytes of its own rows only);
-- random weights come from Hugging Face's own `_init_weights`, run on a full-size copy of
-  one module at a time, under a seed derived from the run's seed and the parameter's name,
-  so the full weights are the same at any world size (DTensor's RNG tracker is not: it is
+- pretrained weights: a rank reads the byte range of its own rows out of the safetensors
+  files with plain reads (FSDP2 shards dim 0, so a shard is contiguous). Not a memory map:
+  the pages it touches would stay resident, 1.1x the model per rank at world size 2;
+- random weights come from Hugging Face's own `_init_weights`, run on a CPU copy of one
+  module at a time (Linear and Embedding rows in fixed blocks, so a rank draws only its
+  own rows), each under a seed derived from the run's seed and the parameter's name: the
+  full weights are the same at any world size (DTensor's RNG tracker is not: it is
   offset-based on CUDA only, and on CPU each rank draws its own stream);
 - LoRA adapters start as PEFT starts them (lora_B zero: the wrapped model is the base).
 Buffers (rotary `inv_freq`, ...) are built for real with the meta model (they are small)
@@ -24,7 +26,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,7 +34,7 @@ from typing import BinaryIO
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_trainer import models
@@ -43,11 +45,36 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
-# PEFT's names around a wrapped layer: `x.base_layer.weight` is the checkpoint's `x.weight`.
 # Rows of a Linear or Embedding weight drawn per seed (4 MiB of fp32): small beside a
 # shard, and fixed, so the weights do not depend on the world size.
 _ROW_BLOCK_ELEMENTS = 1 << 20
+# PEFT's adapter parameters; around them, `x.base_layer.weight` is the checkpoint's `x.weight`.
 _LORA_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)\.")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    """Byte offset of its first element from the start of the file."""
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 @dataclass(frozen=True)
@@ -55,7 +82,7 @@ class InitPlan:
     """How to fill a model: from a pretrained folder's safetensors, or at random."""
 
     spec: api.ModelSpec
-    config: object  # the transformers config the model is built from
+    config: PretrainedConfig
     dtype: torch.dtype
     seed: int
     weights: dict[str, Stored] | None = None
@@ -96,31 +123,6 @@ def plan_init(
         )
         return None
     return InitPlan(model_spec, config, torch_dtype, seed, weights)
-
-
-@dataclass(frozen=True)
-class Stored:
-    """Where one tensor's bytes lie in a safetensors file."""
-
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    """Byte offset of its first element from the start of the file."""
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def safetensors_index(folder: Path) -> dict[str, Stored] | None:
@@ -181,12 +183,18 @@ def _check_keys(model: PreTrainedModel, plan: InitPlan) -> None:
 
 def materialize(model: nn.Module, plan: InitPlan, device: torch.device) -> None:
     """Allocate this rank's shards on `device` (a sharded or a plain model) and fill them."""
+    from torch.distributed.fsdp import FSDPModule
+
     buffers = {name: buf for name, buf in model.named_buffers() if not buf.is_meta}
     model.to_empty(device=device)
+    base = models.base_model(model)
+    if not isinstance(model, FSDPModule):
+        # Plain modules get a new Parameter per module from meta: shared ones come apart.
+        # (FSDP2 swaps its DTensors in place; they stay shared.)
+        base.tie_weights()
     with torch.no_grad():
         for name, saved in buffers.items():
             model.get_buffer(name).copy_(saved)
-        base = models.base_model(model)
         params = dict(base.named_parameters())  # one name per shared (tied) parameter
         if plan.weights is not None:
             _load_pretrained(params, plan.weights)
@@ -389,8 +397,7 @@ def _seeded(seed: int, name: str) -> Iterator[None]:
     """The global CPU generator seeded from (seed, name), restored afterwards: HF's init
     functions draw from it, and training's own random stream must not depend on them."""
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    with ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=[]))
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
         yield
 

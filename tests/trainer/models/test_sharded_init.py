@@ -311,3 +311,35 @@ def test_build_model_keeps_its_full_cpu_model(
         logits(model, tokenizer).shape[:2]
         == tokenizer(CORPUS[:2], return_tensors="pt", padding=True)["input_ids"].shape
     )
+
+
+def test_unsharded_materialize_matches_the_old_build(
+    tokenizer: PreTrainedTokenizerFast, tied_folder: Path, tmp_path: Path
+) -> None:
+    """DDP and a single process without a process group materialize the whole model the
+    same way: no DTensors, the same weights and buffers as `build_model`."""
+    spec = _spec("pretrained", str(tied_folder))
+    plan = sharded_init.plan_init(
+        spec, vocab_size=len(tokenizer), dropout=0.0, dtype="float32", cache_dir=tmp_path, seed=3
+    )
+    assert plan is not None
+    model = sharded_init.build_empty(plan, None)
+    sharded_init.materialize(model, plan, torch.device("cpu"))
+    old = _old_way(tokenizer, spec, tmp_path)
+    torch.testing.assert_close(logits(model, tokenizer), logits(old, tokenizer), rtol=0, atol=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_folder_without_a_weight_the_model_needs_names_it(
+    tokenizer: PreTrainedTokenizerFast, tied_folder: Path, tmp_path: Path
+) -> None:
+    # Untied, the model needs lm_head.weight; the tied folder stores embed_tokens only.
+    spec = api.ModelSpec(
+        source=f"file://{tied_folder}", config_overrides={"tie_word_embeddings": False}
+    )
+    plan = sharded_init.plan_init(
+        spec, vocab_size=len(tokenizer), dropout=0.0, dtype="float32", cache_dir=tmp_path, seed=0
+    )
+    assert plan is not None
+    with pytest.raises(ValueError, match=r"spec.model.source: .* lacks 1 weights .*lm_head"):
+        sharded_init.build_empty(plan, None)
