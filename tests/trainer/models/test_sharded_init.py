@@ -132,6 +132,33 @@ def _memory(folder: str, vocab: int, cache: Path) -> dict[str, int]:
     }
 
 
+def _through_the_trainer(folder: str, world: int, out: Path) -> dict[str, Any]:
+    """`build_for_training` as the Trainer calls it: LoRA, packing (its check runs a
+    forward on the sharded model), FSDP2 through `parallelize`."""
+    from kubetrain_api import validation
+    from kubetrain_trainer.config import resolve
+    from tests.support.runs import quickstart
+
+    doc = quickstart(
+        "init",
+        model={"source": f"file://{folder}"},
+        lora={"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
+        data__packing=True,
+    )
+    config = resolve(validation.parse(doc), out, use_gpu=False, world_size=world)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    model, shape = sharded_init.build_for_training(config, torch.device("cpu"), len(tokenizer))
+    from torch.distributed.tensor import DTensor
+
+    return {
+        # The packing check's forward must not leave the root's parameters unsharded: the
+        # optimizer is built over what `parameters()` returns next.
+        "all_sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+        "n_params": shape.n_params,
+        "logits": logits(model, tokenizer),
+    }
+
+
 def worker(rank: int, world: int, store: str, folders: dict[str, str], out: str) -> None:
     """Each case in turn on this rank; results in OUT/CASE-rankR.pt."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -143,6 +170,8 @@ def worker(rank: int, world: int, store: str, folders: dict[str, str], out: str)
         for case, folder in folders.items():
             if case == "memory":
                 result: dict[str, Any] = _memory(folder, vocab, cache)
+            elif case == "trainer":
+                result = _through_the_trainer(folder, world, Path(out) / f"run{rank}")
             else:
                 model = _build(case, folder, vocab, cache, torch.device("cpu"))
                 base = models.base_model(model)
@@ -198,6 +227,7 @@ def world2(
         "pretrained": tied_folder,
         "random": tied_folder,
         "lora": tied_folder,
+        "trainer": tied_folder,
         "memory": big_folder,
     }
     return _run(2, folders, tmp_path_factory.mktemp("world2"))
@@ -343,3 +373,15 @@ def test_a_folder_without_a_weight_the_model_needs_names_it(
     assert plan is not None
     with pytest.raises(ValueError, match=r"spec.model.source: .* lacks 1 weights .*lm_head"):
         sharded_init.build_empty(plan, None)
+
+
+def test_the_trainers_build_is_sharded_and_starts_as_the_base_model(
+    tokenizer: PreTrainedTokenizerFast, tied_folder: Path, tmp_path: Path, world2: Any
+) -> None:
+    old = _old_way(tokenizer, _spec("pretrained", str(tied_folder)), tmp_path)
+    expected = logits(old, tokenizer)
+    for res in world2["trainer"]:
+        assert res["all_sharded"]
+        lora_params = 4 * (4 * (128 + 128) + 4 * (128 + 64))  # 4 layers: q_proj, v_proj, r=4
+        assert res["n_params"] == sum(p.numel() for p in old.parameters()) + lora_params
+        torch.testing.assert_close(res["logits"], expected, rtol=1e-5, atol=1e-5)
