@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -29,7 +30,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -163,20 +163,20 @@ def build_empty(plan: InitPlan, lora: api.LoraSpec | None) -> nn.Module:
     # The meta context re-registers every parameter, which unties shared ones: tie again.
     model.tie_weights()
     if plan.weights is not None:
-        _check_keys(model, plan)
+        _check_keys(model, plan.weights, plan.spec.source)
     if lora is not None:
         return models.apply_lora(model, lora, low_cpu_mem_usage=True)
     return model
 
 
-def _check_keys(model: PreTrainedModel, plan: InitPlan) -> None:
+def _check_keys(model: PreTrainedModel, weights: dict[str, Stored], source: str) -> None:
     # Fail before any shard is read, naming what the folder lacks (a renamed architecture,
     # a checkpoint saved from the base model without its head, ...).
-    missing = sorted(name for name, _ in model.named_parameters() if name not in plan.weights)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in weights)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(
-            f"spec.model.source: {plan.spec.source} lacks {len(missing)} weights the "
+            f"spec.model.source: {source} lacks {len(missing)} weights the "
             f"{type(model).__name__} needs ({shown})"
         )
 
@@ -206,7 +206,7 @@ def materialize(model: nn.Module, plan: InitPlan, device: torch.device) -> None:
 def _load_pretrained(params: dict[str, nn.Parameter], weights: dict[str, Stored]) -> None:
     """Read each parameter's shard with plain reads, not a memory map: a rank's resident
     memory then holds its shards only, not the file pages it read them from."""
-    files: dict[Path, BinaryIO] = {}
+    files: dict[Path, io.FileIO] = {}
     try:
         for name, param in params.items():
             if _LORA_PARAM.search(name):
@@ -218,7 +218,7 @@ def _load_pretrained(params: dict[str, nn.Parameter], weights: dict[str, Stored]
                     f"the model expects {tuple(param.shape)}"
                 )
             if stored.file not in files:
-                files[stored.file] = stored.file.open("rb", buffering=0)
+                files[stored.file] = io.FileIO(stored.file, "rb")
             f = files[stored.file]
             _fill(param, functools.partial(_read, f, stored))
     finally:
@@ -227,7 +227,7 @@ def _load_pretrained(params: dict[str, nn.Parameter], weights: dict[str, Stored]
 
 
 def _read(
-    f: BinaryIO, stored: Stored, slices: tuple[slice, ...], into: torch.Tensor | None = None
+    f: io.FileIO, stored: Stored, slices: tuple[slice, ...], into: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """The slices of a stored tensor. FSDP2 shards dim 0, so a shard is a contiguous byte
     range: read just that range, straight into `into` when it can hold the bytes as they
@@ -455,7 +455,7 @@ def _check_packed_sharded(model: nn.Module) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     with torch.compiler.set_stance("force_eager"):
-        models.check_packed_attention(model)  # type: ignore[arg-type]
+        models.check_packed_attention(model)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
