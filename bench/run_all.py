@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bench import bench_data, bench_operator, bench_serve, bench_trainer
+from bench import bench_data, bench_init, bench_operator, bench_serve, bench_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,6 +46,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ("tokenize+pack\nours / raw", data["tokenize_pack"]["ratio"], 0.8, "min"),
         ("near-dedup\nours / datasketch", data["near_dedup"]["ratio"], 0.8, "min"),
     ]
+    if "model_init" in results:
+        ratios += bench_init.plot_bars(results["model_init"])
     absolute: list[tuple[str, float, float, str]] = []
     if "serve" in results:
         serve_bars = bench_serve.plot_bars(results["serve"])
@@ -80,6 +82,8 @@ def main() -> int:
     results["data"] = bench_data.run(quick=quick)
     _log("trainer: step vs plain loop, Ray Train vs torchrun", started)
     results["trainer"] = bench_trainer.run(quick=quick)
+    _log("model init: peak RSS per rank at world size 2, sharded vs full", started)
+    results["model_init"] = bench_init.run(quick=quick)
     _log("serve: HTTP vs in-process generate", started)
     results["serve"] = bench_serve.run(quick=quick)
     _log("operator: first status, a burst and a steady state vs minimal kopf", started)

@@ -20,9 +20,18 @@ import torch
 import torch.distributed as dist
 
 from kubetrain_api import v1alpha1 as api
-from kubetrain_trainer import checkpoint, evaluate, export, metrics, models, optim, run_storage
+from kubetrain_trainer import (
+    checkpoint,
+    evaluate,
+    export,
+    metrics,
+    models,
+    optim,
+    run_storage,
+    sharded_init,
+)
 from kubetrain_trainer.config import TrainConfig
-from kubetrain_trainer.parallelize import compute_dtype, parallelize, set_gradient_sync
+from kubetrain_trainer.parallelize import compute_dtype, set_gradient_sync
 from kubetrain_trainer.sampler import DataOrder
 
 Report = Callable[[dict[str, Any]], None]
@@ -163,22 +172,14 @@ class Trainer:
         self.total_steps = config.total_steps(rows)
         self.order = DataOrder(rows, config, hp.seed)
 
-        model = models.build_model(
-            self.spec.model,
-            vocab_size=len(self.tokenizer),
-            dropout=hp.dropout,
-            dtype=config.param_dtype,
-            cache_dir=config.output_dir / "cache",
+        # Built on the meta device and materialized shard by shard: no rank holds it all.
+        self.model, self.shape = sharded_init.build_for_training(
+            config, self.device, vocab_size=len(self.tokenizer)
         )
-        if self.spec.data.packing:
-            models.check_packed_attention(model)
-        if self.spec.lora is not None:
-            model = models.apply_lora(model, self.spec.lora)
-        self.shape = models.model_shape(model)
-        model.to(self.device)
-        self.model = parallelize(model, models.transformer_blocks(model), config, self.device)
         # Flash attention keeps packed documents apart only within a single row.
-        self.flat_rows = models.uses_flash_attention(model) and "position_ids" in self.train_data
+        self.flat_rows = (
+            models.uses_flash_attention(self.model) and "position_ids" in self.train_data
+        )
         self.optimizer = optim.build_optimizer(self.model, hp)
         self.scheduler = optim.build_scheduler(self.optimizer, hp, self.total_steps)
         self.checkpoints = checkpoint.CheckpointManager(

@@ -200,6 +200,29 @@ def set_dropout(config: PretrainedConfig, dropout: float) -> list[str]:
     return fields
 
 
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of `spec.model.dtype`."""
+    return _DTYPES[dtype]
+
+
+def model_config(
+    model_spec: api.ModelSpec, *, vocab_size: int | None, dropout: float, cache_dir: Path
+) -> tuple[PretrainedConfig, Path | None]:
+    """The config `model_spec` describes, and the local folder it came from (None for a
+    built-in config, which `vocab_size`, the tokenizer's length, sizes)."""
+    overrides = model_spec.config_overrides
+    if model_spec.source.startswith("builtin://"):
+        if vocab_size is None:
+            raise ValueError("a built-in model needs the tokenizer's vocab_size")
+        config = builtin_config(model_spec.source.removeprefix("builtin://"), vocab_size, overrides)
+        set_dropout(config, dropout)
+        return config, None
+    path = resolve_model_path(model_spec.source, cache_dir, revision=model_spec.revision)
+    config = _folder_config(path, overrides)
+    set_dropout(config, dropout)
+    return config, path
+
+
 def build_model(
     model_spec: api.ModelSpec,
     *,
@@ -208,25 +231,17 @@ def build_model(
     dtype: str,
     cache_dir: Path,
 ) -> PreTrainedModel:
-    """The model `model_spec` describes, on the CPU. Random weights depend only on the torch
-    seed, so every rank builds the same model. `vocab_size` is the tokenizer's length:
-    it sizes a built-in model and grows a loaded model's embeddings when it is larger."""
-    torch_dtype = _DTYPES[dtype]
-    overrides = model_spec.config_overrides
-    if model_spec.source.startswith("builtin://"):
-        if vocab_size is None:
-            raise ValueError("a built-in model needs the tokenizer's vocab_size")
-        config = builtin_config(model_spec.source.removeprefix("builtin://"), vocab_size, overrides)
-        set_dropout(config, dropout)
-        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-
-    path = resolve_model_path(model_spec.source, cache_dir, revision=model_spec.revision)
-    config = _folder_config(path, overrides)
-    set_dropout(config, dropout)
-    if model_spec.init == "pretrained":
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype)
+    """The full model `model_spec` describes, on the CPU (the trainer builds it sharded
+    instead: `sharded_init`). Random weights depend only on the torch seed, so every rank
+    builds the same model. `vocab_size` is the tokenizer's length: it sizes a built-in
+    model and grows a loaded model's embeddings when it is larger."""
+    config, path = model_config(
+        model_spec, vocab_size=vocab_size, dropout=dropout, cache_dir=cache_dir
+    )
+    if path is not None and model_spec.init == "pretrained":
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype(dtype))
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
     return model
@@ -307,8 +322,11 @@ def check_packed_attention(model: PreTrainedModel | PeftModel) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def apply_lora(model: PreTrainedModel, lora: api.LoraSpec) -> PeftModel:
-    """Wrap `model` with LoRA adapters; the base weights are frozen, only adapters train."""
+def apply_lora(
+    model: PreTrainedModel, lora: api.LoraSpec, *, low_cpu_mem_usage: bool = False
+) -> PeftModel:
+    """Wrap `model` with LoRA adapters; the base weights are frozen, only adapters train.
+    `low_cpu_mem_usage` creates the adapters on the meta device (a meta-built model)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -318,7 +336,7 @@ def apply_lora(model: PreTrainedModel, lora: api.LoraSpec) -> PeftModel:
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def merge_lora(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
@@ -340,8 +358,12 @@ def is_peft(model: object) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def _base(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+def base_model(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    """The transformers model, inside its PEFT wrapper if it has one."""
     return model.get_base_model() if is_peft(model) else model
+
+
+_base = base_model
 
 
 def transformer_blocks(model: PreTrainedModel | PeftModel) -> list[torch.nn.Module]:
