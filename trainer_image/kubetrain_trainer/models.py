@@ -34,6 +34,7 @@ from transformers import (
 
 from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
+from kubetrain_trainer.exits import SpecFailure
 
 if TYPE_CHECKING:  # peft costs ~2 s of import per process; only LoRA runs load it
     from peft import PeftModel
@@ -144,12 +145,18 @@ def _copy_to_cache(uri: str, cache_dir: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fs, remote = fsspec.core.url_to_fs(uri)
-    if not fs.isdir(remote):
-        raise FileNotFoundError(f"{uri}: no folder there")
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        if not fs.isdir(remote):
+            raise FileNotFoundError(f"{uri}: no folder there")
         fs.get(remote.rstrip("/") + "/", f"{partial}/", recursive=True)
         partial.rename(target)
+    except PermissionError as err:
+        # An object store's 403: the credentials are wrong, retrying will not help.
+        raise SpecFailure(
+            f"{uri}: access denied ({err}); check the object store credentials "
+            "(secrets.objectStore: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)"
+        ) from err
     except OSError:
         if not target.is_dir():  # not a lost race with another process: a real failure
             raise

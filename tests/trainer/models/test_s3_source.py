@@ -3,10 +3,12 @@ cache once and loads like the local folder."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_trainer import models
+from kubetrain_trainer.exits import SpecFailure
 from tests.support.s3 import S3Server
 
 
@@ -34,3 +36,14 @@ def test_s3_model_source_is_cached_and_loads_like_the_folder(
             return model(torch.tensor([[1, 2, 3]])).logits
 
         assert torch.equal(logits(uri), logits(f"file://{model_folder}"))
+
+
+def test_refused_credentials_are_a_spec_failure_naming_the_secret(
+    s3: S3Server, s3_bucket: str, tmp_path
+) -> None:
+    s3.filesystem().pipe_file(f"{s3_bucket}/models/tiny/config.json", b"{}")
+    with s3.environ(secret_key="wrong"), pytest.raises(SpecFailure) as refused:
+        models.resolve_model_path(f"s3://{s3_bucket}/models/tiny", tmp_path / "cache")
+    assert "access denied" in str(refused.value)
+    assert "secrets.objectStore" in str(refused.value)
+    assert not list((tmp_path / "cache" / "remote").iterdir())  # no partial copy left
