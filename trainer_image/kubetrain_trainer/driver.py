@@ -177,9 +177,14 @@ def run_training(
     telemetry.set_phase("Preparing")
     # Ray starts while the data is prepared (or found prepared): both take seconds, and
     # ray.init mostly waits on the processes it spawns.
+    # A large input waits for Ray, then runs as Ray tasks (prepare.py).
+    ray_ready = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
-        prepared = pool.submit(_timed, prepare, config, log=log)
-        connect_ray(address, config.world_size)
+        prepared = pool.submit(_timed, prepare, config, log=log, ray_ready=ray_ready)
+        try:
+            connect_ray(address, config.world_size)
+        finally:
+            ray_ready.set()
         startup["ray_ready"] = time.time()
         summary, startup["data_ready"] = prepared.result()
     telemetry.set_data_summary(summary)
