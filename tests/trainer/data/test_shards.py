@@ -77,3 +77,23 @@ def test_the_streaming_packer_makes_the_rows_pack_makes() -> None:
             got = [getattr(r, key) for r in out] or [np.empty((0, seq), np.int32)]
             assert np.array_equal(np.concatenate(got), getattr(expected, key))
         assert (packer.padding, packer.truncated) == (expected.padding, expected.truncated)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_reading_a_whole_split_leaves_its_pages_out_of_the_process(tmp_path: Path) -> None:
+    """A rank reads every row of an epoch: what it read must not stay resident (32 MiB
+    here), else its memory grows with the corpus."""
+    ids = np.random.default_rng(0).integers(0, 1000, (8192, 1024), dtype=np.int32)
+    shards.write_split(tmp_path / "s", {"input_ids": ids}, per_shard=2048)
+    del ids
+    reader = shards.open_split(tmp_path, "s")
+    next(reader.batches(256))
+    before = _rss_mib()
+    for batch in reader.batches(256):
+        assert batch["input_ids"].shape == (256, 1024)
+    assert _rss_mib() - before < 8

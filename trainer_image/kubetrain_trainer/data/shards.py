@@ -12,14 +12,16 @@ Layout of a split folder (`<data>/train/`, `<data>/validation/`):
 Every shard holds `rows_per_shard` rows except the last. `index.json` is written after
 the shards; the preparation's `summary.json` (one folder up) commits the whole folder.
 
-Readers memory-map a shard (`np.load(mmap_mode="r")`) only when a row of it is read, and
-keep at most `OPEN_SHARDS` maps open, so a rank's resident memory is bounded by what it
-reads (a few shards' touched pages), not by the corpus.
+Readers memory-map a shard (`np.load(mmap_mode="r")`) only when a row of it is read, keep
+at most `OPEN_SHARDS` maps open, and hand the pages they read back after copying rows out
+(`madvise(MADV_DONTNEED)`: they stay in the page cache, out of the process), so a rank's
+resident memory holds the rows of its batch, whatever the corpus size.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -146,7 +148,9 @@ class SplitReader:
             at = np.flatnonzero(shard == s)
             local = rows[at] - self._starts[s]
             for key in self.keys:
-                out[key][at] = self._array(s, key)[local]
+                array = self._array(s, key)
+                out[key][at] = array[local]
+                _release(array)
         return out
 
     def batches(self, size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -173,6 +177,13 @@ class SplitReader:
         array = np.load(_shard_file(self.folder, self._names[shard], key), mmap_mode="r")
         self._open[at] = array
         return array
+
+
+def _release(array: np.ndarray) -> None:
+    """Drops a mapped array's resident pages from this process (a no-op elsewhere)."""
+    mapped = getattr(array, "_mmap", None)
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def open_split(data_dir: Path, name: str) -> SplitReader:
