@@ -221,15 +221,19 @@ def rss():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 
-split = open_split(sys.argv[1], "train")
-rng = np.random.default_rng(0)
-before = rss()
-started = time.perf_counter()
-for step in range(int(sys.argv[2])):  # micro-batches of 8 random rows, as a rank reads them
-    rows = split.take(rng.integers(0, split.rows, 8))
-    batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in rows.items()}
-print(json.dumps({"rows": split.rows, "rss_before_mib": before, "rss_after_mib": rss(),
-                  "batches_per_s": int(sys.argv[2]) / (time.perf_counter() - started)}))
+out = {}
+for name, folder in json.loads(sys.argv[1]).items():
+    split = open_split(folder, "train")
+    rng = np.random.default_rng(0)
+    before = rss()
+    started = time.perf_counter()
+    for step in range(int(sys.argv[2])):  # micro-batches of 8 random rows, as a rank reads
+        rows = split.take(rng.integers(0, split.rows, 8))
+        batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in rows.items()}
+    out[name] = {"rows": split.rows, "rss_before_mib": before, "rss_after_mib": rss(),
+                 "batches_per_s": int(sys.argv[2]) / (time.perf_counter() - started)}
+    del split, batch
+print(json.dumps(out))
 """
 
 
@@ -306,9 +310,8 @@ def bench_prepare(
                     small["documents_per_s"] / old["documents_per_s"], 3
                 ),
             }
-        reads = {
-            n: _child(_READ_CHILD, [str(p), str(read_batches)], ours) for n, p in prepared.items()
-        }
+        folders = json.dumps({n: str(p) for n, p in prepared.items()})
+        reads = _child(_READ_CHILD, [folders, str(read_batches)], ours)
         results["rank_read_rss"] = {
             **{n: {k: round(v, 1) for k, v in r.items()} for n, r in reads.items()},
             "growth_mib": round(

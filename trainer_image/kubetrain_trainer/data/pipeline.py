@@ -345,8 +345,8 @@ class _Corpus:
         lo, hi = np.searchsorted(ids, self.starts[u : u + 2])
         return ids[lo:hi] - self.starts[u]
 
-    def signatures(self, ids: np.ndarray) -> np.ndarray:
-        return stream.signatures(self.work, self.units, self.starts, ids)
+    def signatures(self, ids: np.ndarray, num_perm: int) -> np.ndarray:
+        return stream.signatures(self.work, self.units, self.starts, ids, num_perm)
 
 
 def _dedup(
@@ -370,7 +370,7 @@ def _dedup(
         keys = np.concatenate([s.keys for s in corpus.scanned if s.keys is not None])[before]
         flags = dedup.near_duplicates_of_keys(
             keys,
-            lambda docs: corpus.signatures(before[docs]),
+            lambda docs: corpus.signatures(before[docs], pre.near_dedup.num_perm),
             pre.near_dedup.threshold,
             pre.near_dedup.num_perm,
         )

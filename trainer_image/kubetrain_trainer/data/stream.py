@@ -5,9 +5,9 @@ dataset). Two steps run per unit, each reading and writing only that unit's spoo
 in the work folder (which every task must reach: the run's storage):
 
 `scan_unit`: read -> clean -> filter, then for each kept document: its cleaned record
-(a JSON line in `uNNNNN.docs.jsonl`), its MinHash signature (`uNNNNN.sig.npy`, 4 bytes x
-numPerm, read back only for LSH candidates), and what it returns to the driver: a 16-byte
-exact-dedup hash, the LSH band keys (8 bytes per band) and its size in bytes (4).
+(a JSON line in `uNNNNN.docs.jsonl`), its MinHash signature (`uNNNNN.sig.bin`, raw uint32
+rows of numPerm, read back only for LSH candidates), and what it returns to the driver: a
+16-byte exact-dedup hash, the LSH band keys (8 bytes per band) and its size in bytes (4).
 
 `tokenize_unit`: the unit's documents the split and mix use -> token ids and labels,
 one after the other per document (`uNNNNN.tok.bin`, int32), their offsets
@@ -71,9 +71,12 @@ def scan_unit(unit: Unit, data: api.DataSpec, work: Path, limit: int | None) -> 
     near = pre.near_dedup
     lineage = hashlib.sha256()
     read, dropped = 0, Counter[str]()
-    hashes, keys, sizes, signatures = [], [], [], []
+    hashes, keys, sizes = [], [], []
     records = read_source(source, limit=limit, file=unit.file)
-    with open(spool(work, unit.number, "docs.jsonl"), "wb") as docs:
+    with (
+        open(spool(work, unit.number, "docs.jsonl"), "wb") as docs,
+        open(spool(work, unit.number, "sig.bin"), "wb") as signatures,
+    ):
         while raw := list(islice(records, CHUNK)):
             read += len(raw)
             for record in raw:
@@ -88,14 +91,8 @@ def scan_unit(unit: Unit, data: api.DataSpec, work: Path, limit: int | None) -> 
             hashes.append(np.frombuffer(b"".join(dedup.key_hash(key(r)) for r in kept), np.uint8))
             if near.enabled and kept:
                 sig = dedup.minhash_signatures([r.content for r in kept], near.num_perm, near.ngram)
-                signatures.append(sig)
+                signatures.write(np.ascontiguousarray(sig, dtype=np.uint32).tobytes())
                 keys.append(dedup.band_keys(sig, near.threshold, near.num_perm))
-    # The signatures of a unit go to disk whole: 4 x numPerm bytes per kept document.
-    sig_all = (
-        np.concatenate(signatures) if signatures else np.empty((0, near.num_perm), dtype=np.uint32)
-    )
-    np.save(spool(work, unit.number, "sig.npy"), sig_all)
-    del sig_all, signatures
     bands, _ = dedup.lsh_bands(near.threshold, near.num_perm)
     return Scanned(
         unit=unit,
@@ -145,21 +142,17 @@ def read_docs(work: Path, unit: int, wanted: np.ndarray) -> Iterator[tuple[int, 
 
 
 def signatures(
-    work: Path, units: Sequence[int], starts: np.ndarray, docs: np.ndarray
+    work: Path, units: Sequence[int], starts: np.ndarray, docs: np.ndarray, num_perm: int
 ) -> np.ndarray:
     """MinHash signatures of documents by global index (sorted), read from the units' spools.
     Each spool is mapped only while its rows are copied out."""
     unit_of = np.searchsorted(starts, docs, side="right") - 1
-    out = None
+    out = np.empty((len(docs), num_perm), dtype=np.uint32)
     for u in np.unique(unit_of).tolist():
         at = np.flatnonzero(unit_of == u)
-        sig = np.load(spool(work, units[u], "sig.npy"), mmap_mode="r")
-        rows = np.asarray(sig[docs[at] - starts[u]])
-        if out is None:
-            out = np.empty((len(docs), sig.shape[1]), dtype=np.uint32)
-        out[at] = rows
+        sig = np.memmap(spool(work, units[u], "sig.bin"), dtype=np.uint32, mode="r")
+        out[at] = sig.reshape(-1, num_perm)[docs[at] - starts[u]]
         del sig
-    assert out is not None
     return out
 
 
