@@ -116,3 +116,47 @@ def test_without_ray_a_large_input_is_prepared_in_process(tmp_path: Path, monkey
     uri, _ = write_corpus(tmp_path / "corpus")
     result = prepare_data(spec(uri), tmp_path / "out", log=lambda _: None)
     assert not result.summary["parallel"]
+
+
+def test_the_driver_prepares_a_large_input_once_ray_is_joined(
+    ray_cluster, tmp_path: Path, monkeypatch
+) -> None:
+    """The driver starts preparing while it joins Ray (driver.run_training): a large input
+    waits for `ray_ready`, then runs as Ray tasks."""
+    import threading
+
+    from kubetrain_api import validation
+    from kubetrain_trainer.config import resolve
+    from kubetrain_trainer.prepare import prepare
+
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 1)
+    uri, _ = write_corpus(tmp_path / "corpus")
+    run = validation.parse(
+        {
+            "apiVersion": "kubetrain.dev/v1alpha1",
+            "kind": "TrainingRun",
+            "metadata": {"name": "big"},
+            "spec": {
+                **spec(uri).model_dump(by_alias=True, exclude_none=True, mode="json"),
+                "hyperparameters": {"maxSteps": 1},
+            },
+        }
+    )
+    config = resolve(run, tmp_path / "run", use_gpu=False, world_size=1)
+    ready, logs, out = threading.Event(), [], {}
+    waiting = threading.Event()
+
+    def log(line: str) -> None:
+        logs.append(line)
+        if "once it is joined" in line:
+            waiting.set()
+
+    worker = threading.Thread(target=lambda: out.update(prepare(config, log, ray_ready=ready)))
+    worker.start()
+    assert waiting.wait(60)
+    worker.join(1.0)
+    assert worker.is_alive()  # held until Ray is there
+    assert not (config.data_dir / "summary.json").exists()
+    ready.set()
+    worker.join(120)
+    assert out["parallel"]
