@@ -35,7 +35,7 @@ FORMAT = 1
 # Bytes of one array file of a shard: small enough that a few open maps stay cheap, large
 # enough that a 10 GB corpus is hundreds of files, not millions.
 SHARD_BYTES = 16 * 2**20
-OPEN_SHARDS = 4
+OPEN_SHARDS = 32  # maps cost address space, not memory: their pages are handed back
 
 
 def rows_per_shard(sequence_length: int, shard_bytes: int = SHARD_BYTES) -> int:
