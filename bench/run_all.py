@@ -1,5 +1,6 @@
 """`make bench`: every benchmark, each a ratio against a baseline measured in the same run.
-Writes bench/results/bench.json and bench/results/bench.png."""
+Writes bench/results/bench.json and bench/results/bench.png. `--corpus-gb=2`: the data
+preparation's corpus (0.2 GB by default)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,26 @@ def plot(results: dict[str, Any], path: Path) -> None:
     if "model_init" in results:
         ratios += bench_init.plot_bars(results["model_init"])
     absolute: list[tuple[str, float, float, str]] = []
+    if "prepare" in data:
+        prep = data["prepare"]
+        large = prep["streaming_large"]
+        absolute.append(
+            (
+                f"data prep peak RSS\nGiB, {large['corpus_mib'] / 1024:.2g} GB corpus",
+                large["peak_rss_mib"] / 1024,
+                prep["peak_rss_target_mib"] / 1024,
+                "max",
+            )
+        )
+        reads = prep["rank_read_rss"]
+        ratios.append(
+            (
+                f"rank RSS reading rows\n{reads['rows_ratio']:g}x corpus / 1x",
+                reads["large"]["rss_after_mib"] / reads["small"]["rss_after_mib"],
+                1.05,
+                "max",
+            )
+        )
     if "serve" in results:
         serve_bars = bench_serve.plot_bars(results["serve"])
         absolute += serve_bars[:1]  # TTFT overhead, in ms
@@ -79,7 +100,10 @@ def main() -> int:
         },
     }
     _log("data: tokenize+pack and near-dedup", started)
-    results["data"] = bench_data.run(quick=quick)
+    corpus_gb = next(
+        (float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--corpus-gb=")), None
+    )
+    results["data"] = bench_data.run(quick=quick, corpus_gb=corpus_gb)
     _log("trainer: step vs plain loop, Ray Train vs torchrun", started)
     results["trainer"] = bench_trainer.run(quick=quick)
     _log("model init: peak RSS per rank at world size 2, sharded vs full", started)

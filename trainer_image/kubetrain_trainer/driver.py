@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -184,9 +185,16 @@ def run_training(
     telemetry.set_phase("Preparing")
     # Ray starts while the data is prepared (or found prepared): both take seconds, and
     # ray.init mostly waits on the processes it spawns.
+    # A large input waits for Ray, then runs as Ray tasks (prepare.py).
+    ray_ready = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
-        prepared = pool.submit(_timed, run_storage.prepare, config, prepare, log)
-        connect_ray(address, config.world_size)
+        prepared = pool.submit(
+            _timed, run_storage.prepare, config, partial(prepare, ray_ready=ray_ready), log
+        )
+        try:
+            connect_ray(address, config.world_size)
+        finally:
+            ray_ready.set()
         startup["ray_ready"] = time.time()
         summary, startup["data_ready"] = prepared.result()
     telemetry.set_data_summary(summary)

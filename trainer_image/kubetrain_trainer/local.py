@@ -180,18 +180,15 @@ def sample(model_dir: Path, data_dir: Path) -> tuple[str, str]:
     or, where its prompt was masked (sft, instruction), that whole prompt with the chat
     template's markers, which is what the model learned to answer (and how the server
     renders a chat). Returns the prompt as shown (markers stripped) and the answer."""
-    import numpy as np
-
     from kubetrain_trainer import export
-    from kubetrain_trainer.data import IGNORE_INDEX
+    from kubetrain_trainer.data import IGNORE_INDEX, open_split
 
     model, tokenizer, _ = export.load_exported(model_dir)
-    path = data_dir / "validation.npz"
-    with np.load(path) as data:
-        if not len(data["input_ids"]):
-            path = data_dir / "train.npz"
-    with np.load(path) as data:
-        ids, labels = data["input_ids"][0].tolist(), data["labels"][0].tolist()
+    split = open_split(data_dir, "validation")
+    if not split.rows:
+        split = open_split(data_dir, "train")
+    row = split.take([0])
+    ids, labels = row["input_ids"][0].tolist(), row["labels"][0].tolist()
     trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     answer_at = trained[0] if trained else 0
     if answer_at == 0:  # plain text: every token is trained

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from kubetrain_trainer import (
     sharded_init,
 )
 from kubetrain_trainer.config import TrainConfig
+from kubetrain_trainer.data.shards import open_split
 from kubetrain_trainer.parallelize import compute_dtype, set_gradient_sync
 from kubetrain_trainer.sampler import DataOrder
 
@@ -70,20 +71,10 @@ def _device(config: TrainConfig, ctx: WorkerContext) -> torch.device:
     return torch.device("cpu")
 
 
-def _load_split(path: Path) -> dict[str, torch.Tensor]:
+def _tensors(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """`input_ids`, `labels` and, when the preparation has them, per-document
     `position_ids` (they keep packed documents from attending to each other)."""
-    with np.load(path) as data:
-        keys = [k for k in ("input_ids", "labels", "position_ids") if k in data]
-        return {k: torch.from_numpy(data[k].astype(np.int64)) for k in keys}
-
-
-def _batches(split: dict[str, torch.Tensor], size: int, limit: int) -> Iterator[dict]:
-    rows = split["input_ids"].shape[0]
-    for i, start in enumerate(range(0, rows, size)):
-        if i >= limit:
-            return
-        yield {k: v[start : start + size] for k, v in split.items()}
+    return {k: torch.from_numpy(v.astype(np.int64)) for k, v in rows.items()}
 
 
 def _all_sum_tensor(value: torch.Tensor) -> torch.Tensor:
@@ -164,9 +155,11 @@ class Trainer:
         _seed_everything(hp.seed)  # identical initial weights on every rank
 
         self.tokenizer = self._tokenizer()
-        self.train_data = _load_split(config.data_dir / "train.npz")
-        self.val_data = _load_split(config.data_dir / "validation.npz")
-        rows = self.train_data["input_ids"].shape[0]
+        # Rows are read by index from memory-mapped token shards, nothing up front, so a
+        # rank's memory does not grow with the corpus.
+        self.train_data = open_split(config.data_dir, "train")
+        self.val_data = open_split(config.data_dir, "validation")
+        rows = self.train_data.rows
         if rows == 0:
             raise ValueError("no training rows after data preparation; see data/summary.json")
         self.total_steps = config.total_steps(rows)
@@ -247,7 +240,10 @@ class Trainer:
         self.model.train()
         micro_batches = [
             self._model_batch(
-                {k: _to_device(v[rows], self.device) for k, v in self.train_data.items()}
+                {
+                    k: _to_device(v, self.device)
+                    for k, v in _tensors(self.train_data.take(rows)).items()
+                }
             )
             for rows in self.order.micro_batches(self.step, self.ctx.rank)
         ]
@@ -281,9 +277,9 @@ class Trainer:
         results: dict[str, float] = {}
         batches = map(
             self._model_batch,
-            _batches(self.val_data, self.config.micro_batch_size, ev.max_batches),
+            map(_tensors, self.val_data.batches(self.config.micro_batch_size, ev.max_batches)),
         )
-        if self.val_data["input_ids"].shape[0]:
+        if self.val_data.rows:
             loss, _ = evaluate.evaluate_loss(self.model, batches, self.device)
             if "loss" in ev.metrics:
                 results["loss"] = loss

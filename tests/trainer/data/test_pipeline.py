@@ -205,3 +205,19 @@ def test_packed_instruction_data_keeps_each_example_in_one_row(tmp_path: Path) -
     assert examples == result.summary["documents"]["train"]
     assert truncated == tokens["truncated_documents"]  # (none here; see test_tokenize)
     assert tokens["rows"] < examples  # several examples share a row
+
+
+def test_the_tokenizer_trains_on_a_bounded_seeded_sample(tmp_path: Path, monkeypatch) -> None:
+    from kubetrain_trainer.data import pipeline
+
+    monkeypatch.setattr(pipeline, "TOKENIZER_SAMPLE_BYTES", 40_000)  # ~1/8 of the documents
+    runs = []
+    for out in ("a", "b"):
+        logs: list[str] = []
+        result = prepare_data(make_spec(QUICKSTART), tmp_path / out, log=logs.append)
+        (line,) = [x for x in logs if x.startswith("data: train tokenizer:")]
+        runs.append((int(line.split()[3]), result))
+    (sampled, first), (again, second) = runs
+    assert 0 < sampled < first.summary["documents"]["train"] / 4
+    assert sampled == again  # the sample is seeded
+    assert (first.train.input_ids == second.train.input_ids).all()

@@ -226,21 +226,18 @@ def exported_labelled_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def exported_validation_loss(run_dir: Path) -> float:
+    from kubetrain_trainer.data import open_split
     from kubetrain_trainer.evaluate import evaluate_loss
     from kubetrain_trainer.export import load_exported
 
     model, _, _ = load_exported(run_dir / "model")
     # maxBatches (2) micro batches (4 rows) from the start of the validation split.
-    with np.load(run_dir / "data" / "validation.npz") as data:
-        batches = [
-            {
-                k: torch.from_numpy(data[k][i : i + 4].astype(np.int64))
-                # position_ids: packed rows keep their examples apart, as in training
-                for k in ("input_ids", "labels", "position_ids")
-                if k in data
-            }
-            for i in (0, 4)
-        ]
+    split = open_split(run_dir / "data", "validation")
+    batches = [
+        # position_ids too: packed rows keep their examples apart, as in training
+        {k: torch.from_numpy(v.astype(np.int64)) for k, v in split.take(range(i, i + 4)).items()}
+        for i in (0, 4)
+    ]
     return evaluate_loss(model, batches, "cpu")[0]
 
 

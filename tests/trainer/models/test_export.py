@@ -123,6 +123,7 @@ def test_run_sample_of_a_chat_run_answers_its_first_validation_prompt(tmp_path):
     from kubetrain_trainer import local
     from kubetrain_trainer.data import train_tokenizer
     from kubetrain_trainer.data.readers import Record
+    from kubetrain_trainer.data.shards import write_split
     from kubetrain_trainer.data.tokenize import encode
 
     chat = (
@@ -134,8 +135,9 @@ def test_run_sample_of_a_chat_run_answers_its_first_validation_prompt(tmp_path):
     model_dir = export.export_model(model, tokenizer, tmp_path / "model", RUN_INFO)
     (ids,), (labels,) = encode([Record(messages=chat)], tokenizer, mask_prompts=True)
     data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    np.savez(data_dir / "validation.npz", input_ids=np.array([ids]), labels=np.array([labels]))
+    write_split(
+        data_dir / "validation", {"input_ids": np.array([ids]), "labels": np.array([labels])}
+    )
 
     prompt, text = local.sample(model_dir, data_dir)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import string
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 
 import numpy as np
@@ -207,3 +207,88 @@ def _band_keys(signatures: np.ndarray, bands: int, rows: int, seed: int) -> np.n
         1, 2**64, size=rows, dtype=np.uint64, endpoint=False
     )
     return _mix64((banded.astype(np.uint64) * weights).sum(axis=2, dtype=np.uint64))
+
+
+# --------------------------------------------------------------------------------------
+# The same two detectors over per-document state gathered from many workers: the 128-bit
+# key hash of each document (16 bytes) and its LSH band keys (8 bytes per band), with the
+# MinHash signatures themselves left on disk and read back only for candidate pairs.
+# They flag exactly what `exact_duplicates` and `near_duplicates` flag on the same order.
+# --------------------------------------------------------------------------------------
+
+
+def key_hash(key: str) -> bytes:
+    """The 128-bit hash `exact_duplicates` compares."""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
+
+
+def exact_duplicates_of_hashes(hashes: np.ndarray) -> np.ndarray:
+    """Boolean mask over uint8 [n, 16] hashes: True where a hash equals an earlier one."""
+    flags = np.ones(len(hashes), dtype=bool)
+    if len(hashes):
+        rows = np.ascontiguousarray(hashes, dtype=np.uint8).view("V16").reshape(-1)
+        _, first = np.unique(rows, return_index=True)
+        flags[first] = False
+    return flags
+
+
+def band_keys(signatures: np.ndarray, threshold: float, num_perm: int, seed: int = 1) -> np.ndarray:
+    """LSH band keys [docs, bands] uint64 of MinHash signatures (as `near_duplicates`)."""
+    bands, rows = lsh_bands(threshold, num_perm)
+    return _band_keys(signatures, bands, rows, seed)
+
+
+def near_duplicates_of_keys(
+    keys: np.ndarray,
+    signatures: Callable[[np.ndarray], np.ndarray],
+    threshold: float,
+    num_perm: int,
+    chunk: int = 65_536,
+) -> np.ndarray:
+    """Boolean mask over documents in order, given their band keys [n, bands] and a function
+    returning the signatures of sorted document indices: True where a document is similar
+    (estimated Jaccard >= threshold) to an earlier document that is itself kept.
+
+    Candidate pairs (j < i sharing a band key) come from sorting each band's keys; each is
+    verified on the signatures, read `chunk` pairs at a time; the first-kept rule then runs
+    over the verified pairs in document order."""
+    n = len(keys)
+    flags = np.zeros(n, dtype=bool)
+    pairs = _candidate_pairs(keys)
+    if not len(pairs):
+        return flags
+    needed = threshold * num_perm
+    similar = []
+    for lo in range(0, len(pairs), chunk):
+        part = pairs[lo : lo + chunk]
+        docs, where = np.unique(part, return_inverse=True)
+        sigs = signatures(docs)
+        where = where.reshape(part.shape)
+        equal = np.count_nonzero(sigs[where[:, 0]] == sigs[where[:, 1]], axis=1)
+        similar.append(part[equal >= needed])
+    verified = np.concatenate(similar)
+    # By later document, then earlier: every earlier document's fate is known when needed.
+    verified = verified[np.lexsort((verified[:, 0], verified[:, 1]))]
+    for j, i in verified.tolist():
+        if not flags[i] and not flags[j]:
+            flags[i] = True
+    return flags
+
+
+def _candidate_pairs(keys: np.ndarray) -> np.ndarray:
+    """Unique (earlier, later) document pairs [pairs, 2] int64 sharing a key in any band."""
+    n = len(keys)
+    codes = []
+    for band in range(keys.shape[1] if keys.ndim == 2 else 0):
+        order = np.argsort(keys[:, band], kind="stable")
+        ordered = keys[order, band]
+        starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+        sizes = np.diff(np.append(starts, n))
+        for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
+            members = order[start : start + size]  # ascending: the sort is stable
+            a, b = np.triu_indices(size, k=1)
+            codes.append(members[a] * n + members[b])
+    if not codes:
+        return np.empty((0, 2), dtype=np.int64)
+    unique = np.unique(np.concatenate(codes))
+    return np.stack([unique // n, unique % n], axis=1)

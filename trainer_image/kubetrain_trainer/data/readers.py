@@ -59,9 +59,16 @@ class EvalExample:
     label: str
 
 
-def read_source(source: api.DataSource, limit: int | None = None) -> Iterator[Record]:
-    """Records of one data source, at most `limit` of them."""
-    rows = _rows(source.name, source.uri, source.format, source.split, source.fields.text)
+def read_source(
+    source: api.DataSource, limit: int | None = None, file: str | None = None
+) -> Iterator[Record]:
+    """Records of one data source, at most `limit` of them; with `file` (one of
+    `source_files(source)`), only that file's."""
+    if file is None:
+        rows = _rows(source.name, source.uri, source.format, source.split, source.fields.text)
+    else:
+        fs, _ = fsspec.core.url_to_fs(local_path(source.uri))
+        rows = _one_file_rows(fs, file, source.name, source.format, source.fields.text)
     for where, row in islice(rows, limit):
         yield _to_record(row, source, where)
 
@@ -177,15 +184,36 @@ def _fs_rows(name: str, uri: str, fmt: str, text_field: str) -> Iterator[Row]:
     if not fs.exists(root):
         raise DataError(f"source {name!r}: {uri} -> {root}: no such file or folder")
     for path in _files(fs, root, name, uri):
-        container = _container(path) or (fmt if fmt in _EXTENSIONS else "jsonl")
-        if container == "parquet":
-            yield from _parquet_rows(fs, path)
-            continue
-        with fs.open(path, "rt", encoding="utf-8", compression=infer_compression(path)) as f:
-            if container == "text":
-                yield from _text_rows(f, path, text_field)
-            else:
-                yield from _jsonl_rows(f, path, name)
+        yield from _one_file_rows(fs, path, name, fmt, text_field)
+
+
+def source_files(source: api.DataSource) -> list[tuple[str, int]] | None:
+    """The files of a file-backed source with their sizes in bytes, in reading order; None
+    for a source that is one stream (hub, built-in, saved dataset)."""
+    scheme = source.uri.split("://", 1)[0]
+    if scheme in ("builtin", "hf") or source.format == "hf-dataset":
+        return None
+    try:
+        fs, root = fsspec.core.url_to_fs(local_path(source.uri))
+    except ImportError as err:
+        raise DataError(f"source {source.name!r}: cannot open {source.uri}: {err}") from err
+    if not fs.exists(root):
+        raise DataError(f"source {source.name!r}: {source.uri} -> {root}: no such file or folder")
+    return [(p, int(fs.size(p) or 0)) for p in _files(fs, root, source.name, source.uri)]
+
+
+def _one_file_rows(
+    fs: fsspec.AbstractFileSystem, path: str, name: str, fmt: str, text_field: str
+) -> Iterator[Row]:
+    container = _container(path) or (fmt if fmt in _EXTENSIONS else "jsonl")
+    if container == "parquet":
+        yield from _parquet_rows(fs, path)
+        return
+    with fs.open(path, "rt", encoding="utf-8", compression=infer_compression(path)) as f:
+        if container == "text":
+            yield from _text_rows(f, path, text_field)
+        else:
+            yield from _jsonl_rows(f, path, name)
 
 
 def _files(fs: fsspec.AbstractFileSystem, root: str, name: str, uri: str) -> list[str]:

@@ -6,7 +6,7 @@ loss); positions that must not be trained on hold `IGNORE_INDEX`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -255,3 +255,75 @@ def _render(
             )
         spans.append((len(before), len(through)))
     return text, spans
+
+
+class Packer:
+    """`pack` over a stream: documents are added one by one and full blocks of rows go to
+    `emit` as they fill, so memory holds one block, not the split. The rows are exactly
+    those `pack` makes of the same documents in the same order."""
+
+    def __init__(
+        self, seq_len: int, pad_id: int, emit: Callable[[Rows], None], block_rows: int = 1024
+    ):
+        self.seq_len, self.pad_id, self.emit = seq_len, pad_id, emit
+        self.size = block_rows * seq_len
+        self.base = 0  # global token offset of the block's first slot
+        self.offset = 0  # global token offset of the next document
+        self.tokens = self.truncated = self.padding = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ids = np.full(self.size, self.pad_id, dtype=np.int32)
+        self._labels = np.full(self.size, IGNORE_INDEX, dtype=np.int32)
+        self._covered = np.zeros(self.size, dtype=bool)
+        self._doc_start = np.zeros(self.size, dtype=bool)
+
+    def add(self, ids: np.ndarray, labels: np.ndarray, whole: bool = False) -> None:
+        n = len(ids)
+        if whole:
+            if n > self.seq_len:
+                ids, labels, n = ids[: self.seq_len], labels[: self.seq_len], self.seq_len
+                self.truncated += 1
+            if self.offset % self.seq_len + n > self.seq_len:
+                self.offset = -(-self.offset // self.seq_len) * self.seq_len
+        start, self.offset, self.tokens = self.offset, self.offset + n, self.tokens + n
+        done = 0
+        while done < n:
+            while start + done >= self.base + self.size:
+                self._flush(self.size // self.seq_len)
+            lo = start + done - self.base
+            m = min(n - done, self.size - lo)
+            self._ids[lo : lo + m] = ids[done : done + m]
+            self._labels[lo : lo + m] = labels[done : done + m]
+            self._covered[lo : lo + m] = True
+            if done == 0:
+                self._doc_start[lo] = True
+            done += m
+
+    def finish(self) -> None:
+        """Emits the last rows (the last one padded)."""
+        rows = -(-(self.offset - self.base) // self.seq_len)
+        if rows > 0:
+            self._flush(rows)
+
+    def _flush(self, rows: int) -> None:
+        size = rows * self.seq_len
+        covered = self._covered[:size]
+        segment_start = self._doc_start[:size].copy()
+        segment_start[1:] |= ~covered[1:] & covered[:-1]
+        segment_start[:: self.seq_len] = True
+        index = np.arange(size)
+        positions = index - np.maximum.accumulate(np.where(segment_start, index, 0))
+        padding = size - int(np.count_nonzero(covered))
+        self.padding += padding
+        self.emit(
+            Rows(
+                self._ids[:size].reshape(rows, self.seq_len),
+                self._labels[:size].reshape(rows, self.seq_len),
+                positions.astype(np.int32).reshape(rows, self.seq_len),
+                padding=padding,
+                truncated=0,
+            )
+        )
+        self.base += self.size
+        self._reset()
