@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # About 64M parameters (quick: about 20M).
@@ -74,9 +76,23 @@ def _step(trainer: Any) -> None:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from kubetrain_trainer.checkpoint import CheckpointManager
 
     rounds = 2 if quick else 3
+    # One compute thread: the background write gets the other core, and OpenMP threads do
+    # not spin against other processes on a shared machine (steps vary far less).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = _measure(quick, rounds)
+    finally:
+        torch.set_num_threads(threads)
+    out["torch_threads"] = 1
+    return out
+
+
+def _measure(quick: bool, rounds: int) -> dict[str, Any]:
+    from kubetrain_trainer.checkpoint import CheckpointManager
+
     with tempfile.TemporaryDirectory(prefix="kubetrain-bench-ckpt-") as tmp:
         trainer = _trainer(Path(tmp), quick)
         managers = {
