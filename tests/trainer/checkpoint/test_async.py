@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import resource
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,19 @@ def test_async_save_commits_in_order_and_equals_a_sync_save(tmp_path: Path) -> N
 WORLD = 2
 
 
+@contextmanager
+def file_size_limit(max_bytes: int) -> Iterator[None]:
+    """Writes past `max_bytes` fail with EFBIG in this process (SIGXFSZ ignored)."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
 def failing_worker(rank: int, init_file: str, root: str) -> None:
     """FSDP2 over two processes; rank 1's second write meets a real file-size limit."""
     from torch.distributed.fsdp import fully_shard
@@ -100,17 +115,13 @@ def failing_worker(rank: int, init_file: str, root: str) -> None:
         manager.save_async(1, model, optimizer)
         assert manager.wait().step == 1
 
-        if rank == 1:
-            # A full disk, as far as this process is concerned: writes past 64 KiB fail with
-            # EFBIG (this rank's shard is about 400 KiB; its extras are far smaller).
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
-        manager.save_async(2, model, optimizer)
-        with pytest.raises(
-            CheckpointSaveError, match=r"step 2 .* failed \(rank 1: .*\); .* still .*step-000001"
-        ):
-            manager.wait()
+        # A full disk, as far as rank 1 is concerned: writes past 64 KiB fail with EFBIG
+        # (its shard is about 400 KiB; its extras are far smaller).
+        failure = r"step 2 .* failed \(rank 1: .*\); .* still .*step-000001"
+        with file_size_limit(64 * 1024) if rank == 1 else nullcontext():
+            manager.save_async(2, model, optimizer)
+            with pytest.raises(CheckpointSaveError, match=failure):
+                manager.wait()
         latest = manager.latest()
         assert latest is not None
         assert latest.step == 1
@@ -139,3 +150,28 @@ def test_a_failed_async_write_keeps_the_previous_checkpoint_and_raises(tmp_path:
     assert (root / "latest").read_text() == "step-000001"
     assert not (root / "step-000002" / COMMITTED).exists()
     assert CheckpointManager(root, keep_last=2).latest().step == 1
+
+
+def test_close_commits_a_finished_write_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the way out (an error elsewhere, a stop) a save in flight is committed if its write
+    ends; a failed one is logged, not raised over the error that ended the run."""
+    model, optimizer, scheduler = tiny_setup(seed=0)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save_async(1, model, optimizer, scheduler)
+    manager.close()
+    assert manager.latest().step == 1
+    manager.close()  # nothing in flight: nothing to do
+
+    # A write that fails for real: a file-size limit (EFBIG, as a full disk) in this process.
+    big = nn.Linear(256, 256)  # a shard of about 790 KiB; the extras stay far below 64 KiB
+    big_optimizer = torch.optim.AdamW(big.parameters())
+    big(torch.randn(2, 256)).sum().backward()
+    big_optimizer.step()
+    with file_size_limit(64 * 1024):
+        manager.save_async(2, big, big_optimizer)
+        manager.close()
+    assert "step 2 left uncommitted: rank 0: RuntimeError" in caplog.text
+    assert manager.latest().step == 1
+    assert not (tmp_path / "step-000002" / COMMITTED).exists()
