@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from bench import bench_data, bench_init, bench_operator, bench_serve, bench_trainer
+from bench import (
+    bench_checkpoint,
+    bench_data,
+    bench_init,
+    bench_operator,
+    bench_serve,
+    bench_trainer,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,6 +81,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         serve_bars = bench_serve.plot_bars(results["serve"])
         absolute += serve_bars[:1]  # TTFT overhead, in ms
         ratios += serve_bars[1:]
+    if "checkpoint" in results:
+        ratios += bench_checkpoint.plot_bars(results["checkpoint"])
     if "operator" in results:
         operator_bars = bench_operator.plot_bars(results["operator"])
         ratios += operator_bars[: bench_operator.RATIO_BARS]
@@ -108,6 +117,8 @@ def main() -> int:
     results["trainer"] = bench_trainer.run(quick=quick)
     _log("model init: peak RSS per rank at world size 2, sharded vs full", started)
     results["model_init"] = bench_init.run(quick=quick)
+    _log("checkpoint: step stall of a sync vs an async save", started)
+    results["checkpoint"] = bench_checkpoint.run(quick=quick)
     _log("serve: HTTP vs in-process generate", started)
     results["serve"] = bench_serve.run(quick=quick)
     _log("operator: first status, a burst and a steady state vs minimal kopf", started)

@@ -15,6 +15,24 @@ Order of a save: per-rank extras, DCP data, `.metadata`, barrier, `COMMITTED`, `
 then retention (rank 0). A crash at any moment leaves the previous committed folder loadable;
 loading reads only folders with a `COMMITTED` marker and a `.metadata` file.
 
+Asynchronous saves (`save_async`, `spec.checkpoint.asyncSave`). The extras are written and
+the model and optimizer state copied to host memory at the save step (DCP's stager); DCP then
+writes the copy from a background thread over a process group of its own (gloo), so its
+collectives never interleave with training's, while training goes on. The commit is the same
+as a synchronous save's, done by `poll` (each step), `wait` (before the next save, at the
+end) or `close` (on the way out) once the write has finished: rank 0's DCP future completes
+only after every rank's data and `.metadata` are written, so rank 0 commits alone, with no
+collective. At most one save is in flight; a crash before the commit leaves the previous
+checkpoint the latest, and a failed write raises `CheckpointSaveError` from the next `poll`.
+The cost is host memory for the staged copy (this rank's share of the trainable parameters
+and optimizer state) until the write ends.
+
+Elastic resume. A checkpoint saved by N processes loads into M: DCP reshards the model and
+optimizer state; the scheduler and the caller's extra state come from rank 0's extras (the
+trainer keeps only global values there: step, tokens seen); RNG states are restored only at
+the same world size, a rank of another world having no counterpart. The trainer re-derives
+its RNG from (seed, step, rank) at every step anyway, so both paths draw the same.
+
 Timelines. Resuming from a checkpoint other than the one `latest` names (`resume: step-N` of
 an older step, a path, or `never` over existing checkpoints) starts a new timeline: its saves
 must replace the abandoned timeline's checkpoints of the same steps. Folders are never
@@ -54,6 +72,7 @@ import re
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +86,7 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -87,6 +107,20 @@ _STEP_DIR = re.compile(r"step-(\d+)(?:-t(\d+))?")
 def step_dirname(step: int, timeline: int = 0) -> str:
     """Folder name of a step on a timeline; zero-padded so that folders sort by step."""
     return f"step-{step:06d}" if timeline == 0 else f"step-{step:06d}-t{timeline}"
+
+
+class CheckpointSaveError(RuntimeError):
+    """An asynchronous save failed; the previous committed checkpoint is still the latest."""
+
+
+@dataclass
+class _InFlight:
+    """An asynchronous save whose DCP write has not been committed yet."""
+
+    step: int
+    folder: str
+    future: Future[Any]
+    start: float
 
 
 @dataclass(frozen=True)
@@ -199,6 +233,16 @@ def _same(a: str, b: str) -> bool:
     return posixpath.normpath(url_to_fs(a)[1]) == posixpath.normpath(url_to_fs(b)[1])
 
 
+def _describe(error: BaseException) -> str:
+    """One line per failed rank, without DCP's tracebacks."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(
+            f"rank {rank}: {_describe(exc)}" for rank, (exc, _) in sorted(error.failures.items())
+        )
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0] if first else ''}"
+
+
 def _extra_name(rank: int) -> str:
     return f"extra-rank{rank}.pt"
 
@@ -247,6 +291,8 @@ class CheckpointManager:
         self.branch = 0
         self.loaded: CheckpointInfo | None = None
         """The checkpoint the last `load` restored."""
+        self._in_flight: _InFlight | None = None
+        self._group: Any = None  # the asynchronous writes' own process group, made on first use
 
     # -- queries --------------------------------------------------------------------------
 
@@ -346,34 +392,138 @@ class CheckpointManager:
         committed on this timeline is kept as it is: rewriting it in place would leave a
         window with no committed copy of it. The same step of another timeline is superseded
         (module docstring, Timelines)."""
+        self.wait()  # an asynchronous save still in flight commits first
         start = time.monotonic()
         rng = capture_rng_state()
-        if self.timeline is None:
-            latest = self.latest()
-            self.timeline = latest.timeline if latest else 0
-            self.branch = latest.branch if latest else 0
-            self._barrier()  # every rank has read the pointer before rank 0 may move it
+        self._settle_timeline()
         folder = self._folder(step)
         if (marker := _read_commit(self.fs, folder)) is not None:
             log.info("checkpoint %s is already committed; keeping it", step_dirname(step))
         else:
-            marker = self._write(step, folder, model, optimizer, scheduler, extra, rng, start)
+            self._prepare(step, folder, scheduler, extra, rng)
+            model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
+            with _dcp_context() as no_dist:
+                dcp.save(
+                    {"model": model_state, "optim": optim_state},
+                    checkpoint_id=_checkpoint_id(self.fs, folder),
+                    no_dist=no_dist,
+                )
+            self._barrier()  # every rank's files are in place before rank 0 commits
+            marker = self._commit(step, folder, start)
         if self.rank == 0:
             self._publish(folder)
         self._barrier()  # no rank goes on (or loads) before the pointer has moved
         return _info(self.fs, folder, marker)
 
-    def _write(
+    def save_async(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LRScheduler | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> CheckpointInfo | None:
+        """Start saving `step-N` (all ranks) and return once the state is staged in host
+        memory; `poll`, `wait` or `close` commit it when the write has finished (module
+        docstring, Asynchronous saves). Returns the info of a step already committed on this
+        timeline (kept as it is, as `save` does), else None."""
+        self.wait()  # at most one save in flight, committed in step order
+        start = time.monotonic()
+        rng = capture_rng_state()  # the extras are this step's, whenever the write ends
+        self._settle_timeline()
+        folder = self._folder(step)
+        if (marker := _read_commit(self.fs, folder)) is not None:
+            log.info("checkpoint %s is already committed; keeping it", step_dirname(step))
+            if self.rank == 0:
+                self._publish(folder)
+            self._barrier()
+            return _info(self.fs, folder, marker)
+        self._prepare(step, folder, scheduler, extra, rng)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
+        with _dcp_context() as no_dist:
+            future = dcp.async_save(
+                {"model": model_state, "optim": optim_state},
+                checkpoint_id=_checkpoint_id(self.fs, folder),
+                process_group=self._checkpoint_group(),
+                no_dist=no_dist,
+            )
+        assert isinstance(future, Future)  # the default stager stages before returning
+        self._in_flight = _InFlight(step, folder, future, start)
+        return None
+
+    def _checkpoint_group(self) -> Any:
+        """A gloo process group for the background writes (created collectively on first
+        use): their collectives run beside training's, which must not share a group with
+        them, and DCP's asynchronous save needs a CPU backend."""
+        if dist.is_initialized() and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def poll(self) -> CheckpointInfo | None:
+        """Commit the in-flight save if its write has finished (no waiting, no collective);
+        returns what was committed. Raises `CheckpointSaveError` if the write failed."""
+        if self._in_flight is None or not self._in_flight.future.done():
+            return None
+        return self._finish()
+
+    def wait(self) -> CheckpointInfo | None:
+        """Wait for the in-flight save's write and commit it; returns what was committed
+        (None when nothing was in flight). Raises `CheckpointSaveError` if it failed."""
+        if self._in_flight is None:
+            return None
+        return self._finish()
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """On the way out (an error, a stop): commit the in-flight save if its write ends
+        within `timeout_s`; otherwise, or if it failed, leave it uncommitted and log why.
+        Never raises: the error that ends the run is the one to report."""
+        if self._in_flight is None:
+            return
+        step = self._in_flight.step
+        try:
+            self._in_flight.future.result(timeout=timeout_s)
+            self._finish()
+        except (Exception, CheckpointException) as error:
+            self._in_flight = None
+            log.warning(
+                "asynchronous checkpoint of step %d left uncommitted: %s", step, _describe(error)
+            )
+
+    def _finish(self) -> CheckpointInfo:
+        in_flight, self._in_flight = self._in_flight, None
+        assert in_flight is not None
+        try:
+            in_flight.future.result()
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+            latest = self.latest()
+            raise CheckpointSaveError(
+                f"asynchronous checkpoint save of step {in_flight.step} to "
+                f"{_url(self.fs, in_flight.folder)} failed ({_describe(error)}); the latest "
+                f"committed checkpoint is still {latest.path if latest else 'none'}"
+            ) from error
+        # Rank 0's future ends after DCP gathered every rank's write results and wrote
+        # `.metadata`: every file is in place, so rank 0 commits without a barrier.
+        marker = self._commit(in_flight.step, in_flight.folder, in_flight.start)
+        if self.rank == 0:
+            self._publish(in_flight.folder)
+        return _info(self.fs, in_flight.folder, marker)
+
+    def _settle_timeline(self) -> None:
+        if self.timeline is None:
+            latest = self.latest()
+            self.timeline = latest.timeline if latest else 0
+            self.branch = latest.branch if latest else 0
+            self._barrier()  # every rank has read the pointer before rank 0 may move it
+
+    def _prepare(
         self,
         step: int,
         folder: str,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
         scheduler: LRScheduler | None,
         extra: dict[str, Any] | None,
         rng: dict[str, Any],
-        start: float,
-    ) -> dict[str, Any]:
+    ) -> None:
+        """Clear a crashed save's leftovers and write this rank's extras."""
         if self.rank == 0 and self.fs.exists(folder):
             log.info("removing %s, left uncommitted by a crashed save", folder)
             self.fs.rm(folder, recursive=True)
@@ -391,14 +541,8 @@ class CheckpointManager:
         torch.save(state, buffer)
         _put(self.fs, posixpath.join(folder, _extra_name(self.rank)), buffer.getvalue())
 
-        model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
-        with _dcp_context() as no_dist:
-            dcp.save(
-                {"model": model_state, "optim": optim_state},
-                checkpoint_id=_checkpoint_id(self.fs, folder),
-                no_dist=no_dist,
-            )
-        self._barrier()  # every rank's files are in place before rank 0 commits
+    def _commit(self, step: int, folder: str, start: float) -> dict[str, Any]:
+        """Write the marker (rank 0), once every rank's files are in place."""
         marker = {
             "step": step,
             "time": time.time(),
@@ -445,7 +589,9 @@ class CheckpointManager:
         scheduler: LRScheduler | None = None,
     ) -> dict[str, Any]:
         """Restore model, optimizer, scheduler and this rank's RNG states from a committed
-        step folder (all ranks). Returns this rank's extra state, with `step` set."""
+        step folder (all ranks), saved at this world size or another (module docstring,
+        Elastic resume). Returns this rank's extra state (rank 0's at another world size),
+        with `step` set."""
         location = info_or_path.path if isinstance(info_or_path, CheckpointInfo) else info_or_path
         fs, folder = url_to_fs(str(location))
         marker = _read_commit(fs, folder)
@@ -454,14 +600,13 @@ class CheckpointManager:
                 f"{location} is not a committed checkpoint (no {COMMITTED} marker or no DCP "
                 f"{DCP_METADATA}); a partial save is never loaded"
             )
-        if marker["world_size"] != self.world_size:
-            raise ValueError(
-                f"{location} was saved by {marker['world_size']} processes and this run has "
-                f"{self.world_size}: the per-rank state (RNG, data position) cannot be mapped "
-                "onto another world size; resume with the same number of processes"
-            )
+        # Another world size (elastic resume): DCP reshards the tensors; the per-rank extras
+        # have no counterpart, so every rank takes rank 0's (module docstring).
+        same_world = int(marker["world_size"]) == self.world_size
         state = torch.load(
-            io.BytesIO(fs.cat_file(posixpath.join(folder, _extra_name(self.rank)))),
+            io.BytesIO(
+                fs.cat_file(posixpath.join(folder, _extra_name(self.rank if same_world else 0)))
+            ),
             weights_only=True,
         )
         model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE_ONLY)
@@ -482,8 +627,17 @@ class CheckpointManager:
             if state["scheduler"] is None:
                 raise ValueError(f"{location} holds no scheduler state")
             scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        log.info("loaded checkpoint %s", location)
+        if same_world:
+            restore_rng_state(state["rng"])
+            log.info("loaded checkpoint %s", location)
+        else:
+            log.info(
+                "loaded checkpoint %s, saved by %d processes, into %d: model and optimizer "
+                "resharded, scheduler and extra state from rank 0, RNG states not restored",
+                location,
+                marker["world_size"],
+                self.world_size,
+            )
         self.loaded = _info(fs, folder, marker)
         self._follow(self.loaded)
         return {**state["extra"], "step": int(marker["step"])}

@@ -62,6 +62,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one rank's step (dropout): a function of (seed, step, rank) alone, so
+    a resumed run draws what a straight run draws without restoring RNG states, whatever
+    the world size it resumes at (checkpoint.py, Elastic resume)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+
+
 def _device(config: TrainConfig, ctx: WorkerContext) -> torch.device:
     if config.use_gpu:
         torch.cuda.set_device(ctx.local_rank)
@@ -238,6 +245,7 @@ class Trainer:
         over the trained tokens of the whole global batch. Loss, grad norm and trained
         tokens stay on the device (0-d tensors); `fit` reads them at logging steps."""
         self.model.train()
+        _seed_everything(step_seed(self.config.hp.seed, self.step, self.ctx.rank))
         micro_batches = [
             self._model_batch(
                 {
@@ -316,12 +324,27 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> None:
+        # Global values only: an elastic resume hands rank 0's extras to every rank.
         extra = {"step": self.step, "tokens_seen": self.tokens_seen}
-        self._announce(
-            self.checkpoints.save(
-                self.step, self.model, self.optimizer, self.scheduler, extra=extra
-            )
+        save = (
+            self.checkpoints.save_async
+            if self.spec.checkpoint.async_save
+            else self.checkpoints.save
         )
+        info = save(self.step, self.model, self.optimizer, self.scheduler, extra=extra)
+        if info is not None:  # None: an asynchronous save in flight, committed later
+            self._committed(info)
+
+    def commit_checkpoint(self, wait: bool = False) -> None:
+        """Commit an asynchronous save whose write has ended (or wait for it)."""
+        info = self.checkpoints.wait() if wait else self.checkpoints.poll()
+        if info is not None:
+            self._committed(info)
+
+    def _committed(self, info: checkpoint.CheckpointInfo) -> None:
+        """A checkpoint is committed: announce it, and put the metrics log up to that step
+        beside it on an object store (a retry on a fresh pod continues that log)."""
+        self._announce(info)
         if self.ctx.is_main:
             run_storage.upload_metrics(self.config)
 
@@ -355,6 +378,7 @@ class Trainer:
         last_time, tokens_since = time.perf_counter(), 0
         while self.step < self.total_steps:
             out = self.train_step()
+            self.commit_checkpoint()
             tokens_since += int(out["tokens"])
             # The loss and grad norm are read to the host only here (a sync on GPU).
             if self.step % self.log_interval == 0 or self.step == self.total_steps:
@@ -378,6 +402,7 @@ class Trainer:
                 self._emit(kind="eval", step=self.step, metrics=self.evaluate())
             if self.step % cfg.interval_steps == 0 or self.step == self.total_steps:
                 self.save_checkpoint()
+        self.commit_checkpoint(wait=True)  # the last save commits before export names it
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
@@ -477,7 +502,11 @@ def train(config: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     # Deterministic kernels on CPU, so that crash + resume reproduces a straight run.
     torch.use_deterministic_algorithms(not config.use_gpu, warn_only=True)
     _write_pid(config, ctx)
-    return Trainer(config, ctx).fit()
+    trainer = Trainer(config, ctx)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.checkpoints.close()  # an asynchronous save still in flight: commit if it ends
 
 
 def _write_pid(config: TrainConfig, ctx: WorkerContext) -> None:

@@ -36,7 +36,7 @@ if point == "before-data":
     FileSystemWriter.write_data = die
 elif point == "before-metadata":
     FileSystemWriter.finish = die
-elif point == "before-commit":
+elif point in ("before-commit", "async-before-commit"):
     finish = FileSystemWriter.finish
     def finish_then_die(self, *args, **kwargs):
         finish(self, *args, **kwargs)
@@ -59,7 +59,13 @@ model, optimizer, scheduler = tiny_setup(seed=0)
 manager.resume(model, optimizer, scheduler)
 train(model, optimizer, scheduler, steps=1)
 torch.save({n: p.detach() for n, p in model.named_parameters()}, expected)
-manager.save(2, model, optimizer, scheduler)
+if point.startswith("async"):
+    # The write runs in DCP's thread while training goes on; the kill comes from there.
+    manager.save_async(2, model, optimizer, scheduler)
+    train(model, optimizer, scheduler, steps=1)
+    manager.wait()
+else:
+    manager.save(2, model, optimizer, scheduler)
 sys.exit("the kill hook did not fire")
 """
 
@@ -68,6 +74,8 @@ LEFT_BEHIND = {
     "before-data": {"extra-rank0.pt"},
     "before-metadata": {"extra-rank0.pt", "__0_0.distcp"},
     "before-commit": {"extra-rank0.pt", "__0_0.distcp", DCP_METADATA},
+    # An asynchronous save killed after its write, before the commit that waits for it.
+    "async-before-commit": {"extra-rank0.pt", "__0_0.distcp", DCP_METADATA},
     "before-pointer": {"extra-rank0.pt", "__0_0.distcp", DCP_METADATA, COMMITTED},
     "during-retention": {"extra-rank0.pt", "__0_0.distcp", DCP_METADATA, COMMITTED},
 }
@@ -93,7 +101,11 @@ def test_kill_during_save_leaves_a_complete_checkpoint(tmp_path: Path, point: st
     child = subprocess.run(
         [sys.executable, "-c", CHILD, str(root), point, str(expected)],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        # The checkout first, then whatever the caller had (a worktree's own packages).
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        },
         capture_output=True,
         text=True,
         timeout=120,
@@ -110,7 +122,7 @@ def test_kill_during_save_leaves_a_complete_checkpoint(tmp_path: Path, point: st
     extra, loaded = resume_fresh(root)
     assert extra["step"] == latest.step
     assert_same_tensors(loaded, step1 if latest.step == 1 else step2)
-    if point in ("before-data", "before-metadata", "before-commit"):
+    if point in ("before-data", "before-metadata", "before-commit", "async-before-commit"):
         with pytest.raises(FileNotFoundError, match="never loaded"):
             manager.load(folder, *tiny_setup(seed=1)[:2])
         assert [info.step for info in manager.list_committed()] == [1]

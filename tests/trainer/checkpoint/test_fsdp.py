@@ -1,5 +1,6 @@
 """Two processes over gloo on CPU, FSDP2 (`fully_shard`) on a tiny Llama: a sharded save loads
-into freshly built sharded models with identical full parameters and optimizer state."""
+into freshly built sharded models with identical full parameters and optimizer state, and
+into one unsharded process too (elastic resume)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,11 @@ from torch import nn
 
 from kubetrain_trainer.checkpoint import CheckpointManager
 
-from .helpers import tiny_setup
-
 WORLD = 2
 SAVE_STEP = 2
 
 
-def sharded_llama(seed: int) -> nn.Module:
+def sharded_llama(seed: int, shard: bool = True) -> nn.Module:
     """Each decoder layer sharded, then the root (embeddings, norm, head)."""
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -35,6 +34,8 @@ def sharded_llama(seed: int) -> nn.Module:
         max_position_embeddings=64,
     )
     model = LlamaForCausalLM(config)
+    if not shard:
+        return model
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -129,8 +130,15 @@ def test_fsdp2_sharded_save_and_load(tmp_path: Path) -> None:
     assert sizes[0] == pytest.approx(sizes[1], rel=0.1)
     assert {p.name for p in folder.glob("extra-rank*.pt")} == {"extra-rank0.pt", "extra-rank1.pt"}
 
-    # Per-rank state cannot move to another world size: refused, and said so.
-    model, optimizer, _ = tiny_setup(0)
+    # Elastic: one process without sharding loads the two processes' shards (DCP reshards);
+    # it takes rank 0's extras, the only ones a world of one has a place for.
+    single_model = sharded_llama(seed=1, shard=False)
+    single_optimizer = torch.optim.AdamW(single_model.parameters(), lr=1e-2)
     single = CheckpointManager(root, keep_last=2)
-    with pytest.raises(ValueError, match="saved by 2 processes and this run has 1"):
-        single.load(single.latest(), model, optimizer)
+    extra = single.load(single.latest(), single_model, single_optimizer)
+    assert extra == {"data_position": 100, "step": SAVE_STEP}
+    for name, p in single_model.named_parameters():
+        assert torch.equal(p.detach(), results[0]["saved"][name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = single_optimizer.state[p][key]
+            assert torch.equal(moment, results[0]["saved"][f"{name}/{key}"]), name

@@ -108,3 +108,24 @@ def test_each_epoch_visits_every_row_once() -> None:
     ]
     assert sorted(rows) == list(range(40))
     assert order.epoch(5) == pytest.approx(1.0)
+
+
+def test_a_step_reads_the_same_rows_at_any_world_size() -> None:
+    """Elastic resume: with globalBatchSize fixed, the rows of a global step do not depend on
+    how many processes share them."""
+
+    def step_rows(world_size: int, step: int) -> list[int]:
+        cfg = TrainConfig(
+            name="t",
+            spec=config(globalBatchSize=8, microBatchSize=1).spec,
+            output_dir=Path("/tmp/x"),
+            world_size=world_size,
+            use_gpu=False,
+        )
+        order = DataOrder(rows=30, config=cfg, seed=3)
+        return sorted(
+            int(i) for r in range(world_size) for b in order.micro_batches(step, r) for i in b
+        )
+
+    for step in (0, 3, 7):  # 7 crosses into the second epoch
+        assert step_rows(1, step) == step_rows(2, step) == step_rows(4, step) == step_rows(8, step)
