@@ -12,10 +12,7 @@ write shares the CPU with training).
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -184,13 +181,6 @@ def plot_bars(results: dict[str, Any]) -> list[tuple[str, float, float, str]]:
 
 
 if __name__ == "__main__":
-    # Run alone, the figures go to their own file so a partial run never overwrites bench.json.
-    load_before = os.getloadavg()
-    results = run(quick="--quick" in sys.argv)
-    results["machine"] = {
-        "cpus": os.cpu_count(),
-        "load_average_1_5_15_before": load_before,
-        "load_average_1_5_15_after": os.getloadavg(),
-    }
-    (ROOT / "bench" / "results" / "checkpoint_stall.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items()}, indent=2))
+    from bench.alone import run_alone
+
+    run_alone(run, "checkpoint_stall.json")

@@ -231,14 +231,6 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    # `make bench` (run_all) writes every benchmark to bench.json; run alone, the trainer
-    # benchmarks go to their own file so a partial run never overwrites the full one.
-    load_before = os.getloadavg()
-    results = run(quick="--quick" in sys.argv)
-    results["machine"] = {
-        "cpus": os.cpu_count(),
-        "load_average_1_5_15_before": load_before,
-        "load_average_1_5_15_after": os.getloadavg(),
-    }
-    (ROOT / "bench" / "results" / "trainer_startup.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    from bench.alone import run_alone
+
+    run_alone(run, "trainer_startup.json")

@@ -50,6 +50,25 @@ def spec(uri: str, **data: object) -> api.TrainingRunSpec:
     )
 
 
+def big_run_config(uri: str, output_dir: Path):
+    """The TrainConfig of a one-step run over `uri`, as the driver resolves it."""
+    from kubetrain_api import validation
+    from kubetrain_trainer.config import resolve
+
+    run = validation.parse(
+        {
+            "apiVersion": "kubetrain.dev/v1alpha1",
+            "kind": "TrainingRun",
+            "metadata": {"name": "big"},
+            "spec": {
+                **spec(uri).model_dump(by_alias=True, exclude_none=True, mode="json"),
+                "hyperparameters": {"maxSteps": 1},
+            },
+        }
+    )
+    return resolve(run, output_dir, use_gpu=False, world_size=1)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
@@ -125,24 +144,11 @@ def test_the_driver_prepares_a_large_input_once_ray_is_joined(
     waits for `ray_ready`, then runs as Ray tasks."""
     import threading
 
-    from kubetrain_api import validation
-    from kubetrain_trainer.config import resolve
     from kubetrain_trainer.prepare import prepare
 
     monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 1)
     uri, _ = write_corpus(tmp_path / "corpus")
-    run = validation.parse(
-        {
-            "apiVersion": "kubetrain.dev/v1alpha1",
-            "kind": "TrainingRun",
-            "metadata": {"name": "big"},
-            "spec": {
-                **spec(uri).model_dump(by_alias=True, exclude_none=True, mode="json"),
-                "hyperparameters": {"maxSteps": 1},
-            },
-        }
-    )
-    config = resolve(run, tmp_path / "run", use_gpu=False, world_size=1)
+    config = big_run_config(uri, tmp_path / "run")
     ready, logs, out = threading.Event(), [], {}
     waiting = threading.Event()
 
@@ -169,23 +175,10 @@ def test_with_an_object_store_a_large_input_is_prepared_in_process(
     pods cannot see: the driver prepares in its own process, Ray or not."""
     import dataclasses
 
-    from kubetrain_api import validation
-    from kubetrain_trainer.config import resolve
     from kubetrain_trainer.prepare import prepare
 
     monkeypatch.setattr(pipeline, "PARALLEL_MIN_BYTES", 1)
     uri, _ = write_corpus(tmp_path / "corpus")
-    run = validation.parse(
-        {
-            "apiVersion": "kubetrain.dev/v1alpha1",
-            "kind": "TrainingRun",
-            "metadata": {"name": "big"},
-            "spec": {
-                **spec(uri).model_dump(by_alias=True, exclude_none=True, mode="json"),
-                "hyperparameters": {"maxSteps": 1},
-            },
-        }
-    )
-    config = resolve(run, tmp_path / "run", use_gpu=False, world_size=1)
+    config = big_run_config(uri, tmp_path / "run")
     remote = dataclasses.replace(config, remote_root="s3://bucket/big")
     assert prepare(remote, lambda line: None)["parallel"] is False
