@@ -166,6 +166,12 @@ def start_s3(host: str = "127.0.0.1", *, bind: str | None = None) -> S3Server:
             }
         )
     )
+    # Each bucket is a collection that grows its own volumes, 7 at a time by default: with
+    # a bucket per test the volume limit ran out mid-session (writes then fail with
+    # InternalError). One volume per growth; `weed` reads master.toml from its cwd.
+    (data_dir / "master.toml").write_text(
+        "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
+    )
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(
         bind or host, 8
     )
@@ -181,7 +187,7 @@ def start_s3(host: str = "127.0.0.1", *, bind: str | None = None) -> S3Server:
         "-master.volumeSizeLimitMB=64",  # small volumes: quick to create on a small disk
         f"-volume.port={volume}",
         f"-volume.port.grpc={volume_grpc}",
-        "-volume.max=50",
+        "-volume.max=500",
         "-filer",
         f"-filer.port={filer}",
         f"-filer.port.grpc={filer_grpc}",
