@@ -37,6 +37,7 @@ def shape(run: api.TrainingRun) -> dict[str, object]:
         "init": spec.model.init,
         "storage": "pvc" if storage.pvc is not None else kind(storage.uri or ""),
         "storage class": bool(storage.pvc and storage.pvc.storage_class_name),
+        "async checkpoints": spec.checkpoint.async_save,
         "formats": [s.format for s in spec.data.sources],
         "fields": [s.fields for s in spec.data.sources],
         "weights": [s.weight for s in spec.data.sources],

@@ -121,3 +121,29 @@ def test_commit_order_on_s3_a_killed_save_leaves_the_previous_checkpoint(
         again = tiny_setup(seed=2)
         assert CheckpointManager(root, keep_last=1).resume(*again)["step"] == step + 1
         assert_same_tensors(params(again[0]), params(model))
+
+
+def test_an_async_save_on_s3_commits_after_its_write_and_loads_the_saved_step(
+    s3: S3Server, s3_bucket: str
+) -> None:
+    """checkpoint.asyncSave over FsspecWriter: nothing is committed until the write ends;
+    then the marker and the pointer; the checkpoint holds the state of its step, not the
+    state training moved on to."""
+    root = f"s3://{s3_bucket}/run/checkpoints"
+    with s3.environ():
+        model, optimizer, scheduler = tiny_setup(seed=0)
+        train(model, optimizer, scheduler, steps=2)
+        saved = params(model)
+        manager = CheckpointManager(root, keep_last=1)
+        assert manager.save_async(2, model, optimizer, scheduler) is None
+        train(model, optimizer, scheduler, steps=1)  # on, while the write runs
+        fs = s3.filesystem()
+        assert not fs.exists(f"{s3_bucket}/run/checkpoints/{POINTER}")
+        info = manager.wait()
+        assert info is not None
+        assert info.step == 2
+        assert COMMITTED in _names(fs, f"{s3_bucket}/run/checkpoints/step-000002")
+        assert fs.cat_file(f"{s3_bucket}/run/checkpoints/{POINTER}") == b"step-000002"
+        fresh = tiny_setup(seed=1)
+        assert CheckpointManager(root, keep_last=1).resume(*fresh)["step"] == 2
+        assert_same_tensors(params(fresh[0]), saved)
