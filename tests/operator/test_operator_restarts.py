@@ -112,19 +112,19 @@ def test_liveness_and_metrics_endpoints(operator_process: OperatorProcess, names
     apply(quickstart("watched"), namespace)
     wait_phase("watched", namespace, "Provisioning")
     wait_until(lambda: _ok(op, op.liveness, "/healthz"), timeout=30, message="liveness")
-    # The gauge is set at the end of a reconcile, after its pods were created: a bare
-    # 'phase="Provisioning"' is always listed (every phase is, with 0) and raced them.
+    # A new run's first reconcile only writes its status (Provisioning), the next creates
+    # its pods: wait for both (a bare 'phase="Provisioning"' is always listed, with 0).
     text = wait_until(
         lambda: (
             (t := _get(op, op.metrics, "/metrics"))
             and 'kubetrain_operator_runs{phase="Provisioning"} 1.0' in t
+            and 'kubetrain_operator_api_calls_total{resource="Pod",verb="create"}' in t
             and t
         ),
         timeout=30,
-        message="runs by phase in the metrics",
+        message="runs by phase and pod creations in the metrics",
     )
     assert "kubetrain_operator_reconcile_duration_seconds_bucket" in text
-    assert 'kubetrain_operator_api_calls_total{resource="Pod",verb="create"}' in text
     # A deleted run leaves the phase gauge (no per-run series exist at all).
     kubectl("delete", "tr", "watched", "-n", namespace)
     wait_until(
