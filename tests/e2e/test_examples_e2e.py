@@ -51,8 +51,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.controlplane]
 
 STEPS, CHECKPOINT = 40, 20
 OPERATOR_DEPLOYMENT = "kubetrain-operator"
-# The node has 2 CPUs: the head, two workers and the serving pod share them.
-SMALL = {"cpu": "250m", "memory": "2Gi"}
+# The node has 2 CPUs: the head, two workers, the serving pod and the operator (100m)
+# share them. Requests are limits (Guaranteed QoS), so a Ray pod gets no more than this:
+# at 250m a busy machine starved Ray's head until it declared workers dead.
+TRAIN = {"cpu": "500m", "memory": "2Gi"}
+SERVE = {"cpu": "250m", "memory": "2Gi"}
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +99,9 @@ def small_run(name: str, **changes: Any) -> dict[str, Any]:
     """The quickstart sized for the 2-CPU node."""
     return quickstart(
         name,
-        resources__cpuPerWorker=SMALL["cpu"],
-        resources__head=SMALL,
-        serve__resources=SMALL,
+        resources__cpuPerWorker=TRAIN["cpu"],
+        resources__head=TRAIN,
+        serve__resources=SERVE,
         **changes,
     )
 
@@ -244,9 +247,9 @@ def test_quickstart_trains_on_real_pods_resumes_and_serves(
 def resized(stem: str) -> dict[str, Any]:
     return example(
         stem,
-        resources__cpuPerWorker=SMALL["cpu"],
-        resources__head=SMALL,
-        serve__resources=SMALL,
+        resources__cpuPerWorker=TRAIN["cpu"],
+        resources__head=TRAIN,
+        serve__resources=SERVE,
     )
 
 

@@ -23,6 +23,8 @@ cluster DNS, hostPath volumes) joined to the session's control plane.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -104,7 +106,18 @@ class RealNode:
             ).stdout.split()
             parts += [self.pod_logs(namespace, p.split("/", 1)[1]) for p in pods]
         parts.append(self.log_tails())
+        parts.append(_machine_load())
         return "\n".join(parts)
+
+
+def _machine_load() -> str:
+    """Load average and the busiest processes: a slow run on a starved machine says so."""
+    ps = subprocess.run(
+        ["ps", "-eo", "pcpu,rss,etime,args", "--sort=-pcpu"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    top = "\n".join(line[:160] for line in ps.stdout.splitlines()[:12])
+    return f"----- load average {os.getloadavg()} -----\n{top}\n"
 
 
 def existing_node(cluster: Any) -> RealNode | None:

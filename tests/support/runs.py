@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from kubetrain_api import validation
@@ -49,10 +50,31 @@ def status(name: str, namespace: str) -> dict[str, Any]:
 
 
 def wait_phase(name: str, namespace: str, phase: str, timeout: float = 60) -> dict[str, Any]:
-    return wait_until(
-        lambda: (s := status(name, namespace)).get("phase") == phase and s,
-        timeout=timeout,
-        message=f"{name} to reach {phase}",
+    """The run's status once it reaches phase. On a timeout the failure names the run's last
+    phase, attempts, step and conditions: CI shows the summary line, not the logs."""
+    last: dict[str, Any] = {}
+
+    def reached() -> dict[str, Any] | bool:
+        last.clear()
+        last.update(status(name, namespace))
+        return last.get("phase") == phase and dict(last)
+
+    try:
+        return wait_until(reached, timeout=timeout, message=f"{name} to reach {phase}")
+    except pytest.fail.Exception:
+        pytest.fail(f"{name} did not reach {phase} in {timeout}s; {describe(last)}")
+
+
+def describe(status_: dict[str, Any]) -> str:
+    """One line of a run's status: phase, attempts, step and its conditions' reasons."""
+    conditions = "; ".join(
+        f"{c.get('type')}={c.get('status')} {c.get('reason', '')}: {c.get('message', '')}"
+        for c in status_.get("conditions") or []
+    )
+    step = (status_.get("progress") or {}).get("step")
+    return (
+        f"phase={status_.get('phase')} attempts={status_.get('attempts')} step={step} "
+        f"message={status_.get('message')!r} conditions=[{conditions}]"
     )
 
 
