@@ -25,16 +25,20 @@ class RunError(SpecFailure):
 
 def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
     try:
-        docs = validation.load_documents(path.read_text())
-    except OSError as exc:
+        docs = validation.load_documents(validation.read_file(path))
+    except (OSError, validation.InvalidYaml) as exc:
         raise RunError(f"{path}: cannot read: {exc}") from exc
     runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == api.KIND]
     if len(runs) != 1:
         raise RunError(f"{path}: expected exactly one TrainingRun, found {len(runs)}")
     doc = runs[0]
-    if max_steps is not None:
-        # An override for smoke runs; validated like the rest of the spec below.
-        doc.setdefault("spec", {}).setdefault("hyperparameters", {})["maxSteps"] = max_steps
+    spec = doc.get("spec")
+    if max_steps is not None and isinstance(spec, dict):
+        # An override for smoke runs; validated like the rest of the spec below (which
+        # also names a spec or hyperparameters that is no mapping).
+        hp = spec.setdefault("hyperparameters", {})
+        if isinstance(hp, dict):
+            hp["maxSteps"] = max_steps
     try:
         return validation.parse(doc)
     except validation.InvalidSpec as exc:
