@@ -311,7 +311,8 @@ class Hyperparameters(ApiModel):
 class Toleration(ApiModel):
     """A pod toleration, as in core/v1."""
 
-    key: ShortText | None = None
+    # A qualified name: a 253-character prefix, '/', a 63-character name.
+    key: Annotated[str, Field(max_length=317)] | None = None
     """Taint key to tolerate; empty with operator Exists tolerates everything."""
     operator: Literal["Equal", "Exists"] = "Equal"
     """How key and value are compared."""

@@ -644,11 +644,11 @@ def _rule_pod_fields(run: api.TrainingRun, limits: Limits) -> Iterator[FieldErro
             yield FieldError("spec.image", message)
     # The run's own metadata: the API server checks it on apply; `kubetrain validate` and
     # `kubetrain run` say the same.
+    # Paths as the API server names them (the map, the key in the message).
     for key, message in k8s_rules.check_labels(run.metadata.labels or {}):
-        yield FieldError(f"metadata.labels.{key}", message)
+        yield FieldError("metadata.labels", f"{key!r}: {message}")
     for key, message in k8s_rules.check_annotations(run.metadata.annotations or {}):
-        where = f"metadata.annotations.{key}" if key else "metadata.annotations"
-        yield FieldError(where, message)
+        yield FieldError("metadata.annotations", f"{key!r}: {message}" if key else message)
 
 
 def _rule_config_overrides(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
