@@ -38,7 +38,8 @@ assert (len(SUBDOMAIN), len(LABEL_NAME), len(LABEL_VALUE), len(LABEL_KEY)) == (2
 
 def extreme_doc() -> Obj:
     """The quickstart with every pod-bound field set, each at a valid extreme."""
-    (doc,) = validation.load_documents((ROOT / "examples" / "quickstart.yaml").read_bytes())
+    docs = validation.load_documents((ROOT / "examples" / "quickstart.yaml").read_bytes())
+    doc: Obj = docs[0]
     doc["metadata"] = {
         "name": "pod-fields-extremes",
         "labels": {LABEL_KEY: LABEL_VALUE, "empty": ""},
@@ -160,11 +161,13 @@ def test_api_server_accepts_the_extremes(
 
 
 def res(doc: Obj) -> Obj:
-    return doc["spec"]["resources"]
+    out: Obj = doc["spec"]["resources"]
+    return out
 
 
 def container(pod: Obj) -> Obj:
-    return pod["spec"]["containers"][0]
+    out: Obj = pod["spec"]["containers"][0]
+    return out
 
 
 def env_var(pod: Obj, name: str) -> Obj:
@@ -412,7 +415,8 @@ def test_api_server_leaves_pull_secret_names_to_later(namespace: str) -> None:
     assert server_create(pod, namespace)[0] == 0
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "reg_cred"}}
     code, stderr = server_create(secret, namespace)
-    assert code != 0 and "is invalid" in stderr, stderr
+    assert code != 0
+    assert "is invalid" in stderr, stderr
 
 
 @pytest.mark.parametrize(

@@ -258,10 +258,12 @@ def run_local(
     run_uid: str | None = None,
     max_failures: int | None = None,
 ) -> dict[str, Any]:
+    # The file first: a bad one is refused before torch and Ray load (seconds).
+    run = load_run(path, max_steps=max_steps)
+
     from kubetrain_trainer import metrics
     from kubetrain_trainer.driver import run_training
 
-    run = load_run(path, max_steps=max_steps)
     remote = remote_root(run, run_uid)
     if remote:
         from kubetrain_trainer import storage
