@@ -129,7 +129,9 @@ class ModelSpec(ApiModel):
         ),
     ] = Field(default_factory=dict)
     """Model config fields to override (e.g. `num_hidden_layers`, `hidden_size` for a
-    built-in model, `max_position_embeddings`)."""
+    built-in model, `max_position_embeddings`). Model-shape fields only, with plain values:
+    nothing that makes transformers load code or files (`trust_remote_code`, `auto_map`,
+    `*_name_or_path`)."""
 
 
 class LoraSpec(ApiModel):
