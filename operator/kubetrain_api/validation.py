@@ -327,9 +327,13 @@ def parse(doc: Any, limits: Limits = Limits()) -> api.TrainingRun:
     # Round-trip through JSON and validate strictly, so that "4" is not an integer here
     # when the API server would refuse it (YAML may hold datetimes, hence default=str).
     try:
-        run = api.TrainingRun.model_validate_json(
-            json.dumps(_string_keys(doc), default=str), strict=True
-        )
+        text = json.dumps(_string_keys(doc), default=str)
+    except (RecursionError, ValueError):
+        # A document that did not come through load_documents (the webhook's JSON body).
+        error = FieldError("(document)", "nests too deeply or refers to itself")
+        raise InvalidSpec([error]) from None
+    try:
+        run = api.TrainingRun.model_validate_json(text, strict=True)
     except pydantic.ValidationError as exc:
         raise InvalidSpec(_structural_errors(exc)) from None
     errors = check_rules(run, limits)

@@ -109,3 +109,17 @@ def test_limits_are_configurable_and_valid_files_pass() -> None:
         validation.load_documents(text, validation.YamlLimits(max_nodes=9))
     # A byte-order mark is text, not binary.
     assert validation.load_documents(b"\xef\xbb\xbfa: 1\n") == [{"a": 1}]
+
+
+def test_documents_from_elsewhere_are_bounded_too() -> None:
+    # The webhook gets JSON, not YAML: parse itself refuses what would recurse forever.
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(5000):
+        node["a"] = {}
+        node = node["a"]  # type: ignore[assignment]
+    cyclic: dict[str, object] = {}
+    cyclic["self"] = cyclic
+    for spec in (deep, cyclic):
+        doc = {"apiVersion": "kubetrain.dev/v1alpha1", "kind": "TrainingRun", "spec": spec}
+        assert [e.path for e in validation.validate_document(doc)] == ["(document)"]
