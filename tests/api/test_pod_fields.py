@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 from kubetrain_api import k8s_rules, validation
 from kubetrain_operator import builders, serving
 from kubetrain_operator.settings import OperatorSettings
-from tests.support.cluster import kubectl
+from tests.support.cluster import kubectl, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 UID = "7c1d2e3f-aaaa-4bbb-8ccc-ddddeeeeffff"
@@ -117,6 +118,23 @@ def server_create(obj: Obj, ns: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
+def dry_run_ns(cluster: object) -> Iterator[str]:
+    """One namespace for the module: dry-run creates leave nothing in it."""
+    name = f"pod-fields-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    # Pods are refused until the ServiceAccount controller has made `default`.
+    wait_until(
+        lambda: (
+            kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0
+        ),
+        timeout=60,
+        message=f"ServiceAccount {name}/default",
+    )
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
 def priority_class(cluster: object) -> Iterator[None]:
     """The Priority admission plugin refuses pods of a PriorityClass that does not exist."""
     pc = {
@@ -136,8 +154,9 @@ def test_extremes_pass_kubetrain_validate() -> None:
 
 @pytest.mark.controlplane
 def test_api_server_accepts_the_extremes(
-    crd_installed: None, priority_class: None, namespace: str
+    crd_installed: None, priority_class: None, dry_run_ns: str
 ) -> None:
+    namespace = dry_run_ns
     doc = extreme_doc()
     # The TrainingRun itself. Kubernetes 1.20 refuses an empty string in a custom
     # resource's string fields ("must be of type string: null"), which pods accept: send
@@ -384,8 +403,9 @@ def test_kubetrain_validate_refuses_bad_pod_fields(case: tuple[Any, ...]) -> Non
 @pytest.mark.controlplane
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_api_server_refuses_the_same_values(
-    case: tuple[Any, ...], priority_class: None, namespace: str
+    case: tuple[Any, ...], priority_class: None, dry_run_ns: str
 ) -> None:
+    namespace = dry_run_ns
     _, _, _, kind, change = case
     obj = copy.deepcopy(by_kind(objects(extreme_doc(), namespace), kind))
     change(obj)
@@ -405,7 +425,8 @@ def test_api_server_refuses_the_same_values(
 
 
 @pytest.mark.controlplane
-def test_api_server_leaves_pull_secret_names_to_later(namespace: str) -> None:
+def test_api_server_leaves_pull_secret_names_to_later(dry_run_ns: str) -> None:
+    namespace = dry_run_ns
     doc = extreme_doc()
     doc["spec"]["imagePullSecrets"][0]["name"] = "reg_cred"
     assert "spec.imagePullSecrets[0].name" in [e.path for e in validation.validate_document(doc)]
