@@ -40,6 +40,8 @@ MAX_URI = 2048
 MAX_MESSAGE = 32768
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Names of Secrets, ConfigMaps, claims and classes (Kubernetes allows dots in them).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # An env var name as Kubernetes accepts it (C identifier, dots and dashes allowed).
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 URI_SCHEMES = ("hf", "pvc", "s3", "gs", "file", "builtin")
@@ -51,6 +53,7 @@ QUANTITY = (
 )
 
 Name = Annotated[str, Field(max_length=MAX_NAME, pattern=DNS_LABEL)]
+ObjectName = Annotated[str, Field(max_length=MAX_SHORT, pattern=DNS_SUBDOMAIN)]
 ShortText = Annotated[str, Field(max_length=MAX_SHORT)]
 Uri = Annotated[str, Field(max_length=MAX_URI, pattern=URI)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -126,7 +129,9 @@ class ModelSpec(ApiModel):
         ),
     ] = Field(default_factory=dict)
     """Model config fields to override (e.g. `num_hidden_layers`, `hidden_size` for a
-    built-in model, `max_position_embeddings`)."""
+    built-in model, `max_position_embeddings`). Model-shape fields only, with plain values:
+    nothing that makes transformers load code or files (`trust_remote_code`, `auto_map`,
+    `*_name_or_path`)."""
 
 
 class LoraSpec(ApiModel):
@@ -308,7 +313,8 @@ class Hyperparameters(ApiModel):
 class Toleration(ApiModel):
     """A pod toleration, as in core/v1."""
 
-    key: ShortText | None = None
+    # A qualified name: a 253-character prefix, '/', a 63-character name.
+    key: Annotated[str, Field(max_length=317)] | None = None
     """Taint key to tolerate; empty with operator Exists tolerates everything."""
     operator: Literal["Equal", "Exists"] = "Equal"
     """How key and value are compared."""
@@ -354,7 +360,7 @@ class Resources(ApiModel):
     """Node labels the pods must match (e.g. a GPU product label)."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
     """Tolerations for tainted GPU nodes."""
-    priority_class_name: Name | None = None
+    priority_class_name: ObjectName | None = None
     """PriorityClass of the pods."""
     queue_name: Name | None = None
     """Kueue LocalQueue (set as the `kueue.x-k8s.io/queue-name` label)."""
@@ -382,11 +388,11 @@ class DistributedSpec(ApiModel):
 class PvcStorage(ApiModel):
     """A PersistentVolumeClaim for checkpoints and the exported model."""
 
-    claim_name: Name | None = None
+    claim_name: ObjectName | None = None
     """Existing claim to use; when empty the operator creates `<run>-storage`."""
     size: Quantity = "50Gi"
     """Size of the claim the operator creates."""
-    storage_class_name: Name | None = None
+    storage_class_name: ObjectName | None = None
     """StorageClass of the claim the operator creates (must support ReadWriteMany when
     workers are on several nodes)."""
 
@@ -604,7 +610,7 @@ class RunPolicy(ApiModel):
 class KeySelector(ApiModel):
     """A key of a Secret or ConfigMap in the run's namespace, by reference."""
 
-    name: Name
+    name: ObjectName
     """Object name."""
     key: ShortText
     """Key within the object."""
@@ -634,7 +640,7 @@ class EnvVar(ApiModel):
 class SecretRef(ApiModel):
     """A Secret in the run's namespace, by name."""
 
-    name: Name
+    name: ObjectName
     """Secret name."""
 
 

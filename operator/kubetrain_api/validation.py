@@ -15,14 +15,16 @@ import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pydantic
 import yaml
 
-from kubetrain_api import contract
+from kubetrain_api import contract, k8s_rules
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.model_overrides import check_config_overrides
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,151 @@ _K8sYamlLoader.add_implicit_resolver(
 )
 
 
-def load_documents(text: str) -> list[Any]:
-    """All non-empty YAML documents of a (multi-document) stream."""
-    return [doc for doc in yaml.load_all(text, Loader=_K8sYamlLoader) if doc is not None]
+@dataclass(frozen=True)
+class YamlLimits:
+    """Bounds on what the YAML reader accepts, so that a hostile file cannot take the CLI's
+    (or the webhook's) memory or stack: Kubernetes itself refuses requests over 3 MiB."""
+
+    max_bytes: int = 1024 * 1024
+    max_depth: int = 64
+    max_documents: int = 100
+    # Nodes of one document with every alias expanded: what json.dumps (and pydantic) walk
+    # later; a "billion laughs" stream is a few hundred bytes with 10^9 expanded nodes.
+    max_nodes: int = 100_000
+
+
+class InvalidYaml(ValueError):
+    """A stream the YAML reader refuses; the message names the problem (and the line)."""
+
+
+def read_file(path: Path, limits: YamlLimits = YamlLimits()) -> bytes:
+    """A YAML file's bytes, reading no more than the size limit (plus one byte to notice a
+    larger file). OSError when it cannot be read."""
+    with path.open("rb") as f:
+        data = f.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:
+        raise InvalidYaml(f"is larger than {limits.max_bytes} bytes")
+    return data
+
+
+def _decode(data: str | bytes, limits: YamlLimits) -> str:
+    if isinstance(data, str):
+        raw_size = len(data.encode("utf-8", "surrogatepass"))
+        text = data
+    else:
+        raw_size = len(data)
+        if b"\x00" in data:
+            raise InvalidYaml("is binary (it contains NUL bytes), not a YAML text file")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidYaml(
+                f"is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start})"
+            ) from None
+    if raw_size > limits.max_bytes:
+        raise InvalidYaml(f"is larger than {limits.max_bytes} bytes")
+    if "\x00" in text:
+        raise InvalidYaml("is binary (it contains NUL bytes), not a YAML text file")
+    return text.removeprefix("\ufeff")
+
+
+class _BoundedLoader(_K8sYamlLoader):
+    """Counts, while composing, each document's depth and its size with aliases expanded
+    (an alias costs the size of what it names), and stops at the limits."""
+
+    yaml_limits = YamlLimits()
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> expanded size, for anchored nodes
+
+    def compose_document(self) -> Any:
+        self._nodes = 0
+        self._sizes = {}
+        return super().compose_document()
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            anchored = self.anchors.get(event.anchor)
+            node = super().compose_node(parent, index)
+            if anchored is not None and id(anchored) not in self._sizes:
+                # An alias inside its own anchor: a cycle, which JSON cannot hold.
+                raise InvalidYaml(
+                    f"has an alias *{event.anchor} inside its own anchor{_line(event)}"
+                )
+            self._count(self._sizes.get(id(anchored), 1), event)
+            return node
+        self._depth += 1
+        start = self._nodes
+        try:
+            if self._depth > self.yaml_limits.max_depth:
+                raise InvalidYaml(
+                    f"nests deeper than {self.yaml_limits.max_depth} levels{_line(event)}"
+                )
+            self._count(1, event)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._sizes[id(node)] = self._nodes - start
+        return node
+
+    def _count(self, nodes: int, event: Any) -> None:
+        self._nodes += nodes
+        if self._nodes > self.yaml_limits.max_nodes:
+            raise InvalidYaml(
+                f"expands to more than {self.yaml_limits.max_nodes} values in one document "
+                f"(aliases count as often as they are used){_line(event)}"
+            )
+
+
+def _line(event: Any) -> str:
+    mark = getattr(event, "start_mark", None)
+    return f" (line {mark.line + 1})" if mark is not None else ""
+
+
+def load_documents(data: str | bytes, limits: YamlLimits = YamlLimits()) -> list[Any]:
+    """All non-empty YAML documents of a (multi-document) stream, within `limits`.
+    Raises InvalidYaml (a ValueError) with a one-line reason for anything it refuses:
+    too large, too deep, too many documents or alias expansions, not UTF-8 text, or not
+    YAML."""
+    text = _decode(data, limits)
+    loader_class = type("_Loader", (_BoundedLoader,), {"yaml_limits": limits})
+    loader = None
+    docs: list[Any] = []
+    try:
+        loader = loader_class(text)
+        count = 0
+        while loader.check_data():
+            count += 1
+            if count > limits.max_documents:
+                raise InvalidYaml(f"has more than {limits.max_documents} documents")
+            doc = loader.get_data()
+            if doc is not None:
+                docs.append(doc)
+    except yaml.reader.ReaderError as exc:
+        raise InvalidYaml(
+            f"is not a YAML text file: it contains the control character "
+            f"#x{exc.character:04x} at character {exc.position}"
+        ) from None
+    except yaml.MarkedYAMLError as exc:
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise InvalidYaml(f"is not valid YAML: {problem}{_mark(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidYaml(f"is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidYaml("nests too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return docs
+
+
+def _mark(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
 # --------------------------------------------------------------------------------------
@@ -90,6 +234,8 @@ _PATTERN_HINTS = {
     api.URI: "must be a URI with scheme " + ", ".join(f"{s}://" for s in api.URI_SCHEMES),
     api.DNS_LABEL: "must be a lowercase DNS label (a-z, 0-9 and '-', starting and ending "
     "with a letter or digit)",
+    api.DNS_SUBDOMAIN: "must be a lowercase DNS-1123 subdomain (a-z, 0-9, '-' and '.', "
+    "starting and ending with a letter or digit)",
     api.ENV_NAME: "must be a valid environment variable name",
 }
 # pydantic tags union branches in the location (e.g. `cpu.int`, `cpu.str`); we drop them.
@@ -181,13 +327,29 @@ def parse(doc: Any, limits: Limits = Limits()) -> api.TrainingRun:
     # Round-trip through JSON and validate strictly, so that "4" is not an integer here
     # when the API server would refuse it (YAML may hold datetimes, hence default=str).
     try:
-        run = api.TrainingRun.model_validate_json(json.dumps(doc, default=str), strict=True)
+        text = json.dumps(_string_keys(doc), default=str)
+    except (RecursionError, ValueError):
+        # A document that did not come through load_documents (the webhook's JSON body).
+        error = FieldError("(document)", "nests too deeply or refers to itself")
+        raise InvalidSpec([error]) from None
+    try:
+        run = api.TrainingRun.model_validate_json(text, strict=True)
     except pydantic.ValidationError as exc:
         raise InvalidSpec(_structural_errors(exc)) from None
     errors = check_rules(run, limits)
     if errors:
         raise InvalidSpec(errors)
     return run
+
+
+def _string_keys(node: Any) -> Any:
+    """YAML allows keys such as dates; JSON (and so the API server, which converts YAML to
+    JSON) has string keys only. Spelled as text, they then fail as unknown fields."""
+    if isinstance(node, Mapping):
+        return {k if isinstance(k, str) else str(k): _string_keys(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_string_keys(v) for v in node]
+    return node
 
 
 def validate_document(doc: Any, limits: Limits = Limits()) -> list[FieldError]:
@@ -276,6 +438,10 @@ def _rule_uris(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
         scheme, rest = parts.scheme, uri.split("://", 1)[1]
         if parts.username or parts.password:
             yield FieldError(path, "must not carry credentials; use spec.secrets")
+        elif _has_dot_dot(rest):
+            # The pods mount one claim and the credentials reach one bucket; `..` (however
+            # spelled) would point the trainer outside of them.
+            yield FieldError(path, "must not contain '..' path segments (percent-encoded too)")
         elif scheme == "hf" and not _HF_ID.match(rest):
             yield FieldError(path, "must be hf://ORG/NAME")
         elif scheme == "pvc" and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$", rest):
@@ -292,6 +458,19 @@ def _rule_uris(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
             if rest not in known:
                 choices = ", ".join(known) or "none here"
                 yield FieldError(path, f"unknown built-in {what} {rest!r} (known: {choices})")
+
+
+def _has_dot_dot(rest: str) -> bool:
+    """Whether a URI's path has a `..` segment, also once percent-decoded (repeatedly, for
+    `%252e`) and with backslashes read as separators."""
+    for _ in range(4):
+        if any(seg == ".." for seg in re.split(r"[/\\]", rest)):
+            return True
+        decoded = unquote(rest)
+        if decoded == rest:
+            return False
+        rest = decoded
+    return True  # still encoded after four rounds: nobody writes that by accident
 
 
 def _leaves_claim(uri: str) -> bool:
@@ -394,6 +573,15 @@ def _rule_env(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
     seen: set[str] = set()
     for i, var in enumerate(run.spec.env):
         path = f"spec.env[{i}]"
+        # The schema checked the characters; this adds the API server's `.`/`..` rule.
+        for message in k8s_rules.check_env_name(var.name):
+            yield FieldError(f"{path}.name", message)
+        if var.value_from is not None:
+            for ref_name in ("secret_key_ref", "config_map_key_ref"):
+                ref = getattr(var.value_from, ref_name)
+                if ref is not None:
+                    wire = api.EnvVarSource.model_fields[ref_name].alias
+                    yield from _key_errors(ref.key, f"{path}.valueFrom.{wire}.key")
         if var.name in RESERVED_ENV or var.name.startswith(RESERVED_ENV_PREFIXES):
             yield FieldError(f"{path}.name", f"{var.name} is reserved: kubetrain sets it")
         if var.name in seen:
@@ -413,6 +601,63 @@ def _rule_env(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
                 f"{path}.value",
                 "looks like an inline secret; put it in a Secret and use valueFrom.secretKeyRef",
             )
+
+
+def _key_errors(key: str, path: str) -> Iterator[FieldError]:
+    for message in k8s_rules.check_config_map_key(key):
+        yield FieldError(path, message)
+
+
+def _quantity_fields(spec: api.TrainingRunSpec) -> Iterator[tuple[str, int | str, bool]]:
+    """(path, quantity, must be positive) of every quantity that reaches a pod or a claim."""
+    res = spec.resources
+    yield "spec.resources.cpuPerWorker", res.cpu_per_worker, False
+    yield "spec.resources.memoryPerWorker", res.memory_per_worker, False
+    yield "spec.resources.sharedMemory", res.shared_memory, False
+    yield "spec.resources.head.cpu", res.head.cpu, False
+    yield "spec.resources.head.memory", res.head.memory, False
+    yield "spec.serve.resources.cpu", spec.serve.resources.cpu, False
+    yield "spec.serve.resources.memory", spec.serve.resources.memory, False
+    pvc = spec.checkpoint.storage.pvc
+    if pvc is not None:
+        # A claim's storage request must be above zero.
+        yield "spec.checkpoint.storage.pvc.size", pvc.size, True
+
+
+def _rule_pod_fields(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    """What the API server checks when the operator creates the run's pods and claim, so a
+    run that could never create them is refused up front (k8s_rules.py)."""
+    spec, res = run.spec, run.spec.resources
+    for path, quantity, positive in _quantity_fields(spec):
+        for message in k8s_rules.check_quantity(quantity, positive=positive):
+            yield FieldError(path, message)
+    for key, value in res.node_selector.items():
+        for message in k8s_rules.check_label_key(key):
+            yield FieldError(f"spec.resources.nodeSelector.{key}", f"key {message}")
+        for message in k8s_rules.check_label_value(value):
+            yield FieldError(f"spec.resources.nodeSelector.{key}", f"value {message}")
+    for i, toleration in enumerate(res.tolerations):
+        wire = toleration.model_dump(by_alias=True, exclude_none=True)
+        for field, message in k8s_rules.check_toleration(wire):
+            yield FieldError(f"spec.resources.tolerations[{i}].{field}", message)
+    hf = spec.secrets.hugging_face_token
+    if hf is not None:
+        yield from _key_errors(hf.key, "spec.secrets.huggingFaceToken.key")
+    if spec.image is not None:
+        for message in k8s_rules.check_image(spec.image):
+            yield FieldError("spec.image", message)
+    # The run's own metadata: the API server checks it on apply; `kubetrain validate` and
+    # `kubetrain run` say the same.
+    # Paths as the API server names them (the map, the key in the message).
+    for key, message in k8s_rules.check_labels(run.metadata.labels or {}):
+        yield FieldError("metadata.labels", f"{key!r}: {message}")
+    for key, message in k8s_rules.check_annotations(run.metadata.annotations or {}):
+        yield FieldError("metadata.annotations", f"{key!r}: {message}" if key else message)
+
+
+def _rule_config_overrides(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    for key, message in check_config_overrides(run.spec.model.config_overrides):
+        yield FieldError(f"spec.model.configOverrides.{key}", message)
 
 
 def _rule_no_secret_values(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
@@ -537,6 +782,8 @@ RULES: tuple[Rule, ...] = (
     _rule_batch,
     _rule_gpus,
     _rule_env,
+    _rule_pod_fields,
+    _rule_config_overrides,
     _rule_no_secret_values,
     _rule_data,
     _rule_evaluation,

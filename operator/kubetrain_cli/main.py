@@ -35,8 +35,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for file in args.files:
         path = Path(file)
         try:
-            docs = validation.load_documents(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            docs = validation.load_documents(validation.read_file(path))
+        except (OSError, validation.InvalidYaml) as exc:
             print(f"{file}: cannot read: {exc}", file=sys.stderr)
             failed = True
             continue
@@ -45,7 +45,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             failed = True
         for index, doc in enumerate(docs):
             where = file if len(docs) == 1 else f"{file}[{index}]"
-            name = doc.get("metadata", {}).get("name", "?") if isinstance(doc, dict) else "?"
+            meta = doc.get("metadata") if isinstance(doc, dict) else None
+            name = meta.get("name", "?") if isinstance(meta, dict) else "?"
             try:
                 run = validation.parse(doc)
             except validation.InvalidSpec as exc:

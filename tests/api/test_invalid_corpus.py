@@ -7,6 +7,10 @@ Layers:
   caps, reserved names, secrets, URI shapes, unknown fields (which the API server silently
   prunes). `kubetrain validate` and the operator refuse them; the API server accepts them,
   which the control-plane test below checks so this table cannot go stale.
+- reader: the file never becomes a document: `validation.load_documents` (the CLI's and
+  the webhook's YAML reader) refuses it with a one-line reason, the table's second column
+  (a part of that reason). The size limit has no file here (it would be a megabyte); the
+  CLI test in tests/api/test_yaml_reader.py covers it.
 """
 
 from __future__ import annotations
@@ -67,13 +71,50 @@ CASES: dict[str, tuple[str, str]] = {
     "unknown-field-typo": ("rules", "spec.hyperparameter"),
     "fp16-on-cpu": ("rules", "spec.hyperparameters.precision"),
     "processes-per-worker-not-gpus": ("rules", "spec.resources.processesPerWorker"),
+    # Fields that end up in pod specs, checked with the API server's pod rules
+    # (tests/api/test_pod_fields.py checks that the API server refuses such pods too).
+    "toleration-bad-effect": ("schema", "spec.resources.tolerations[0].effect"),
+    "bad-secret-name": ("schema", "spec.env[0].valueFrom.secretKeyRef.name"),
+    "bad-priority-class-name": ("schema", "spec.resources.priorityClassName"),
+    "bad-label-key": ("schema", "metadata.labels"),
+    "node-selector-bad-key": ("rules", "spec.resources.nodeSelector.example.com/gpu/product"),
+    "node-selector-bad-value": ("rules", "spec.resources.nodeSelector.gpu"),
+    "toleration-exists-with-value": ("rules", "spec.resources.tolerations[0].value"),
+    "toleration-seconds-without-noexecute": ("rules", "spec.resources.tolerations[0].effect"),
+    "toleration-equal-without-key": ("rules", "spec.resources.tolerations[0].operator"),
+    "negative-cpu-quantity": ("rules", "spec.resources.cpuPerWorker"),
+    "fractional-exponent-quantity": ("rules", "spec.resources.memoryPerWorker"),
+    "zero-claim-size": ("rules", "spec.checkpoint.storage.pvc.size"),
+    "env-name-dot-dot": ("rules", "spec.env[0].name"),
+    "bad-secret-key": ("rules", "spec.env[0].valueFrom.secretKeyRef.key"),
+    "bad-image-reference": ("rules", "spec.image"),
+    # model.configOverrides: model-shape fields only.
+    "config-overrides-trust-remote-code": ("rules", "spec.model.configOverrides.trust_remote_code"),
+    "config-overrides-name-or-path": ("rules", "spec.model.configOverrides.tokenizer_name_or_path"),
+    "config-overrides-not-model-shape": (
+        "rules",
+        "spec.model.configOverrides.output_hidden_states",
+    ),
+    # URIs stay inside their claim or bucket.
+    "uri-dot-dot-leaves-bucket": ("rules", "spec.data.sources[0].uri"),
+    "uri-percent-encoded-dot-dot": ("rules", "spec.data.sources[0].uri"),
+    "checkpoint-uri-double-encoded-dot-dot": ("rules", "spec.checkpoint.storage.uri"),
+    # The YAML reader's bounds.
+    "yaml-alias-bomb": ("reader", "expands to more than"),
+    "yaml-too-deep": ("reader", "nests deeper than 64 levels"),
+    "yaml-too-many-documents": ("reader", "has more than 100 documents"),
+    "yaml-binary": ("reader", "is binary"),
+    "yaml-not-utf8": ("reader", "is not UTF-8 text"),
+    "yaml-control-character": ("reader", "control character #x001b"),
 }
 SCHEMA_CASES = [name for name, (layer, _) in CASES.items() if layer == "schema"]
 RULE_CASES = [name for name, (layer, _) in CASES.items() if layer == "rules"]
+READER_CASES = [name for name, (layer, _) in CASES.items() if layer == "reader"]
+DOCUMENT_CASES = sorted(SCHEMA_CASES + RULE_CASES)
 
 
 def load(name: str) -> object:
-    (doc,) = validation.load_documents((CORPUS / f"{name}.yaml").read_text())
+    (doc,) = validation.load_documents((CORPUS / f"{name}.yaml").read_bytes())
     return doc
 
 
@@ -82,11 +123,18 @@ def test_table_covers_the_corpus() -> None:
     assert len(CASES) >= 25
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", DOCUMENT_CASES)
 def test_kubetrain_validate_refuses_naming_the_field(name: str) -> None:
     _, field = CASES[name]
     paths = [e.path for e in validation.validate_document(load(name))]
     assert field in paths, f"expected an error at {field}, got {paths}"
+
+
+@pytest.mark.parametrize("name", READER_CASES)
+def test_yaml_reader_refuses_with_its_reason(name: str) -> None:
+    _, reason = CASES[name]
+    with pytest.raises(validation.InvalidYaml, match=re.escape(reason)):
+        validation.load_documents((CORPUS / f"{name}.yaml").read_bytes())
 
 
 def server_dry_run(name: str, namespace: str) -> tuple[int, str]:

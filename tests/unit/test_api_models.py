@@ -158,7 +158,7 @@ def test_env_needs_exactly_one_source() -> None:
 
 def test_oversized_spec_is_refused() -> None:
     doc = quickstart()
-    doc["spec"]["model"]["configOverrides"] = {f"k{i}": "v" * 4096 for i in range(64)}
+    doc["spec"]["env"] = [{"name": f"E{i}", "value": "v" * 4096} for i in range(64)]
     errors = validation.validate_document(doc)
     assert [e.path for e in errors] == ["spec"]
     assert "limit is 262144" in errors[0].message

@@ -25,16 +25,20 @@ class RunError(SpecFailure):
 
 def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
     try:
-        docs = validation.load_documents(path.read_text())
-    except OSError as exc:
+        docs = validation.load_documents(validation.read_file(path))
+    except (OSError, validation.InvalidYaml) as exc:
         raise RunError(f"{path}: cannot read: {exc}") from exc
     runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == api.KIND]
     if len(runs) != 1:
         raise RunError(f"{path}: expected exactly one TrainingRun, found {len(runs)}")
     doc = runs[0]
-    if max_steps is not None:
-        # An override for smoke runs; validated like the rest of the spec below.
-        doc.setdefault("spec", {}).setdefault("hyperparameters", {})["maxSteps"] = max_steps
+    spec = doc.get("spec")
+    if max_steps is not None and isinstance(spec, dict):
+        # An override for smoke runs; validated like the rest of the spec below (which
+        # also names a spec or hyperparameters that is no mapping).
+        hp = spec.setdefault("hyperparameters", {})
+        if isinstance(hp, dict):
+            hp["maxSteps"] = max_steps
     try:
         return validation.parse(doc)
     except validation.InvalidSpec as exc:
@@ -254,10 +258,12 @@ def run_local(
     run_uid: str | None = None,
     max_failures: int | None = None,
 ) -> dict[str, Any]:
+    # The file first: a bad one is refused before torch and Ray load (seconds).
+    run = load_run(path, max_steps=max_steps)
+
     from kubetrain_trainer import metrics
     from kubetrain_trainer.driver import run_training
 
-    run = load_run(path, max_steps=max_steps)
     remote = remote_root(run, run_uid)
     if remote:
         from kubetrain_trainer import storage
