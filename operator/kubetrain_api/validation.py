@@ -572,6 +572,9 @@ MUTABLE_WHILE_SUSPENDED = (
 )
 
 
+IMMUTABLE = "cannot change while the run is active"
+
+
 def mutable_paths(suspended: bool) -> tuple[str, ...]:
     """The spec paths an active run may change; the rest is fixed until it finishes."""
     return MUTABLE_WHILE_SUSPENDED if suspended else MUTABLE_WHILE_RUNNING
@@ -601,8 +604,4 @@ def immutable_changes(
 
     diff(old.model_dump(by_alias=True), new.model_dump(by_alias=True), "spec")
     allowed = mutable_paths(suspended)
-    return [
-        FieldError(path, "cannot change while the run is active")
-        for path in changed
-        if not is_under(path, allowed)
-    ]
+    return [FieldError(path, IMMUTABLE) for path in changed if not is_under(path, allowed)]

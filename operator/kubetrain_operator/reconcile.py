@@ -70,7 +70,7 @@ def _parse(
 
 
 def _stored_spec(
-    kube: Kube, ns: str, name: str, uid: str, current: api.TrainingRunSpec
+    kube: Kube, ns: str, name: str, uid: str, current: api.TrainingRunSpec | None
 ) -> api.TrainingRunSpec | None:
     """The spec the running cluster was built from (its ConfigMap), if any, read
     compatibly: another operator version may have written it (stored_spec.py)."""
@@ -99,6 +99,33 @@ def _placement_open(run: api.TrainingRun, previous: dict[str, Any]) -> bool:
         or previous.get("phase") == "Suspended"
         or ready.get("reason") == "Resuming"
     )
+
+
+def _keep_stored_spec(
+    kube: Kube,
+    body: dict[str, Any],
+    run: api.TrainingRun | None,
+    invalid: list[validation.FieldError],
+    previous: dict[str, Any],
+) -> tuple[api.TrainingRun | None, list[validation.FieldError], list[validation.FieldError]]:
+    """(run, invalid, refused) for an active run: it goes on with the spec its cluster was
+    built from, and an edit it may not take (an immutable field, or a spec made invalid)
+    is refused, never the end of the run. What may change is taken from the edit."""
+    meta = body["metadata"]
+    name, ns = meta["name"], meta["namespace"]
+    stored = _stored_spec(kube, ns, name, meta["uid"], run.spec if run else None)
+    if stored is None:
+        return run, invalid, []
+    if run is None:
+        kept = api.TrainingRun(metadata=api.ObjectMeta(name=name, namespace=ns), spec=stored)
+        return kept, [], invalid
+    placement = _placement_open(run, previous)
+    written = body.get("spec") or {}
+    refused = stored_spec.user_edits(stored, run.spec, written, suspended=placement)
+    kept = run.model_copy(
+        update={"spec": stored_spec.effective(stored, run.spec, suspended=placement)}
+    )
+    return kept, invalid, refused
 
 
 def _attempt(pod: dict[str, Any]) -> int:
@@ -192,16 +219,8 @@ def reconcile(
     current = [p for p in all_pods if _attempt(p) == attempt]
     active = attempt > 0 and not is_terminal(previous)
     edits_refused: list[validation.FieldError] = []
-    if run is not None and active:
-        # An active run goes on with the spec it started with: edits it may not take are
-        # refused (a condition), never the end of the run.
-        stored = _stored_spec(kube, ns, name, uid, run.spec)
-        if stored is not None:
-            placement = _placement_open(run, previous)
-            written = body.get("spec") or {}
-            edits_refused = stored_spec.user_edits(stored, run.spec, written, suspended=placement)
-            kept = stored_spec.effective(stored, run.spec, suspended=placement)
-            run = run.model_copy(update={"spec": kept})
+    if active:
+        run, invalid, edits_refused = _keep_stored_spec(kube, body, run, invalid, previous)
     served = None
     if run is not None and previous.get("phase") == "Succeeded":
         served = kube.read("Deployment", ns, ChildNames(name).serve)

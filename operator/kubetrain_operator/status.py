@@ -79,7 +79,7 @@ from typing import Any, Literal, get_args
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.reports import ProgressReport, count, parse_time, wire
-from kubetrain_api.validation import FieldError
+from kubetrain_api.validation import IMMUTABLE, FieldError
 from kubetrain_operator import retry, serving
 from kubetrain_operator.conditions import (
     as_reason,
@@ -152,8 +152,9 @@ class Observed:
     create_error: CreateError | None = None
     """The API server refused a child of the attempt this status asks for (create_errors)."""
     refused_changes: list[FieldError] = field(default_factory=list)
-    """Fields of the spec changed while the run is active that it may not take: the run
-    goes on with its stored spec (stored_spec.py), and says so (SpecChangeRefused)."""
+    """Fields of the spec changed while the run is active that it may not take (immutable,
+    or invalid): the run goes on with its stored spec (stored_spec.py), and says so
+    (SpecChangeRefused)."""
 
 
 @dataclass(frozen=True)
@@ -534,13 +535,14 @@ def _refused_changes(draft: _Draft) -> None:
             message = "the run takes every edit of its spec (reverted, or allowed now)"
             draft.condition(SPEC_CHANGE_REFUSED, "False", "Resolved", message)
         return
-    fields = ", ".join(e.path for e in refused)
+    immutable = all(e.message == IMMUTABLE for e in refused)
     message = (
-        f"{fields}: cannot change while the run is active; it goes on with the spec it "
-        "started with (revert the edit, or change it once the run has finished; placement "
-        "may change while the run is suspended)"
+        "; ".join(str(e) for e in refused)
+        + "; the run goes on with the spec it started with (revert the edit, or make it once "
+        "the run has finished; placement may change while the run is suspended)"
     )
-    draft.condition(SPEC_CHANGE_REFUSED, "True", "ImmutableFieldChanged", message)
+    reason = "ImmutableFieldChanged" if immutable else "InvalidSpec"
+    draft.condition(SPEC_CHANGE_REFUSED, "True", reason, message)
     after = find_condition(draft.status["conditions"], SPEC_CHANGE_REFUSED)
     if (before.get("status"), before.get("message")) != ("True", after.get("message")):
         draft.emit("Warning", SPEC_CHANGE_REFUSED, message)

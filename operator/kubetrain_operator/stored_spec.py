@@ -18,8 +18,8 @@ The operator stores the resolved run (defaults filled in) in the run's ConfigMap
 3. The run keeps its stored spec. What may change (validation.mutable_paths: runPolicy and
    serve; placement too while the run is suspended) comes from the user's spec, the rest
    from the stored one, so neither a refused edit nor a new default reaches a running run
-   or its next attempt. A refused edit is reported (the SpecChangeRefused condition) and
-   clears once the user reverts it.
+   or its next attempt. A spec edited into an invalid one is refused as a whole. A refused
+   edit is reported (the SpecChangeRefused condition) and clears once the user reverts it.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ log = logging.getLogger("kubetrain.stored_spec")
 _MAX_PASSES = 8
 
 
-def read(text: str, current: api.TrainingRunSpec) -> tuple[api.TrainingRunSpec | None, list[str]]:
+def read(
+    text: str, current: api.TrainingRunSpec | None
+) -> tuple[api.TrainingRunSpec | None, list[str]]:
     """The spec stored as `text` (a run document, builders.run_document) as this version's
-    model, and a note per key ignored or value replaced. None when it is no run document."""
+    model, and a note per key ignored or value replaced (by the user's `current` spec's,
+    if valid). None when it is no run document."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -53,7 +56,7 @@ def read(text: str, current: api.TrainingRunSpec) -> tuple[api.TrainingRunSpec |
     if not isinstance(spec, dict):
         return None, ["the stored run has no spec"]
     spec = copy.deepcopy(spec)
-    fallback = current.model_dump(by_alias=True, mode="json")
+    fallback = {} if current is None else current.model_dump(by_alias=True, mode="json")
     notes: list[str] = []
     for _ in range(_MAX_PASSES):
         try:

@@ -1,8 +1,9 @@
 """Edits of an active run, and a run stored by an older operator, on the real control plane
 with the operator in-process (the test plays the kubelet, tests/support/kubelet.py).
 
-- An edit the active run may not take is refused (SpecChangeRefused and a Warning), never
-  the end of the run: it goes on, and retries, with the spec it started with.
+- An edit the active run may not take (an immutable field, or a spec made invalid) is
+  refused (SpecChangeRefused and a Warning), never the end of the run: it goes on, and
+  retries, with the spec it started with.
 - A suspended run may move (placement, as Kueue changes it when it admits a run).
 - A spec stored by kubetrain 0.1.0 (tests/operator/fixtures/stored-spec-v0.1.0.json), with
   a field since removed and a default since changed, keeps the run going under this one.
@@ -87,6 +88,14 @@ def test_an_immutable_edit_is_refused_and_the_run_goes_on_with_its_spec(
     st = refused("edit", namespace, "False")
     assert st["phase"] == "Running"
     assert st["attempts"] == 2
+
+    # An edit that makes the spec invalid is refused the same way (the run started valid).
+    apply(quickstart("edit", runPolicy=FAST_RETRY, env=[{"name": "RANK", "value": "0"}]), namespace)
+    st = refused("edit", namespace, "True")
+    assert condition(st, REFUSED)["reason"] == "InvalidSpec"
+    assert condition(st, REFUSED)["message"].startswith("spec.env[0].name: RANK is reserved")
+    assert st["phase"] == "Running"
+    assert len(run_pods("edit", namespace, attempt=2)) == 3
 
 
 def test_a_suspended_run_may_move_and_its_next_attempt_does(operator: None, namespace: str) -> None:

@@ -192,3 +192,15 @@ def test_a_refused_edit_is_a_condition_and_one_warning_and_clears_when_reverted(
     assert _condition(reverted.status)["status"] == "False"
     never = _decide([], running).status["conditions"]
     assert not any(c["type"] == SPEC_CHANGE_REFUSED for c in never)  # absent stays absent
+
+
+def test_an_invalid_edit_is_refused_as_invalid() -> None:
+    running = {"phase": "Running", "attempts": 1, "startTime": "2026-01-01T00:00:00Z"}
+    invalid = [FieldError("spec.env[0].name", "RANK is reserved: kubetrain sets it")]
+
+    decision = _decide(invalid, running)
+
+    assert decision.status["phase"] != "Failed"
+    found = _condition(decision.status)
+    assert (found["status"], found["reason"]) == ("True", "InvalidSpec")
+    assert found["message"].startswith("spec.env[0].name: RANK is reserved")
