@@ -719,7 +719,7 @@ class Condition(ApiModel):
 
     type: Annotated[str, Field(max_length=316, pattern=r"^[A-Za-z][A-Za-z0-9]*$")]
     """Condition type, e.g. Validated, ClusterReady, Training, Evaluated, Succeeded, Failed,
-    Suspended, Serving, ChildConflict."""
+    Suspended, Serving, ChildConflict, SpecChangeRefused."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds."""
     reason: Reason

@@ -808,10 +808,36 @@ MUTABLE_WHILE_RUNNING = (
     "spec.runPolicy",
     "spec.serve",
 )
+# ... and while it is suspended (no pods): where its pods go, as Kueue changes it when it
+# admits a suspended run. The next attempt is built with the new placement.
+MUTABLE_WHILE_SUSPENDED = (
+    *MUTABLE_WHILE_RUNNING,
+    "spec.resources.nodeSelector",
+    "spec.resources.tolerations",
+    "spec.resources.priorityClassName",
+    "spec.resources.queueName",
+)
 
 
-def immutable_changes(old: api.TrainingRunSpec, new: api.TrainingRunSpec) -> list[FieldError]:
-    """Fields changed between two specs that may not change while the run is active."""
+IMMUTABLE = "cannot change while the run is active"
+
+
+def mutable_paths(suspended: bool) -> tuple[str, ...]:
+    """The spec paths an active run may change; the rest is fixed until it finishes."""
+    return MUTABLE_WHILE_SUSPENDED if suspended else MUTABLE_WHILE_RUNNING
+
+
+def is_under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `path` is one of `prefixes` or inside one (`a.b` is under `a`, not `a.bc`)."""
+    return any(path == p or path.startswith((f"{p}.", f"{p}[")) for p in prefixes)
+
+
+def immutable_changes(
+    old: api.TrainingRunSpec, new: api.TrainingRunSpec, *, suspended: bool = False
+) -> list[FieldError]:
+    """Fields changed between two specs that may not change while the run is active
+    (`suspended`: the run has no pods, so placement may change too). Pure: the operator
+    and the admission webhook both ask it."""
     changed: list[str] = []
 
     def diff(a: Any, b: Any, path: str) -> None:
@@ -824,8 +850,5 @@ def immutable_changes(old: api.TrainingRunSpec, new: api.TrainingRunSpec) -> lis
             changed.append(path)
 
     diff(old.model_dump(by_alias=True), new.model_dump(by_alias=True), "spec")
-    return [
-        FieldError(path, "cannot change while the run is active")
-        for path in changed
-        if not path.startswith(MUTABLE_WHILE_RUNNING)
-    ]
+    allowed = mutable_paths(suspended)
+    return [FieldError(path, IMMUTABLE) for path in changed if not is_under(path, allowed)]

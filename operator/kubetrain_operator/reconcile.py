@@ -1,7 +1,9 @@
 """One reconcile of one TrainingRun: observe, decide (pure), act, record.
 
-1. Observe: parse and validate the spec; list the run's pods; read the head's progress,
-   and, once the run has Succeeded, its serving Deployment.
+1. Observe: parse and validate the spec; an active run goes on with the spec stored when
+   its cluster was built (stored_spec.py: read across operator versions, edits it may not
+   take refused); list the run's pods; read the head's progress, and, once the run has
+   Succeeded, its serving Deployment.
 2. Decide: `status.compute_status` turns the observation into the new status, one
    action (none, create_cluster, retry, delete_pods, finish) and what to do about serving
    (none, apply, remove).
@@ -31,13 +33,21 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-import yaml
 from kubernetes.client.exceptions import ApiException
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
 from kubetrain_api.contract import LABEL_ATTEMPT, LABEL_ROLE, LABEL_RUN, ROLE_HEAD
-from kubetrain_operator import builders, create_errors, metrics, ownership, serving, timing
+from kubetrain_operator import (
+    builders,
+    create_errors,
+    metrics,
+    ownership,
+    serving,
+    stored_spec,
+    timing,
+)
+from kubetrain_operator.conditions import find_condition
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.ownership import ChildConflict
@@ -59,15 +69,63 @@ def _parse(
         return None, exc.errors
 
 
-def _stored_spec(kube: Kube, ns: str, name: str, uid: str) -> api.TrainingRunSpec | None:
-    """The spec the running cluster was built from (its ConfigMap), if any."""
+def _stored_spec(
+    kube: Kube, ns: str, name: str, uid: str, current: api.TrainingRunSpec | None
+) -> api.TrainingRunSpec | None:
+    """The spec the running cluster was built from (its ConfigMap), if any, read
+    compatibly: another operator version may have written it (stored_spec.py)."""
     cm = kube.read_config_map(ns, ChildNames(name).config)
     if cm is None or not ownership.owned_by(cm, uid):
         return None  # someone else's (a ChildConflict), or an earlier run's
     text = (cm.get("data") or {}).get(builders.CONFIG_KEY)
     if not text:
         return None
-    return api.TrainingRun.model_validate(yaml.safe_load(text)).spec
+    spec, notes = stored_spec.read(text, current)
+    if spec is None:  # the run is judged on its current spec alone
+        log.warning("%s/%s: the stored spec is unreadable: %s", ns, name, "; ".join(notes))
+    for note in notes if spec is not None else []:
+        # Debug: an older operator's spec is read like this on every pass until the next
+        # attempt stores it anew.
+        log.debug("%s/%s: stored spec: %s", ns, name, note)
+    return spec
+
+
+def _placement_open(run: api.TrainingRun, previous: dict[str, Any]) -> bool:
+    """Whether the run has no pods to keep where they are: suspended, or resuming (Kueue
+    changes placement in the same update that resumes a run)."""
+    ready = find_condition(previous.get("conditions") or [], "ClusterReady")
+    return (
+        run.spec.run_policy.suspend
+        or previous.get("phase") == "Suspended"
+        or ready.get("reason") == "Resuming"
+    )
+
+
+def _keep_stored_spec(
+    kube: Kube,
+    body: dict[str, Any],
+    run: api.TrainingRun | None,
+    invalid: list[validation.FieldError],
+    previous: dict[str, Any],
+) -> tuple[api.TrainingRun | None, list[validation.FieldError], list[validation.FieldError]]:
+    """(run, invalid, refused) for an active run: it goes on with the spec its cluster was
+    built from, and an edit it may not take (an immutable field, or a spec made invalid)
+    is refused, never the end of the run. What may change is taken from the edit."""
+    meta = body["metadata"]
+    name, ns = meta["name"], meta["namespace"]
+    stored = _stored_spec(kube, ns, name, meta["uid"], run.spec if run else None)
+    if stored is None:
+        return run, invalid, []
+    if run is None:
+        kept = api.TrainingRun(metadata=api.ObjectMeta(name=name, namespace=ns), spec=stored)
+        return kept, [], invalid
+    placement = _placement_open(run, previous)
+    written = body.get("spec") or {}
+    refused = stored_spec.user_edits(stored, run.spec, written, suspended=placement)
+    kept = run.model_copy(
+        update={"spec": stored_spec.effective(stored, run.spec, suspended=placement)}
+    )
+    return kept, invalid, refused
 
 
 def _attempt(pod: dict[str, Any]) -> int:
@@ -160,11 +218,9 @@ def reconcile(
     all_pods = [p for p in listed if ownership.owned_by(p, uid)]
     current = [p for p in all_pods if _attempt(p) == attempt]
     active = attempt > 0 and not is_terminal(previous)
-    if run is not None and active:
-        stored = _stored_spec(kube, ns, name, uid)
-        if stored is not None:
-            invalid = validation.immutable_changes(stored, run.spec)
-            run = run if not invalid else None
+    edits_refused: list[validation.FieldError] = []
+    if active:
+        run, invalid, edits_refused = _keep_stored_spec(kube, body, run, invalid, previous)
     served = None
     if run is not None and previous.get("phase") == "Succeeded":
         served = kube.read("Deployment", ns, ChildNames(name).serve)
@@ -183,6 +239,7 @@ def reconcile(
             suspended=bool(run is not None and run.spec.run_policy.suspend),
             deadline_exceeded=timing.deadline_exceeded(run, previous, now),
             serving=served,
+            refused_changes=edits_refused,
         )
     )
     status, action = decision.status, decision.action

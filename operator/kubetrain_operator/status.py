@@ -79,7 +79,7 @@ from typing import Any, Literal, get_args
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.reports import ProgressReport, count, parse_time, wire
-from kubetrain_api.validation import FieldError
+from kubetrain_api.validation import IMMUTABLE, FieldError
 from kubetrain_operator import retry, serving
 from kubetrain_operator.conditions import (
     as_reason,
@@ -151,6 +151,10 @@ class Observed:
     """The live serving Deployment `<run>-serve` (read once the run has Succeeded)."""
     create_error: CreateError | None = None
     """The API server refused a child of the attempt this status asks for (create_errors)."""
+    refused_changes: list[FieldError] = field(default_factory=list)
+    """Fields of the spec changed while the run is active that it may not take (immutable,
+    or invalid): the run goes on with its stored spec (stored_spec.py), and says so
+    (SpecChangeRefused)."""
 
 
 @dataclass(frozen=True)
@@ -518,6 +522,32 @@ def _observe(draft: _Draft, outcome: Outcome) -> Decision:
     return draft.decide("none")
 
 
+SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+
+
+def _refused_changes(draft: _Draft) -> None:
+    """SpecChangeRefused: True while the spec holds edits the active run does not take (a
+    Warning when they are new or others), False once reverted; absent stays absent."""
+    refused = draft.observed.refused_changes
+    before = find_condition(draft.previous.get("conditions") or [], SPEC_CHANGE_REFUSED)
+    if not refused:
+        if before.get("status") == "True":
+            message = "the run takes every edit of its spec (reverted, or allowed now)"
+            draft.condition(SPEC_CHANGE_REFUSED, "False", "Resolved", message)
+        return
+    immutable = all(e.message == IMMUTABLE for e in refused)
+    message = (
+        "; ".join(str(e) for e in refused)
+        + "; the run goes on with the spec it started with (revert the edit, or make it once "
+        "the run has finished; placement may change while the run is suspended)"
+    )
+    reason = "ImmutableFieldChanged" if immutable else "InvalidSpec"
+    draft.condition(SPEC_CHANGE_REFUSED, "True", reason, message)
+    after = find_condition(draft.status["conditions"], SPEC_CHANGE_REFUSED)
+    if (before.get("status"), before.get("message")) != ("True", after.get("message")):
+        draft.emit("Warning", SPEC_CHANGE_REFUSED, message)
+
+
 def compute_status(observed: Observed) -> Decision:
     """The new `.status`, the one action to take, and the events of this transition."""
     draft = _Draft(observed)
@@ -527,6 +557,7 @@ def compute_status(observed: Observed) -> Decision:
         return _invalid(draft)
     spec = observed.run.spec
     draft.condition("Validated", "True", "Valid", "")
+    _refused_changes(draft)
     draft.status["attempts"] = draft.attempt
     draft.status["evictions"] = draft.evictions
     copy_progress(draft.status, draft.report)
