@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pydantic
 import yaml
 
-from kubetrain_api import contract
+from kubetrain_api import contract, placement
 from kubetrain_api import v1alpha1 as api
 
 
@@ -391,9 +391,16 @@ def _whole_cpus(quantity: int | str) -> int | None:
 
 
 def _rule_env(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    yield from _env_errors(run.spec.env, "spec.env")
+    for role in ("head", "worker"):
+        override: api.PodOverride = getattr(run.spec.pod_overrides, role)
+        yield from _env_errors(override.env, f"spec.podOverrides.{role}.env")
+
+
+def _env_errors(env: list[api.EnvVar], base: str) -> Iterator[FieldError]:
     seen: set[str] = set()
-    for i, var in enumerate(run.spec.env):
-        path = f"spec.env[{i}]"
+    for i, var in enumerate(env):
+        path = f"{base}[{i}]"
         if var.name in RESERVED_ENV or var.name.startswith(RESERVED_ENV_PREFIXES):
             yield FieldError(f"{path}.name", f"{var.name} is reserved: kubetrain sets it")
         if var.name in seen:
@@ -415,13 +422,17 @@ def _rule_env(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
             )
 
 
+# Where env lists live; their values have their own rule (_env_errors).
+_ENV_PARENTS = ("spec", "spec.podOverrides.head", "spec.podOverrides.worker")
+
+
 def _rule_no_secret_values(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
     """Credential-shaped strings anywhere else in the spec (env has its own rule)."""
 
     def walk(node: Any, path: str) -> Iterator[FieldError]:
         if isinstance(node, dict):
             for key, value in node.items():
-                if not (path == "spec" and key == "env"):
+                if not (key == "env" and path in _ENV_PARENTS):
                     yield from walk(value, f"{path}.{key}")
         elif isinstance(node, list):
             for i, value in enumerate(node):
@@ -529,6 +540,12 @@ def _rule_failure_rules(run: api.TrainingRun, limits: Limits) -> Iterator[FieldE
             yield FieldError(f"{path}.onReasons", "must be distinct")
 
 
+def _rule_placement(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    """Scheduling fields, pod overrides and storage across nodes (placement.py)."""
+    for path, message in placement.problems(run.spec):
+        yield FieldError(path, message)
+
+
 RULES: tuple[Rule, ...] = (
     _rule_name,
     _rule_size,
@@ -543,6 +560,7 @@ RULES: tuple[Rule, ...] = (
     _rule_checkpoint,
     _rule_serve,
     _rule_failure_rules,
+    _rule_placement,
 )
 
 
