@@ -902,6 +902,19 @@ def test_any_valid_run_builds_safe_pods(run: api.TrainingRun, attempt: int) -> N
     for obj in objs:
         assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
         assert TOKEN not in json.dumps(obj)
+    # Kueue admits a queued attempt as one group: head + every worker, one name.
+    groups = {p["metadata"]["labels"].get(contract.LABEL_POD_GROUP) for p in all_pods}
+    counts = {
+        p["metadata"].get("annotations", {}).get(contract.ANNOTATION_POD_GROUP_TOTAL_COUNT)
+        for p in all_pods
+    }
+    if spec.resources.queue_name:
+        assert counts == {str(len(all_pods))}
+        (group,) = groups
+        assert group is not None
+        assert len(group) <= 63
+    else:
+        assert groups == counts == {None}
     for pod in all_pods:
         assert restricted_violations(pod) == [], pod["metadata"]["name"]
         assert len(pod["metadata"]["name"]) <= 63
