@@ -54,8 +54,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 for error in exc.errors:
                     print(f"  {error}", file=sys.stderr)
                 continue
-            for path, message in placement.warnings(run.spec):
-                print(f"{where}: TrainingRun {name}: warning: {path}: {message}", file=sys.stderr)
+            for field, message in placement.warnings(run.spec):
+                print(f"{where}: TrainingRun {name}: warning: {field}: {message}", file=sys.stderr)
             if args.output == "name":
                 print(f"{where}: TrainingRun {name}: valid")
                 continue

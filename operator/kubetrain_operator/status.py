@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, get_args
 
+from kubetrain_api import placement
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.reports import ProgressReport, count, parse_time, wire
 from kubetrain_api.validation import FieldError
@@ -518,6 +519,16 @@ def _observe(draft: _Draft, outcome: Outcome) -> Decision:
     return draft.decide("none")
 
 
+def _validated(draft: _Draft, spec: api.TrainingRunSpec) -> None:
+    """Validated=True; accepted-but-risky specs (placement.warnings: RWO storage for a GPU
+    run) say so in its message, and once in a Warning event."""
+    warnings = "; ".join(f"{path}: {message}" for path, message in placement.warnings(spec))
+    before = find_condition(draft.previous.get("conditions") or [], "Validated")
+    draft.condition("Validated", "True", "Valid", warnings)
+    if warnings and before.get("message") != warnings:
+        draft.emit("Warning", "ValidWithWarnings", warnings)
+
+
 def compute_status(observed: Observed) -> Decision:
     """The new `.status`, the one action to take, and the events of this transition."""
     draft = _Draft(observed)
@@ -526,7 +537,7 @@ def compute_status(observed: Observed) -> Decision:
     if observed.run is None or observed.invalid:
         return _invalid(draft)
     spec = observed.run.spec
-    draft.condition("Validated", "True", "Valid", "")
+    _validated(draft, spec)
     draft.status["attempts"] = draft.attempt
     draft.status["evictions"] = draft.evictions
     copy_progress(draft.status, draft.report)

@@ -4,6 +4,8 @@ them, and what validation refuses (with the field path)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import InvalidSpec, parse, validate_document
 from kubetrain_cli.main import main
 from kubetrain_operator import builders, overrides
+from kubetrain_operator.conditions import find_condition
 from kubetrain_operator.settings import OperatorSettings
+from kubetrain_operator.status import Observed, compute_status
 from tests.operator.test_builders import restricted_violations
 
 Obj = dict[str, Any]
@@ -464,3 +468,21 @@ def test_kubetrain_validate_prints_the_warning(
     err = capsys.readouterr().err
     assert "warning: spec.checkpoint.storage.pvc:" in err
     assert "ReadWriteOnce" in err
+
+
+def test_the_operator_reports_the_warning_in_validated_and_once_as_an_event() -> None:
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    run = run_of(_with("checkpoint.storage", {"pvc": {"size": "10Gi"}}))
+    observed = Observed(run=run, generation=1, now=now)
+    first = compute_status(observed)
+    validated = find_condition(first.status["conditions"], "Validated")
+    assert validated["status"] == "True"
+    assert validated["message"].startswith("spec.checkpoint.storage.pvc: ")
+    assert [(e.type, e.reason) for e in first.events if e.reason == "ValidWithWarnings"] == [
+        ("Warning", "ValidWithWarnings")
+    ]
+    again = compute_status(replace(observed, previous=first.status))
+    assert not [e for e in again.events if e.reason == "ValidWithWarnings"]
+    clean = compute_status(Observed(run=run_of(BASE), generation=1, now=now))
+    assert not find_condition(clean.status["conditions"], "Validated").get("message")
+    assert not [e for e in clean.events if e.reason == "ValidWithWarnings"]
