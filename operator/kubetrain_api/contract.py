@@ -30,6 +30,13 @@ LABEL_ATTEMPT: Final = "kubetrain.dev/attempt"
 LABEL_ROLE: Final = "kubetrain.dev/role"
 """On Ray pods: `head` or `worker`."""
 LABEL_QUEUE: Final = "kueue.x-k8s.io/queue-name"
+LABEL_POD_GROUP: Final = "kueue.x-k8s.io/pod-group-name"
+"""On every pod of an attempt of a queued run: Kueue admits the group as one workload."""
+ANNOTATION_POD_GROUP_TOTAL_COUNT: Final = "kueue.x-k8s.io/pod-group-total-count"
+"""With LABEL_POD_GROUP: the pods in the group (head + workers)."""
+ANNOTATION_RETRIABLE_IN_GROUP: Final = "kueue.x-k8s.io/retriable-in-group"
+"""`false` on every pod of a group: Kueue waits for no replacement pods once one fails;
+the operator's next attempt is a new group."""
 ROLE_HEAD: Final = "head"
 ROLE_WORKER: Final = "worker"
 

@@ -310,6 +310,48 @@ class Hyperparameters(ApiModel):
 # --------------------------------------------------------------------------------------
 
 
+# A DNS subdomain (scheduler names, resource-name prefixes).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# An extended resource: a domain-qualified name such as `rdma/hca` or `example.com/foo`.
+EXTENDED_RESOURCE = (
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]"
+    r"([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+# Bounds on the Kubernetes objects the spec passes through loosely (affinity, volumes,
+# containers): the API server checks their shape when the operator creates the pods.
+MAX_LOOSE_PROPERTIES = 32
+
+
+def _loose_object(
+    required: list[str], max_properties: int = MAX_LOOSE_PROPERTIES
+) -> dict[str, Any]:
+    """CRD schema of a Kubernetes object kept as given: required keys, bounded width."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "maxProperties": max_properties,
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    if required:
+        schema["required"] = required
+    return schema
+
+
+LooseObject = Annotated[dict[str, Any], WithJsonSchema(_loose_object([]))]
+# A named object (volume, container): the name is what overrides merge by.
+NamedObject = Annotated[dict[str, Any], WithJsonSchema(_loose_object(["name"]))]
+
+
+class Affinity(ApiModel):
+    """Pod affinity, as in core/v1 (each part kept as given, checked by the API server)."""
+
+    node_affinity: LooseObject | None = None
+    """core/v1 NodeAffinity."""
+    pod_affinity: LooseObject | None = None
+    """core/v1 PodAffinity."""
+    pod_anti_affinity: LooseObject | None = None
+    """core/v1 PodAntiAffinity, e.g. one worker per node."""
+
+
 class Toleration(ApiModel):
     """A pod toleration, as in core/v1."""
 
@@ -350,8 +392,11 @@ class Resources(ApiModel):
     """CPU request and limit per worker pod."""
     memory_per_worker: Quantity = "16Gi"
     """Memory request and limit per worker pod."""
-    shared_memory: Quantity = "2Gi"
-    """Size of the `/dev/shm` memory volume (NCCL and data loaders need it)."""
+    shared_memory: Quantity | None = None
+    """Size of the `/dev/shm` memory volume of each Ray pod. Unset: 30% of the pod's memory
+    (Ray's default object store, which lives in /dev/shm) plus 1Gi (NCCL's shared-memory
+    transport and data loaders), rounded up to a whole Mi. Memory in /dev/shm counts
+    against the pod's memory limit."""
     head: PodResources = Field(default_factory=PodResources)
     """Resources of the Ray head pod (runs the driver, not training)."""
     node_selector: Annotated[
@@ -363,7 +408,27 @@ class Resources(ApiModel):
     priority_class_name: ObjectName | None = None
     """PriorityClass of the pods."""
     queue_name: Name | None = None
-    """Kueue LocalQueue (set as the `kueue.x-k8s.io/queue-name` label)."""
+    """Kueue LocalQueue (set as the `kueue.x-k8s.io/queue-name` label). Every pod of an
+    attempt also carries Kueue's pod-group label and total-count annotation, so Kueue
+    admits the head and all workers as one unit (gang admission)."""
+    scheduler_name: Annotated[str, Field(max_length=MAX_SHORT, pattern=DNS_SUBDOMAIN)] | None = None
+    """Scheduler of the Ray pods (e.g. a gang or topology-aware scheduler); the cluster's
+    default scheduler when empty."""
+    extended_resources_per_worker: Annotated[
+        dict[str, Quantity],
+        Field(max_length=8),
+    ] = Field(default_factory=dict)
+    """Extended resources per worker pod, request = limit (e.g. `rdma/hca: 1`). GPUs are
+    `gpusPerWorker`; cpu and memory have their own fields."""
+    worker_affinity: Affinity | None = None
+    """Affinity of the worker pods (core/v1 Affinity). A podAffinity or podAntiAffinity
+    term without a labelSelector selects this attempt's workers."""
+    worker_topology_spread_constraints: Annotated[
+        list[Annotated[dict[str, Any], WithJsonSchema(_loose_object(["topologyKey"], 16))]],
+        Field(max_length=8),
+    ] = Field(default_factory=list)
+    """Topology spread constraints of the worker pods (core/v1 TopologySpreadConstraint).
+    One without a labelSelector spreads this attempt's workers."""
 
 
 class DistributedSpec(ApiModel):
@@ -658,6 +723,71 @@ class Secrets(ApiModel):
 
 
 # --------------------------------------------------------------------------------------
+# spec.podOverrides
+# --------------------------------------------------------------------------------------
+
+# Capabilities a cluster may need on the Ray container (IPC_LOCK: RDMA pins memory;
+# SYS_NICE: NUMA binding; SYS_RESOURCE: raising memlock limits). Everything else stays
+# dropped: the restricted profile is not the user's to remove.
+Capability = Literal["IPC_LOCK", "SYS_NICE", "SYS_RESOURCE", "NET_BIND_SERVICE"]
+LabelMap = Annotated[
+    dict[str, Annotated[str, Field(max_length=MAX_NAME)]],
+    Field(max_length=32),
+]
+AnnotationMap = Annotated[
+    dict[str, Annotated[str, Field(max_length=4096)]],
+    Field(max_length=32),
+]
+
+
+class VolumeMount(ApiModel):
+    """A volume mounted into the Ray container, as in core/v1."""
+
+    name: Name
+    """A volume of `volumes` (or one of the pod's own: storage, config, tmp)."""
+    mount_path: Annotated[str, Field(max_length=1024, pattern=r"^/")]
+    """Absolute path in the container."""
+    read_only: bool = False
+    """Mount read-only."""
+    sub_path: Annotated[str, Field(max_length=1024)] | None = None
+    """Path within the volume."""
+
+
+class PodOverride(ApiModel):
+    """What is merged over the pods the operator builds for one role. Added, never
+    replacing: the Ray container's command, kubetrain's env names, labels, volumes and
+    mount paths, and the restricted security context are the operator's (refused here)."""
+
+    labels: LabelMap = Field(default_factory=dict)
+    """Extra pod labels (not kubetrain.dev/, app.kubernetes.io/ or kueue.x-k8s.io/ keys)."""
+    annotations: AnnotationMap = Field(default_factory=dict)
+    """Extra pod annotations (not kubetrain.dev/, kueue.x-k8s.io/ or prometheus.io/ keys)."""
+    env: Annotated[list[EnvVar], Field(max_length=64)] = Field(default_factory=list)
+    """Env of the Ray container; wins over `spec.env` and kubetrain's NCCL defaults."""
+    volumes: Annotated[list[NamedObject], Field(max_length=16)] = Field(default_factory=list)
+    """Extra pod volumes (core/v1 Volume), e.g. a host device plugin's socket or a cache."""
+    volume_mounts: Annotated[list[VolumeMount], Field(max_length=16)] = Field(default_factory=list)
+    """Extra mounts of the Ray container."""
+    init_containers: Annotated[list[NamedObject], Field(max_length=8)] = Field(default_factory=list)
+    """Init containers (core/v1 Container), run before the Ray container; image defaults
+    to the run's, security context to the restricted one."""
+    sidecars: Annotated[list[NamedObject], Field(max_length=8)] = Field(default_factory=list)
+    """Containers beside the Ray container (workers only: Kubernetes 1.20 has no native
+    sidecars, and one on the head would keep it running after the driver exits)."""
+    capabilities: Annotated[list[Capability], Field(max_length=4)] = Field(default_factory=list)
+    """Linux capabilities added to the Ray container (e.g. IPC_LOCK for RDMA)."""
+
+
+class PodOverrides(ApiModel):
+    """Pod template overrides per role."""
+
+    head: PodOverride = Field(default_factory=PodOverride)
+    """Merged over the Ray head pod."""
+    worker: PodOverride = Field(default_factory=PodOverride)
+    """Merged over every Ray worker pod."""
+
+
+# --------------------------------------------------------------------------------------
 # spec
 # --------------------------------------------------------------------------------------
 
@@ -699,6 +829,9 @@ class TrainingRunSpec(ApiModel):
     """Extra environment variables for the training pods."""
     secrets: Secrets = Field(default_factory=Secrets)
     """Credentials, by reference."""
+    pod_overrides: PodOverrides = Field(default_factory=PodOverrides)
+    """Extra volumes, env, labels, init containers, sidecars and capabilities merged over
+    the Ray pods the operator builds (cluster-specific needs such as RDMA)."""
 
 
 # --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import pydantic
 import yaml
 
-from kubetrain_api import contract, k8s_rules
+from kubetrain_api import contract, k8s_rules, placement
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.model_overrides import check_config_overrides
 
@@ -570,9 +570,16 @@ def _whole_cpus(quantity: int | str) -> int | None:
 
 
 def _rule_env(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    yield from _env_errors(run.spec.env, "spec.env")
+    for role in ("head", "worker"):
+        override: api.PodOverride = getattr(run.spec.pod_overrides, role)
+        yield from _env_errors(override.env, f"spec.podOverrides.{role}.env")
+
+
+def _env_errors(env: list[api.EnvVar], base: str) -> Iterator[FieldError]:
     seen: set[str] = set()
-    for i, var in enumerate(run.spec.env):
-        path = f"spec.env[{i}]"
+    for i, var in enumerate(env):
+        path = f"{base}[{i}]"
         # The schema checked the characters; this adds the API server's `.`/`..` rule.
         for message in k8s_rules.check_env_name(var.name):
             yield FieldError(f"{path}.name", message)
@@ -608,7 +615,7 @@ def _key_errors(key: str, path: str) -> Iterator[FieldError]:
         yield FieldError(path, message)
 
 
-def _quantity_fields(spec: api.TrainingRunSpec) -> Iterator[tuple[str, int | str, bool]]:
+def _quantity_fields(spec: api.TrainingRunSpec) -> Iterator[tuple[str, int | str | None, bool]]:
     """(path, quantity, must be positive) of every quantity that reaches a pod or a claim."""
     res = spec.resources
     yield "spec.resources.cpuPerWorker", res.cpu_per_worker, False
@@ -629,6 +636,8 @@ def _rule_pod_fields(run: api.TrainingRun, limits: Limits) -> Iterator[FieldErro
     run that could never create them is refused up front (k8s_rules.py)."""
     spec, res = run.spec, run.spec.resources
     for path, quantity, positive in _quantity_fields(spec):
+        if quantity is None:  # unset: the operator derives it (sharedMemory)
+            continue
         for message in k8s_rules.check_quantity(quantity, positive=positive):
             yield FieldError(path, message)
     for key, value in res.node_selector.items():
@@ -660,13 +669,17 @@ def _rule_config_overrides(run: api.TrainingRun, limits: Limits) -> Iterator[Fie
         yield FieldError(f"spec.model.configOverrides.{key}", message)
 
 
+# Where env lists live; their values have their own rule (_env_errors).
+_ENV_PARENTS = ("spec", "spec.podOverrides.head", "spec.podOverrides.worker")
+
+
 def _rule_no_secret_values(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
     """Credential-shaped strings anywhere else in the spec (env has its own rule)."""
 
     def walk(node: Any, path: str) -> Iterator[FieldError]:
         if isinstance(node, dict):
             for key, value in node.items():
-                if not (path == "spec" and key == "env"):
+                if not (key == "env" and path in _ENV_PARENTS):
                     yield from walk(value, f"{path}.{key}")
         elif isinstance(node, list):
             for i, value in enumerate(node):
@@ -774,6 +787,12 @@ def _rule_failure_rules(run: api.TrainingRun, limits: Limits) -> Iterator[FieldE
             yield FieldError(f"{path}.onReasons", "must be distinct")
 
 
+def _rule_placement(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    """Scheduling fields, pod overrides and storage across nodes (placement.py)."""
+    for path, message in placement.problems(run.spec):
+        yield FieldError(path, message)
+
+
 RULES: tuple[Rule, ...] = (
     _rule_name,
     _rule_size,
@@ -790,6 +809,7 @@ RULES: tuple[Rule, ...] = (
     _rule_checkpoint,
     _rule_serve,
     _rule_failure_rules,
+    _rule_placement,
 )
 
 
@@ -816,6 +836,9 @@ MUTABLE_WHILE_SUSPENDED = (
     "spec.resources.tolerations",
     "spec.resources.priorityClassName",
     "spec.resources.queueName",
+    "spec.resources.schedulerName",
+    "spec.resources.workerAffinity",
+    "spec.resources.workerTopologySpreadConstraints",
 )
 
 

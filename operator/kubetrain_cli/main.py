@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from kubetrain_api import contract, crd, validation
+from kubetrain_api import contract, crd, placement, validation
 
 DESCRIPTION = """\
 kubetrain trains language models on Kubernetes: a TrainingRun resource becomes a Ray
@@ -55,6 +55,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 for error in exc.errors:
                     print(f"  {error}", file=sys.stderr)
                 continue
+            for field, message in placement.warnings(run.spec):
+                print(f"{where}: TrainingRun {name}: warning: {field}: {message}", file=sys.stderr)
             if args.output == "name":
                 print(f"{where}: TrainingRun {name}: valid")
                 continue

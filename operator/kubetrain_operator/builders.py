@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
+from kubetrain_api import placement
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import (
     ANNOTATION_INPUT_HASH,
@@ -37,7 +38,7 @@ from kubetrain_api.contract import (
     WORKER_SLOT_RESOURCE,
 )
 from kubetrain_api.validation import processes_per_worker
-from kubetrain_operator import claims, pods
+from kubetrain_operator import claims, overrides, pods
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.pods import resources
 from kubetrain_operator.settings import OperatorSettings
@@ -296,7 +297,10 @@ def _cpu_count(cpu: int | str) -> int:
     return max(1, int(parse_quantity(cpu)))  # type: ignore[no-untyped-call]
 
 
-def _env(run: api.TrainingRun, attempt: int) -> list[Obj]:
+def _env(run: api.TrainingRun, attempt: int, role: str) -> list[Obj]:
+    """kubetrain's variables, then the user's merged by name, the later winning: the NCCL
+    defaults (GPU workers) < spec.env < spec.podOverrides.<role>.env. Validation keeps
+    kubetrain's names out of the user's."""
     names = ChildNames(_run_name(run))
     env: list[Obj] = [
         {"name": "RAY_AUTH_MODE", "value": "token"},
@@ -310,20 +314,32 @@ def _env(run: api.TrainingRun, attempt: int) -> list[Obj]:
     hf = run.spec.secrets.hugging_face_token
     if hf is not None:
         env.append({"name": "HF_TOKEN_PATH", "value": f"{HF_TOKEN_DIR}/{hf.key}"})
+    gpu_worker = role == ROLE_WORKER and run.spec.resources.gpus_per_worker > 0
+    defaults = [{"name": k, "value": v} for k, v in placement.NCCL_DEFAULTS] if gpu_worker else []
     # Validation guarantees value xor valueFrom; the wire shape is core/v1's EnvVar.
-    env.extend(var.model_dump(by_alias=True, exclude_none=True) for var in run.spec.env)
-    return env
+    override: api.PodOverride = getattr(run.spec.pod_overrides, role)
+    user = [
+        [var.model_dump(by_alias=True, exclude_none=True) for var in env]
+        for env in (run.spec.env, override.env)
+    ]
+    return env + placement.merged_env(defaults, *user)
 
 
-def _volumes(run: api.TrainingRun) -> tuple[list[Obj], list[Obj]]:
+def _volumes(run: api.TrainingRun, role: str) -> tuple[list[Obj], list[Obj]]:
     """(volumes, mounts) shared by head and workers; `storage_mount` is added by the caller."""
     res = run.spec.resources
+    shm = (
+        placement.head_shared_memory(res)
+        if role == ROLE_HEAD
+        else placement.worker_shared_memory(res)
+    )
     volumes: list[Obj] = [
         # The root filesystem is read-only; Ray and Python need these writable.
         {"name": "tmp", "emptyDir": {}},
         {"name": "ray-home", "emptyDir": {}},
-        # NCCL and data loaders use /dev/shm; the container default is 64Mi.
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(res.shared_memory)}},
+        # Ray's object store, NCCL and data loaders use /dev/shm; the container default is
+        # 64Mi (sizing rule: placement.shared_memory_size).
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
         {"name": "config", "configMap": {"name": ChildNames(_run_name(run)).config}},
     ]
     mounts: list[Obj] = [
@@ -369,8 +385,11 @@ def _pod(
         metadata["annotations"] = pods.scrape_annotations(settings.progress_port)
     if res.queue_name:
         metadata["labels"][LABEL_QUEUE] = res.queue_name
+        gang_labels, gang_annotations = overrides.gang_metadata(run, uid, attempt)
+        metadata["labels"] |= gang_labels
+        metadata["annotations"] = metadata.get("annotations", {}) | gang_annotations
 
-    volumes, mounts = _volumes(run)
+    volumes, mounts = _volumes(run, role)
     claim = storage_claim_name(run)
     if claim is not None:
         volumes.append({"name": STORAGE_VOLUME, "persistentVolumeClaim": {"claimName": claim}})
@@ -386,16 +405,20 @@ def _pod(
     volumes += extra_volumes
     mounts += extra_mounts
 
-    container = pods.container(run, settings, **container, env=_env(run, attempt))
+    container = pods.container(run, settings, **container, env=_env(run, attempt, role))
     container["volumeMounts"] = mounts
     if spec.secrets.object_store is not None:
         container["envFrom"] = pods.object_store_env_from(spec.secrets.object_store)
 
     # A failed pod ends the attempt; the operator decides about retries.
     pod_spec = pods.pod_spec(run, [container], volumes, restart_policy="Never")
-    return with_input_hash(
-        {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
-    )
+    if res.scheduler_name:
+        pod_spec["schedulerName"] = res.scheduler_name
+    if role == ROLE_WORKER:
+        pod_spec |= overrides.worker_scheduling(run, attempt)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    override: api.PodOverride = getattr(spec.pod_overrides, role)
+    return with_input_hash(overrides.apply_override(pod, override, container["name"]))
 
 
 def build_head_pod(
@@ -458,12 +481,16 @@ def build_worker_pods(
         f""" --resources='{{"{WORKER_SLOT_RESOURCE}": {processes_per_worker(run.spec)}}}'"""
         " --block --disable-usage-stats"
     )
+    worker_resources = resources(res.cpu_per_worker, res.memory_per_worker, res.gpus_per_worker)
+    for amounts in worker_resources.values():
+        # Extended resources (RDMA HCAs, ...): request = limit, as Kubernetes requires.
+        amounts |= {name: str(q) for name, q in res.extended_resources_per_worker.items()}
     container = {
         "name": WORKER_CONTAINER,
         # The OOM killer picks a training actor, not the container: the guard ends the
         # container then, so the runtime reports OOMKilled (kubetrain_trainer/oomguard.py).
         "command": [*OOM_GUARD_COMMAND, "bash", "-c", script],
-        "resources": resources(res.cpu_per_worker, res.memory_per_worker, res.gpus_per_worker),
+        "resources": worker_resources,
     }
     return [
         _pod(

@@ -63,11 +63,19 @@ class ChildNames:
             raise ValueError(f"worker index must be >= 0, got {index}")
         return f"{self._attempt_prefix()}-worker-{index}"
 
+    def pod_group(self, uid: str) -> str:
+        """Kueue pod group (and Workload) of this attempt: unique per run (its uid) and
+        attempt, so neither a re-created run nor a retry meets an earlier group."""
+        return f"{self.run}-{uid[:8]}-a{self._attempt_number()}"
+
     def head_host(self, namespace: str) -> str:
         """DNS name of the head Service, as workers dial it."""
         return f"{self.head_service}.{namespace}.svc"
 
     def _attempt_prefix(self) -> str:
+        return f"{self.run}-a{self._attempt_number()}"
+
+    def _attempt_number(self) -> int:
         if self.attempt < 1:
             raise ValueError(f"pods need an attempt >= 1, got {self.attempt}")
-        return f"{self.run}-a{self.attempt}"
+        return self.attempt

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, get_args
 
+from kubetrain_api import placement
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.reports import ProgressReport, count, parse_time, wire
 from kubetrain_api.validation import IMMUTABLE, FieldError
@@ -548,6 +549,16 @@ def _refused_changes(draft: _Draft) -> None:
         draft.emit("Warning", SPEC_CHANGE_REFUSED, message)
 
 
+def _validated(draft: _Draft, spec: api.TrainingRunSpec) -> None:
+    """Validated=True; accepted-but-risky specs (placement.warnings: RWO storage for a GPU
+    run) say so in its message, and once in a Warning event."""
+    warnings = "; ".join(f"{path}: {message}" for path, message in placement.warnings(spec))
+    before = find_condition(draft.previous.get("conditions") or [], "Validated")
+    draft.condition("Validated", "True", "Valid", warnings)
+    if warnings and before.get("message") != warnings:
+        draft.emit("Warning", "ValidWithWarnings", warnings)
+
+
 def compute_status(observed: Observed) -> Decision:
     """The new `.status`, the one action to take, and the events of this transition."""
     draft = _Draft(observed)
@@ -556,7 +567,7 @@ def compute_status(observed: Observed) -> Decision:
     if observed.run is None or observed.invalid:
         return _invalid(draft)
     spec = observed.run.spec
-    draft.condition("Validated", "True", "Valid", "")
+    _validated(draft, spec)
     _refused_changes(draft)
     draft.status["attempts"] = draft.attempt
     draft.status["evictions"] = draft.evictions

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from kubetrain_api import contract
+from kubetrain_api import contract, placement
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import load_documents, parse
 from kubetrain_operator import builders, claims
@@ -361,11 +361,14 @@ def mount(pod: Obj, name: str) -> Obj | None:
 
 
 def test_writable_dirs_and_shared_memory(run: api.TrainingRun, settings: OperatorSettings) -> None:
+    res = run.spec.resources
     for pod in pods(cluster(run, settings)):
         dshm = volume(pod, "dshm")
+        is_head = pod["metadata"]["labels"][contract.LABEL_ROLE] == contract.ROLE_HEAD
+        size = placement.shared_memory_size(res.head.memory if is_head else res.memory_per_worker)
         assert dshm == {
             "name": "dshm",
-            "emptyDir": {"medium": "Memory", "sizeLimit": str(run.spec.resources.shared_memory)},
+            "emptyDir": {"medium": "Memory", "sizeLimit": str(res.shared_memory or size)},
         }
         paths = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
         assert {"/tmp", "/home/ray", "/dev/shm", "/etc/kubetrain"} <= paths.keys()
@@ -891,11 +894,27 @@ def test_any_valid_run_builds_safe_pods(run: api.TrainingRun, attempt: int) -> N
     )
     spec_env = {var.name: var for var in spec.env}
     literal_ok = (
-        OPERATOR_ENV | {"HF_TOKEN_PATH"} | {n for n, v in spec_env.items() if v.value is not None}
+        OPERATOR_ENV
+        | {"HF_TOKEN_PATH"}
+        | {n for n, v in spec_env.items() if v.value is not None}
+        | {n for n, _ in placement.NCCL_DEFAULTS}
     )
     for obj in objs:
         assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
         assert TOKEN not in json.dumps(obj)
+    # Kueue admits a queued attempt as one group: head + every worker, one name.
+    groups = {p["metadata"]["labels"].get(contract.LABEL_POD_GROUP) for p in all_pods}
+    counts = {
+        p["metadata"].get("annotations", {}).get(contract.ANNOTATION_POD_GROUP_TOTAL_COUNT)
+        for p in all_pods
+    }
+    if spec.resources.queue_name:
+        assert counts == {str(len(all_pods))}
+        (group,) = groups
+        assert group is not None
+        assert len(group) <= 63
+    else:
+        assert groups == counts == {None}
     for pod in all_pods:
         assert restricted_violations(pod) == [], pod["metadata"]["name"]
         assert len(pod["metadata"]["name"]) <= 63

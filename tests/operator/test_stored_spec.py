@@ -52,15 +52,25 @@ def read(doc: dict[str, Any], current: api.TrainingRunSpec) -> api.TrainingRunSp
     return spec
 
 
+def with_0_1_0_defaults(current: api.TrainingRunSpec) -> api.TrainingRunSpec:
+    """current with the defaults 0.1.0 resolved and stored where they have changed since; a
+    stored run keeps them. sharedMemory was 2Gi; it is derived from the worker's memory now."""
+    if current.resources.shared_memory is not None:
+        return current
+    resources = current.resources.model_copy(update={"shared_memory": "2Gi"})
+    return current.model_copy(update={"resources": resources})
+
+
 @pytest.mark.parametrize("stem", EXAMPLES)
 def test_a_spec_stored_by_0_1_0_reads_as_it_was_and_is_no_edit(stem: str) -> None:
     user = written(stem)
     current = validation.parse(user).spec
     spec, notes = stored_spec.read(yaml.safe_dump(stored_doc(stem)), current)
     assert notes == []
-    assert spec == current
+    expected = with_0_1_0_defaults(current)
+    assert spec == expected
     assert stored_spec.user_edits(spec, current, user["spec"], suspended=False) == []
-    assert stored_spec.effective(spec, current, suspended=False) == current
+    assert stored_spec.effective(spec, current, suspended=False) == expected
 
 
 def test_removed_renamed_and_added_fields_of_a_stored_spec_are_read_compatibly() -> None:
@@ -76,7 +86,7 @@ def test_removed_renamed_and_added_fields_of_a_stored_spec_are_read_compatibly()
 
     stored, notes = stored_spec.read(yaml.safe_dump(doc), current)
 
-    assert stored == current
+    assert stored == with_0_1_0_defaults(current)
     assert any(n.startswith("spec.resources.gpuType: ignored") for n in notes), notes
     assert any(n.startswith("spec.distributed.reshardAfterFwd: ignored") for n in notes), notes
     assert any(n.startswith("spec.checkpoint.keepLast:") for n in notes), notes
@@ -85,7 +95,7 @@ def test_removed_renamed_and_added_fields_of_a_stored_spec_are_read_compatibly()
 
 def test_a_default_changed_since_the_run_started_is_no_edit_and_stays() -> None:
     """The run stored sharedMemory 1Gi (an older default; the user never set it); this
-    operator's default is 2Gi. Not an edit, and the run goes on with 1Gi."""
+    operator derives it. Not an edit, and the run goes on with 1Gi."""
     user = written("quickstart")
     current = validation.parse(user).spec
     assert "sharedMemory" not in user["spec"]["resources"]
