@@ -119,13 +119,14 @@ def test_a_missing_priority_class_is_visible_and_retried_until_it_exists(
 
 
 def test_a_pod_field_the_server_finds_invalid_fails_the_run(operator: None, namespace: str) -> None:
-    # Accepted by our validation (a string of at most 253 characters), refused by the API
-    # server (422): a node selector value must be a label value.
-    apply(quickstart("badsel", resources__nodeSelector={"gpu": "not a label!"}), namespace)
+    # Accepted by our validation, refused by the API server (422): the pod template
+    # overrides are core/v1 objects that only the API server checks in depth.
+    init = {"name": "prep", "command": ["true"], "ports": [{"containerPort": 70000}]}
+    apply(quickstart("badsel", podOverrides={"head": {"initContainers": [init]}}), namespace)
     st = wait_phase("badsel", namespace, "Failed")
     failed = condition(st, "Failed")
     assert failed["reason"] == "CreateRejected"
-    assert "spec.nodeSelector" in failed["message"]
+    assert "spec.initContainers[0].ports[0].containerPort" in failed["message"]
     assert "badsel-a1-head" in failed["message"]
     wait_until(lambda: warnings("badsel", namespace, "CreateRejected"), message="a Warning")
     assert not run_pods("badsel", namespace)
