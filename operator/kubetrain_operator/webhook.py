@@ -27,7 +27,10 @@ def server(settings: OperatorSettings) -> kopf.WebhookServerProtocol:
     if settings.webhook_port is None:
         return _serve_nothing
     return kopf.WebhookServer(
-        addr=None,  # every interface: the API server reaches the pod through its Service
+        # Every IPv4 interface, as the liveness endpoint (cli.py): the API server comes
+        # through the Service. Not None (IPv4 and IPv6): binding `::` fails in pods whose
+        # network has IPv6 disabled.
+        addr="0.0.0.0",
         port=settings.webhook_port,
         certfile=settings.webhook_cert_file,
         pkeyfile=settings.webhook_key_file,
