@@ -540,6 +540,37 @@ def test_webhook_values_reach_its_configuration(monkeypatch: pytest.MonkeyPatch)
     assert rendered_settings(off, monkeypatch).webhook_port is None
 
 
+def test_cert_manager_can_issue_the_webhook_certificate_instead() -> None:
+    docs = template({"webhook": {"certManager": {"enabled": True}}})
+    assert not find(docs, "Secret")  # cert-manager writes it
+    (certificate,) = find(docs, "Certificate")
+    (issuer,) = find(docs, "Issuer")
+    assert issuer["spec"] == {"selfSigned": {}}
+    assert certificate["spec"]["issuerRef"] == {
+        "kind": "Issuer",
+        "name": issuer["metadata"]["name"],
+        "group": "cert-manager.io",
+    }
+    assert f"kubetrain-operator.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    # The operator mounts what cert-manager writes; its CA injector fills in the caBundle.
+    (volume,) = [
+        v
+        for v in operator_deployment(docs)["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == "webhook-tls"
+    ]
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+    (config,) = find(docs, "ValidatingWebhookConfiguration")
+    assert config["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": f"{NAMESPACE}/{certificate['metadata']['name']}"
+    }
+    assert "caBundle" not in config["webhooks"][0]["clientConfig"]
+
+    issuer_ref = {"kind": "ClusterIssuer", "name": "internal-ca", "group": "cert-manager.io"}
+    docs = template({"webhook": {"certManager": {"enabled": True, "issuerRef": issuer_ref}}})
+    assert not find(docs, "Issuer")
+    assert find(docs, "Certificate")[0]["spec"]["issuerRef"] == issuer_ref
+
+
 # ---------------------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------------------
@@ -565,6 +596,10 @@ REJECTED = {
     "label-not-a-string": ({"podLabels": {"team": 1}}, "/podLabels/team"),
     "failure-policy": ({"webhook": {"failurePolicy": "Maybe"}}, "/webhook/failurePolicy"),
     "webhook-timeout-over-30": ({"webhook": {"timeoutSeconds": 31}}, "/webhook/timeoutSeconds"),
+    "issuer-ref-typo": (
+        {"webhook": {"certManager": {"issuerRef": {"nmae": "ca"}}}},
+        "nmae",
+    ),
     "selector-typo": (
         {"networkPolicy": {"prometheus": {"podSelector": {"matchLabel": {"a": "b"}}}}},
         "matchLabel",
