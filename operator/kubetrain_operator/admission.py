@@ -44,10 +44,20 @@ def is_active(status: Mapping[str, Any]) -> bool:
     return int(status.get("attempts") or 0) > 0 and not is_terminal(status)
 
 
-def immutable_edits(old: api.TrainingRunSpec, new: api.TrainingRunSpec) -> list[FieldError]:
-    """The fields an edit of an active run may not change. The one place the webhook asks
-    validation; a suspended run (old.run_policy.suspend) may change placement fields once
-    `immutable_changes` takes that into account."""
+def is_suspended(spec: api.TrainingRunSpec, status: Mapping[str, Any]) -> bool:
+    """Suspended and its pods gone: asked to (spec) and done (status), as Kueue leaves a
+    run it preempted before it changes the run's placement and resumes it. Both, so the
+    webhook never admits an edit the operator would then fail the run for."""
+    return spec.run_policy.suspend and status.get("phase") == "Suspended"
+
+
+def immutable_edits(
+    old: api.TrainingRunSpec, new: api.TrainingRunSpec, *, suspended: bool
+) -> list[FieldError]:
+    """The fields an edit of an active run may not change: the one place the webhook asks
+    validation. `suspended` is for `immutable_changes(..., suspended=)` (placement may
+    change while suspended), which this branch's validation does not take yet."""
+    del suspended  # merge: return validation.immutable_changes(old, new, suspended=suspended)
     return validation.immutable_changes(old, new)
 
 
@@ -73,7 +83,8 @@ def review(
         # An unreadable stored spec cannot be compared; the operator's own check of the
         # spec it built the cluster from still applies.
         if before is not None and after is not None:
-            errors += immutable_edits(before, after)
+            suspended = is_suspended(before, old.get("status") or {})
+            errors += immutable_edits(before, after, suspended=suspended)
     return errors
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
 from kubetrain_api.validation import Limits
 from kubetrain_operator import admission
@@ -95,6 +96,16 @@ def test_mutable_fields_of_an_active_run_may_change() -> None:
     old = stored(RUNNING)
     new = edited(old, runPolicy__backoffLimit=7, runPolicy__suspend=True)
     assert admission.review(old, new, LIMITS) == []
+
+
+@pytest.mark.parametrize(
+    ("suspend", "phase", "suspended"),
+    [(True, "Suspended", True), (True, "Running", False), (False, "Suspended", False)],
+)
+def test_suspended_means_asked_and_done(suspend: bool, phase: str, suspended: bool) -> None:
+    # Asked (spec) but pods not yet gone, or resumed: placement stays fixed.
+    spec = api.TrainingRunSpec.model_validate(stored(runPolicy__suspend=suspend)["spec"])
+    assert admission.is_suspended(spec, {"phase": phase, "attempts": 1}) is suspended
 
 
 def test_an_invalid_edit_of_an_active_run_names_every_problem() -> None:
