@@ -99,13 +99,19 @@ def test_mutable_fields_of_an_active_run_may_change() -> None:
 
 
 @pytest.mark.parametrize(
-    ("suspend", "phase", "suspended"),
-    [(True, "Suspended", True), (True, "Running", False), (False, "Suspended", False)],
+    ("suspend", "status", "open_"),
+    [
+        (True, RUNNING, True),  # being suspended: the next attempt goes where it says
+        (False, {"phase": "Suspended", "attempts": 1}, True),  # resumed in this edit
+        (False, {**RUNNING, "conditions": [{"type": "ClusterReady", "reason": "Resuming"}]}, True),
+        (False, RUNNING, False),
+    ],
 )
-def test_suspended_means_asked_and_done(suspend: bool, phase: str, suspended: bool) -> None:
-    # Asked (spec) but pods not yet gone, or resumed: placement stays fixed.
+def test_placement_is_open_while_a_run_has_no_pods(
+    suspend: bool, status: dict[str, Any], open_: bool
+) -> None:
     spec = api.TrainingRunSpec.model_validate(stored(runPolicy__suspend=suspend)["spec"])
-    assert admission.is_suspended(spec, {"phase": phase, "attempts": 1}) is suspended
+    assert admission.placement_open(spec, status) is open_
 
 
 def test_an_invalid_edit_of_an_active_run_names_every_problem() -> None:
