@@ -62,6 +62,10 @@ METRICS_PATH: Final = "/metrics"
 PROGRESS_PATH: Final = "/progress"
 SERVE_PORT: Final = 8000
 """The model server's HTTP port (OpenAI API, probes and /metrics)."""
+WEBHOOK_PATH: Final = "/validate-trainingrun"
+"""Where the operator answers the API server's admission reviews of TrainingRuns (the
+chart's ValidatingWebhookConfiguration calls it; kopf routes a path to the handler of the
+same id, and admits what no handler matches, so the two must agree)."""
 
 WORKER_SLOT_RESOURCE: Final = "kubetrain_worker_slot"
 """A custom Ray resource: each worker pod's `ray start` advertises as many as it hosts

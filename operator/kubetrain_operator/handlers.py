@@ -7,6 +7,9 @@ selector (`kubetrain.dev/run`), so the operator streams only its own pods, Deplo
 and Services. With leader election (KUBETRAIN_LEADER_ELECTION, leader.py) every replica
 watches but only the holder of the Lease reconciles. kopf keeps no bookkeeping of its own
 on the runs (no change handlers) and posts no events; the reconciler posts ours.
+
+Every replica, leader or not, answers the API server's admission reviews of runs when the
+settings configure the webhook (`validate_run`, admission.py, webhook.py).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import kubernetes
 from prometheus_client import start_http_server
 
 from kubetrain_api import v1alpha1 as api
-from kubetrain_api.contract import LABEL_RUN
-from kubetrain_operator import metrics, serving
+from kubetrain_api.contract import LABEL_RUN, WEBHOOK_PATH
+from kubetrain_operator import admission, metrics, serving, webhook
 from kubetrain_operator.controller import Controller
 from kubetrain_operator.k8s import Kube, load_configuration
 from kubetrain_operator.leader import LeaseElector, default_identity
@@ -80,6 +83,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     served = kube.served_versions("policy")
     ours = dataclasses.replace(ours, pdb_api_version=serving.pdb_api_version(served))
     memo.kube, memo.settings = kube, ours
+    settings.admission.server = webhook.server(ours)
     memo.controller = Controller(kube, ours, leading=not ours.leader_election)
     memo.controller.start(ours.workers)
     memo.elector = None
@@ -113,6 +117,19 @@ def shut_down(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(*RESOURCE)
 async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.run_event(type, body)
+
+
+@kopf.on.validate(*RESOURCE, id=WEBHOOK_PATH.lstrip("/"), operations=["CREATE", "UPDATE"])
+def validate_run(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """The admission webhook: refuse what the operator would fail the run for (admission.py).
+    kopf calls it for the main resource only, never for the status subresource; `body` is
+    the object to store, `old` (not in kopf's typed protocol) the stored one on an UPDATE."""
+    old = kwargs.get("old")
+    errors = admission.review(
+        dict(old) if old is not None else None, dict(body), memo.settings.limits
+    )
+    if errors:
+        raise kopf.AdmissionError(admission.refusal(errors), code=422)
 
 
 async def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

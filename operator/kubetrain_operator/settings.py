@@ -125,6 +125,14 @@ class OperatorSettings:
     """A leader that could not renew this long stops reconciling."""
     lease_retry_period_seconds: float = 2.0
     """How often the leader renews and a standby checks."""
+    webhook_port: int | None = None
+    """Serve the validating admission webhook (admission.py) over HTTPS on this port; None:
+    not served (`kubetrain` local, tests, an installation without the webhook)."""
+    webhook_cert_file: str | None = None
+    """PEM certificate the webhook serves (the chart mounts its generated Secret); read
+    again when it changes, so a renewed Secret needs no restart."""
+    webhook_key_file: str | None = None
+    """The certificate's PEM private key."""
     pdb_api_version: str = "policy/v1"
     """API version of the serving PodDisruptionBudget. The operator asks the API server at
     start-up (discovery) and uses policy/v1beta1 where policy/v1 is not served (< 1.21)."""
@@ -173,4 +181,18 @@ class OperatorSettings:
             lease_retry_period_seconds=_float(
                 "KUBETRAIN_LEASE_RETRY_PERIOD_SECONDS", defaults.lease_retry_period_seconds
             ),
+            **_webhook(),
         )
+
+
+def _webhook() -> dict[str, Any]:
+    """The webhook's port and TLS files: all three, or none. The API server calls
+    webhooks over HTTPS only, so a port without a certificate is a mistake to report."""
+    names = ("KUBETRAIN_WEBHOOK_PORT", "KUBETRAIN_WEBHOOK_CERT_FILE", "KUBETRAIN_WEBHOOK_KEY_FILE")
+    port, cert, key = (os.environ.get(name) or None for name in names)
+    if port is None and cert is None and key is None:
+        return {}
+    missing = [name for name, value in zip(names, (port, cert, key), strict=True) if not value]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: the webhook needs its port, cert and key")
+    return {"webhook_port": int(port or 0), "webhook_cert_file": cert, "webhook_key_file": key}

@@ -4,17 +4,22 @@ the values documentation, and API versions that exist from Kubernetes 1.20 to cu
 
 from __future__ import annotations
 
+import base64
 import functools
 import itertools
 import json
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from kubetrain_api import crd
+from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import WEBHOOK_PATH
 from kubetrain_api.validation import load_documents, parse
 from kubetrain_cli.main import build_parser
 from kubetrain_operator import builders, serving
@@ -65,6 +70,7 @@ def combinations() -> Iterator[tuple[str, Doc]]:
             yield f"only-{key}", {"monitoring": {key: value}}
     yield "no-dashboards", {"monitoring": {"dashboards": {"enabled": False}}}
     yield "no-pod-annotations", {"monitoring": {"podAnnotations": False}}
+    yield "no-webhook", {"webhook": {"enabled": False}}
     yield (
         "everything-set",
         {
@@ -180,9 +186,11 @@ def test_defaults_render_the_operator() -> None:
     assert container["image"] == "ghcr.io/kubetrain/operator:0.1.0"
     assert container["imagePullPolicy"] == "IfNotPresent"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"metrics": 8080, "healthz": 8081}
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    assert ports == {"metrics": 8080, "healthz": 8081, "webhook": 9443}
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    # In the Service (for the API server's webhook calls) once the webhook listens.
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]
 
@@ -194,7 +202,8 @@ def test_defaults_render_the_operator() -> None:
 
     service = find(docs, "Service", "kubetrain-operator")[0]
     assert service["spec"]["ports"] == [
-        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"},
+        {"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"},
     ]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     for doc in docs:
@@ -438,6 +447,131 @@ def test_scraped_labels_survive_the_monitors() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Admission webhook
+# ---------------------------------------------------------------------------------------
+
+
+def webhook_parts(docs: list[Doc]) -> tuple[Doc, Doc, Doc]:
+    """The webhook entry, the operator container, and the TLS Secret."""
+    (config,) = find(docs, "ValidatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    (container,) = operator_deployment(docs)["spec"]["template"]["spec"]["containers"]
+    (secret,) = find(docs, "Secret")
+    return hook, container, secret
+
+
+def test_webhook_reaches_the_operator_with_the_generated_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = template()
+    hook, container, secret = webhook_parts(docs)
+    assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Fail", 10)
+    assert (hook["sideEffects"], hook["admissionReviewVersions"]) == ("None", ["v1"])
+    assert "namespaceSelector" not in hook  # every namespace
+    # The main resource only: the operator's status writes never wait on the webhook.
+    assert hook["rules"] == [
+        {
+            "apiGroups": [api.GROUP],
+            "apiVersions": [api.VERSION],
+            "resources": [api.PLURAL],
+            "operations": ["CREATE", "UPDATE"],
+            "scope": "Namespaced",
+        }
+    ]
+    # Service -> the container's port -> the port the operator serves on.
+    service = find(docs, "Service", "kubetrain-operator")[0]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == 443]
+    assert hook["clientConfig"]["service"] == {
+        "name": service["metadata"]["name"],
+        "namespace": NAMESPACE,
+        "path": WEBHOOK_PATH,
+        "port": 443,
+    }
+    settings = rendered_settings(None, monkeypatch)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == settings.webhook_port == 9443
+    # The Secret, mounted where the settings read the certificate and key.
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "webhook-tls"]
+    (volume,) = [
+        v
+        for v in operator_deployment(docs)["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == "webhook-tls"
+    ]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert settings.webhook_cert_file == f"{mount['mountPath']}/tls.crt"
+    assert settings.webhook_key_file == f"{mount['mountPath']}/tls.key"
+    assert secret["type"] == "kubernetes.io/tls"
+    # The API server trusts the Secret's CA, which signed a certificate for the name it
+    # dials (<service>.<namespace>.svc).
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    for key in ("ca.crt", "tls.crt", "tls.key"):
+        (tmp_path / key).write_bytes(base64.b64decode(secret["data"][key]))
+    openssl = functools.partial(subprocess.run, capture_output=True, text=True, check=True)
+    ca, cert = str(tmp_path / "ca.crt"), str(tmp_path / "tls.crt")
+    openssl(["openssl", "verify", "-purpose", "sslserver", "-CAfile", ca, cert])
+    sans = openssl(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", cert]).stdout
+    names = sans.splitlines()[-1].replace(" ", "").split(",")
+    assert f"DNS:kubetrain-operator.{NAMESPACE}.svc" in names, sans
+
+
+def test_webhook_values_reach_its_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    selector = {"matchLabels": {"kubetrain.dev/webhook": "on"}}
+    values = {
+        "webhook": {
+            "failurePolicy": "Ignore",
+            "timeoutSeconds": 3,
+            "namespaceSelector": selector,
+            "port": 8443,
+        }
+    }
+    hook, container, _ = webhook_parts(template(values))
+    assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Ignore", 3)
+    assert hook["namespaceSelector"] == selector
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["webhook"] == 8443
+    assert rendered_settings(values, monkeypatch).webhook_port == 8443
+
+    off = {"webhook": {"enabled": False}}
+    docs = template(off)
+    assert not find(docs, "ValidatingWebhookConfiguration")
+    assert not find(docs, "Secret")
+    (container,) = operator_deployment(docs)["spec"]["template"]["spec"]["containers"]
+    assert "webhook" not in {p["name"] for p in container["ports"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert rendered_settings(off, monkeypatch).webhook_port is None
+
+
+def test_cert_manager_can_issue_the_webhook_certificate_instead() -> None:
+    docs = template({"webhook": {"certManager": {"enabled": True}}})
+    assert not find(docs, "Secret")  # cert-manager writes it
+    (certificate,) = find(docs, "Certificate")
+    (issuer,) = find(docs, "Issuer")
+    assert issuer["spec"] == {"selfSigned": {}}
+    assert certificate["spec"]["issuerRef"] == {
+        "kind": "Issuer",
+        "name": issuer["metadata"]["name"],
+        "group": "cert-manager.io",
+    }
+    assert f"kubetrain-operator.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    # The operator mounts what cert-manager writes; its CA injector fills in the caBundle.
+    (volume,) = [
+        v
+        for v in operator_deployment(docs)["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == "webhook-tls"
+    ]
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+    (config,) = find(docs, "ValidatingWebhookConfiguration")
+    assert config["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": f"{NAMESPACE}/{certificate['metadata']['name']}"
+    }
+    assert "caBundle" not in config["webhooks"][0]["clientConfig"]
+
+    issuer_ref = {"kind": "ClusterIssuer", "name": "internal-ca", "group": "cert-manager.io"}
+    docs = template({"webhook": {"certManager": {"enabled": True, "issuerRef": issuer_ref}}})
+    assert not find(docs, "Issuer")
+    assert find(docs, "Certificate")[0]["spec"]["issuerRef"] == issuer_ref
+
+
+# ---------------------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------------------
 
@@ -460,6 +594,12 @@ REJECTED = {
     ),
     "bad-pull-policy": ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     "label-not-a-string": ({"podLabels": {"team": 1}}, "/podLabels/team"),
+    "failure-policy": ({"webhook": {"failurePolicy": "Maybe"}}, "/webhook/failurePolicy"),
+    "webhook-timeout-over-30": ({"webhook": {"timeoutSeconds": 31}}, "/webhook/timeoutSeconds"),
+    "issuer-ref-typo": (
+        {"webhook": {"certManager": {"issuerRef": {"nmae": "ca"}}}},
+        "nmae",
+    ),
     "selector-typo": (
         {"networkPolicy": {"prometheus": {"podSelector": {"matchLabel": {"a": "b"}}}}},
         "matchLabel",
@@ -591,6 +731,7 @@ STABLE_APIS = {
     "rbac.authorization.k8s.io/v1",
     "apiextensions.k8s.io/v1",
     "monitoring.coreos.com/v1",
+    "admissionregistration.k8s.io/v1",
 }
 
 

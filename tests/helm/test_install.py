@@ -32,6 +32,12 @@ from tests.support.runs import apply, quickstart, run_pods, wait_phase
 pytestmark = pytest.mark.controlplane
 
 NAME = "kubetrain-operator"  # the Deployment, Service, ClusterRole, Roles (release kubetrain)
+WEBHOOK_TLS = f"{NAME}-webhook-tls"
+# The operator's pod cannot run here, so nothing answers the chart's webhook: it checks only
+# namespaces with this label, which the test namespaces lack (tests/operator/
+# test_webhook_controlplane.py drives the webhook itself).
+LABELLED = {"matchLabels": {"kubetrain.dev/webhook": "on"}}
+WEBHOOK_VALUES = {"webhook": {"namespaceSelector": LABELLED}}
 # Grafana dashboards ship as ConfigMaps by default (when the chart has any).
 DASHBOARDS = next(iter(sorted((CHART / "dashboards").glob("*.json"))), None)
 
@@ -85,12 +91,24 @@ def chart_owns_the_operator_identity(cluster: Cluster, crd_installed: None) -> I
         yield
 
 
+def webhook_ca() -> str:
+    """The CA in the webhook's Secret, which must be the one the API server trusts."""
+    secret = get("secret", WEBHOOK_TLS, NAMESPACE)
+    config = get("validatingwebhookconfiguration", NAME)
+    assert secret is not None
+    assert config is not None
+    (hook,) = config["webhooks"]
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    return str(secret["data"]["ca.crt"])
+
+
 def test_install_upgrade_uninstall(
     cluster: Cluster, namespace: str, chart_owns_the_operator_identity: None
 ) -> None:
     # Install: the operator watches every namespace; the CRD is already there (kubectl
     # applied it), which Helm's crds/ handling accepts.
-    install_release(cluster)
+    install_release(cluster, WEBHOOK_VALUES)
+    ca = webhook_ca()
     deployment = get("deployment", NAME, NAMESPACE)
     assert deployment is not None
     assert deployment["spec"]["replicas"] == 1
@@ -133,6 +151,9 @@ def test_install_upgrade_uninstall(
         },
         kubeconfig=cluster.kubeconfig,
     )
+    # The webhook's certificate survives the upgrade (`lookup`): the caBundle and the
+    # Secret the operator serves still match.
+    assert webhook_ca() == ca
     deployment = get("deployment", NAME, NAMESPACE)
     assert deployment is not None
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -169,6 +190,8 @@ def test_install_upgrade_uninstall(
         if d
     ]
     assert ("Role", NAME, namespace) in objects
+    assert ("Secret", WEBHOOK_TLS, NAMESPACE) in objects
+    assert ("ValidatingWebhookConfiguration", NAME, NAMESPACE) in objects  # cluster-scoped
     assert ("ConfigMap" in {kind for kind, _, _ in objects}) is (DASHBOARDS is not None)
     helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", kubeconfig=cluster.kubeconfig)
     for kind, name, ns in objects:
