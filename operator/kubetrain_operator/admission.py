@@ -23,7 +23,7 @@ import pydantic
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
 from kubetrain_api.validation import FieldError, Limits
-from kubetrain_operator.conditions import find_condition
+from kubetrain_operator import stored_spec
 from kubetrain_operator.status import is_terminal
 
 
@@ -45,25 +45,11 @@ def is_active(status: Mapping[str, Any]) -> bool:
     return int(status.get("attempts") or 0) > 0 and not is_terminal(status)
 
 
-def placement_open(new: api.TrainingRunSpec, status: Mapping[str, Any]) -> bool:
-    """Whether the run has no pods to keep where they are: suspended (asked now, or done),
-    or resuming; Kueue changes placement in the same update that resumes a run. The
-    operator's rule (reconcile._placement_open on main), so the webhook refuses no edit the
-    operator would take; one of the two should call the other once both are merged."""
-    ready = find_condition(status.get("conditions") or [], "ClusterReady")
-    return (
-        new.run_policy.suspend
-        or status.get("phase") == "Suspended"
-        or ready.get("reason") == "Resuming"
-    )
-
-
 def immutable_edits(
     old: api.TrainingRunSpec, new: api.TrainingRunSpec, *, suspended: bool
 ) -> list[FieldError]:
     """The fields an edit of an active run may not change: the one place the webhook asks
-    validation. `suspended` is for `immutable_changes(..., suspended=)` (placement may
-    change while suspended), which this branch's validation does not take yet."""
+    validation. `suspended`: placement may change (stored_spec.placement_open)."""
     return validation.immutable_changes(old, new, suspended=suspended)
 
 
@@ -89,7 +75,7 @@ def review(
         # An unreadable stored spec cannot be compared; the operator's own check of the
         # spec it built the cluster from still applies.
         if before is not None and after is not None:
-            suspended = placement_open(after, old.get("status") or {})
+            suspended = stored_spec.placement_open(after, old.get("status") or {})
             errors += immutable_edits(before, after, suspended=suspended)
     return errors
 

@@ -47,7 +47,6 @@ from kubetrain_operator import (
     stored_spec,
     timing,
 )
-from kubetrain_operator.conditions import find_condition
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.names import ChildNames
 from kubetrain_operator.ownership import ChildConflict
@@ -90,17 +89,6 @@ def _stored_spec(
     return spec
 
 
-def _placement_open(run: api.TrainingRun, previous: dict[str, Any]) -> bool:
-    """Whether the run has no pods to keep where they are: suspended, or resuming (Kueue
-    changes placement in the same update that resumes a run)."""
-    ready = find_condition(previous.get("conditions") or [], "ClusterReady")
-    return (
-        run.spec.run_policy.suspend
-        or previous.get("phase") == "Suspended"
-        or ready.get("reason") == "Resuming"
-    )
-
-
 def _keep_stored_spec(
     kube: Kube,
     body: dict[str, Any],
@@ -119,7 +107,7 @@ def _keep_stored_spec(
     if run is None:
         kept = api.TrainingRun(metadata=api.ObjectMeta(name=name, namespace=ns), spec=stored)
         return kept, [], invalid
-    placement = _placement_open(run, previous)
+    placement = stored_spec.placement_open(run.spec, previous)
     written = body.get("spec") or {}
     refused = stored_spec.user_edits(stored, run.spec, written, suspended=placement)
     kept = run.model_copy(

@@ -35,6 +35,7 @@ import yaml
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
 from kubetrain_api.validation import FieldError
+from kubetrain_operator.conditions import find_condition
 
 log = logging.getLogger("kubetrain.stored_spec")
 
@@ -203,3 +204,16 @@ def _delete(doc: Any, keys: list[Any]) -> None:
     found, parent = _node(doc, keys[:-1])
     if found and isinstance(parent, dict):
         parent.pop(keys[-1], None)
+
+
+def placement_open(spec: api.TrainingRunSpec, status: Mapping[str, Any]) -> bool:
+    """Whether the run has no pods to keep where they are: suspended (asked now, or done),
+    or resuming; Kueue changes placement in the same update that resumes a run. One rule
+    for the operator and the admission webhook, so the webhook refuses no edit the
+    operator would take."""
+    ready = find_condition(status.get("conditions") or [], "ClusterReady")
+    return bool(
+        spec.run_policy.suspend
+        or status.get("phase") == "Suspended"
+        or ready.get("reason") == "Resuming"
+    )
