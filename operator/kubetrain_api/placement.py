@@ -12,9 +12,10 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Final, get_args
 
+from kubetrain_api import k8s_rules
 from kubetrain_api import v1alpha1 as api
 
 Problem = tuple[str, str]
@@ -31,36 +32,10 @@ SHM_HEADROOM_BYTES: Final = 1 << 30
 loaders' worker processes."""
 _MI = 1 << 20
 
-_SUFFIXES = {
-    "Ki": Decimal(2) ** 10,
-    "Mi": Decimal(2) ** 20,
-    "Gi": Decimal(2) ** 30,
-    "Ti": Decimal(2) ** 40,
-    "Pi": Decimal(2) ** 50,
-    "Ei": Decimal(2) ** 60,
-    "n": Decimal("1e-9"),
-    "u": Decimal("1e-6"),
-    "m": Decimal("1e-3"),
-    "": Decimal(1),
-    "k": Decimal("1e3"),
-    "M": Decimal("1e6"),
-    "G": Decimal("1e9"),
-    "T": Decimal("1e12"),
-    "P": Decimal("1e15"),
-    "E": Decimal("1e18"),
-}
-
 
 def quantity_value(quantity: int | str) -> Decimal:
     """A Kubernetes quantity (`16Gi`, `500m`, `1e3`, 4) as a number; ValueError otherwise."""
-    text = str(quantity).strip()
-    match = re.fullmatch(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([KMGTPE]i|[numkMGTPE])?", text)
-    if match is None:
-        raise ValueError(f"not a quantity: {quantity!r}")
-    try:
-        return Decimal(match.group(1)) * _SUFFIXES[match.group(2) or ""]
-    except InvalidOperation:
-        raise ValueError(f"not a quantity: {quantity!r}") from None
+    return k8s_rules.parse_quantity(quantity)
 
 
 def shared_memory_size(memory: int | str) -> str:
@@ -137,28 +112,13 @@ _RESERVED_RESOURCE_DOMAINS = ("kubernetes.io/", "requests.")
 
 # Qualified names (label and annotation keys) and label values as the API server checks
 # them (minimal local copies; k8s_rules.py has the full rules).
-_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_DNS_SUBDOMAIN = re.compile(api.DNS_SUBDOMAIN)
 _DNS_LABEL = re.compile(api.DNS_LABEL)
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 MAX_LOOSE_OBJECT_BYTES: Final = 16 * 1024
 """A bound on each object passed through loosely (a volume, a container, a constraint)."""
 
 # Container securityContext keys a user's init container or sidecar may set: the restricted
 # context is applied under them and the rest is the operator's.
 _USER_SECURITY_KEYS = frozenset({"capabilities", "runAsUser", "runAsGroup"})
-
-
-def _qualified_name_problem(key: str) -> str | None:
-    prefix, _, name = key.rpartition("/")
-    if len(name) > 63 or not _QUALIFIED_NAME.match(name):
-        return (
-            "must be a qualified name (an optional DNS prefix and '/', then at most 63 "
-            "alphanumerics, '-', '_' or '.', starting and ending alphanumeric)"
-        )
-    if "/" in key and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
-        return "must have a lowercase DNS subdomain as its prefix"
-    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -213,25 +173,16 @@ def _loose_problems(obj: Mapping[str, Any], path: str) -> Iterator[Problem]:
 def _override_problems(o: api.PodOverride, role: str, base: str) -> Iterator[Problem]:
     for key, value in o.labels.items():
         path = f"{base}.labels.{key}"
-        problem = _qualified_name_problem(key)
-        if problem:
-            yield path, problem
-        elif key.startswith(RESERVED_LABEL_PREFIXES):
+        problems = k8s_rules.check_label_key(key)
+        yield from ((path, p) for p in problems)
+        if not problems and key.startswith(RESERVED_LABEL_PREFIXES):
             yield path, f"{key} is reserved: kubetrain sets its labels (queue: resources.queueName)"
-        if not _LABEL_VALUE.match(value):
-            yield (
-                path,
-                (
-                    "value must be at most 63 alphanumerics, '-', '_' or '.', starting and "
-                    "ending alphanumeric"
-                ),
-            )
+        yield from ((path, f"value {p}") for p in k8s_rules.check_label_value(value))
     for key in o.annotations:
         path = f"{base}.annotations.{key}"
-        problem = _qualified_name_problem(key)
-        if problem:
-            yield path, problem
-        elif key.startswith(RESERVED_ANNOTATION_PREFIXES):
+        problems = k8s_rules.check_label_key(key)
+        yield from ((path, p) for p in problems)
+        if not problems and key.startswith(RESERVED_ANNOTATION_PREFIXES):
             yield path, f"{key} is reserved: kubetrain sets it"
 
     volume_names: set[str] = set()

@@ -310,8 +310,6 @@ class Hyperparameters(ApiModel):
 # --------------------------------------------------------------------------------------
 
 
-# A DNS subdomain (scheduler names, resource-name prefixes).
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # An extended resource: a domain-qualified name such as `rdma/hca` or `example.com/foo`.
 EXTENDED_RESOURCE = (
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]"
