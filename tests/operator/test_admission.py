@@ -11,7 +11,7 @@ import pytest
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api import validation
 from kubetrain_api.validation import Limits
-from kubetrain_operator import admission
+from kubetrain_operator import admission, stored_spec
 from kubetrain_operator.settings import OperatorSettings
 from tests.api.test_invalid_corpus import CASES, load
 from tests.support.runs import quickstart
@@ -111,7 +111,7 @@ def test_placement_is_open_while_a_run_has_no_pods(
     suspend: bool, status: dict[str, Any], open_: bool
 ) -> None:
     spec = api.TrainingRunSpec.model_validate(stored(runPolicy__suspend=suspend)["spec"])
-    assert admission.placement_open(spec, status) is open_
+    assert stored_spec.placement_open(spec, status) is open_
 
 
 def test_an_invalid_edit_of_an_active_run_names_every_problem() -> None:
