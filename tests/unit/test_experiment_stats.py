@@ -21,6 +21,7 @@ from kubetrain_operator.experiments.stats import (
     VariantStats,
     check_guardrails,
     decide,
+    quantile_from_histogram,
 )
 
 EXPERIMENTS = 1000
@@ -226,6 +227,30 @@ def test_latency_guardrail(p95_a: float, p95_b: float | None, requests: int, bre
 def test_broken_control_is_not_a_treatment_breach() -> None:
     # Guardrails protect users from the candidate; the control is the fallback.
     assert check_guardrails(_v("A", 100, 100, 9.0), _v("B", 100, 0), GuardrailConfig()) is None
+
+
+def test_p95_from_a_latency_histogram() -> None:
+    bounds = [0.05, 0.1, 0.25, 0.5, 1.0, math.inf]
+    # 100 requests: 50 under 50 ms, 40 in (0.1, 0.25], 10 in (0.25, 0.5].
+    counts = [50, 50, 90, 100, 100, 100]
+    # Rank 95 lies halfway through the (0.25, 0.5] bucket, as histogram_quantile reads it.
+    assert quantile_from_histogram(bounds, counts, 0.95) == pytest.approx(0.375)
+    assert quantile_from_histogram(bounds, counts, 0.5) == pytest.approx(0.05)
+    assert quantile_from_histogram(bounds, [0, 0, 0, 0, 0, 10], 0.95) == 1.0  # all in +Inf
+    assert quantile_from_histogram(bounds, [0] * 6, 0.95) is None
+    # Fine buckets track the exact quantile of the samples.
+    rng = np.random.default_rng(3)
+    latencies = rng.lognormal(mean=-2, sigma=0.5, size=20_000)
+    fine = [*np.linspace(0.005, 1.0, 200).tolist(), math.inf]
+    cumulative = [int((latencies <= b).sum()) for b in fine]
+    estimate = quantile_from_histogram(fine, cumulative, 0.95)
+    assert estimate == pytest.approx(float(np.quantile(latencies, 0.95)), abs=0.005)
+    with pytest.raises(ValueError, match="cumulative_counts must be >= 0 and non-decreasing"):
+        quantile_from_histogram([0.1, 0.2], [5, 3], 0.95)
+    with pytest.raises(ValueError, match="upper_bounds must increase"):
+        quantile_from_histogram([0.2, 0.1], [1, 3], 0.95)
+    with pytest.raises(ValueError, match="equally long"):
+        quantile_from_histogram([0.1], [1, 3], 0.95)
 
 
 # Input validation ---------------------------------------------------------------------------

@@ -33,7 +33,9 @@ look with the counts read from the router and shows the returned `Decision.reaso
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from statistics import NormalDist
 
 
@@ -185,6 +187,35 @@ def confidence_sequence_half_width(variance: float, tau2: float, alpha: float) -
         / tau2
         * (math.log(1 / alpha) + 0.5 * math.log((variance + tau2) / variance))
     )
+
+
+def quantile_from_histogram(
+    upper_bounds: Sequence[float], cumulative_counts: Sequence[int], q: float
+) -> float | None:
+    """The q-quantile of a cumulative histogram the way Prometheus' histogram_quantile reads
+    it (linear inside the bucket, the first bucket starting at 0, a quantile in the +Inf
+    bucket reported as the highest finite bound), so a router that exports a latency
+    histogram can fill `VariantStats.latency_p95_s`. None without observations."""
+    if len(upper_bounds) != len(cumulative_counts) or not upper_bounds:
+        raise ValueError("histogram: upper_bounds and cumulative_counts must be equally long")
+    if not 0 < q < 1:
+        raise ValueError(f"histogram: q must be in (0, 1), got {q!r}")
+    if any(b <= a for a, b in pairwise(upper_bounds)):
+        raise ValueError("histogram: upper_bounds must increase")
+    if any(c < 0 for c in cumulative_counts) or any(b < a for a, b in pairwise(cumulative_counts)):
+        raise ValueError("histogram: cumulative_counts must be >= 0 and non-decreasing")
+    total = cumulative_counts[-1]
+    if total == 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0
+    for bound, count in zip(upper_bounds, cumulative_counts, strict=True):
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower  # unreachable: the last cumulative count is the total
 
 
 def check_guardrails(
