@@ -279,6 +279,8 @@ def test_bad_counts_are_clear_value_errors(kwargs: dict[str, object], message: s
     [
         (lambda: ExperimentConfig(alpha=0), r"alpha must be a number in \(0, 1\), got 0"),
         (lambda: ExperimentConfig(alpha=1.5), "alpha must be"),
+        (lambda: ExperimentConfig(alpha="0.05"), "alpha must be a number in"),  # type: ignore[arg-type]
+        (lambda: ExperimentConfig(alpha=float("nan")), "alpha must be"),
         (lambda: ExperimentConfig(mde=0), "mde must be"),
         (lambda: ExperimentConfig(min_samples=0), "min_samples must be an integer >= 1"),
         (lambda: GuardrailConfig(max_error_rate=-0.1), "guardrails.max_error_rate must be"),

@@ -37,6 +37,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from statistics import NormalDist
+from typing import Literal
+
+# What the operator does with a decision: the treatment gets all traffic, or the control.
+Action = Literal["promote", "rollback"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ class Decision:
     rate_control; interval: its always-valid confidence sequence at 1 - alpha."""
 
     winner: str | None
-    action: str | None
+    action: Action | None
     reason: str
     p_value: float
     difference: float
@@ -246,13 +250,12 @@ def decide(control: VariantStats, treatment: VariantStats, config: ExperimentCon
     """One look at the experiment: guardrails first, then the always-valid test."""
     if control.name == treatment.name:
         raise ValueError(f"control and treatment have the same name {control.name!r}")
-    summaries = (
-        VariantSummary(
-            v.name, v.n, v.successes, v.rate, wilson_interval(v.successes, v.n, 1 - config.alpha)
-        )
-        for v in (control, treatment)
-    )
-    variants = (next(summaries), next(summaries))
+
+    def summary(v: VariantStats) -> VariantSummary:
+        interval = wilson_interval(v.successes, v.n, 1 - config.alpha)
+        return VariantSummary(v.name, v.n, v.successes, v.rate, interval)
+
+    variants = (summary(control), summary(treatment))
     difference = treatment.rate - control.rate
     breach = check_guardrails(control, treatment, config.guardrails)
     if control.n == 0 or treatment.n == 0:
@@ -265,7 +268,7 @@ def decide(control: VariantStats, treatment: VariantStats, config: ExperimentCon
         half = confidence_sequence_half_width(variance, tau2, config.alpha)
         interval = (max(-1.0, difference - half), min(1.0, difference + half))
 
-    def result(winner: str | None, action: str | None, reason: str) -> Decision:
+    def result(winner: str | None, action: Action | None, reason: str) -> Decision:
         return Decision(winner, action, reason, p_value, difference, interval, breach, variants)
 
     if breach is not None:
@@ -307,8 +310,8 @@ def _p(p_value: float) -> str:
 
 
 def _check_open_unit(name: str, value: float, allow_zero: bool = False) -> None:
-    low_ok = value >= 0 if allow_zero else value > 0
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (low_ok and value < 1):
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or not ((value >= 0 if allow_zero else value > 0) and value < 1):
         interval = "[0, 1)" if allow_zero else "(0, 1)"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
 
