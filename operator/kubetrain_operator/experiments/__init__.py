@@ -1,0 +1,1 @@
+"""Online experiments between served model variants: the statistics (`stats`), pure."""
