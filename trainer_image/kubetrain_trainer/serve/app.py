@@ -8,9 +8,11 @@ Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `strea
 Choices where OpenAI leaves room: a request's `model` may be omitted or name the served
 model, any other name is a 404 `model_not_found`; invalid requests are 400 (never 422);
 `max_tokens` defaults to 16 for completions (as OpenAI) and to whatever fits under the
-server's cap and the context for chat; every response carries `X-Request-Id` (the response
-id on generation endpoints) and `X-Model-Version`, which bodies repeat as
-`system_fingerprint`.
+server's cap and the context for chat; `n` choices are generated one after another on the
+request's one admission slot (streamed choice by choice, each chunk with its `index`);
+logprobs are the model's own (log-softmax before penalties, bias and temperature); every
+response carries `X-Request-Id` (the response id on generation endpoints) and
+`X-Model-Version`, which bodies repeat as `system_fingerprint`.
 """
 
 from __future__ import annotations

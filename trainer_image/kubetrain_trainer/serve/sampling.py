@@ -72,7 +72,8 @@ class LogitAdjuster:
         )
 
     def observe(self, token: int) -> None:
-        self.counts[token] += 1
+        if self.active:  # counts matter only to the penalties
+            self.counts[token] += 1
 
 
 @dataclass(frozen=True)
