@@ -8,9 +8,11 @@ Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `strea
 Choices where OpenAI leaves room: a request's `model` may be omitted or name the served
 model, any other name is a 404 `model_not_found`; invalid requests are 400 (never 422);
 `max_tokens` defaults to 16 for completions (as OpenAI) and to whatever fits under the
-server's cap and the context for chat; every response carries `X-Request-Id` (the response
-id on generation endpoints) and `X-Model-Version`, which bodies repeat as
-`system_fingerprint`.
+server's cap and the context for chat; `n` choices are generated one after another on the
+request's one admission slot (streamed choice by choice, each chunk with its `index`);
+logprobs are the model's own (log-softmax before penalties, bias and temperature); every
+response carries `X-Request-Id` (the response id on generation endpoints) and
+`X-Model-Version`, which bodies repeat as `system_fingerprint`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +39,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kubetrain_api import contract
 from kubetrain_api.v1alpha1 import ServeSpec
 
-from .engine import ModelInfo, Sampling, Step, TransformersEngine
+from .engine import LoggedToken, ModelInfo, Sampling, Step, TransformersEngine
 from .errors import ApiError, install_handlers, unavailable
 from .feedback import FeedbackStore, ResponseLog
 from .limits import Admission, BodyLimitMiddleware, completion_budget
 from .metrics import ServeMetrics, endpoint_label
 from .schemas import (
+    SEED_MAX,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
     ErrorDetail,
@@ -59,6 +66,7 @@ from .schemas import (
     ModelCard,
     ModelList,
     SamplingRequest,
+    TopLogprob,
     Usage,
 )
 
@@ -156,8 +164,23 @@ class ModelServer:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         engine = self.ready_engine()
         self._check_model(body.model)
-        prompt_ids = await asyncio.to_thread(engine.encode_prompt, body.prompt_text())
-        return await self._respond(request, body, prompt_ids, body.max_tokens, chat=False)
+        if body.best_of is not None and body.best_of != body.n:
+            message = "best_of must equal n: this server does not rank choices."
+            raise ApiError(400, message, param="best_of", code="invalid_value")
+        if body.echo and body.logprobs is not None:
+            message = "echo with logprobs is not supported (no prompt log-probabilities)."
+            raise ApiError(400, message, param="echo", code="invalid_value")
+        prompt = body.prompt_text()
+        prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt)
+        return await self._respond(
+            request,
+            body,
+            prompt_ids,
+            body.max_tokens,
+            chat=False,
+            top_logprobs=body.logprobs,
+            echo=prompt if body.echo else "",
+        )
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         engine = self.ready_engine()
@@ -168,7 +191,13 @@ class ModelServer:
         except TemplateError as exc:
             message = f"The chat template rejected the messages: {exc}"
             raise ApiError(400, message, param="messages") from exc
-        return await self._respond(request, body, prompt_ids, body.token_limit(), chat=True)
+        if body.top_logprobs is not None and not body.logprobs:
+            message = "top_logprobs needs logprobs set to true."
+            raise ApiError(400, message, param="top_logprobs", code="invalid_value")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        return await self._respond(
+            request, body, prompt_ids, body.token_limit(), chat=True, top_logprobs=top
+        )
 
     async def post_feedback(self, body: FeedbackRequest) -> JSONResponse:
         if self.feedback is None:
@@ -203,8 +232,11 @@ class ModelServer:
         requested: int | None,
         *,
         chat: bool,
+        top_logprobs: int | None,
+        echo: str = "",
     ) -> Response:
         engine = self.ready_engine()
+        _check_sampling(body, engine.vocab_size)
         budget = completion_budget(
             len(prompt_ids),
             requested,
@@ -213,13 +245,18 @@ class ModelServer:
             prompt_param="messages" if chat else "prompt",
             default=None if chat else COMPLETION_DEFAULT_MAX_TOKENS,
         )
-        sampling = Sampling(
+        base = Sampling(
             max_tokens=budget,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
             stop=body.stop_sequences(),
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=body.token_bias(),
+            logprobs=top_logprobs,
         )
+        samplings = [replace(base, seed=_nth_seed(body.seed, i)) for i in range(body.n)]
         reply = _Reply(
             id=request.state.request_id,
             created=int(time.time()),
@@ -227,45 +264,68 @@ class ModelServer:
             prompt_tokens=len(prompt_ids),
             chat=chat,
             started=request.state.started,
+            echo=echo,
+            with_logprobs=top_logprobs is not None,
         )
+        # The n choices are generated one after another on the request's one slot.
         if body.stream:
             slot = AsyncExitStack()
             await slot.enter_async_context(self.admission.slot())  # 429 here, before any byte
             self.responses.remember(reply.id, self.info.version)
-            events = self._events(reply, engine.stream(prompt_ids, sampling), body.include_usage())
+            events = self._events(reply, engine, prompt_ids, samplings, body.include_usage())
             return _ReleasingStream(events, release=slot.aclose)
         async with self.admission.slot():
-            text, last = await self._collect(reply, engine.stream(prompt_ids, sampling))
+            choices = [
+                await self._collect(reply, i, engine.stream(prompt_ids, sampling))
+                for i, sampling in enumerate(samplings)
+            ]
         self.responses.remember(reply.id, self.info.version)
-        return JSONResponse(reply.final(text, last).model_dump(mode="json"))
+        return JSONResponse(reply.final(choices).model_dump(mode="json"))
 
-    async def _collect(self, reply: _Reply, steps: AsyncIterator[Step]) -> tuple[str, Step]:
-        pieces: list[str] = []
+    async def _collect(self, reply: _Reply, index: int, steps: AsyncIterator[Step]) -> _Choice:
+        choice = _Choice(index)
         async with aclosing(steps):
             async for step in steps:
-                self._observe(reply, step)
-                pieces.append(step.text)
-        return "".join(pieces), step
+                self._observe(reply, step, index)
+                choice.add(step)
+        return choice
 
     async def _events(
-        self, reply: _Reply, steps: AsyncIterator[Step], include_usage: bool
+        self,
+        reply: _Reply,
+        engine: TransformersEngine,
+        prompt_ids: list[int],
+        samplings: list[Sampling],
+        include_usage: bool,
     ) -> AsyncIterator[str]:
-        """Server-sent events as OpenAI sends them: text chunks, a chunk with the finish
-        reason, optionally one with usage, then `[DONE]`. A failure after the 200 went out
-        can only be told in the stream: an `error` event, as OpenAI does."""
+        """Server-sent events as OpenAI sends them: per choice (`index`), text chunks (with
+        their tokens' logprobs when asked) and a chunk with the finish reason; optionally
+        one with usage, then `[DONE]`. A failure after the 200 went out can only be told in
+        the stream: an `error` event, as OpenAI does."""
         try:
-            if reply.chat:
-                yield _sse(reply.chunk(Delta(role="assistant", content="")))
-            async with aclosing(steps):
-                async for step in steps:
-                    self._observe(reply, step)
-                    if step.text:
-                        yield _sse(reply.chunk(step.text))
-                    if step.finish_reason is not None:
-                        yield _sse(reply.chunk(None, step.finish_reason))
-                        last = step
+            choices = []
+            for index, sampling in enumerate(samplings):
+                choice = _Choice(index)
+                if reply.chat:
+                    yield _sse(reply.chunk(index, Delta(role="assistant", content="")))
+                elif reply.echo:
+                    yield _sse(reply.chunk(index, reply.echo))
+                offset = len(reply.echo)
+                steps = engine.stream(prompt_ids, sampling)
+                async with aclosing(steps):
+                    async for step in steps:
+                        self._observe(reply, step, index)
+                        choice.add(step)
+                        logged = [step.logprobs] if step.logprobs is not None else []
+                        if step.text or logged:
+                            logprobs = reply.logprobs(logged, offset) if logged else None
+                            yield _sse(reply.chunk(index, step.text, logprobs=logprobs))
+                            offset += sum(len(t.token) for t in logged)
+                        if step.finish_reason is not None:
+                            yield _sse(reply.chunk(index, None, step.finish_reason))
+                choices.append(choice)
             if include_usage:
-                yield _sse(reply.usage_chunk(last))
+                yield _sse(reply.usage_chunk(choices))
             yield "data: [DONE]\n\n"
         except Exception:
             log.exception("generation failed after the response started")
@@ -273,8 +333,8 @@ class ModelServer:
             detail = ErrorDetail(message=message, type="server_error")
             yield _sse(ErrorResponse(error=detail))
 
-    def _observe(self, reply: _Reply, step: Step) -> None:
-        if step.completion_tokens == 1:
+    def _observe(self, reply: _Reply, step: Step, index: int) -> None:
+        if step.completion_tokens == 1 and index == 0:
             self.metrics.time_to_first_token.observe(time.perf_counter() - reply.started)
         self.metrics.generated_tokens.inc()  # per token: streams cut short count too
 
@@ -293,6 +353,55 @@ class ModelServer:
             )
 
 
+def _check_sampling(body: SamplingRequest, vocab_size: int) -> None:
+    """What the schema cannot check alone: values that depend on the model, and the
+    parameters accepted in shape but implemented only in part."""
+    if body.response_format is not None and body.response_format.type != "text":
+        message = (
+            f"response_format type '{body.response_format.type}' is not supported: this "
+            "server has no constrained (JSON) decoding; use {'type': 'text'}."
+        )
+        raise ApiError(400, message, param="response_format", code="unsupported_value")
+    for token, _ in body.token_bias():
+        if token >= vocab_size:
+            message = (
+                f"logit_bias names token {token}, but the model's vocabulary has {vocab_size}."
+            )
+            raise ApiError(400, message, param="logit_bias", code="invalid_value")
+
+
+def _nth_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed: seed + index, wrapped into the 64-bit range torch takes."""
+    if seed is None:
+        return None
+    nth = seed + index
+    return nth - 2**64 if nth > SEED_MAX else nth
+
+
+@dataclass
+class _Choice:
+    """One choice as its steps arrive: text, the last step, each token's logprobs."""
+
+    index: int
+    pieces: list[str] = field(default_factory=list)
+    tokens: list[LoggedToken] = field(default_factory=list)
+    last: Step | None = None
+
+    def add(self, step: Step) -> None:
+        self.pieces.append(step.text)
+        if step.logprobs is not None:
+            self.tokens.append(step.logprobs)
+        self.last = step
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.last.completion_tokens if self.last is not None else 0
+
+    @property
+    def finish_reason(self) -> str:
+        return (self.last.finish_reason if self.last is not None else None) or "length"
+
+
 class _Reply:
     """The parts of one response that every body and chunk repeats."""
 
@@ -305,9 +414,13 @@ class _Reply:
         prompt_tokens: int,
         chat: bool,
         started: float,
+        echo: str = "",
+        with_logprobs: bool = False,
     ) -> None:
         self.id = id
         self.chat = chat
+        self.echo = echo
+        self.with_logprobs = with_logprobs
         self.prompt_tokens = prompt_tokens
         self.started = started
         self.head = {
@@ -317,30 +430,94 @@ class _Reply:
             "system_fingerprint": info.version,
         }
 
-    def usage(self, last: Step) -> Usage:
-        prompt, done = self.prompt_tokens, last.completion_tokens
+    def usage(self, choices: list[_Choice]) -> Usage:
+        prompt, done = self.prompt_tokens, sum(c.completion_tokens for c in choices)
         return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
-    def final(self, text: str, last: Step) -> BaseModel:
-        reason = last.finish_reason or "length"
+    def logprobs(self, tokens: list[LoggedToken], offset: int) -> ChatLogprobs | CompletionLogprobs:
+        """The tokens' logprobs in the endpoint's shape; completions' `text_offset` counts
+        characters of the choice's text from `offset` on."""
         if self.chat:
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)
-            return ChatCompletion(**self.head, choices=[choice], usage=self.usage(last))
-        choices = [CompletionChoice(text=text, finish_reason=reason)]
-        return Completion(**self.head, choices=choices, usage=self.usage(last))
+            content = [
+                ChatTokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=list(t.token.encode()),
+                    top_logprobs=[
+                        TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
+                        for text, value in t.top
+                    ],
+                )
+                for t in tokens
+            ]
+            return ChatLogprobs(content=content)
+        offsets, tops = [], []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.token)
+            top: dict[str, float] = {}
+            for text, value in t.top:  # most likely first: keep it when two decode alike
+                top.setdefault(text, value)
+            tops.append(top)
+        return CompletionLogprobs(
+            tokens=[t.token for t in tokens],
+            token_logprobs=[t.logprob for t in tokens],
+            top_logprobs=tops,
+            text_offset=offsets,
+        )
 
-    def chunk(self, content: str | Delta | None, finish_reason: str | None = None) -> BaseModel:
+    def final(self, choices: list[_Choice]) -> BaseModel:
+        if self.chat:
+            chat_choices = [
+                ChatChoice(
+                    index=c.index,
+                    message=AssistantMessage(content="".join(c.pieces)),
+                    logprobs=self._logprobs_of(c),
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ]
+            return ChatCompletion(**self.head, choices=chat_choices, usage=self.usage(choices))
+        text_choices = [
+            CompletionChoice(
+                index=c.index,
+                text=self.echo + "".join(c.pieces),
+                logprobs=self._logprobs_of(c),
+                finish_reason=c.finish_reason,
+            )
+            for c in choices
+        ]
+        return Completion(**self.head, choices=text_choices, usage=self.usage(choices))
+
+    def _logprobs_of(self, choice: _Choice) -> ChatLogprobs | CompletionLogprobs | None:
+        if not self.with_logprobs:
+            return None
+        return self.logprobs(choice.tokens, len(self.echo))
+
+    def chunk(
+        self,
+        index: int,
+        content: str | Delta | None,
+        finish_reason: str | None = None,
+        *,
+        logprobs: ChatLogprobs | CompletionLogprobs | None = None,
+    ) -> BaseModel:
         if self.chat:
             delta = content if isinstance(content, Delta) else Delta(content=content)
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+            choice = ChatChunkChoice(
+                index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason
+            )
             return ChatCompletionChunk(**self.head, choices=[choice])
-        choices = [CompletionChoice(text=content or "", finish_reason=finish_reason)]
+        text = content if isinstance(content, str) else ""
+        choices = [
+            CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
+        ]
         return Completion(**self.head, choices=choices)
 
-    def usage_chunk(self, last: Step) -> BaseModel:
+    def usage_chunk(self, choices: list[_Choice]) -> BaseModel:
         if self.chat:
-            return ChatCompletionChunk(**self.head, choices=[], usage=self.usage(last))
-        return Completion(**self.head, choices=[], usage=self.usage(last))
+            return ChatCompletionChunk(**self.head, choices=[], usage=self.usage(choices))
+        return Completion(**self.head, choices=[], usage=self.usage(choices))
 
 
 def _sse(event: BaseModel) -> str:

@@ -3,10 +3,12 @@
 `TransformersEngine` runs a Hugging Face causal LM with its KV cache: greedy decoding at
 temperature 0, else temperature and top-p sampling from a generator seeded per request (so
 a seed reproduces a sample whatever else runs at the same time, which `model.generate` and
-its global RNG cannot promise). Each token goes back to the event loop as a `Step` as soon as
-it exists, and the loop never waits on the model. Concurrent requests take turns, one forward
-pass at a time (no batching). Stop sequences are matched on the decoded text, and text that
-might be the start of one is held back until it is decided.
+its global RNG cannot promise), after OpenAI's logit bias and presence/frequency penalties
+(`sampling.py`), with the model's log-probabilities per token when asked. Each token goes
+back to the event loop as a `Step` as soon as it exists, and the loop never waits on the
+model. Concurrent requests take turns, one forward pass at a time (no batching). Stop
+sequences are matched on the decoded text, and text that might be the start of one is held
+back until it is decided.
 
 A vLLM engine (continuous batching, paged attention) fits behind the same interface
 (`encode_prompt`, `encode_chat`, `stream`, `close`, `context_length`) when vLLM is installed
@@ -37,6 +39,7 @@ from transformers import (
 
 from kubetrain_trainer.model_folder import DEFAULT_CHAT_TEMPLATE, RUN_INFO_FILE
 
+from .sampling import LogitAdjuster, token_logprobs
 from .schemas import FinishReason
 
 # Tokens of the prompt decoded with the completion: tokenizers that drop a word's leading
@@ -75,6 +78,20 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    """Report each token's log-probability and this many alternatives; None: do not."""
+
+
+@dataclass(frozen=True)
+class LoggedToken:
+    """A generated token's text and log-probability, with the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,8 @@ class Step:
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    logprobs: LoggedToken | None = None
+    """The token's log-probabilities, when asked for (not for the end-of-sequence token)."""
 
 
 class TransformersEngine:
@@ -96,6 +115,7 @@ class TransformersEngine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._eos = _eos_ids(model, tokenizer)
         # One thread per admitted request: admission already bounds the concurrency.
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
@@ -187,6 +207,13 @@ class TransformersEngine:
         self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event
     ) -> Iterator[Step]:
         pick = self._picker(sampling)
+        adjust = LogitAdjuster(
+            self.vocab_size,
+            self.device,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            logit_bias=dict(sampling.logit_bias),
+        )
         text = _TextAssembler(self.tokenizer, prompt_ids, sampling.stop)
         input_ids = torch.tensor([prompt_ids], device=self.device)
         cache = None
@@ -196,20 +223,36 @@ class TransformersEngine:
             with self._forward_lock:
                 out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
             cache = out.cache
-            token = pick(input_ids, out.logits[:, -1, :].float())
+            logits = out.logits[:, -1, :].float()
+            token = pick(input_ids, adjust(logits))
             if token in self._eos:
                 yield Step(text.finish()[0], count, "stop")
                 return
+            adjust.observe(token)
+            logged = self._logged(logits[0], token, sampling.logprobs)
             piece, stopped = text.push(token)
             if stopped:
-                yield Step(piece, count, "stop")
+                yield Step(piece, count, "stop", logged)
                 return
             if count == sampling.max_tokens:
                 rest, stopped = text.finish()
-                yield Step(piece + rest, count, "stop" if stopped else "length")
+                yield Step(piece + rest, count, "stop" if stopped else "length", logged)
                 return
-            yield Step(piece, count)
+            yield Step(piece, count, logprobs=logged)
             input_ids = torch.tensor([[token]], device=self.device)
+
+    def _logged(self, logits: torch.Tensor, token: int, k: int | None) -> LoggedToken | None:
+        if k is None:
+            return None
+        found = token_logprobs(logits, token, k)
+        return LoggedToken(
+            self._token_text(found.token),
+            found.logprob,
+            tuple((self._token_text(i), value) for i, value in found.top),
+        )
+
+    def _token_text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token], clean_up_tokenization_spaces=False))
 
     def _picker(self, sampling: Sampling) -> Callable[[torch.Tensor, torch.Tensor], int]:
         # Below this, sampling is greedy in effect, and dividing logits by a near-zero (or

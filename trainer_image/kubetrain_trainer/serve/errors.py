@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .schemas import ErrorDetail, ErrorResponse
+from .schemas import UNSUPPORTED, ErrorDetail, ErrorResponse
 
 # Seconds a client should wait before retrying an overloaded or not-yet-ready server.
 RETRY_AFTER_S = 1
@@ -71,6 +71,8 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     param = _param(first["loc"])
     if param is None:
         return ApiError(400, f"The request body must be a JSON object ({first['msg']}).")
+    if first["type"] == "extra_forbidden" and param in UNSUPPORTED:
+        return ApiError(400, f"Unsupported parameter '{param}': {UNSUPPORTED[param]}.", param=param)
     if first["type"] == "extra_forbidden":
         return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param)
     if first["type"] == "missing":

@@ -1,22 +1,44 @@
 """Request and response bodies in OpenAI's shapes (the subset this server honours).
 
 Requests are strict: a string where a number belongs, a number outside its range, or a
-parameter this server does not implement (`logprobs`, `presence_penalty`, `n` > 1, ...) is
-a 400 naming the parameter, as OpenAI answers, rather than a silently different result.
+parameter this server does not implement (`tools`, `suffix`, ...; see `UNSUPPORTED`) is a
+400 naming the parameter, as OpenAI answers, rather than a silently different result.
+Everything a client sends is bounded (`n`, `top_logprobs`, `logit_bias`, stop sequences;
+the body's size in `limits.py`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # torch.Generator.manual_seed takes any int64 or uint64.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
 
+MAX_CHOICES = 8  # `n`: each choice is a full generation on the request's one slot
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions' `logprobs` shares it
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on `logit_bias` entries
+
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+# OpenAI parameters this server cannot honour, and why: refused with a 400 naming them.
+UNSUPPORTED = {
+    "tools": "tool calling is not supported by this server",
+    "tool_choice": "tool calling is not supported by this server",
+    "parallel_tool_calls": "tool calling is not supported by this server",
+    "functions": "function calling is not supported by this server",
+    "function_call": "function calling is not supported by this server",
+    "suffix": "insertion (a suffix after the completion) is not supported by this server",
+    "audio": "audio output is not supported by this server",
+    "modalities": "only text output is supported by this server",
+    "prediction": "predicted outputs are not supported by this server",
+    "reasoning_effort": "the served model is not a reasoning model",
+    "web_search_options": "web search is not supported by this server",
+}
 
 
 class _Request(BaseModel):
@@ -26,6 +48,11 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool = False
     """Send one more chunk before `[DONE]` with `usage` and no choices."""
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class SamplingRequest(_Request):
@@ -50,10 +77,35 @@ class SamplingRequest(_Request):
     stream: bool = False
     """Server-sent events, one chunk per piece of text, then `data: [DONE]`."""
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
-    """Only one choice per request."""
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    """Choices to generate, each a full generation; with a seed, choice i samples with
+    seed + i (so choice 0 is the sample of n=1)."""
     user: Annotated[str, Field(max_length=256)] | None = None
-    """The caller's end-user id; accepted, not stored."""
+    """The caller's end-user id; accepted, not stored or logged."""
+    presence_penalty: Penalty = 0.0
+    """Subtracted from the logit of every token already generated (OpenAI's definition)."""
+    frequency_penalty: Penalty = 0.0
+    """Subtracted from a token's logit once per time it was already generated."""
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)
+        ]
+        | None
+    ) = None
+    """Token id (as a string) -> value added to its logit before sampling; -100 bans it."""
+    response_format: ResponseFormat | None = None
+    """`{"type": "text"}` only: constrained JSON output is not implemented."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+        return value
+
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -69,6 +121,12 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     """Text to continue; a list must hold exactly one prompt."""
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    """Each token's log-probability and this many most likely alternatives."""
+    echo: bool = False
+    """Return the prompt before the completion (not with `logprobs`)."""
+    best_of: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    """Only equal to `n` (no server-side ranking of choices)."""
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -101,6 +159,11 @@ class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     """OpenAI's newer name for `max_tokens`; wins when both are given."""
+
+    logprobs: bool = False
+    """Each token's log-probability in `choices[].logprobs.content`."""
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    """This many most likely alternatives per token; needs `logprobs: true`."""
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -140,10 +203,20 @@ class _Response(BaseModel):
     """The model version (`<run>-step<N>`), also sent as the `X-Model-Version` header."""
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's (legacy) completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+    """Where each token starts, in characters from the start of the prompt (as OpenAI)."""
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -158,10 +231,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    """The token's text as UTF-8 (a token that ends mid-character decodes to U+FFFD)."""
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -179,7 +268,7 @@ class Delta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
