@@ -5,8 +5,10 @@ The API server asks before it stores a new TrainingRun (CREATE) or a change to o
 kopf routes to no handler, so the operator's status writes are never refused. A request is
 refused with every error `kubetrain validate` and the operator find (the same
 `validation.validate_document`), plus, on a run that is active, every edit of a field that
-cannot change while it runs (`validation.immutable_changes`): refused at `kubectl apply`,
-such an edit no longer reaches the operator, which would fail the run for it.
+cannot change while it runs (`validation.immutable_changes`; placement may change while
+the run is suspended, by the operator's own rule `stored_spec.placement_open`): refused at
+`kubectl apply`, such an edit never reaches the operator, which would keep the run on its
+stored spec and report the edit as `SpecChangeRefused`.
 
 Ratcheting: an UPDATE that leaves the spec as it was (labels, annotations, finalizers) is
 admitted even when the stored spec is invalid, so a run stored before the webhook existed,
@@ -45,14 +47,6 @@ def is_active(status: Mapping[str, Any]) -> bool:
     return int(status.get("attempts") or 0) > 0 and not is_terminal(status)
 
 
-def immutable_edits(
-    old: api.TrainingRunSpec, new: api.TrainingRunSpec, *, suspended: bool
-) -> list[FieldError]:
-    """The fields an edit of an active run may not change: the one place the webhook asks
-    validation. `suspended`: placement may change (stored_spec.placement_open)."""
-    return validation.immutable_changes(old, new, suspended=suspended)
-
-
 def _spec(body: Mapping[str, Any]) -> api.TrainingRunSpec | None:
     """The spec read as the operator reads a stored one (lax: defaults filled in), or
     None when it cannot be read."""
@@ -76,7 +70,7 @@ def review(
         # spec it built the cluster from still applies.
         if before is not None and after is not None:
             suspended = stored_spec.placement_open(after, old.get("status") or {})
-            errors += immutable_edits(before, after, suspended=suspended)
+            errors += validation.immutable_changes(before, after, suspended=suspended)
     return errors
 
 
