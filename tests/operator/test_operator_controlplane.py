@@ -251,7 +251,7 @@ def test_ttl_after_finished_deletes_the_run(operator: None, namespace: str) -> N
     apply(quickstart("brief", runPolicy={"ttlSecondsAfterFinished": 2}), namespace)
     head_name = start_cluster("brief", namespace)
     kubelet.set_terminated(namespace, head_name, 0)
-    wait_phase("brief", namespace, "Succeeded")
+    # Not wait_phase: 2 s after Succeeded the run may already be gone between two polls.
     wait_until(
         lambda: kubectl("get", "tr", "brief", "-n", namespace, check=False).returncode != 0,
         # kopf holds a finalizer while its resync timer runs; releasing it can take a while
@@ -259,6 +259,12 @@ def test_ttl_after_finished_deletes_the_run(operator: None, namespace: str) -> N
         timeout=90,
         message="the run deleted after its TTL",
     )
+    # It was deleted after it succeeded, not before: its Succeeded event outlives it.
+    succeeded = kubectl(
+        "get", "events", "-n", namespace, "-o", "name",
+        "--field-selector", "involvedObject.name=brief,reason=Succeeded",
+    ).stdout  # fmt: skip
+    assert succeeded.strip(), "no Succeeded event for the deleted run"
 
 
 def test_deleting_the_run_cascades_to_children(operator: None, namespace: str) -> None:
