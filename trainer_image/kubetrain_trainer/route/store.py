@@ -132,7 +132,9 @@ responses = sa.Table(
     sa.Column("prompt", sa.Text, nullable=False),
     sa.Column("response", sa.Text, nullable=False),
     sa.Column("truncated", sa.Boolean, nullable=False),
+    # The experiment's windows: per variant (percentiles) and across variants (totals).
     sa.Index("kubetrain_responses_variant_time", "variant", "created_at"),
+    sa.Index("kubetrain_responses_time", "created_at"),
 )
 
 feedback = sa.Table(
@@ -661,7 +663,10 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
+    """A finite int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value)
 
 
 def _check_text(field: str, value: object, limit: int, *, error: type[Exception]) -> None:
@@ -693,8 +698,8 @@ def _loggable(field: str, value: object) -> tuple[str, bool]:
 def _rating(value: object) -> int:
     if isinstance(value, str) and value in RATING_NAMES:
         return RATING_NAMES[value]
-    if _is_int(value) and value in RATINGS:
-        return int(value)  # type: ignore[arg-type]
+    if isinstance(value, int) and not isinstance(value, bool) and value in RATINGS:
+        return value
     names = "/".join(RATING_NAMES)
     raise FeedbackRefused("rating", f"must be -1, 0 or 1 ({names}), got {value!r:.40}")
 
