@@ -126,8 +126,9 @@ def parse_router_config(text: str | bytes, source: str = "router config") -> Rou
 
 
 def _problem(error: Any) -> str:
-    where = ".".join(str(p) for p in error["loc"]) or "config"
-    return f"{where}: {error['msg']}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {message}" if where else message
 
 
 def dump_router_config(config: RouterConfig) -> str:

@@ -160,7 +160,17 @@ def test_a_stream_passes_through_and_is_logged_as_streamed(
         assert with_usage[-1].usage is not None
         assert with_usage[-1].usage.completion_tokens == 8
 
+        # A client that leaves mid-stream: the engine's stream is closed, the exchange
+        # logged with 499 (not an error).
+        long = {"prompt": "the quick brown fox", "max_tokens": 500, "stream": True}
+        with httpx.stream("POST", f"{r.base_url}/v1/completions", json=long, timeout=30) as s:
+            left_id = s.headers[HEADER_RESPONSE_ID]
+            next(s.iter_lines())
+
     with open_store(store) as log:
+        left = log.get_response(left_id)
+        assert left is not None, "the router drains its log before it exits"
+        assert left["status"] == 499
         logged = log.get_response(response_id)
         assert logged is not None
         assert logged["response"] == streamed

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         store = open_store(target)
     except StoreError as exc:
-        sys.exit(f"kubetrain route: {exc}")
+        sys.exit(f"kubetrain route: {' '.join(str(exc).split())}")  # one line for the pod
     router = Router(
         config,
         store,

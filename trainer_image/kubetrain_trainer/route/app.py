@@ -408,7 +408,7 @@ class _Call:
         self.router.metrics.errors.labels(self.variant.name, reason).inc()
         await self.finish(status, message)
         error = ApiError(status, message, type="server_error", code="upstream_error")
-        response = error.response()
+        response: Response = error.response()
         response.headers.update({**self.headers(), **(headers or {})})
         return response
 
@@ -654,7 +654,7 @@ def build_server(
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=graceful_timeout_s,
+        timeout_graceful_shutdown=math.ceil(graceful_timeout_s),
         lifespan="on",
     )
     return _DrainingServer(config, router)

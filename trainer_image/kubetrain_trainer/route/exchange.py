@@ -54,9 +54,10 @@ class Exchange:
         if not isinstance(usage, dict):
             return
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if _count(prompt) and _count(completion):
-            self.prompt_tokens, self.completion_tokens = prompt, completion
-            self.usage_seen = True
+        if isinstance(prompt, int) and isinstance(completion, int):
+            if _count(prompt) and _count(completion):
+                self.prompt_tokens, self.completion_tokens = prompt, completion
+                self.usage_seen = True
 
     def text(self) -> str:
         """The response as logged: the one choice's text, or with n > 1 the choices' texts
