@@ -606,6 +606,15 @@ def create_app(router: Router) -> FastAPI:
     )
     app.state.router = router
     install_handlers(app)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        # A bug, not the client's fault nor an engine's: logged, answered OpenAI-shaped.
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        message = "The router had an error while processing your request."
+        response: Response = ApiError(500, message, type="server_error").response()
+        return response
+
     get, post = app.get, app.post
     get("/healthz")(router.healthz)
     get("/readyz")(router.readyz)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 
 @dataclass
@@ -54,10 +54,9 @@ class Exchange:
         if not isinstance(usage, dict):
             return
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int) and isinstance(completion, int):
-            if _count(prompt) and _count(completion):
-                self.prompt_tokens, self.completion_tokens = prompt, completion
-                self.usage_seen = True
+        if _count(prompt) and _count(completion):
+            self.prompt_tokens, self.completion_tokens = prompt, completion
+            self.usage_seen = True
 
     def text(self) -> str:
         """The response as logged: the one choice's text, or with n > 1 the choices' texts
@@ -106,5 +105,5 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _count(value: Any) -> bool:
+def _count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
