@@ -1,10 +1,12 @@
 """Real processes for the router's tests: two `kubetrain serve` engines on the tiny model
 of tests/serve (A and B), routers as `kubetrain route` processes (uvicorn, as the pod runs
-them) and, for the failure cases only, a stub engine that answers 500."""
+them) and, for failures and timing only, a stub engine."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -12,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kubetrain_api.routing import STORE_ENV, RouterConfig, RouteVariant, dump_router_config
@@ -133,21 +135,41 @@ def router(config: Path, store: str, log_dir: Path, name: str = "router") -> Ite
 
 
 @dataclass
-class ThreadServer:
-    server: uvicorn.Server
-    thread: threading.Thread
+class StubEngine:
+    """An engine that answers every generation with 500, as a crashed model would; but a
+    streamed completion of the prompt `hold` sends its first event, then waits for
+    `release` before it finishes (so a test can tell relaying from buffering)."""
+
     base_url: str
+    release: threading.Event
 
 
 @pytest.fixture(scope="module")
-def failing_engine() -> Iterator[str]:
-    """An engine that answers every generation with 500, as a crashed model would."""
+def stub_engine() -> Iterator[StubEngine]:
+    release = threading.Event()
 
-    async def fail(_: Request) -> JSONResponse:
+    async def held() -> AsyncIterator[bytes]:
+        def event(text: str, finish: str | None = None) -> bytes:
+            choice = {"index": 0, "text": text, "finish_reason": finish}
+            chunk = {"id": "stub-1", "object": "text_completion", "choices": [choice]}
+            return f"data: {json.dumps(chunk)}\n\n".encode()
+
+        yield event("first")
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        yield event(" second", "stop")
+        usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        yield f"data: {json.dumps({'id': 'stub-1', 'choices': [], 'usage': usage})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    async def generate(request: Request) -> Response:
+        body = await request.json()
+        if body.get("prompt") == "hold" and body.get("stream"):
+            return StreamingResponse(held(), media_type="text/event-stream")
         error = {"message": "CUDA error: an illegal memory access", "type": "server_error"}
         return JSONResponse({"error": error}, status_code=500)
 
-    app = Starlette(routes=[Route(p, fail, methods=["POST"]) for p in _GENERATION])
+    app = Starlette(routes=[Route(p, generate, methods=["POST"]) for p in _GENERATION])
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -158,8 +180,9 @@ def failing_engine() -> Iterator[str]:
         while not server.started:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield StubEngine(f"http://127.0.0.1:{sock.getsockname()[1]}", release)
     finally:
+        release.set()
         server.should_exit = True
         thread.join(timeout=10)
 

@@ -18,14 +18,16 @@ import pytest
 from kubetrain_api.routing import HEADER_MODEL_VERSION, HEADER_RESPONSE_ID, HEADER_VARIANT
 from kubetrain_trainer.route.assign import choose
 from kubetrain_trainer.route.store import open_store
-from tests.route.conftest import SERVICE, Process, router, variant, write_config
+from tests.route.conftest import SERVICE, Process, StubEngine, router, variant, write_config
 from tests.support.postgres import PostgresServer
 
 CHAT = [{"role": "user", "content": "Say something about foxes."}]
 
 
 def client(process: Process) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{process.base_url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(
+        base_url=f"{process.base_url}/v1", api_key="unused", max_retries=0, timeout=20
+    )
 
 
 def stats(process: Process) -> dict[str, Any]:
@@ -188,6 +190,24 @@ def test_a_stream_passes_through_and_is_logged_as_streamed(
         assert scored["latency_s"] > 0
 
 
+def test_a_stream_is_relayed_as_it_arrives(stub_engine: StubEngine, tmp_path: Path) -> None:
+    """The engine holds its answer after the first event: the client has that event
+    through the router before the engine goes on (nothing waits for the whole answer)."""
+    config_path = tmp_path / "router.yaml"
+    write_config(config_path, [variant("s", stub_engine.base_url, 100)])
+    stub_engine.release.clear()
+    with router(config_path, str(tmp_path / "router.db"), tmp_path) as r:
+        stream = client(r).completions.create(model=SERVICE, prompt="hold", stream=True)
+        first = next(iter(stream))
+        assert first.choices[0].text == "first"
+        assert not stub_engine.release.is_set()
+        stub_engine.release.set()
+        rest = list(stream)
+        assert [c.choices[0].text for c in rest] == [" second"]  # usage: not asked for
+        assert {first.id} | {c.id for c in rest} == {first.id} != {"stub-1"}
+        assert stats(r)["variants"]["s"]["requests"] == 1
+
+
 # ------------------------------------------------------------------------------- feedback
 
 
@@ -289,13 +309,13 @@ class _same:
 
 
 def test_an_engine_failure_is_a_counted_5xx(
-    engines: dict[str, Process], failing_engine: str, tmp_path: Path
+    engines: dict[str, Process], stub_engine: StubEngine, tmp_path: Path
 ) -> None:
     config_path = tmp_path / "router.yaml"
     down = "http://127.0.0.1:9"  # nothing listens on the discard port
     write_config(
         config_path,
-        [variant("a", engines["a"].base_url, 0), variant("b", failing_engine, 100)],
+        [variant("a", engines["a"].base_url, 0), variant("b", stub_engine.base_url, 100)],
         sticky_header="X-User-Id",
     )
     store = str(tmp_path / "router.db")
