@@ -446,8 +446,12 @@ class _Call:
             self.router.metrics.errors.labels(self.variant.name, "stream").inc()
             log.warning("variant %s: stream broke: %r", self.variant.name, exc)
             yield _error_event("The engine's stream broke off.")
-        except BaseException:  # the client left (cancelled): log it, without waiting
+        except (asyncio.CancelledError, GeneratorExit):  # the client left: log, don't wait
             self._log_soon(CLIENT_CLOSED)
+            raise
+        except Exception:
+            log.exception("relaying variant %s's stream failed", self.variant.name)
+            self._log_soon(500)
             raise
         finally:
             await upstream.aclose()
@@ -510,7 +514,11 @@ class _Call:
     def _log_soon(self, status: int) -> None:
         record = self._record(status, self.exchange.text())
         self._count(status, record["latency_s"])
-        future = self.router.executor.submit(_log_record, self.router.store, record)
+        try:
+            future = self.router.executor.submit(_log_record, self.router.store, record)
+        except RuntimeError:  # the pool is shut down: the process is exiting
+            self.router.metrics.log_failures.inc()
+            return
 
         def done(f: Any) -> None:
             if f.exception() is not None:
