@@ -19,6 +19,7 @@ from kubetrain_api.routing import HEADER_MODEL_VERSION, HEADER_RESPONSE_ID, HEAD
 from kubetrain_trainer.route.assign import choose
 from kubetrain_trainer.route.store import open_store
 from tests.route.conftest import SERVICE, Process, StubEngine, router, variant, write_config
+from tests.serve.conftest import RUN_NAME  # what the engines call their model
 from tests.support.postgres import PostgresServer
 
 CHAT = [{"role": "user", "content": "Say something about foxes."}]
@@ -123,6 +124,27 @@ def test_a_weighted_sticky_split_that_shifts_without_a_restart(
         assert metric(r, "kubetrain_route_weight", variant="a") == 100
 
 
+def test_a_sticky_header_wins_over_the_user_field(
+    engines: dict[str, Process], tmp_path: Path
+) -> None:
+    config_path = tmp_path / "router.yaml"
+    a, b = variant("a", engines["a"].base_url, 50), variant("b", engines["b"].base_url, 50)
+    a.upstream_model = b.upstream_model = RUN_NAME
+    config = write_config(config_path, [a, b], sticky_header="X-User-Id")
+    with router(config_path, str(tmp_path / "router.db"), tmp_path) as r:
+        for i in range(12):
+            raw = client(r).chat.completions.with_raw_response.create(
+                model=SERVICE,
+                messages=CHAT,
+                max_tokens=1,
+                user=f"body-{i}",
+                extra_headers={"X-User-Id": f"header-{i}"},
+            )
+            expected = choose(f"header-{i}", config.hash_salt, config.variants).name
+            assert raw.headers[HEADER_VARIANT] == expected
+            assert raw.parse().model == SERVICE  # the engine names its own, the router ours
+
+
 # ------------------------------------------------------------------------------ streaming
 
 
@@ -141,6 +163,7 @@ def test_a_stream_passes_through_and_is_logged_as_streamed(
         chunks = list(raw.parse())
         assert len(chunks) > 3, "the answer arrives in pieces"
         assert {c.id for c in chunks} == {response_id}
+        assert {c.model for c in chunks} == {SERVICE}
         assert all(c.usage is None for c in chunks), "usage the client did not ask for"
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 

@@ -8,8 +8,9 @@ operator), `GET /healthz`, `GET /readyz`, `GET /metrics`.
 
 Every routed response carries `x-kubetrain-response-id` (also the body's `id`, which the
 router mints and writes over the engine's), `x-kubetrain-variant` and
-`x-kubetrain-model-version`. Each exchange is logged in the store (SQLite or PostgreSQL)
-from a thread pool, never on the event loop, before the response ends: the non-streamed
+`x-kubetrain-model-version`; the body's `model` is the service's model name. Each
+exchange is logged in the store (SQLite or PostgreSQL) from a thread pool, never on the
+event loop, before the response ends: the non-streamed
 body is sent once logged, a stream's final `data: [DONE]` once logged. So a client that
 has its whole answer can rate it through any replica at once. If the store fails the
 answer is still served (counted in `kubetrain_route_log_failures`); ratings of it are then
@@ -290,6 +291,7 @@ class Router:
         prefix, chat = _ROUTES[path]
         call = _Call(
             router=self,
+            service_model=config.model,
             variant=variant,
             endpoint=path,
             response_id=f"{prefix}-{uuid.uuid4().hex}",
@@ -347,6 +349,7 @@ class _Call:
         self,
         *,
         router: Router,
+        service_model: str,
         variant: RouteVariant,
         endpoint: str,
         response_id: str,
@@ -357,6 +360,7 @@ class _Call:
         exchange: Exchange,
     ) -> None:
         self.router = router
+        self.service_model = service_model
         self.variant = variant
         self.endpoint = endpoint
         self.response_id = response_id
@@ -396,7 +400,7 @@ class _Call:
                 raise ValueError("not an object")
         except ValueError:
             return await self.fail(502, "upstream_5xx", "answered 200 with a body that is not JSON")
-        body["id"] = self.response_id
+        body["id"], body["model"] = self.response_id, self.service_model
         self.exchange.add_completion(body)
         await self.finish(200, self.exchange.text())
         return JSONResponse(body, headers=self.headers())
@@ -476,7 +480,7 @@ class _Call:
             return None, False
         if hide_usage:
             chunk.pop("usage", None)
-        chunk["id"] = self.response_id
+        chunk["id"], chunk["model"] = self.response_id, self.service_model
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode(), False
 
     def _record(self, status: int, response: str) -> dict[str, Any]:
