@@ -10,7 +10,12 @@ from hypothesis import settings
 
 from kubetrain_api import crd
 
-pytest_plugins = ["tests.support.cluster", "tests.support.realnode", "tests.support.s3"]
+pytest_plugins = [
+    "tests.support.cluster",
+    "tests.support.postgres",
+    "tests.support.realnode",
+    "tests.support.s3",
+]
 
 # Property tests draw the same examples on every run, so CI is repeatable and a failure
 # reproduces; explore more locally with --hypothesis-profile=explore.

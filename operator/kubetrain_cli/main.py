@@ -129,6 +129,19 @@ def _serve(argv: list[str]) -> int:
     return 0
 
 
+def _route(argv: list[str]) -> int:
+    try:
+        from kubetrain_trainer.route.__main__ import main as route_main
+    except ImportError as exc:
+        print(
+            f"kubetrain route needs the serve extra (pip install 'kubetrain[serve]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    route_main(["--prog", "kubetrain route", *argv])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetrain",
@@ -237,7 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/chat/completions and /v1/models; `kubetrain serve --help` lists the options.",
         add_help=False,
     )
-    # Listed here for `kubetrain --help`; main() hands `serve ...` to the server's parser.
+    commands.add_parser(
+        "route",
+        help="route an OpenAI-compatible endpoint to model variants (A/B, sticky per user)",
+        description="Split requests between variants by weight, sticky per user; log every "
+        "response and take feedback; `kubetrain route --help` lists the options.",
+        add_help=False,
+    )
+    # Listed here for `kubetrain --help`; main() hands `serve ...` and `route ...` to the
+    # server's and the router's parsers.
     return parser
 
 
@@ -245,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         return _serve(argv[1:])
+    if argv[:1] == ["route"]:
+        return _route(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

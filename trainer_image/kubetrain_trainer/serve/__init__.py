@@ -13,6 +13,16 @@ attention) can be plugged in behind the same engine interface (`encode_prompt`,
 `encode_chat`, `stream`, `close`, `context_length`); it is not implemented here.
 """
 
-from .app import build_server, create_app, serve
+from typing import Any
 
 __all__ = ["build_server", "create_app", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the router (kubetrain_trainer.route) reuses `errors` and `schemas` without
+    # importing torch and transformers with the app.
+    if name in __all__:
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
