@@ -289,7 +289,7 @@ def test_api_module_imports_nothing_heavy() -> None:
 
     code = (
         "import sys, kubetrain_api, kubetrain_api.crd, kubetrain_api.validation, "
-        "kubetrain_cli.main\n"
+        "kubetrain_api.modelservice, kubetrain_api.documents, kubetrain_cli.main\n"
         "heavy = {'torch', 'ray', 'kopf', 'kubernetes', 'transformers'} & set(sys.modules)\n"
         "print(sorted(heavy))"
     )
