@@ -130,6 +130,12 @@ def _rule_variants(service: ms.ModelService, limits: Limits) -> Iterator[FieldEr
                 )
             else:
                 yield from uri_errors(f"{path}.source.uri", source.uri, "model")
+        weight = ms.weights(service.spec)[variant.name]
+        if weight > 0 and variant.replicas == 0 and variant.autoscaling is None:
+            yield FieldError(
+                f"{path}.replicas",
+                f"0 replicas cannot take the {weight}% of the traffic its weight gives it",
+            )
         if variant.engine == "vllm" and variant.gpus < 1:
             yield FieldError(
                 f"{path}.gpus", "engine vllm serves on GPUs: set gpus >= 1 (or use builtin)"

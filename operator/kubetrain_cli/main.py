@@ -50,7 +50,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             meta = doc.get("metadata") if isinstance(doc, dict) else None
             name = meta.get("name", "?") if isinstance(meta, dict) else "?"
             kind = doc.get("kind") if isinstance(doc, dict) else None
-            kind = kind if kind in documents.KINDS else "TrainingRun"
+            kind = kind if isinstance(kind, str) and kind else "TrainingRun"
             try:
                 obj = documents.parse_document(doc)
             except validation.InvalidSpec as exc:

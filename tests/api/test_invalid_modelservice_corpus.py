@@ -49,6 +49,7 @@ CASES: dict[str, tuple[str, str]] = {
     "builtin-source": ("rules", "spec.variants[0].source.uri"),
     "source-uri-with-credentials": ("rules", "spec.variants[0].source.uri"),
     "vllm-without-gpus": ("rules", "spec.variants[0].gpus"),
+    "variant-without-replicas": ("rules", "spec.variants[1].replicas"),
     "autoscaling-min-over-max": ("rules", "spec.variants[0].autoscaling.minReplicas"),
     "header-key-without-header": ("rules", "spec.router.stickyKey.header"),
     "negative-variant-cpu": ("rules", "spec.variants[0].resources.cpu"),

@@ -76,6 +76,7 @@ def test_validate_refuses_an_unknown_kind(tmp_path: Path) -> None:
     (tmp_path / "typo.yaml").write_text(text)
     out = kubetrain("validate", str(tmp_path / "typo.yaml"))
     assert out.returncode == 1
+    assert "typo.yaml: ModelServce quickstart: invalid" in out.stderr
     assert "kind: must be one of TrainingRun, ModelService" in out.stderr
 
 

@@ -270,3 +270,11 @@ def test_history_is_bounded() -> None:
     change = {"time": "2026-01-01T00:00:00Z", "weights": [], "cause": "Spec"}
     with pytest.raises(pydantic.ValidationError, match="at most 20 items"):
         ms.ModelServiceStatus.model_validate({"history": [change] * (ms.MAX_HISTORY + 1)})
+
+
+def test_a_parked_variant_may_have_no_replicas() -> None:
+    doc = example()
+    doc["spec"].pop("experiment")
+    doc["spec"]["variants"][0]["weight"] = 100
+    doc["spec"]["variants"][1] |= {"weight": 0, "replicas": 0}
+    assert errors_of(doc) == []
