@@ -143,9 +143,7 @@ def test_status_fields_are_optional_and_conditions_are_keyed_by_type(kind: str) 
     # The operator merge-patches status piece by piece, so no object may need a key; list
     # items may (a merge patch replaces a list whole, items complete).
     required_in_status = [
-        path
-        for path, node in walk(status, "status")
-        if node.get("required") and "[]" not in path
+        path for path, node in walk(status, "status") if node.get("required") and "[]" not in path
     ]
     assert required_in_status == []
     conditions = status["properties"]["conditions"]
