@@ -71,12 +71,6 @@ def _rule_name(service: ms.ModelService, limits: Limits) -> Iterator[FieldError]
         yield FieldError("metadata.annotations", f"{key!r}: {message}" if key else message)
 
 
-def _rule_size(service: ms.ModelService, limits: Limits) -> Iterator[FieldError]:
-    size = len(service.spec.model_dump_json(by_alias=True, exclude_none=True))
-    if size > limits.max_spec_bytes:
-        yield FieldError("spec", f"is {size} bytes; the limit is {limits.max_spec_bytes}")
-
-
 def _rule_variant_names(service: ms.ModelService, limits: Limits) -> Iterator[FieldError]:
     seen: set[str] = set()
     name = service.metadata.name or ""
@@ -245,7 +239,6 @@ def _password_urls(node: Any, path: str) -> Iterator[FieldError]:
 
 MODELSERVICE_RULES: tuple[MsRule, ...] = (
     _rule_name,
-    _rule_size,
     _rule_variant_names,
     _rule_weights,
     _rule_variants,
