@@ -357,12 +357,13 @@ class VariantResult(ApiModel):
 
     name: Name
     """Variant name."""
-    n: Count
-    """Samples (rated responses, or requests)."""
+    # Not `n`: YAML 1.1 readers (kubectl's among them) take a bare n for false.
+    samples: Count
+    """Samples (rated responses, or requests): the statistics' n."""
     successes: Count
     """Samples that count for the metric (positive ratings; errors; slow requests)."""
     rate: Rate
-    """successes / n."""
+    """successes / samples."""
     interval: Interval | None = None
     """Wilson interval of the rate at 1 - alpha (descriptive: a fixed-n interval)."""
     requests: Count | None = None

@@ -135,13 +135,13 @@ def test_the_status_the_models_describe_is_stored_whole(
             variants=[
                 ms.VariantResult(
                     name="a",
-                    n=790,
+                    samples=790,
                     successes=316,
                     rate=0.4,
                     interval=ms.Interval(lower=0.36, upper=0.44),
                     latency_p95_seconds=0.21,
                 ),
-                ms.VariantResult(name="b", n=812, successes=495, rate=0.61),
+                ms.VariantResult(name="b", samples=812, successes=495, rate=0.61),
             ],
             difference=0.21,
             difference_interval=ms.Interval(lower=0.12, upper=0.3),

@@ -126,6 +126,25 @@ def test_schema_is_structural(kind: str) -> None:
     assert problems == []
 
 
+# Words YAML 1.1 reads as booleans or null when bare; kubectl's YAML reader is YAML 1.1, and
+# PyYAML (1.1 too, but without y/n) writes them unquoted, so a field so named breaks the file.
+YAML11_WORDS = {
+    word
+    for base in ("y", "n", "yes", "no", "on", "off", "true", "false", "null")
+    for word in (base, base.capitalize(), base.upper())
+} | {"~"}
+
+
+def test_no_field_name_is_a_yaml_1_1_word(kind: str) -> None:
+    names = [
+        path
+        for path, node in walk(schema(kind))
+        for name in node.get("properties", {})
+        if name in YAML11_WORDS
+    ]
+    assert names == []
+
+
 def test_every_field_is_described(kind: str) -> None:
     undescribed = [
         path

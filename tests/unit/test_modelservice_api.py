@@ -232,7 +232,7 @@ def test_a_decided_experiment_fits_the_status() -> None:
             variants=[
                 ms.VariantResult(
                     name=v.name,
-                    n=v.n,
+                    samples=v.n,
                     successes=v.successes,
                     rate=v.rate,
                     interval=ms.Interval(lower=v.interval[0], upper=v.interval[1]),
