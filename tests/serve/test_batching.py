@@ -12,7 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import DynamicCache
 
+from kubetrain_trainer.serve.batching import DecodeBatch
 from kubetrain_trainer.serve.engine import Sampling, Step, TransformersEngine
 from tests.serve.conftest import LiveServer
 
@@ -202,3 +205,33 @@ def test_concurrent_streams_over_http_and_a_client_that_hangs_up(server: LiveSer
     assert [streamed.get(i) for i in range(len(prompts))] == expected
     gauge = server.model_server.metrics.registry.get_sample_value
     server.wait_until(lambda: gauge("kubetrain_serve_in_flight") == 0, timeout=10)
+
+
+def test_the_batch_cache_pads_on_the_left_and_sheds_padding_when_the_longest_leaves() -> None:
+    def cache(length: int, fill: float) -> DynamicCache:
+        kv = torch.full((1, 2, length, 4), fill)
+        return DynamicCache(ddp_cache_data=[(kv, kv.clone()), (kv, kv.clone())])
+
+    batch: DecodeBatch[str] = DecodeBatch(torch.device("cpu"), stack=True)
+    batch.join("long", cache(6, 1.0), 6)
+    batch.join("short", cache(2, 2.0), 2)
+    inputs = batch.inputs([10, 20])
+    assert inputs["attention_mask"].tolist() == [[1] * 7, [0, 0, 0, 0, 1, 1, 1]]
+    assert inputs["position_ids"].tolist() == [[6], [2]]
+    layer = batch.cache.layers[0]
+    assert layer.keys.shape == (2, 2, 6, 4)
+    assert layer.keys[1, :, :4].abs().sum() == 0  # padding
+    assert (layer.keys[1, :, 4:] == 2.0).all()
+
+    for each in batch.cache.layers:  # what the forward does with the cache
+        new = torch.full((2, 2, 1, 4), 3.0)
+        each.update(new, new.clone())
+    batch.advanced()
+    batch.keep([False, True])
+    assert batch.members == ["short"]
+    keys = batch.cache.layers[0].keys
+    assert keys.shape == (1, 2, 3, 4), "only the short one's columns are left"
+    assert keys[0, :, :2].eq(2.0).all()
+    assert keys[0, :, 2].eq(3.0).all()
+    # Alone and unpadded again: exactly what a plain generation loop passes.
+    assert set(batch.inputs([30])) == {"input_ids", "cache"}
