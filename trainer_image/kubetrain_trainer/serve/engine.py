@@ -341,6 +341,8 @@ class _Sequence:
         self.done = False
         self.count = 0
         self.last_token = -1
+        self.plain_greedy = False
+        """Argmax of the raw logits (no adjustments): the batch's one argmax serves it."""
 
     def emit(self, item: Step | BaseException) -> None:
         if not self._emit(item):
