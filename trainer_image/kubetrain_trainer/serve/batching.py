@@ -32,8 +32,8 @@ def stackable(cache: Cache) -> bool:
 
 
 class DecodeBatch(Generic[M]):
-    """Members (any per-sequence object) in cache row order, with their stacked cache,
-    the padding mask ([batch, length], 1 for real tokens) and each one's real length."""
+    """Members (any per-sequence object) in cache row order, with their stacked cache and,
+    per row, its leading padding and real length (padding + length is the cache's width)."""
 
     def __init__(self, device: torch.device, *, stack: bool) -> None:
         self.device = device
@@ -41,21 +41,26 @@ class DecodeBatch(Generic[M]):
         """Whether other sequences may join (the cache is stackable)."""
         self.members: list[M] = []
         self.cache: Cache | None = None
-        self._mask: torch.Tensor | None = None
+        self._padding: list[int] = []
         self._lengths: list[int] = []
 
     def __len__(self) -> int:
         return len(self.members)
 
+    @property
+    def width(self) -> int:
+        """Columns of the stacked cache."""
+        return self._padding[0] + self._lengths[0] if self.members else 0
+
     def join(self, member: M, cache: Cache, length: int) -> None:
         """Add a prefilled sequence: its `cache` (batch 1) holds `length` tokens."""
-        mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-        if self.cache is None or self._mask is None:
-            self.cache, self._mask = cache, mask
+        if self.cache is None:
+            self.cache = cache
+            self._padding = [0]
         else:
             if not self.stack:
                 raise ValueError("this batch's cache cannot take another sequence")
-            width = max(self._mask.shape[1], length)
+            width = max(self.width, length)
             for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
                 assert isinstance(mine, DynamicLayer)
                 assert isinstance(theirs, DynamicLayer)
@@ -63,32 +68,30 @@ class DecodeBatch(Generic[M]):
                 mine.values = torch.cat(
                     [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
                 )
-            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+            grown = width - self.width
+            self._padding = [p + grown for p in self._padding] + [width - length]
         self.members.append(member)
         self._lengths.append(length)
 
     def inputs(self, tokens: Sequence[int]) -> dict[str, Any]:
-        """The forward's arguments to feed each member its next token (in member order).
-        A lone unpadded sequence gets exactly what a plain generation loop passes."""
+        """The forward's arguments to feed each member its next token (in member order):
+        a mask that hides each row's padding, and each row's own next position. A lone
+        unpadded sequence gets exactly what a plain generation loop passes."""
         assert self.cache is not None
-        assert self._mask is not None
         input_ids = torch.tensor([[t] for t in tokens], device=self.device)
-        if len(self) == 1 and self._mask.shape[1] == self._lengths[0]:
+        if not any(self._padding):
             return {"input_ids": input_ids, "cache": self.cache}
-        new = torch.ones((len(self), 1), dtype=torch.long, device=self.device)
-        positions = torch.tensor([[n] for n in self._lengths], device=self.device)
+        columns = torch.arange(self.width + 1, device=self.device)
+        padding = torch.tensor(self._padding, device=self.device)
         return {
             "input_ids": input_ids,
-            "attention_mask": torch.cat([self._mask, new], dim=1),
-            "position_ids": positions,
+            "attention_mask": (columns[None, :] >= padding[:, None]).long(),
+            "position_ids": torch.tensor([[n] for n in self._lengths], device=self.device),
             "cache": self.cache,
         }
 
     def advanced(self) -> None:
         """Record that the forward built from `inputs` ran: each member has one more token."""
-        assert self._mask is not None
-        new = torch.ones((len(self), 1), dtype=torch.long, device=self.device)
-        self._mask = torch.cat([self._mask, new], dim=1)
         self._lengths = [n + 1 for n in self._lengths]
 
     def keep(self, kept: Sequence[bool]) -> None:
@@ -99,15 +102,14 @@ class DecodeBatch(Generic[M]):
         rows = [i for i, k in enumerate(kept) if k]
         self.members = [self.members[i] for i in rows]
         self._lengths = [self._lengths[i] for i in rows]
+        self._padding = [self._padding[i] for i in rows]
         if not rows:
-            self.cache = self._mask = None
+            self.cache = None
             return
         assert self.cache is not None
-        assert self._mask is not None
         index = torch.tensor(rows, device=self.device)
-        mask = self._mask[index]
-        start = mask.shape[1] - max(self._lengths)  # columns before this are all padding
-        self._mask = mask[:, start:]
+        start = min(self._padding)  # columns before this are padding in every row
+        self._padding = [p - start for p in self._padding]
         for layer in self.cache.layers:
             assert isinstance(layer, DynamicLayer)
             layer.keys = layer.keys[index, :, start:]
@@ -115,11 +117,10 @@ class DecodeBatch(Generic[M]):
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zeros before the sequence axis (-1 of a mask, -2 of keys and values) up to `width`."""
-    axis = -1 if tensor.dim() == 2 else -2
-    missing = width - tensor.shape[axis]
+    """Keys or values ([batch, heads, length, dim]) with zeros before them up to `width`."""
+    missing = width - tensor.shape[-2]
     if missing == 0:
         return tensor
     shape = list(tensor.shape)
-    shape[axis] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+    shape[-2] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=-2)

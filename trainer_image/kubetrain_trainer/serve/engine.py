@@ -212,6 +212,7 @@ class TransformersEngine:
 
     # -- the scheduler thread: admit, prefill, decode in batches ------------------------------
 
+    @torch.inference_mode()
     def _schedule(self) -> None:
         while True:
             with self._wake:
@@ -222,11 +223,10 @@ class TransformersEngine:
                 room = self.max_batch - sum(len(b) for b in self._batches)
                 admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             try:
-                with torch.inference_mode():
-                    for sequence in admitted:
-                        self._admit(sequence)
-                    for batch in self._batches:
-                        self._decode(batch)
+                for sequence in admitted:
+                    self._admit(sequence)
+                for batch in self._batches:
+                    self._decode(batch)
             except Exception as exc:  # a bug here must not leave requests waiting forever
                 stranded = {id(s): s for b in self._batches for s in b.members}
                 stranded.update((id(s), s) for s in admitted)
