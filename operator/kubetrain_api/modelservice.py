@@ -17,6 +17,8 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field
 
+# The router's contract (routing.py) owns the weight scale, the variant cap and header names.
+from kubetrain_api.routing import MAX_VARIANTS, TOTAL_WEIGHT, HeaderName
 from kubetrain_api.v1alpha1 import (
     API_VERSION,
     MAX_NAME,
@@ -41,15 +43,11 @@ PLURAL = "modelservices"
 SINGULAR = "modelservice"
 SHORT_NAMES = ["ms"]
 
-MAX_VARIANTS = 8
-"""Variants per service: an A/B test needs two; a few more leave room for a canary."""
 MAX_HISTORY = 20
 """Traffic changes kept in status.history (the newest; older ones are dropped)."""
 MAX_SERVICE_NAME = 40
 """A ModelService's name names its router (`<name>-router`), the router's SQLite claim
 (`<name>-router-db`) and every variant's Deployment and Service (`<name>-<variant>`)."""
-TOTAL_WEIGHT = 100
-"""Variant weights are integer percentages of the traffic."""
 ROUTER_SUFFIX: Final = "router"
 """Variants may not be named `router` or `router-*`: that is the router's child name."""
 MAX_DNS_LABEL = 63
@@ -70,9 +68,6 @@ def variant_name(service: str, variant: str) -> str:
     """Name of a variant's Deployment, Service, HPA and PodDisruptionBudget."""
     return f"{service}-{variant}"
 
-
-# An HTTP header name (RFC 9110 token), for the sticky key.
-HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 
 Weight = Annotated[int, Field(ge=0, le=TOTAL_WEIGHT)]
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -167,7 +162,7 @@ class StickyKey(ApiModel):
     source: Literal["user", "header"] = "user"
     """`user`: the request body's OpenAI `user` field; `header`: the request header
     `header`."""
-    header: Annotated[str, Field(max_length=128, pattern=HEADER_NAME)] | None = None
+    header: HeaderName | None = None
     """Header name that carries the key (with source `header`), e.g. `X-User-Id`."""
 
 

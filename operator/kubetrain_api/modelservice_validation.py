@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kubetrain_api import k8s_rules
+from kubetrain_api import k8s_rules, routing
 from kubetrain_api import modelservice as ms
 from kubetrain_api.validation import (
     FieldError,
@@ -102,10 +102,11 @@ def _rule_weights(service: ms.ModelService, limits: Limits) -> Iterator[FieldErr
                 f"spec.variants[{i}].weight", "required when there are several variants"
             )
     total = sum(v.weight or 0 for v in variants)
-    if not missing and total != ms.TOTAL_WEIGHT:
+    if not missing and total != routing.TOTAL_WEIGHT:
         yield FieldError(
             "spec.variants",
-            f"weights sum to {total}; they must sum to {ms.TOTAL_WEIGHT} (percent of the traffic)",
+            f"weights sum to {total}; they must sum to {routing.TOTAL_WEIGHT}"
+            " (percent of the traffic)",
         )
 
 

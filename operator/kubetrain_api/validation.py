@@ -25,7 +25,7 @@ import yaml
 from kubetrain_api import contract, k8s_rules, placement
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.model_overrides import check_config_overrides
-from kubetrain_api.modelservice import HEADER_NAME
+from kubetrain_api.routing import HEADER_NAME
 
 _Model = TypeVar("_Model", bound=pydantic.BaseModel)
 
