@@ -12,7 +12,7 @@ unschedulable) but never run. See shared/design/TESTING.md.
 CLI::
 
     python3 hack/controlplane.py build            # compile the control plane (cached)
-    python3 hack/controlplane.py tools            # fetch kubectl + helm, apt prometheus (cached)
+    python3 hack/controlplane.py tools            # fetch kubectl + helm, apt prometheus, postgresql
     python3 hack/controlplane.py up [--dir DIR]   # start a cluster (default DIR: .cluster/)
     python3 hack/controlplane.py status [--dir DIR]
     python3 hack/controlplane.py down [--dir DIR]
@@ -1213,9 +1213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build":
             print(build(force=args.force))
         elif args.command == "tools":
-            # Debian's prometheus (2.42, with promtool) for the monitoring tests; they run
-            # their own process on a free port, so the packaged service is never used.
-            ensure_apt_packages(["prometheus"])
+            # Debian's prometheus (2.42, with promtool) for the monitoring tests and
+            # postgresql (15) for the router's store tests (tests/support/postgres.py); the
+            # tests run their own servers on free ports, never the packaged services.
+            ensure_apt_packages(["prometheus", "postgresql"])
             print(fetch_tools(force=args.force))
         elif args.command == "up":
             cluster = up(args.dir, timeout=args.timeout)

@@ -43,18 +43,10 @@ def _objects(node: Schema, path: str) -> Iterator[tuple[str, Schema]]:
         yield from _objects(node["items"], f"{path}[]")
 
 
-def render() -> str:
-    schema = crd.trainingrun_schema()
-    lines = [
-        "# TrainingRun API reference (kubetrain.dev/v1alpha1)",
-        "",
-        "Generated from `operator/kubetrain_api/v1alpha1.py` by "
-        "`python -m kubetrain_api.reference`; do not edit. `kubectl explain trainingrun.spec` "
-        "shows the same text on a cluster.",
-        "",
-    ]
+def _tables(schema: Schema, prefix: str = "") -> list[str]:
+    lines: list[str] = []
     for root in ("spec", "status"):
-        for path, obj in _objects(schema["properties"][root], root):
+        for path, obj in _objects(schema["properties"][root], prefix + root):
             required = set(obj.get("required", []))
             lines += [f"## `{path}`", "", obj.get("description", ""), ""]
             lines += ["| Field | Type | Description |", "| --- | --- | --- |"]
@@ -63,6 +55,29 @@ def render() -> str:
                 text = child.get("description", "").replace("|", "\\|")
                 lines.append(f"| `{name}`{mark} | {_type(child)} | {text} |")
             lines.append("")
+    return lines
+
+
+def render() -> str:
+    lines = [
+        "# TrainingRun API reference (kubetrain.dev/v1alpha1)",
+        "",
+        "Generated from `operator/kubetrain_api/v1alpha1.py` by "
+        "`python -m kubetrain_api.reference`; do not edit. `kubectl explain trainingrun.spec` "
+        "shows the same text on a cluster.",
+        "",
+    ]
+    lines += _tables(crd.trainingrun_schema())
+    lines += [
+        "# ModelService API reference (kubetrain.dev/v1alpha1)",
+        "",
+        "Generated from `operator/kubetrain_api/modelservice.py`; `kubectl explain "
+        "modelservice.spec` shows the same text on a cluster. Short name: `ms`. Rules beyond "
+        "the schema (weights summing to 100, the experiment naming existing variants, SQLite "
+        "with one router replica) are checked by `kubetrain validate`.",
+        "",
+    ]
+    lines += _tables(crd.modelservice_schema(), "modelservice.")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import pydantic
@@ -25,6 +25,9 @@ import yaml
 from kubetrain_api import contract, k8s_rules, placement
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.model_overrides import check_config_overrides
+from kubetrain_api.routing import HEADER_NAME
+
+_Model = TypeVar("_Model", bound=pydantic.BaseModel)
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,7 @@ _PATTERN_HINTS = {
     api.DNS_SUBDOMAIN: "must be a lowercase DNS-1123 subdomain (a-z, 0-9, '-' and '.', "
     "starting and ending with a letter or digit)",
     api.ENV_NAME: "must be a valid environment variable name",
+    HEADER_NAME: "must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)",
 }
 # pydantic tags union branches in the location (e.g. `cpu.int`, `cpu.str`); we drop them.
 _UNION_TAGS = {"int", "str", "float", "bool"}
@@ -315,11 +319,21 @@ def _structural_errors(exc: pydantic.ValidationError) -> list[FieldError]:
 
 def parse(doc: Any, limits: Limits = Limits()) -> api.TrainingRun:
     """Parse and fully validate one TrainingRun document; raise InvalidSpec with every error."""
+    run = parse_structure(doc, api.TrainingRun, api.KIND)
+    errors = check_rules(run, limits)
+    if errors:
+        raise InvalidSpec(errors)
+    return run
+
+
+def parse_structure(doc: Any, model: type[_Model], kind: str) -> _Model:
+    """Layer 1 for any kind: the header, then the model in strict mode. Raises InvalidSpec
+    with every structural error."""
     if not isinstance(doc, Mapping):
         raise InvalidSpec([FieldError("(document)", "must be a YAML mapping")])
     header = [
         FieldError(key, f"must be {want}")
-        for key, want in (("apiVersion", api.API_VERSION), ("kind", api.KIND))
+        for key, want in (("apiVersion", api.API_VERSION), ("kind", kind))
         if doc.get(key) != want
     ]
     if header:
@@ -333,13 +347,9 @@ def parse(doc: Any, limits: Limits = Limits()) -> api.TrainingRun:
         error = FieldError("(document)", "nests too deeply or refers to itself")
         raise InvalidSpec([error]) from None
     try:
-        run = api.TrainingRun.model_validate_json(text, strict=True)
+        return model.model_validate_json(text, strict=True)
     except pydantic.ValidationError as exc:
         raise InvalidSpec(_structural_errors(exc)) from None
-    errors = check_rules(run, limits)
-    if errors:
-        raise InvalidSpec(errors)
-    return run
 
 
 def _string_keys(node: Any) -> Any:
@@ -434,30 +444,36 @@ def _uris(spec: api.TrainingRunSpec) -> Iterator[tuple[str, str, str]]:
 
 def _rule_uris(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
     for path, uri, what in _uris(run.spec):
-        parts = urlsplit(uri)
-        scheme, rest = parts.scheme, uri.split("://", 1)[1]
-        if parts.username or parts.password:
-            yield FieldError(path, "must not carry credentials; use spec.secrets")
-        elif _has_dot_dot(rest):
-            # The pods mount one claim and the credentials reach one bucket; `..` (however
-            # spelled) would point the trainer outside of them.
-            yield FieldError(path, "must not contain '..' path segments (percent-encoded too)")
-        elif scheme == "hf" and not _HF_ID.match(rest):
-            yield FieldError(path, "must be hf://ORG/NAME")
-        elif scheme == "pvc" and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$", rest):
-            yield FieldError(path, "must be pvc://CLAIM/PATH with a lowercase claim name")
-        elif scheme == "pvc" and _leaves_claim(uri):
-            # The operator mounts only the named claim; `..` would reach another one.
-            yield FieldError(path, "must be pvc://CLAIM/PATH with a PATH inside the claim")
-        elif scheme in ("s3", "gs") and not re.match(r"^[a-z0-9][-a-z0-9._]{1,62}(/.*)?$", rest):
-            yield FieldError(path, f"must be {scheme}://BUCKET/KEY")
-        elif scheme == "file" and not rest.startswith("/"):
-            yield FieldError(path, "must be an absolute path: file:///PATH")
-        elif scheme == "builtin":
-            known = {"model": api.BUILTIN_MODELS, "dataset": api.BUILTIN_DATASETS}.get(what, ())
-            if rest not in known:
-                choices = ", ".join(known) or "none here"
-                yield FieldError(path, f"unknown built-in {what} {rest!r} (known: {choices})")
+        yield from uri_errors(path, uri, what)
+
+
+def uri_errors(path: str, uri: str, what: str) -> Iterator[FieldError]:
+    """What is wrong with one URI the schema let through (credentials, `..`, the shape each
+    scheme needs); `what` (model, dataset, storage) picks the builtin:// catalogue."""
+    parts = urlsplit(uri)
+    scheme, rest = parts.scheme, uri.split("://", 1)[1]
+    if parts.username or parts.password:
+        yield FieldError(path, "must not carry credentials; use spec.secrets")
+    elif _has_dot_dot(rest):
+        # The pods mount one claim and the credentials reach one bucket; `..` (however
+        # spelled) would point the trainer outside of them.
+        yield FieldError(path, "must not contain '..' path segments (percent-encoded too)")
+    elif scheme == "hf" and not _HF_ID.match(rest):
+        yield FieldError(path, "must be hf://ORG/NAME")
+    elif scheme == "pvc" and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$", rest):
+        yield FieldError(path, "must be pvc://CLAIM/PATH with a lowercase claim name")
+    elif scheme == "pvc" and _leaves_claim(uri):
+        # The operator mounts only the named claim; `..` would reach another one.
+        yield FieldError(path, "must be pvc://CLAIM/PATH with a PATH inside the claim")
+    elif scheme in ("s3", "gs") and not re.match(r"^[a-z0-9][-a-z0-9._]{1,62}(/.*)?$", rest):
+        yield FieldError(path, f"must be {scheme}://BUCKET/KEY")
+    elif scheme == "file" and not rest.startswith("/"):
+        yield FieldError(path, "must be an absolute path: file:///PATH")
+    elif scheme == "builtin":
+        known = {"model": api.BUILTIN_MODELS, "dataset": api.BUILTIN_DATASETS}.get(what, ())
+        if rest not in known:
+            choices = ", ".join(known) or "none here"
+            yield FieldError(path, f"unknown built-in {what} {rest!r} (known: {choices})")
 
 
 def _has_dot_dot(rest: str) -> bool:
@@ -675,19 +691,24 @@ _ENV_PARENTS = ("spec", "spec.podOverrides.head", "spec.podOverrides.worker")
 
 def _rule_no_secret_values(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
     """Credential-shaped strings anywhere else in the spec (env has its own rule)."""
+    spec = run.spec.model_dump(by_alias=True, exclude_none=True)
+    yield from secret_value_errors(spec, "spec", skip_env_under=_ENV_PARENTS)
 
-    def walk(node: Any, path: str) -> Iterator[FieldError]:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not (key == "env" and path in _ENV_PARENTS):
-                    yield from walk(value, f"{path}.{key}")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                yield from walk(value, f"{path}[{i}]")
-        elif isinstance(node, str) and _SECRET_VALUE.search(node):
-            yield FieldError(path, "looks like an inline secret; reference a Secret instead")
 
-    yield from walk(run.spec.model_dump(by_alias=True, exclude_none=True), "spec")
+def secret_value_errors(
+    node: Any, path: str, skip_env_under: tuple[str, ...] = ()
+) -> Iterator[FieldError]:
+    """Credential-shaped strings anywhere in a dumped spec; `env` lists under the paths in
+    `skip_env_under` are left to their own rule."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not (key == "env" and path in skip_env_under):
+                yield from secret_value_errors(value, f"{path}.{key}", skip_env_under)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from secret_value_errors(value, f"{path}[{i}]", skip_env_under)
+    elif isinstance(node, str) and _SECRET_VALUE.search(node):
+        yield FieldError(path, "looks like an inline secret; reference a Secret instead")
 
 
 def _rule_data(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:

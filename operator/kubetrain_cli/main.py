@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from kubetrain_api import contract, crd, placement, validation
+from kubetrain_api import contract, crd, documents, placement, validation
+from kubetrain_api.v1alpha1 import TrainingRun
 
 DESCRIPTION = """\
 kubetrain trains language models on Kubernetes: a TrainingRun resource becomes a Ray
@@ -23,7 +24,8 @@ a model that passes its evaluation gate becomes an OpenAI-compatible endpoint.""
 
 EPILOG = """\
 examples:
-  kubetrain validate examples/*.yaml       check TrainingRun files, errors name the field
+  kubetrain validate examples/*.yaml       check TrainingRun and ModelService files, errors
+                                           name the field
   kubetrain validate -o yaml run.yaml      print the run with every default filled in
   kubetrain crds                           regenerate crds/ and the Helm chart's copy
   kubetrain crds --check                   fail if either is out of date
@@ -47,20 +49,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             where = file if len(docs) == 1 else f"{file}[{index}]"
             meta = doc.get("metadata") if isinstance(doc, dict) else None
             name = meta.get("name", "?") if isinstance(meta, dict) else "?"
+            kind = doc.get("kind") if isinstance(doc, dict) else None
+            kind = kind if isinstance(kind, str) and kind else "TrainingRun"
             try:
-                run = validation.parse(doc)
+                obj = documents.parse_document(doc)
             except validation.InvalidSpec as exc:
                 failed = True
-                print(f"{where}: TrainingRun {name}: invalid", file=sys.stderr)
+                print(f"{where}: {kind} {name}: invalid", file=sys.stderr)
                 for error in exc.errors:
                     print(f"  {error}", file=sys.stderr)
                 continue
-            for field, message in placement.warnings(run.spec):
-                print(f"{where}: TrainingRun {name}: warning: {field}: {message}", file=sys.stderr)
+            if isinstance(obj, TrainingRun):
+                for field, message in placement.warnings(obj.spec):
+                    print(f"{where}: {kind} {name}: warning: {field}: {message}", file=sys.stderr)
             if args.output == "name":
-                print(f"{where}: TrainingRun {name}: valid")
+                print(f"{where}: {kind} {name}: valid")
                 continue
-            resolved = run.model_dump(by_alias=True, exclude_none=True, mode="json")
+            resolved = obj.model_dump(by_alias=True, exclude_none=True, mode="json")
             if args.output == "json":
                 print(json.dumps(resolved, indent=2))
             else:
@@ -129,6 +134,19 @@ def _serve(argv: list[str]) -> int:
     return 0
 
 
+def _route(argv: list[str]) -> int:
+    try:
+        from kubetrain_trainer.route.__main__ import main as route_main
+    except ImportError as exc:
+        print(
+            f"kubetrain route needs the serve extra (pip install 'kubetrain[serve]'): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    route_main(["--prog", "kubetrain route", *argv])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetrain",
@@ -140,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser(
         "validate",
-        help="check TrainingRun YAML files (multi-document too); exit 1 on any error",
-        description="Check TrainingRun files against the API: types, bounds and the rules "
-        "the CRD schema cannot express. Every error names its field path.",
+        help="check TrainingRun and ModelService YAML files (multi-document too); exit 1 on "
+        "any error",
+        description="Check TrainingRun and ModelService files against the API: types, bounds "
+        "and the rules the CRD schema cannot express. Every error names its field path.",
     )
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.add_argument(
@@ -150,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         choices=["name", "yaml", "json"],
         default="name",
-        help="name: one line per valid run (default); yaml/json: the resolved run with "
-        "defaults filled in",
+        help="name: one line per valid document (default); yaml/json: the resolved document "
+        "with defaults filled in",
     )
     validate.set_defaults(func=_cmd_validate)
 
@@ -237,7 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/chat/completions and /v1/models; `kubetrain serve --help` lists the options.",
         add_help=False,
     )
-    # Listed here for `kubetrain --help`; main() hands `serve ...` to the server's parser.
+    commands.add_parser(
+        "route",
+        help="route an OpenAI-compatible endpoint to model variants (A/B, sticky per user)",
+        description="Split requests between variants by weight, sticky per user; log every "
+        "response and take feedback; `kubetrain route --help` lists the options.",
+        add_help=False,
+    )
+    # Listed here for `kubetrain --help`; main() hands `serve ...` and `route ...` to the
+    # server's and the router's parsers.
     return parser
 
 
@@ -245,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         return _serve(argv[1:])
+    if argv[:1] == ["route"]:
+        return _route(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

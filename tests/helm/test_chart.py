@@ -164,7 +164,7 @@ def test_defaults_render_the_operator() -> None:
         "Deployment",
     } <= kinds
     assert not kinds & {"Role", "RoleBinding", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
-    assert find(docs, "CustomResourceDefinition")[0]["metadata"]["name"] == crd.CRD_NAME
+    assert find(docs, "CustomResourceDefinition", crd.CRD_NAME)
 
     deployment = operator_deployment(docs)
     assert deployment["metadata"]["name"] == "kubetrain-operator"
@@ -749,9 +749,13 @@ def test_refuses_kubernetes_before_1_20() -> None:
     assert "requires kubeVersion: >=1.20.0-0" in out.stderr
 
 
-def test_chart_crd_is_the_generated_one() -> None:
-    (chart_crd,) = find(template(), "CustomResourceDefinition")
-    assert chart_crd == crd.trainingrun_crd()
+def test_chart_crds_are_the_generated_ones() -> None:
+    docs = template()
+    assert len(find(docs, "CustomResourceDefinition")) == 2
+    (trainingruns,) = find(docs, "CustomResourceDefinition", crd.CRD_NAME)
+    assert trainingruns == crd.trainingrun_crd()
+    (modelservices,) = find(docs, "CustomResourceDefinition", crd.MODELSERVICE_CRD_NAME)
+    assert modelservices == crd.modelservice_crd()
 
 
 def test_every_value_is_documented_and_the_readme_table_is_current() -> None:

@@ -84,7 +84,7 @@ def test_model_info_from_run_info_and_from_a_bare_folder(model_dir: Path, tmp_pa
 
 
 def test_greedy_matches_model_generate_and_seeds_are_per_request(model_dir: Path) -> None:
-    engine = TransformersEngine.load(model_dir, max_workers=4)
+    engine = TransformersEngine.load(model_dir, max_batch=4)
     prompt = engine.encode_prompt("the quick brown fox")
 
     async def run(sampling: Sampling) -> list[str]:
@@ -112,7 +112,7 @@ def test_greedy_matches_model_generate_and_seeds_are_per_request(model_dir: Path
 
 def test_a_vanishing_temperature_is_greedy_not_a_crash(model_dir: Path) -> None:
     """Found by fuzzing: dividing logits by a subnormal temperature gave inf/nan and a 500."""
-    engine = TransformersEngine.load(model_dir, max_workers=1)
+    engine = TransformersEngine.load(model_dir, max_batch=1)
     prompt = engine.encode_prompt("the quick brown fox")
 
     async def run(sampling: Sampling) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ from kubetrain_trainer.serve.engine import TransformersEngine
 from tests.serve.conftest import error_of, running
 
 
-def _broken_steps(*_: object) -> Iterator[object]:
+def _broken_prefill(*_: object) -> object:
     raise RuntimeError("boom: a bug in generation")
-    yield  # a generator, like the real one
 
 
 def test_a_bug_is_a_logged_500_and_the_server_carries_on(
@@ -25,7 +23,7 @@ def test_a_bug_is_a_logged_500_and_the_server_carries_on(
 ) -> None:
     caplog.set_level(logging.ERROR, logger="kubetrain_trainer.serve")
     with running(model_dir) as live, live.client() as http:
-        monkeypatch.setattr(TransformersEngine, "_steps", _broken_steps)
+        monkeypatch.setattr(TransformersEngine, "_prefill", _broken_prefill)
         failed = http.post("/v1/completions", json={"prompt": "hi"})
         with http.stream("POST", "/v1/completions", json={"prompt": "hi", "stream": True}) as s:
             events = [line for line in s.iter_lines() if line]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,21 @@ COMMITTED = ROOT / "crds" / crd.CRD_FILENAME
 
 Node = dict[str, Any]
 
+# kind -> (the CRD object, its file name): the API lint holds for every generated CRD.
+CRDS: dict[str, tuple[Callable[[], Node], str]] = {
+    "TrainingRun": (crd.trainingrun_crd, crd.CRD_FILENAME),
+    "ModelService": (crd.modelservice_crd, crd.MODELSERVICE_CRD_FILENAME),
+}
 
-def schema() -> Node:
-    return crd.trainingrun_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+@pytest.fixture(params=sorted(CRDS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def schema(kind: str = "TrainingRun") -> Node:
+    make, _ = CRDS[kind]
+    return make()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 def walk(node: Node, path: str = "") -> Iterator[tuple[str, Node]]:
@@ -32,27 +44,37 @@ def walk(node: Node, path: str = "") -> Iterator[tuple[str, Node]]:
         yield from walk(node["items"], f"{path}[]")
 
 
-def test_committed_crd_matches_the_models() -> None:
-    assert COMMITTED.read_text() == crd.render_crds()[crd.CRD_FILENAME], (
+def test_committed_crd_matches_the_models(kind: str) -> None:
+    _, filename = CRDS[kind]
+    assert (ROOT / "crds" / filename).read_text() == crd.render_crds()[filename], (
         "crds/ drifted from operator/kubetrain_api: run `kubetrain crds` and commit"
     )
 
 
-def test_chart_crd_matches_the_models() -> None:
-    chart_copy = ROOT / "helm" / "kubetrain" / "crds" / crd.CRD_FILENAME
-    assert chart_copy.read_text() == crd.render_crds()[crd.CRD_FILENAME], (
+def test_chart_crd_matches_the_models(kind: str) -> None:
+    _, filename = CRDS[kind]
+    chart_copy = ROOT / "helm" / "kubetrain" / "crds" / filename
+    assert chart_copy.read_text() == crd.render_crds()[filename], (
         "helm/kubetrain/crds/ drifted from operator/kubetrain_api: run `kubetrain crds`"
     )
 
 
+def test_every_crd_is_generated() -> None:
+    assert sorted(crd.render_crds()) == sorted(filename for _, filename in CRDS.values())
+    on_disk = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    assert on_disk == sorted(crd.render_crds())
+
+
 def test_crd_is_not_hand_edited() -> None:
     assert COMMITTED.read_text().startswith(crd.HEADER)
+    modelservice = ROOT / "crds" / crd.MODELSERVICE_CRD_FILENAME
+    assert modelservice.read_text().startswith(crd.MODELSERVICE_HEADER)
 
 
-def test_every_string_is_bounded() -> None:
+def test_every_string_is_bounded(kind: str) -> None:
     unbounded = [
         path
-        for path, node in walk(schema())
+        for path, node in walk(schema(kind))
         if node.get("type") == "string"
         and not ({"maxLength", "enum", "format"} & node.keys())
         and path not in ("apiVersion", "kind")  # checked by the API server itself
@@ -60,11 +82,11 @@ def test_every_string_is_bounded() -> None:
     assert unbounded == []
 
 
-def test_every_list_and_map_is_bounded() -> None:
-    lists = [p for p, n in walk(schema()) if n.get("type") == "array" and "maxItems" not in n]
+def test_every_list_and_map_is_bounded(kind: str) -> None:
+    lists = [p for p, n in walk(schema(kind)) if n.get("type") == "array" and "maxItems" not in n]
     maps = [
         p
-        for p, n in walk(schema())
+        for p, n in walk(schema(kind))
         if n.get("type") == "object"
         and ("additionalProperties" in n or n.get("x-kubernetes-preserve-unknown-fields"))
         and "maxProperties" not in n
@@ -73,10 +95,10 @@ def test_every_list_and_map_is_bounded() -> None:
     assert maps == []
 
 
-def test_schema_is_structural() -> None:
+def test_schema_is_structural(kind: str) -> None:
     """The rules of a structural schema that pydantic's output would break."""
     problems = []
-    for path, node in walk(schema()):
+    for path, node in walk(schema(kind)):
         if node.get("x-kubernetes-int-or-string"):
             if "type" in node or node.get("anyOf") != [{"type": "integer"}, {"type": "string"}]:
                 problems.append(f"{path}: malformed int-or-string")
@@ -104,10 +126,29 @@ def test_schema_is_structural() -> None:
     assert problems == []
 
 
-def test_every_field_is_described() -> None:
+# Words YAML 1.1 reads as booleans or null when bare; kubectl's YAML reader is YAML 1.1, and
+# PyYAML (1.1 too, but without y/n) writes them unquoted, so a field so named breaks the file.
+YAML11_WORDS = {
+    word
+    for base in ("y", "n", "yes", "no", "on", "off", "true", "false", "null")
+    for word in (base, base.capitalize(), base.upper())
+} | {"~"}
+
+
+def test_no_field_name_is_a_yaml_1_1_word(kind: str) -> None:
+    names = [
+        path
+        for path, node in walk(schema(kind))
+        for name in node.get("properties", {})
+        if name in YAML11_WORDS
+    ]
+    assert names == []
+
+
+def test_every_field_is_described(kind: str) -> None:
     undescribed = [
         path
-        for path, node in walk(schema())
+        for path, node in walk(schema(kind))
         if path
         and path != "metadata"
         and not path.endswith(("[]", "{}"))
@@ -116,12 +157,12 @@ def test_every_field_is_described() -> None:
     assert undescribed == []
 
 
-def test_status_fields_are_optional_and_conditions_are_keyed_by_type() -> None:
-    status = schema()["properties"]["status"]
+def test_status_fields_are_optional_and_conditions_are_keyed_by_type(kind: str) -> None:
+    status = schema(kind)["properties"]["status"]
+    # The operator merge-patches status piece by piece, so no object may need a key; list
+    # items may (a merge patch replaces a list whole, items complete).
     required_in_status = [
-        path
-        for path, node in walk(status, "status")
-        if node.get("required") and path != "status.conditions[]"
+        path for path, node in walk(status, "status") if node.get("required") and "[]" not in path
     ]
     assert required_in_status == []
     conditions = status["properties"]["conditions"]
@@ -140,10 +181,11 @@ def test_status_fields_are_optional_and_conditions_are_keyed_by_type() -> None:
     }
 
 
-def test_spec_is_required_and_status_is_a_subresource() -> None:
-    version = crd.trainingrun_crd()["spec"]["versions"][0]
+def test_spec_is_required_and_status_is_a_subresource(kind: str) -> None:
+    make, _ = CRDS[kind]
+    version = make()["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert schema()["required"] == ["spec"]
+    assert schema(kind)["required"] == ["spec"]
 
 
 def test_names() -> None:
@@ -153,15 +195,32 @@ def test_names() -> None:
     assert crd.trainingrun_crd()["metadata"]["name"] == "trainingruns.kubetrain.dev"
 
 
-@pytest.mark.parametrize("column", crd.PRINTER_COLUMNS, ids=lambda c: c["name"])
-def test_printer_columns_point_at_schema_fields(column: Node) -> None:
+@pytest.mark.parametrize(
+    ("kind", "column"),
+    [("TrainingRun", c) for c in crd.PRINTER_COLUMNS]
+    + [("ModelService", c) for c in crd.MODELSERVICE_PRINTER_COLUMNS],
+    ids=lambda c: c if isinstance(c, str) else c["name"],
+)
+def test_printer_columns_point_at_schema_fields(kind: str, column: Node) -> None:
     if column["jsonPath"].startswith(".metadata."):
         return
     path = column["jsonPath"].lstrip(".")
-    fields = dict(walk(schema()))
+    fields = dict(walk(schema(kind)))
     assert path in fields, f"{column['name']} reads {path}, which the schema does not have"
     expected = {"integer": "integer", "number": "number", "string": "string"}[column["type"]]
     assert fields[path]["type"] == expected
+
+
+def test_modelservice_names_and_columns() -> None:
+    names = crd.modelservice_crd()["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "ModelService",
+        "modelservices",
+        ["ms"],
+    )
+    assert crd.modelservice_crd()["metadata"]["name"] == "modelservices.kubetrain.dev"
+    default = [c["name"] for c in crd.MODELSERVICE_PRINTER_COLUMNS if not c.get("priority")]
+    assert default == ["Variants", "Traffic", "Decision", "Age"]
 
 
 def test_default_columns_are_phase_progress_loss_age() -> None:
@@ -176,10 +235,11 @@ def test_defaults_are_documented_not_applied_by_the_server() -> None:
     assert strategy["description"].endswith("Default: fsdp.")
 
 
-def test_yaml_is_plain_data() -> None:
+def test_yaml_is_plain_data(kind: str) -> None:
     """The file parses with a safe loader and round-trips."""
-    loaded = yaml.safe_load(COMMITTED.read_text())
-    assert loaded == crd.trainingrun_crd()
+    make, filename = CRDS[kind]
+    loaded = yaml.safe_load((ROOT / "crds" / filename).read_text())
+    assert loaded == make()
 
 
 def test_api_reference_is_current() -> None:

@@ -1,16 +1,20 @@
-"""Text generation behind the server: one request, one token at a time, in a worker thread.
+"""Text generation behind the server: concurrent requests decoded together, token by token,
+in one scheduler thread (continuous batching).
 
-`TransformersEngine` runs a Hugging Face causal LM with its KV cache: greedy decoding at
-temperature 0, else temperature and top-p sampling from a generator seeded per request (so
-a seed reproduces a sample whatever else runs at the same time, which `model.generate` and
-its global RNG cannot promise), after OpenAI's logit bias and presence/frequency penalties
-(`sampling.py`), with the model's log-probabilities per token when asked. Each token goes
-back to the event loop as a `Step` as soon as it exists, and the loop never waits on the
-model. Concurrent requests take turns, one forward pass at a time (no batching). Stop
-sequences are matched on the decoded text, and text that might be the start of one is held
-back until it is decided.
+`TransformersEngine` runs a Hugging Face causal LM with its KV cache. Between decode steps
+the scheduler admits waiting requests: each prompt is prefilled alone, its first token sent,
+and its cache joins the decode batch (`batching.py`); then one forward pass gives every
+sequence in the batch its next token, and finished or abandoned sequences leave. Each
+sequence keeps its own sampling: greedy at temperature 0, else temperature and top-p from a
+generator seeded per request (so a seed reproduces a sample whatever else is in the batch,
+which `model.generate` and its global RNG cannot promise), after OpenAI's logit bias and
+presence/frequency penalties (`sampling.py`), with the model's log-probabilities per token
+when asked. A sequence's tokens are those it gets alone (padding is masked, positions are
+its own; tests compare token ids). Each token goes back to the event loop as a `Step` as
+soon as it exists, and the loop never waits on the model. Stop sequences are matched on the
+decoded text, and text that might be the start of one is held back until it is decided.
 
-A vLLM engine (continuous batching, paged attention) fits behind the same interface
+A vLLM engine (paged attention, chunked prefill) fits behind the same interface
 (`encode_prompt`, `encode_chat`, `stream`, `close`, `context_length`) when vLLM is installed
 and a GPU is present; it is not implemented here.
 """
@@ -21,8 +25,8 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +40,11 @@ from transformers import (
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import Cache
 
 from kubetrain_trainer.model_folder import DEFAULT_CHAT_TEMPLATE, RUN_INFO_FILE
 
+from .batching import DecodeBatch, stackable
 from .sampling import LogitAdjuster, token_logprobs
 from .schemas import FinishReason
 
@@ -46,6 +52,9 @@ from .schemas import FinishReason
 # space at the start of a decode (SentencePiece) then still yield it (after vLLM).
 _DECODE_CONTEXT = 5
 _REPLACEMENT = "\ufffd"  # what a partial UTF-8 character decodes to
+# Below this temperature sampling is greedy in effect, and dividing logits by a near-zero
+# (or subnormal) temperature overflows to inf/nan: found by the fuzzing test.
+_GREEDY_BELOW = 1e-4
 
 
 @dataclass(frozen=True)
@@ -105,39 +114,45 @@ class Step:
     finish_reason: FinishReason | None = None
     logprobs: LoggedToken | None = None
     """The token's log-probabilities, when asked for (not for the end-of-sequence token)."""
+    token: int | None = None
+    """The token's id (None on the end-of-sequence step)."""
 
 
 class TransformersEngine:
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_workers: int
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_batch = max_batch
+        """Sequences decoded at once; admission (`maxConcurrency`) keeps to it already."""
         self._eos = _eos_ids(model, tokenizer)
-        # One thread per admitted request: admission already bounds the concurrency.
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
         # A fast tokenizer's encode may reconfigure its Rust state (truncation, padding), which
         # raises "Already borrowed" when two threads do it at once.
         self._encode_lock = threading.Lock()
-        # One forward pass at a time, requests taking turns token by token. Concurrent
-        # forwards of a Python-heavy model thrash the GIL (measured on 2 cores: half the
-        # throughput at 2 requests); one at a time, intra-op threads still use every core,
-        # and a GPU runs its kernels one stream at a time anyway.
-        self._forward_lock = threading.Lock()
+        # One thread runs every forward pass: concurrent forwards of a Python-heavy model
+        # thrash the GIL (measured on 2 cores: half the throughput at 2 requests), while one
+        # batched forward uses every core through intra-op threads and costs little more
+        # than a single sequence's.
+        self._wake = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._batches: list[DecodeBatch[_Sequence]] = []
+        self._closing = False
+        self._scheduler = threading.Thread(target=self._schedule, name="generate", daemon=True)
+        self._scheduler.start()
 
     @classmethod
-    def load(cls, model_dir: Path, max_workers: int) -> TransformersEngine:
+    def load(cls, model_dir: Path, max_batch: int) -> TransformersEngine:
         """The exported folder on the GPU when there is one, warmed up with one token."""
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        engine = cls(model, tokenizer, max_workers)
         with torch.inference_mode():  # the first forward pays one-off allocations
-            model(input_ids=torch.tensor([[engine._eos[0]]], device=device))
-        return engine
+            model(input_ids=torch.tensor([[_eos_ids(model, tokenizer)[0]]], device=device))
+        return cls(model, tokenizer, max_batch)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         with self._encode_lock:
@@ -157,11 +172,11 @@ class TransformersEngine:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Step]:
-        """Steps as the worker thread makes them; the last one has a finish reason. Closing
-        the iterator early (a client that left) stops the thread at its next token."""
+        """Steps as the scheduler makes them; the last one has a finish reason. Closing the
+        iterator early (a client that left) takes the sequence out of its batch before the
+        next decode step."""
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[Step | BaseException] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def emit(item: Step | BaseException) -> bool:
             try:
@@ -170,7 +185,12 @@ class TransformersEngine:
                 return False
             return True
 
-        self._pool.submit(self._generate, prompt_ids, sampling, emit, cancelled)
+        sequence = _Sequence(prompt_ids, sampling, emit)
+        with self._wake:
+            if self._closing:
+                raise RuntimeError("the engine is closed")
+            self._waiting.append(sequence)
+            self._wake.notify()
         try:
             while True:
                 item = await steps.get()
@@ -180,66 +200,94 @@ class TransformersEngine:
                 if item.finish_reason is not None:
                     return
         finally:
-            cancelled.set()
+            sequence.cancelled = True  # read by the scheduler between steps
 
     def close(self) -> None:
-        """Wait for running generations (graceful shutdown has drained the requests)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Finish the sequences in flight (graceful shutdown has drained the requests), then
+        stop the scheduler."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._scheduler.join()
 
-    # ------------------------------------------------------------------------------------
+    # -- the scheduler thread: admit, prefill, decode in batches ------------------------------
 
     @torch.inference_mode()
-    def _generate(
-        self,
-        prompt_ids: list[int],
-        sampling: Sampling,
-        emit: Callable[[Step | BaseException], bool],
-        cancelled: threading.Event,
-    ) -> None:
-        try:
-            for step in self._steps(prompt_ids, sampling, cancelled):
-                if not emit(step):
+    def _schedule(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._waiting or self._batches or self._closing):
+                    self._wake.wait()
+                if self._closing and not (self._waiting or self._batches):
                     return
-        except Exception as exc:  # raised again, with its traceback, where it is awaited
-            emit(exc)
+                room = self.max_batch - sum(len(b) for b in self._batches)
+                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            try:
+                for sequence in admitted:
+                    self._admit(sequence)
+                for batch in self._batches:
+                    self._decode(batch)
+            except Exception as exc:  # a bug here must not leave requests waiting forever
+                stranded = {id(s): s for b in self._batches for s in b.members}
+                stranded.update((id(s), s) for s in admitted)
+                for sequence in stranded.values():
+                    if not sequence.done:
+                        sequence.emit(exc)
+                self._batches = []
+            self._batches = [b for b in self._batches if len(b)]
 
-    def _steps(
-        self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event
-    ) -> Iterator[Step]:
-        pick = self._picker(sampling)
-        adjust = LogitAdjuster(
-            self.vocab_size,
-            self.device,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            logit_bias=dict(sampling.logit_bias),
-        )
-        text = _TextAssembler(self.tokenizer, prompt_ids, sampling.stop)
+    def _admit(self, sequence: _Sequence) -> None:
+        """Prefill the prompt alone, send the first token, then join a batch."""
+        if sequence.cancelled:
+            return
+        try:
+            sequence.start(self)
+            cache, logits = self._prefill(sequence.prompt_ids)
+            sequence.advance(logits, None)
+        except Exception as exc:  # raised again, with its traceback, where it is awaited
+            sequence.emit(exc)
+            return
+        if sequence.done:
+            return
+        stack = stackable(cache)
+        batch = next((b for b in self._batches if stack and b.stack), None)
+        if batch is None:
+            batch = DecodeBatch(self.device, stack=stack)
+            self._batches.append(batch)
+        batch.join(sequence, cache, len(sequence.prompt_ids))
+
+    def _prefill(self, prompt_ids: list[int]) -> tuple[Cache, torch.Tensor]:
         input_ids = torch.tensor([prompt_ids], device=self.device)
-        cache = None
-        for count in range(1, sampling.max_tokens + 1):
-            if cancelled.is_set():
-                return
-            with self._forward_lock:
-                out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-            cache = out.cache
-            logits = out.logits[:, -1, :].float()
-            token = pick(input_ids, adjust(logits))
-            if token in self._eos:
-                yield Step(text.finish()[0], count, "stop")
-                return
-            adjust.observe(token)
-            logged = self._logged(logits[0], token, sampling.logprobs)
-            piece, stopped = text.push(token)
-            if stopped:
-                yield Step(piece, count, "stop", logged)
-                return
-            if count == sampling.max_tokens:
-                rest, stopped = text.finish()
-                yield Step(piece + rest, count, "stop" if stopped else "length", logged)
-                return
-            yield Step(piece, count, logprobs=logged)
-            input_ids = torch.tensor([[token]], device=self.device)
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        return out.cache, out.logits[:, -1, :].float()
+
+    def _decode(self, batch: DecodeBatch[_Sequence]) -> None:
+        """One forward for every member still wanted; each gets its next token."""
+        batch.keep([not s.cancelled for s in batch.members])
+        if not len(batch):
+            return
+        members = batch.members
+        try:
+            out = self.model(
+                **batch.inputs([s.last_token for s in members]), use_cache=True, logits_to_keep=1
+            )
+        except Exception as exc:
+            for sequence in members:
+                sequence.emit(exc)
+            batch.keep([False] * len(members))
+            return
+        batch.advanced()
+        logits = out.logits[:, -1, :].float()
+        greedy = logits.argmax(dim=-1).tolist() if any(s.plain_greedy for s in members) else None
+        for row, sequence in enumerate(members):
+            try:
+                sequence.advance(logits[row : row + 1], greedy[row] if greedy else None)
+            except Exception as exc:
+                sequence.emit(exc)
+                sequence.done = True
+        batch.keep([not (s.done or s.cancelled) for s in members])
+
+    # -- per-token helpers the sequences share ---------------------------------------------
 
     def _logged(self, logits: torch.Tensor, token: int, k: int | None) -> LoggedToken | None:
         if k is None:
@@ -254,11 +302,11 @@ class TransformersEngine:
     def _token_text(self, token: int) -> str:
         return str(self.tokenizer.decode([token], clean_up_tokenization_spaces=False))
 
-    def _picker(self, sampling: Sampling) -> Callable[[torch.Tensor, torch.Tensor], int]:
-        # Below this, sampling is greedy in effect, and dividing logits by a near-zero (or
-        # subnormal) temperature overflows to inf/nan: found by the fuzzing test.
-        if sampling.temperature < 1e-4:
-            return lambda _, logits: int(logits.argmax(dim=-1).item())
+    def _picker(self, sampling: Sampling) -> Callable[[torch.Tensor], int]:
+        """The token choice from adjusted logits ([1, vocab]): argmax, or a sample from a
+        generator of the request's own (seeded when it asks)."""
+        if sampling.temperature < _GREEDY_BELOW:
+            return lambda logits: int(logits.argmax(dim=-1).item())
         warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
         if sampling.top_p < 1:
             warpers.append(TopPLogitsWarper(sampling.top_p))
@@ -267,12 +315,80 @@ class TransformersEngine:
             generator.seed()
         else:
             generator.manual_seed(sampling.seed)
+        no_ids = torch.empty((1, 0), dtype=torch.long, device=self.device)  # warpers ignore them
 
-        def sample(input_ids: torch.Tensor, logits: torch.Tensor) -> int:
-            probs = torch.softmax(warpers(input_ids, logits), dim=-1)
+        def sample(logits: torch.Tensor) -> int:
+            probs = torch.softmax(warpers(no_ids, logits), dim=-1)
             return int(torch.multinomial(probs, 1, generator=generator).item())
 
         return sample
+
+
+class _Sequence:
+    """One generation's state between decode steps: its sampling, logit adjustments, text
+    and where its steps go. `emit` returns False once nobody listens."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        emit: Callable[[Step | BaseException], bool],
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self._emit = emit
+        self.cancelled = False
+        self.done = False
+        self.count = 0
+        self.last_token = -1
+        self.plain_greedy = False
+        """Argmax of the raw logits (no adjustments): the batch's one argmax serves it."""
+
+    def emit(self, item: Step | BaseException) -> None:
+        if not self._emit(item):
+            self.cancelled = True
+
+    def start(self, engine: TransformersEngine) -> None:
+        """Per-request state, made on the scheduler thread (not the event loop)."""
+        self._engine = engine
+        self._pick = engine._picker(self.sampling)
+        self._adjust = LogitAdjuster(
+            engine.vocab_size,
+            engine.device,
+            presence_penalty=self.sampling.presence_penalty,
+            frequency_penalty=self.sampling.frequency_penalty,
+            logit_bias=dict(self.sampling.logit_bias),
+        )
+        self._text = _TextAssembler(engine.tokenizer, self.prompt_ids, self.sampling.stop)
+        self.plain_greedy = self.sampling.temperature < _GREEDY_BELOW and not self._adjust.active
+
+    def advance(self, logits: torch.Tensor, greedy: int | None) -> None:
+        """Take the next token from this sequence's `logits` ([1, vocab]; `greedy` is their
+        argmax when the batch computed it) and emit its step."""
+        self.count += 1
+        count, sampling, text = self.count, self.sampling, self._text
+        if greedy is not None and self.plain_greedy:
+            token = greedy
+        else:
+            token = self._pick(self._adjust(logits))
+        self.last_token = token
+        if token in self._engine._eos:
+            self._finish(Step(text.finish()[0], count, "stop"))
+            return
+        self._adjust.observe(token)
+        logged = self._engine._logged(logits[0], token, sampling.logprobs)
+        piece, stopped = text.push(token)
+        if stopped:
+            self._finish(Step(piece, count, "stop", logged, token))
+        elif count == sampling.max_tokens:
+            rest, stopped = text.finish()
+            self._finish(Step(piece + rest, count, "stop" if stopped else "length", logged, token))
+        else:
+            self.emit(Step(piece, count, logprobs=logged, token=token))
+
+    def _finish(self, step: Step) -> None:
+        self.done = True
+        self.emit(step)
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,0 +1,486 @@
+"""ModelService API, version v1alpha1 (group kubetrain.dev): model versions served side by
+side behind one OpenAI-compatible endpoint, with weighted traffic and an optional A/B
+experiment that promotes the winner or rolls back the loser.
+
+A module of its own next to v1alpha1.py (same group and version, same base model and
+shared types: names, quantities, pod resources, Secret references, conditions), because
+v1alpha1.py is TrainingRun's and long already; the CRD (`kubetrain crds`), the API reference
+and `kubetrain validate` read both. Light like v1alpha1: pydantic and the standard library
+only. Rules across fields (weights summing to 100, the experiment naming existing variants,
+SQLite with one router replica) live in `modelservice_validation.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Final, Literal
+
+from pydantic import Field
+
+# The router's contract (routing.py) owns the weight scale, the variant cap and header names.
+from kubetrain_api.routing import MAX_VARIANTS, TOTAL_WEIGHT, HeaderName
+from kubetrain_api.v1alpha1 import (
+    API_VERSION,
+    MAX_NAME,
+    MAX_SHORT,
+    MAX_URI,
+    ApiModel,
+    Condition,
+    KeySelector,
+    Message,
+    Name,
+    ObjectMeta,
+    ObjectName,
+    PodResources,
+    Quantity,
+    SecretRef,
+    Secrets,
+    Uri,
+)
+
+KIND: Final = "ModelService"
+PLURAL = "modelservices"
+SINGULAR = "modelservice"
+SHORT_NAMES = ["ms"]
+
+MAX_HISTORY = 20
+"""Traffic changes kept in status.history (the newest; older ones are dropped)."""
+MAX_SERVICE_NAME = 40
+"""A ModelService's name names its router (`<name>-router`), the router's SQLite claim
+(`<name>-router-db`) and every variant's Deployment and Service (`<name>-<variant>`)."""
+ROUTER_SUFFIX: Final = "router"
+"""Variants may not be named `router` or `router-*`: that is the router's child name."""
+MAX_DNS_LABEL = 63
+"""Service names and label values are DNS labels."""
+
+
+def router_name(service: str) -> str:
+    """Name of the router's Deployment, Service and PodDisruptionBudget."""
+    return f"{service}-{ROUTER_SUFFIX}"
+
+
+def router_database_claim_name(service: str) -> str:
+    """Name of the PVC holding the router's SQLite database, when the operator creates it."""
+    return f"{service}-{ROUTER_SUFFIX}-db"
+
+
+def variant_name(service: str, variant: str) -> str:
+    """Name of a variant's Deployment, Service, HPA and PodDisruptionBudget."""
+    return f"{service}-{variant}"
+
+
+Weight = Annotated[int, Field(ge=0, le=TOTAL_WEIGHT)]
+Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+Count = Annotated[int, Field(ge=0)]
+
+
+# --------------------------------------------------------------------------------------
+# spec.variants
+# --------------------------------------------------------------------------------------
+
+
+class VariantSource(ApiModel):
+    """The model a variant serves. Set exactly one of trainingRun and uri."""
+
+    training_run: Name | None = None
+    """A TrainingRun in the same namespace, by name: the variant serves its exported model
+    (`status.model.uri`) once the run has Succeeded, and its `status.model.version` is the
+    model version every response carries."""
+    uri: Uri | None = None
+    """A Hugging Face-format model folder: `hf://org/name`, `s3://bucket/path`,
+    `gs://bucket/path`, `pvc://claim/path` (mounted read-only) or `file:///path` (inside the
+    serving image). Credentials come from spec.secrets."""
+    version: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    """Model version label served with every response. Default: the TrainingRun's
+    `status.model.version`, or the last path segment of the uri."""
+
+
+class VariantAutoscaling(ApiModel):
+    """HorizontalPodAutoscaler of a variant's engine. Scales on CPU (targetCpuUtilization,
+    the default at 70%) or on requests in flight per replica (targetConcurrency, the
+    engine's `kubetrain_serve_in_flight` gauge, which needs a custom-metrics adapter such
+    as prometheus-adapter); set at most one."""
+
+    min_replicas: Annotated[int, Field(ge=1, le=100)] = 1
+    """Fewest replicas."""
+    max_replicas: Annotated[int, Field(ge=1, le=100)] = 4
+    """Most replicas."""
+    target_cpu_utilization: Annotated[int, Field(ge=1, le=100)] | None = None
+    """Average CPU utilization (percent of the request) to aim for."""
+    target_concurrency: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """Average requests in flight per replica to aim for."""
+
+
+Engine = Literal["builtin", "vllm"]
+
+
+class Variant(ApiModel):
+    """One model version behind the service, with its own engine, size and traffic share."""
+
+    name: Name
+    """Short name, unique within the service (e.g. `a`, `b`, `candidate`): it names the
+    variant's Deployment and Service (`<service>-<name>`), the `variant` of every logged
+    response and the Prometheus series. Not `router` or `router-*`."""
+    source: VariantSource
+    """The model to serve."""
+    engine: Engine = "builtin"
+    """`builtin`: kubetrain's own server (CPU or GPU, batches concurrent requests); `vllm`:
+    vLLM's OpenAI server with continuous batching (GPU variants, `gpus` >= 1)."""
+    weight: Weight | None = None
+    """Percent of the traffic this variant gets (an integer; the weights of all variants sum
+    to 100). May be left out with a single variant, which then gets all of it. The
+    operator may shift traffic after an experiment's decision; status.variants[].weight
+    shows what the router applies now."""
+    replicas: Annotated[int, Field(ge=0, le=100)] = 1
+    """Engine replicas when autoscaling is off."""
+    autoscaling: VariantAutoscaling | None = None
+    """Scale on load; off when empty."""
+    gpus: Annotated[int, Field(ge=0, le=16)] = 0
+    """`nvidia.com/gpu` per replica."""
+    resources: PodResources = Field(default_factory=PodResources)
+    """CPU and memory per replica."""
+    image: Annotated[str, Field(max_length=512, pattern=r"^[^\s]+$")] | None = None
+    """Serving image of this variant (e.g. one with vLLM); defaults to spec.image."""
+    max_tokens: Annotated[int, Field(ge=1, le=1_048_576)] = 512
+    """Largest `max_tokens` a request may ask for."""
+    max_concurrency: Annotated[int, Field(ge=1, le=4096)] = 8
+    """Requests generated at once per replica; more wait in a queue."""
+    max_queue: Annotated[int, Field(ge=0, le=65_536)] = 32
+    """Requests that may wait per replica; beyond this the engine answers 429."""
+
+
+# --------------------------------------------------------------------------------------
+# spec.router
+# --------------------------------------------------------------------------------------
+
+
+class StickyKey(ApiModel):
+    """What keeps a user on one variant: requests with the same key go to the same
+    variant (a hash of the key against the weights). Requests without a key are assigned
+    at random, one by one."""
+
+    source: Literal["user", "header"] = "user"
+    """`user`: the request body's OpenAI `user` field; `header`: the request header
+    `header`."""
+    header: HeaderName | None = None
+    """Header name that carries the key (with source `header`), e.g. `X-User-Id`."""
+
+
+class SqliteDatabase(ApiModel):
+    """A SQLite file on a PersistentVolumeClaim: one writer, so one router replica."""
+
+    claim_name: ObjectName | None = None
+    """Existing claim to use; when empty the operator creates `<service>-router-db`."""
+    size: Quantity = "1Gi"
+    """Size of the claim the operator creates."""
+    storage_class_name: ObjectName | None = None
+    """StorageClass of the claim the operator creates."""
+
+
+class PostgresDatabase(ApiModel):
+    """A PostgreSQL database shared by every router replica."""
+
+    dsn_secret_ref: KeySelector
+    """Secret key holding the connection string (`postgresql://user:password@host/db`).
+    Never inline: the DSN carries a password."""
+
+
+class RouterDatabase(ApiModel):
+    """Where the router logs every request and response and keeps the feedback. Set
+    exactly one of sqlite and postgres."""
+
+    sqlite: SqliteDatabase | None = None
+    """SQLite on a volume (single router replica)."""
+    postgres: PostgresDatabase | None = None
+    """PostgreSQL (any number of router replicas)."""
+
+
+class RouterSpec(ApiModel):
+    """The router: the service's stable endpoint, which splits traffic by weight, logs
+    requests and responses, and takes feedback (`POST /v1/feedback`)."""
+
+    replicas: Annotated[int, Field(ge=1, le=100)] = 1
+    """Router replicas (more than one needs a postgres database)."""
+    resources: PodResources = Field(default_factory=lambda: PodResources(cpu="1", memory="1Gi"))
+    """CPU and memory per router replica. Default: 1 CPU, 1Gi."""
+    sticky_key: StickyKey = Field(default_factory=StickyKey)
+    """What keeps a user on one variant."""
+    database: RouterDatabase = Field(
+        default_factory=lambda: RouterDatabase(sqlite=SqliteDatabase())
+    )
+    """Request/response log and feedback store. Default: SQLite on a 1Gi claim."""
+
+
+# --------------------------------------------------------------------------------------
+# spec.experiment
+# --------------------------------------------------------------------------------------
+
+PrimaryMetric = Literal["positiveFeedbackRate", "errorRate", "latency"]
+DecisionAction = Literal["promote", "rollback", "none"]
+
+
+class Guardrails(ApiModel):
+    """Limits that end the experiment at once, before the minimum sample count: the
+    treatment is rolled back when it breaks one (unless onDecision is `none`)."""
+
+    max_error_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """The 5xx rate the treatment may not exceed, judged by the lower end of its Wilson
+    interval at `confidence` (so a few early errors do not trip it)."""
+    max_latency_increase: Annotated[float, Field(ge=0.0, le=100.0)] = 0.2
+    """How much the treatment's p95 latency may exceed the control's, as a fraction (0.2:
+    20% slower)."""
+    min_requests: Annotated[int, Field(ge=1, le=10_000_000)] = 20
+    """Requests per variant before a guardrail may act."""
+    confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+    """Confidence of the error-rate interval."""
+
+
+class ExperimentSpec(ApiModel):
+    """An A/B test of `treatment` against `control` with always-valid sequential statistics
+    (mSPRT, docs/experiments.md): the operator looks at the counts continuously and the
+    false-positive rate still holds at `alpha`."""
+
+    control: Name
+    """The variant in place now (a name in spec.variants)."""
+    treatment: Name
+    """The challenger (a name in spec.variants)."""
+    primary_metric: PrimaryMetric = "positiveFeedbackRate"
+    """What decides: `positiveFeedbackRate` (share of rated responses rated positive; higher
+    is better), `errorRate` (share of requests answered 5xx; lower is better) or `latency`
+    (share of requests slower than latencyThresholdSeconds; lower is better)."""
+    latency_threshold_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] | None = None
+    """With primaryMetric `latency`: a request slower than this counts against its
+    variant."""
+    min_samples_per_variant: Annotated[int, Field(ge=1, le=100_000_000)] = 100
+    """Samples (rated responses, or requests) each variant needs before any decision."""
+    alpha: Annotated[float, Field(gt=0.0, le=0.5)] = 0.05
+    """Significance level: the false-positive rate kept under continuous monitoring."""
+    minimum_detectable_effect: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
+    """Smallest difference of rates worth detecting (absolute, e.g. 0.05 = 5 points); sets
+    the test's mixing variance, so the test is most powerful at this difference."""
+    guardrails: Guardrails = Field(default_factory=Guardrails)
+    """Error-rate and latency limits that act at once."""
+    on_decision: DecisionAction = "promote"
+    """What the operator does with a decision: `promote`: the winner gets 100% of the
+    traffic (the treatment is promoted, or the service rolls back to the control);
+    `rollback`: only roll back (to the control, on a loss or a broken guardrail), and
+    leave a winning treatment's promotion to a person; `none`: report only."""
+
+
+# --------------------------------------------------------------------------------------
+# spec
+# --------------------------------------------------------------------------------------
+
+
+class ModelServiceSpec(ApiModel):
+    """Named model variants behind one endpoint, their traffic, and an optional experiment."""
+
+    variants: Annotated[list[Variant], Field(min_length=1, max_length=MAX_VARIANTS)]
+    """The model versions served, each with its traffic weight."""
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    """The router in front of the variants."""
+    experiment: ExperimentSpec | None = None
+    """Compare two variants and act on the result; none: a fixed split."""
+    image: Annotated[str, Field(max_length=512, pattern=r"^[^\s]+$")] | None = None
+    """Image of the router and of the variants that set none; defaults to the operator's
+    configured serving image."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Image pull policy of the router and the engines."""
+    image_pull_secrets: Annotated[list[SecretRef], Field(max_length=8)] = Field(
+        default_factory=list
+    )
+    """Registry credentials, by Secret name."""
+    secrets: Secrets = Field(default_factory=Secrets)
+    """Credentials for the variants' model sources (Hugging Face token, object store), by
+    reference."""
+
+
+# --------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------
+
+
+class Interval(ApiModel):
+    """A confidence interval."""
+
+    lower: float | None = None
+    """Lower bound."""
+    upper: float | None = None
+    """Upper bound."""
+
+
+class VariantStatus(ApiModel):
+    """One variant as the operator sees it."""
+
+    name: Name
+    """Variant name."""
+    weight: Weight | None = None
+    """Percent of the traffic the router gives it now."""
+    model_uri: Annotated[str, Field(max_length=MAX_URI)] | None = None
+    """The model folder it serves (resolved from a TrainingRun)."""
+    model_version: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    """Model version its responses carry."""
+    ready: bool | None = None
+    """Whether it has a ready replica and its model is resolved."""
+    replicas: Count | None = None
+    """Engine replicas wanted."""
+    ready_replicas: Count | None = None
+    """Engine replicas ready."""
+    requests: Count | None = None
+    """Requests routed to it (from the router's counts)."""
+    errors: Count | None = None
+    """5xx answers among them."""
+    message: Annotated[str, Field(max_length=MAX_SHORT)] | None = None
+    """Why it is not ready, e.g. `TrainingRun chat-b has not succeeded yet`."""
+
+
+class RouterStatus(ApiModel):
+    """The router."""
+
+    service: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    """Service name of the endpoint."""
+    url: Annotated[str, Field(max_length=MAX_URI)] | None = None
+    """In-cluster base URL of the OpenAI-compatible API."""
+    replicas: Count | None = None
+    """Router replicas wanted."""
+    ready_replicas: Count | None = None
+    """Router replicas ready."""
+
+
+class VariantResult(ApiModel):
+    """One variant's numbers on the primary metric."""
+
+    name: Name
+    """Variant name."""
+    # Not `n`: YAML 1.1 readers (kubectl's among them) take a bare n for false.
+    samples: Count
+    """Samples (rated responses, or requests): the statistics' n."""
+    successes: Count
+    """Samples that count for the metric (positive ratings; errors; slow requests)."""
+    rate: Rate
+    """successes / samples."""
+    interval: Interval | None = None
+    """Wilson interval of the rate at 1 - alpha (descriptive: a fixed-n interval)."""
+    requests: Count | None = None
+    """All requests (for the guardrails)."""
+    errors: Count | None = None
+    """5xx answers among them."""
+    latency_p95_seconds: Annotated[float, Field(ge=0.0)] | None = None
+    """p95 request latency."""
+
+
+Decision = Literal["Collecting", "Undecided", "Promote", "Rollback"]
+
+
+class ExperimentStatus(ApiModel):
+    """The experiment's latest look: numbers, decision and why."""
+
+    control: Name | None = None
+    """The control variant."""
+    treatment: Name | None = None
+    """The treatment variant."""
+    variants: Annotated[list[VariantResult], Field(max_length=2)] = Field(default_factory=list)
+    """Control and treatment, in that order."""
+    difference: Annotated[float, Field(ge=-1.0, le=1.0)] | None = None
+    """rate(treatment) - rate(control)."""
+    difference_interval: Interval | None = None
+    """Always-valid confidence sequence of the difference at 1 - alpha."""
+    p_value: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Always-valid p-value of the latest look."""
+    decision: Decision | None = None
+    """`Collecting` (below the minimum samples), `Undecided` (no significant difference
+    yet), `Promote` (the treatment won) or `Rollback` (the control won, or a guardrail
+    broke). Kept once taken: the experiment stops at its decision."""
+    winner: Name | None = None
+    """The variant the decision favours."""
+    reason: Message | None = None
+    """Why, in words with the numbers."""
+    guardrail_breach: Annotated[str, Field(max_length=1024)] | None = None
+    """The guardrail the treatment broke, if any."""
+    applied: bool | None = None
+    """Whether the operator shifted traffic on the decision (onDecision allows it)."""
+    decision_time: datetime | None = None
+    """When the decision was taken."""
+    last_look_time: datetime | None = None
+    """When the counts were last read."""
+    looks: Count | None = None
+    """Looks taken so far."""
+
+
+class VariantWeight(ApiModel):
+    """A variant's share of the traffic."""
+
+    name: Name
+    """Variant name."""
+    weight: Weight
+    """Percent of the traffic."""
+
+
+class TrafficChange(ApiModel):
+    """One change of the traffic split."""
+
+    time: datetime
+    """When the router was given the new weights."""
+    weights: Annotated[list[VariantWeight], Field(max_length=MAX_VARIANTS)]
+    """The new split."""
+    cause: Literal["Spec", "Promote", "Rollback", "Guardrail"]
+    """`Spec` (created or edited), `Promote`/`Rollback` (an experiment's decision) or
+    `Guardrail` (a broken guardrail rolled back)."""
+    reason: Annotated[str, Field(max_length=1024)] = ""
+    """Detail, e.g. the decision's reason."""
+
+
+class ModelServiceStatus(ApiModel):
+    """Observed state, written only by the operator."""
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The spec generation the status reflects."""
+    conditions: Annotated[list[Condition], Field(max_length=16)] = Field(default_factory=list)
+    """Standard conditions, one per type: Ready, RouterReady, VariantsReady, Promoted,
+    RolledBack."""
+    variants_ready: Annotated[str, Field(max_length=16)] | None = None
+    """Ready variants over all, e.g. `2/2` (for `kubectl get`)."""
+    traffic: Annotated[str, Field(max_length=MAX_SHORT)] | None = None
+    """The split the router applies now, e.g. `a=50,b=50` (for `kubectl get`)."""
+    variants: Annotated[list[VariantStatus], Field(max_length=MAX_VARIANTS)] = Field(
+        default_factory=list
+    )
+    """Per variant: weight, model, readiness and counts."""
+    router: RouterStatus | None = None
+    """The router and the service's endpoint."""
+    experiment: ExperimentStatus | None = None
+    """The experiment's numbers and decision."""
+    history: Annotated[list[TrafficChange], Field(max_length=MAX_HISTORY)] = Field(
+        default_factory=list
+    )
+    """Traffic changes, oldest first; the operator keeps the newest 20."""
+
+
+class ModelService(ApiModel):
+    """Model versions served side by side behind one OpenAI-compatible endpoint, with
+    weighted traffic and an optional A/B experiment that promotes or rolls back."""
+
+    api_version: Literal["kubetrain.dev/v1alpha1"] = API_VERSION
+    """Always kubetrain.dev/v1alpha1."""
+    kind: Literal["ModelService"] = KIND
+    """Always ModelService."""
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    """Standard object metadata."""
+    spec: ModelServiceSpec
+    """Desired service."""
+    status: ModelServiceStatus | None = None
+    """Observed state."""
+
+
+def weights(spec: ModelServiceSpec) -> dict[str, int]:
+    """The split the spec asks for, variant name -> percent (a single variant without a
+    weight gets 100; a variant without one among several gets 0, which validation
+    refuses)."""
+    if len(spec.variants) == 1 and spec.variants[0].weight is None:
+        return {spec.variants[0].name: TOTAL_WEIGHT}
+    return {v.name: v.weight or 0 for v in spec.variants}
+
+
+def traffic_summary(split: dict[str, int]) -> str:
+    """status.traffic's text for a split: `a=50,b=50`."""
+    return ",".join(f"{name}={weight}" for name, weight in split.items())

@@ -1,0 +1,109 @@
+"""What the router learns from one exchange with an engine, for the log: the response text
+(reassembled from a stream's chunks), token usage and the mean token log-probability.
+Pure functions over OpenAI-shaped JSON; the engine is trusted to be OpenAI-compatible, but
+any missing or odd field is skipped, never an error."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+
+@dataclass
+class Exchange:
+    """Accumulates a response, whole or chunk by chunk."""
+
+    chat: bool
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    logprobs: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_seen: bool = False
+
+    def add_completion(self, body: dict[str, Any]) -> None:
+        """A whole (non-streamed) response."""
+        for choice in _list(body.get("choices")):
+            if not isinstance(choice, dict):
+                continue
+            if self.chat:
+                message = choice.get("message")
+                text = message.get("content") if isinstance(message, dict) else None
+            else:
+                text = choice.get("text")
+            self._add_text(choice.get("index"), text)
+            self._add_logprobs(choice.get("logprobs"))
+        self.add_usage(body.get("usage"))
+
+    def add_chunk(self, chunk: dict[str, Any]) -> None:
+        """One streamed chunk."""
+        for choice in _list(chunk.get("choices")):
+            if not isinstance(choice, dict):
+                continue
+            if self.chat:
+                delta = choice.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else None
+            else:
+                text = choice.get("text")
+            self._add_text(choice.get("index"), text)
+            self._add_logprobs(choice.get("logprobs"))
+        self.add_usage(chunk.get("usage"))
+
+    def add_usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if _count(prompt) and _count(completion):
+            self.prompt_tokens, self.completion_tokens = prompt, completion
+            self.usage_seen = True
+
+    def text(self) -> str:
+        """The response as logged: the one choice's text, or with n > 1 the choices' texts
+        as a JSON list in index order."""
+        parts = ["".join(self.texts[i]) for i in sorted(self.texts)]
+        if len(parts) <= 1:
+            return parts[0] if parts else ""
+        return json.dumps(parts, ensure_ascii=False)
+
+    def mean_logprob(self) -> float | None:
+        if not self.logprobs:
+            return None
+        return min(0.0, sum(self.logprobs) / len(self.logprobs))
+
+    def _add_text(self, index: Any, text: Any) -> None:
+        if isinstance(text, str) and text:
+            key = index if isinstance(index, int) and not isinstance(index, bool) else 0
+            self.texts.setdefault(key, []).append(text)
+
+    def _add_logprobs(self, logprobs: Any) -> None:
+        if not isinstance(logprobs, dict):
+            return
+        if self.chat:  # {"content": [{"token", "logprob", ...}, ...]}
+            values = [
+                t.get("logprob") for t in _list(logprobs.get("content")) if isinstance(t, dict)
+            ]
+        else:  # {"tokens": [...], "token_logprobs": [...], ...}
+            values = _list(logprobs.get("token_logprobs"))
+        self.logprobs.extend(
+            float(v)
+            for v in values
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        )
+
+
+def prompt_text(body: dict[str, Any], *, chat: bool) -> str:
+    """The prompt as logged: a completion's `prompt` (a string as is, else JSON) or a chat's
+    `messages` as JSON."""
+    value = body.get("messages") if chat else body.get("prompt")
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
