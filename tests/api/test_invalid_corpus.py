@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kubetrain_api import validation
-from tests.support.cluster import kubectl
+from tests.support.cluster import server_dry_run
 
 CORPUS = Path(__file__).parent / "invalid"
 
@@ -137,27 +137,12 @@ def test_yaml_reader_refuses_with_its_reason(name: str) -> None:
         validation.load_documents((CORPUS / f"{name}.yaml").read_bytes())
 
 
-def server_dry_run(name: str, namespace: str) -> tuple[int, str]:
-    # --validate=false: judge the API server alone, not kubectl's client-side checks.
-    out = kubectl(
-        "create",
-        "--dry-run=server",
-        "--validate=false",
-        "-n",
-        namespace,
-        "-f",
-        str(CORPUS / f"{name}.yaml"),
-        check=False,
-    )
-    return out.returncode, out.stderr
-
-
 @pytest.mark.controlplane
 @pytest.mark.parametrize("name", SCHEMA_CASES)
 def test_api_server_refuses_naming_the_field(
     name: str, crd_installed: None, namespace: str
 ) -> None:
-    code, stderr = server_dry_run(name, namespace)
+    code, stderr = server_dry_run(CORPUS / f"{name}.yaml", namespace)
     # Kubernetes 1.20 names list items without their index (spec.data.sources.format).
     field = re.sub(r"\[\d+\]", "", CASES[name][1])
     assert code != 0
@@ -170,5 +155,5 @@ def test_api_server_refuses_naming_the_field(
 def test_api_server_leaves_rule_cases_to_the_operator(
     name: str, crd_installed: None, namespace: str
 ) -> None:
-    code, stderr = server_dry_run(name, namespace)
+    code, stderr = server_dry_run(CORPUS / f"{name}.yaml", namespace)
     assert code == 0, f"the schema refused a 'rules' case; move it to 'schema': {stderr}"

@@ -13,7 +13,7 @@ import pytest
 
 from kubetrain_api import documents, validation
 from kubetrain_api.modelservice_validation import validate_modelservice_document
-from tests.support.cluster import kubectl
+from tests.support.cluster import server_dry_run
 
 CORPUS = Path(__file__).parent / "invalid" / "modelservice"
 
@@ -77,27 +77,12 @@ def test_kubetrain_validate_refuses_naming_the_field(name: str) -> None:
     assert [e.path for e in documents.validate_document(load(name))] == paths
 
 
-def server_dry_run(name: str, namespace: str) -> tuple[int, str]:
-    # --validate=false: judge the API server alone, not kubectl's client-side checks.
-    out = kubectl(
-        "create",
-        "--dry-run=server",
-        "--validate=false",
-        "-n",
-        namespace,
-        "-f",
-        str(CORPUS / f"{name}.yaml"),
-        check=False,
-    )
-    return out.returncode, out.stderr
-
-
 @pytest.mark.controlplane
 @pytest.mark.parametrize("name", SCHEMA_CASES)
 def test_api_server_refuses_naming_the_field(
     name: str, crd_installed: None, namespace: str
 ) -> None:
-    code, stderr = server_dry_run(name, namespace)
+    code, stderr = server_dry_run(CORPUS / f"{name}.yaml", namespace)
     # Kubernetes 1.20 names list items without their index (spec.variants.weight).
     field = re.sub(r"\[\d+\]", "", CASES[name][1])
     assert code != 0
@@ -110,5 +95,5 @@ def test_api_server_refuses_naming_the_field(
 def test_api_server_leaves_rule_cases_to_the_operator(
     name: str, crd_installed: None, namespace: str
 ) -> None:
-    code, stderr = server_dry_run(name, namespace)
+    code, stderr = server_dry_run(CORPUS / f"{name}.yaml", namespace)
     assert code == 0, f"the schema refused a 'rules' case; move it to 'schema': {stderr}"

@@ -195,3 +195,13 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
             kubeconfig=cluster.kubeconfig,
             check=False,
         )
+
+
+def server_dry_run(path: Path, namespace: str) -> tuple[int, str]:
+    """(exit code, stderr) of creating the objects in `path` with --dry-run=server: what the
+    API server alone says of them (--validate=false: not kubectl's client-side checks)."""
+    out = kubectl(
+        "create", "--dry-run=server", "--validate=false", "-n", namespace, "-f", str(path),
+        check=False,
+    )  # fmt: skip
+    return out.returncode, out.stderr
