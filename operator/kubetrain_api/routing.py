@@ -30,7 +30,8 @@ HEALTH_PATH: Final = "/healthz"
 READY_PATH: Final = "/readyz"
 """Readiness: 200 once the configuration is loaded and the store is open."""
 STATS_PATH: Final = "/stats"
-"""Per-variant counts for the experiment (`RouterStats`); `?since=<Unix seconds>`."""
+"""Per-variant counts for the experiment (`RouterStats`); `?since=<Unix seconds>` and
+`?slowerThan=<seconds>` (count the responses slower than that)."""
 CONFIG_FILE: Final = "router.yaml"
 """The key of the router's ConfigMap, mounted as `<folder>/router.yaml`."""
 STORE_ENV: Final = "KUBETRAIN_ROUTER_STORE"
@@ -147,6 +148,7 @@ class VariantCountsReport(BaseModel):
     successes: int
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
+    slow: int = 0
 
 
 class RouterStats(BaseModel):

@@ -311,6 +311,13 @@ def test_feedback_is_tied_to_the_logged_response_on_any_replica(
             future = httpx.get(f"{first.base_url}/stats", params={"since": time.time() + 60})
             assert future.json()["variants"] == {}
             assert httpx.get(f"{first.base_url}/stats?since=soon").status_code == 400
+            slow = httpx.get(f"{first.base_url}/stats", params={"slowerThan": 0}).json()
+            assert sum(c["slow"] for c in slow["variants"].values()) == sum(
+                e["requests"] for e in expected.values()
+            )
+            refused = httpx.get(f"{first.base_url}/stats?slowerThan=-1")
+            assert refused.status_code == 400
+            assert "slowerThan" in refused.text
             ups = sum(
                 metric(second, "kubetrain_route_feedback_total", variant=v, rating="up")
                 for v in ("a", "b")

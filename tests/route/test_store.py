@@ -288,6 +288,16 @@ def test_counts_for_the_experiment(store: Store) -> None:
     assert store.variant_counts(since=datetime.fromtimestamp(T0 + 1, timezone.utc)) == {}
 
 
+def test_slow_responses_are_counted_against_a_threshold(store: Store) -> None:
+    """The `latency` primary metric: how many responses (of any status) took longer."""
+    for i, latency in enumerate((0.1, 0.4, 0.6, 2.0)):
+        record(store, f"r-{i}", latency_s=latency)
+    record(store, "r-err", status=504, latency_s=30.0)
+    assert store.variant_counts(slower_than=0.5)["a"].slow == 3
+    assert store.variant_counts(slower_than=5)["a"].slow == 1
+    assert store.variant_counts()["a"].slow == 0  # not asked: nothing counted
+
+
 def test_counts_of_a_variant_that_only_failed(store: Store) -> None:
     record(store, "r-1", status=502, latency_s=0.01)
     counts = store.variant_counts()["a"]

@@ -190,19 +190,12 @@ class Router:
         return ModelCard(id=self.config.model, created=self.started)
 
     async def stats(self, request: Request) -> JSONResponse:
-        """Per-variant counts since `?since=` (Unix seconds), configured variants first."""
-        raw = request.query_params.get("since")
-        since: float | None = None
-        if raw is not None:
-            try:
-                since = float(raw)
-            except ValueError:
-                since = math.nan
-            if not math.isfinite(since):
-                message = f"since must be Unix seconds, got {raw[:40]!r}"
-                raise ApiError(400, message, param="since")
+        """Per-variant counts since `?since=` (Unix seconds), configured variants first;
+        `?slowerThan=` (seconds) also counts the responses slower than that."""
+        since = _number_param(request, "since", "Unix seconds")
+        slower_than = _number_param(request, "slowerThan", "seconds")
         try:
-            counts = await self._in_store(self.store.variant_counts, since)
+            counts = await self._in_store(self.store.variant_counts, since, slower_than)
         except Exception as exc:
             log.exception("stats: the store failed")
             raise unavailable(f"The store is unavailable: {type(exc).__name__}", "store") from exc
@@ -682,3 +675,17 @@ def build_server(
 
 
 __all__ = ["Router", "StoreError", "build_server", "create_app", "load_config"]
+
+
+def _number_param(request: Request, name: str, meaning: str) -> float | None:
+    """A finite number from the query string, None when absent, else a 400 naming it."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(400, f"{name} must be {meaning} (>= 0), got {raw[:40]!r}", param=name)
+    return value

@@ -309,7 +309,8 @@ class VariantCounts:
     requests: responses logged (every status); errors: those with a 5xx status;
     n: responses rated (at least one up or down rating); successes: rated responses whose
     ratings sum to more than zero; latency_p50_s / latency_p95_s: nearest-rank percentiles
-    of the non-5xx responses' latency (None without any)."""
+    of the non-5xx responses' latency (None without any); slow: responses (any status)
+    slower than the `slower_than` asked for (0 when not asked), the `latency` metric."""
 
     requests: int
     errors: int
@@ -317,6 +318,7 @@ class VariantCounts:
     successes: int
     latency_p50_s: float | None
     latency_p95_s: float | None
+    slow: int = 0
 
     def stats_fields(self) -> dict[str, Any]:
         """The keyword arguments of `VariantStats(name=..., **fields)`."""
@@ -538,18 +540,24 @@ class Store:
             row = conn.execute(sa.select(responses).where(responses.c.id == response_id)).first()
         return None if row is None else dict(row._mapping)
 
-    def variant_counts(self, since: datetime | float | None = None) -> dict[str, VariantCounts]:
+    def variant_counts(
+        self, since: datetime | float | None = None, slower_than: float | None = None
+    ) -> dict[str, VariantCounts]:
         """Per variant, the numbers of the responses logged at or after `since` (all of
-        them by default) and of the feedback on them. Variants without a response in the
+        them by default) and of the feedback on them; with `slower_than` (seconds), also how
+        many took longer than that. Variants without a response in the
         window are absent. Cost: a few indexed aggregate queries per call plus two
         single-row percentile queries per variant; nothing is loaded into memory."""
         window = [] if since is None else [responses.c.created_at >= _seconds("since", since)]
         is_error = responses.c.status >= 500
+        slow_at = None if slower_than is None else _seconds("slower_than", slower_than)
+        is_slow = sa.false() if slow_at is None else responses.c.latency_s > slow_at
         totals_q = (
             sa.select(
                 responses.c.variant,
                 sa.func.count().label("requests"),
                 sa.func.coalesce(sa.func.sum(sa.case((is_error, 1), else_=0)), 0).label("errors"),
+                sa.func.coalesce(sa.func.sum(sa.case((is_slow, 1), else_=0)), 0).label("slow"),
             )
             .where(*window)
             .group_by(responses.c.variant)
@@ -586,6 +594,7 @@ class Store:
                     successes=int(judged.successes) if judged else 0,
                     latency_p50_s=p50,
                     latency_p95_s=p95,
+                    slow=int(row.slow),
                 )
         return counts
 
