@@ -399,6 +399,9 @@ class ExperimentStatus(ApiModel):
     """The guardrail the treatment broke, if any."""
     applied: bool | None = None
     """Whether the operator shifted traffic on the decision (onDecision allows it)."""
+    start_time: datetime | None = None
+    """When this experiment began: only responses logged since count. A new control or
+    treatment starts a new experiment."""
     decision_time: datetime | None = None
     """When the decision was taken."""
     last_look_time: datetime | None = None

@@ -27,6 +27,7 @@ from kubetrain_api.contract import (
     LABEL_COMPONENT,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
+    MANAGED_BY,
     LABEL_NAME,
     LABEL_PART_OF,
     LABEL_QUEUE,
@@ -77,7 +78,7 @@ def labels(run_name: str, component: str) -> dict[str, str]:
         LABEL_NAME: "kubetrain",
         LABEL_INSTANCE: run_name,
         LABEL_COMPONENT: component,
-        LABEL_MANAGED_BY: "kubetrain-operator",
+        LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_PART_OF: "kubetrain",
         LABEL_RUN: run_name,
     }

@@ -1,10 +1,12 @@
 """kopf handlers: thin. Watch events on runs and on their children go to the
 controller's work queue (controller.py), whose workers call `reconcile.reconcile`.
 
+ModelServices are handled alike (`service_event`), through the same queue.
+
 Event-driven: no kopf timer or daemon, so kopf puts no finalizer on runs, and a finished
 run costs nothing at steady state. Children are watched with a server-side label
-selector (`kubetrain.dev/run`), so the operator streams only its own pods, Deployments
-and Services. With leader election (KUBETRAIN_LEADER_ELECTION, leader.py) every replica
+selector (CHILDREN), so the operator streams only its own pods, Deployments and
+Services. With leader election (KUBETRAIN_LEADER_ELECTION, leader.py) every replica
 watches but only the holder of the Lease reconciles. kopf keeps no bookkeeping of its own
 on the runs (no change handlers) and posts no events; the reconciler posts ours.
 
@@ -23,7 +25,8 @@ import kubernetes
 from prometheus_client import start_http_server
 
 from kubetrain_api import v1alpha1 as api
-from kubetrain_api.contract import LABEL_RUN, WEBHOOK_PATH
+from kubetrain_api import modelservice as ms
+from kubetrain_api.contract import LABEL_MANAGED_BY, LABEL_RUN, MANAGED_BY, WEBHOOK_PATH
 from kubetrain_operator import admission, metrics, serving, webhook
 from kubetrain_operator.controller import Controller
 from kubetrain_operator.k8s import Kube, load_configuration
@@ -31,9 +34,16 @@ from kubetrain_operator.leader import LeaseElector, default_identity
 from kubetrain_operator.settings import OperatorSettings
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
-# Children whose events re-queue their run: the Ray pods (phases, exit codes), the
-# serving Deployment (rollout, availability) and Services (repaired when deleted).
-CHILDREN = (("v1", "pods"), ("apps", "deployments"), ("v1", "services"))
+SERVICES = (api.GROUP, api.VERSION, ms.PLURAL)
+# Children whose events re-queue their owner, streamed with a server-side label selector:
+# the Ray pods (phases, exit codes: a run's label), and the Deployments (rollout,
+# availability) and Services (repaired when deleted) of runs and ModelServices alike
+# (everything the operator builds carries the managed-by label).
+CHILDREN = {
+    ("v1", "pods"): LABEL_RUN,
+    ("apps", "deployments"): f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+    ("v1", "services"): f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+}
 
 
 @kopf.on.login()
@@ -74,9 +84,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300  # finite watches, reconnected by kopf
     settings.watching.client_timeout = 330
     selectors = getattr(settings.watching, "label_selectors", None)  # newer kopf only
-    for child in CHILDREN:
+    for child, selector in CHILDREN.items():
         if selectors is not None:  # else kopf filters by the handlers' labels= itself
-            selectors[child] = LABEL_RUN  # stream only the runs' children
+            selectors[child] = selector  # stream only our children
     ours = OperatorSettings.from_env()
     kube = Kube.from_environment()
     # Asked once: the PodDisruptionBudget API moved to policy/v1 in Kubernetes 1.21.
@@ -119,6 +129,11 @@ async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
     memo.controller.run_event(type, body)
 
 
+@kopf.on.event(*SERVICES)
+async def service_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.controller.service_event(type, body)
+
+
 @kopf.on.validate(*RESOURCE, id=WEBHOOK_PATH.lstrip("/"), operations=["CREATE", "UPDATE"])
 def validate_run(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     """The admission webhook: refuse what the operator would fail the run for (admission.py).
@@ -136,7 +151,8 @@ async def child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: A
     memo.controller.child_event(type, body)
 
 
-for _group, _plural in CHILDREN:
-    kopf.on.event(_group, _plural, labels={LABEL_RUN: kopf.PRESENT}, id=f"{_plural}-event")(
+for (_group, _plural), _selector in CHILDREN.items():
+    _key, _, _value = _selector.partition("=")
+    kopf.on.event(_group, _plural, labels={_key: _value or kopf.PRESENT}, id=f"{_plural}-event")(
         child_event
     )

@@ -20,6 +20,7 @@ import kubernetes
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
+from kubetrain_api import modelservice as ms
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import ANNOTATION_INPUT_HASH
 from kubetrain_operator import metrics, ownership
@@ -37,6 +38,7 @@ MAX_ATTEMPTS = 5
 # which CustomObjectsApi serves for any API group. The typed client has no policy/v1beta1
 # (gone from Kubernetes 1.25), which the PodDisruptionBudget needs on older servers; the
 # version comes from the object, or the caller, or else the default here.
+KINDS = {api.PLURAL: api.KIND, ms.PLURAL: ms.KIND}
 GENERIC_KINDS: dict[str, tuple[str, str]] = {
     "Deployment": ("apps/v1", "deployments"),
     "HorizontalPodAutoscaler": ("autoscaling/v1", "horizontalpodautoscalers"),
@@ -300,12 +302,20 @@ class Kube:
 
     def read_run(self, ns: str, name: str) -> dict[str, Any] | None:
         """The run as stored now, or None when it is gone."""
+        return self.read_custom(api.PLURAL, ns, name)
+
+    def read_service(self, ns: str, name: str) -> dict[str, Any] | None:
+        """The ModelService as stored now, or None when it is gone."""
+        return self.read_custom(ms.PLURAL, ns, name)
+
+    def read_custom(self, plural: str, ns: str, name: str) -> dict[str, Any] | None:
+        """One of our custom objects (a TrainingRun, a ModelService), or None."""
         try:
             obj = _retry(
                 lambda: self.custom.get_namespaced_custom_object(
-                    api.GROUP, api.VERSION, ns, api.PLURAL, name
+                    api.GROUP, api.VERSION, ns, plural, name
                 ),
-                f"read TrainingRun {name}",
+                f"read {plural} {name}",
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -314,15 +324,20 @@ class Kube:
         return dict(cast(dict[str, Any], obj))
 
     def patch_status(
-        self, ns: str, name: str, status: dict[str, Any], previous: dict[str, Any] | None = None
+        self,
+        ns: str,
+        name: str,
+        status: dict[str, Any],
+        previous: dict[str, Any] | None = None,
+        plural: str = api.PLURAL,
     ) -> None:
         """Make the stored status `status`. The API server merges the patch into what it
         has (RFC 7386), so fields `previous` had and `status` lacks are sent as null."""
-        self._count("patch", "TrainingRun/status")
+        self._count("patch", f"{KINDS[plural]}/status")
         body = {"status": merge_patch(previous or {}, status)}
         _retry(
             lambda: self.custom.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, ns, api.PLURAL, name, body
+                api.GROUP, api.VERSION, ns, plural, name, body
             ),
             f"patch status of {name}",
         )
@@ -336,7 +351,7 @@ class Kube:
         )
 
     def event(self, run: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """A core/v1 Event about the run (what `kubectl describe tr` shows)."""
+        """A core/v1 Event about the run or ModelService (what `kubectl describe` shows)."""
         meta = run["metadata"]
         now = datetime.now(timezone.utc)
         # A plain dict: the client serializes it as is (its stubs ask for a model).
@@ -347,7 +362,7 @@ class Kube:
             },
             "involvedObject": {
                 "apiVersion": api.API_VERSION,
-                "kind": api.KIND,
+                "kind": run.get("kind") or api.KIND,
                 "name": meta["name"],
                 "namespace": meta["namespace"],
                 "uid": meta["uid"],

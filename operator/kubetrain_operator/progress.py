@@ -82,28 +82,31 @@ class _Connection(http.client.HTTPConnection):
         self.response_class = Response
 
 
-def fetch(host: str, port: int, deadline_seconds: float, max_bytes: int) -> bytes | None:
-    """GET /progress from host:port within deadline_seconds; None unless a 200 answer of at
-    most max_bytes came in time. Never raises for anything the server does."""
+def fetch(
+    host: str, port: int, deadline_seconds: float, max_bytes: int, path: str = PROGRESS_PATH
+) -> bytes | None:
+    """GET `path` (a head's /progress; a router's /stats) from host:port within
+    deadline_seconds; None unless a 200 answer of at most max_bytes came in time. Never
+    raises for anything the server does."""
     deadline = time.monotonic() + deadline_seconds
     conn = _Connection(host, port, deadline, max_bytes + HEADER_BYTES)
     try:
-        conn.request("GET", PROGRESS_PATH, headers={"Accept": "application/json"})
+        conn.request("GET", path, headers={"Accept": "application/json"})
         resp = conn.getresponse()
         if resp.status != 200:
-            log.debug("progress at %s: HTTP %s", host, resp.status)
+            log.debug("%s at %s: HTTP %s", path, host, resp.status)
             return None
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > max_bytes:
-            log.warning("progress at %s refused: %s bytes > %d", host, length, max_bytes)
+            log.warning("%s at %s refused: %s bytes > %d", path, host, length, max_bytes)
             return None
         body = resp.read(max_bytes + 1)
         if len(body) > max_bytes:
-            log.warning("progress at %s refused: more than %d bytes", host, max_bytes)
+            log.warning("%s at %s refused: more than %d bytes", path, host, max_bytes)
             return None
         return body
     except (OSError, http.client.HTTPException, ValueError) as exc:  # TimeoutError is OSError
-        log.debug("progress at %s unreadable: %s", host, exc)
+        log.debug("%s at %s unreadable: %s", path, host, exc)
         return None
     finally:
         conn.close()

@@ -278,7 +278,7 @@ def reconcile(
     except ChildConflict as exc:
         conflict = exc
     if applied:
-        _record_conflict(kube, body, status, conflict, now)
+        record_conflict(kube, body, status, conflict, now)
     gpus = 0 if run is None else validation.total_gpus(run.spec)
     metrics.RUNS.set(uid, status.get("phase") or "Pending", gpus)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
@@ -303,7 +303,7 @@ def _apply_serving(
     # Autoscaling turned off: a left-over HPA would keep resizing the Deployment.
     hpa = ("HorizontalPodAutoscaler", ns, name, serving.HPA_API_VERSION)
     if run.spec.serve.autoscaling is None:
-        _delete_own(kube, uid, *hpa)
+        delete_own(kube, uid, *hpa)
     for obj in objs:
         kind, version = obj["kind"], obj["apiVersion"]
         live = deployment if kind == "Deployment" else kube.read(kind, ns, name, version)
@@ -339,36 +339,38 @@ def _remove_serving(
     """Delete the serving objects the run owns; the Deployment last, since its presence is
     what tells compute_status that something is left."""
     name = ChildNames(run_name).serve
-    _delete_own(kube, uid, "HorizontalPodAutoscaler", ns, name, serving.HPA_API_VERSION)
-    _delete_own(kube, uid, "PodDisruptionBudget", ns, name, settings.pdb_api_version)
-    _delete_own(kube, uid, "Service", ns, name)
-    _delete_own(kube, uid, "Deployment", ns, name)
+    delete_own(kube, uid, "HorizontalPodAutoscaler", ns, name, serving.HPA_API_VERSION)
+    delete_own(kube, uid, "PodDisruptionBudget", ns, name, settings.pdb_api_version)
+    delete_own(kube, uid, "Service", ns, name)
+    delete_own(kube, uid, "Deployment", ns, name)
 
 
-def _delete_own(
+def delete_own(
     kube: Kube, uid: str, kind: str, ns: str, name: str, api_version: str | None = None
 ) -> None:
-    """Delete a child by name, only if it is there and the run's own."""
+    """Delete a child by name, only if it is there and the owner's (uid) own."""
     obj = kube.read(kind, ns, name, api_version)
     if obj is not None and ownership.owned_by(obj, uid):
         kube.delete(kind, ns, name, api_version)
 
 
-def _record_conflict(
+def record_conflict(
     kube: Kube,
     body: dict[str, Any],
     status: dict[str, Any],
     conflict: ChildConflict | None,
     now: datetime,
+    plural: str = api.PLURAL,
 ) -> None:
-    """Set (or clear) the ChildConflict condition after the run's children were applied."""
+    """Set (or clear) the ChildConflict condition after the children of a run (or, by
+    `plural`, a ModelService) were applied."""
     meta = body["metadata"]
     generation = int(meta.get("generation") or 0)
     recorded, events = ownership.record_conflict(status, conflict, generation, now)
     if conflict is not None:
         log.warning("%s/%s: %s", meta["namespace"], meta["name"], conflict.message)
     if recorded != status:
-        kube.patch_status(meta["namespace"], meta["name"], recorded)
+        kube.patch_status(meta["namespace"], meta["name"], recorded, plural=plural)
     for event in events:
         kube.event(body, event.type, event.reason, event.message)
 

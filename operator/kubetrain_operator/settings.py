@@ -113,6 +113,9 @@ class OperatorSettings:
     """Largest /progress answer read (1 MiB); a larger one is refused as no progress."""
     progress_host_override: str | None = None
     """Read progress from this host instead of the head pod's IP (tests, port-forwards)."""
+    router_stats_address: str | None = None
+    """Read every ModelService router's /stats from this `host:port` instead of its
+    Service (tests, port-forwards)."""
     leader_election: bool = False
     """Reconcile only while holding the Lease `lease_name` in `operator_namespace`, so
     several replicas can run (leader.py)."""
@@ -168,6 +171,7 @@ class OperatorSettings:
             workers=_int("KUBETRAIN_WORKERS", defaults.workers),
             metrics_port=_optional_int("KUBETRAIN_METRICS_PORT"),
             progress_host_override=os.environ.get("KUBETRAIN_PROGRESS_HOST") or None,
+            router_stats_address=os.environ.get("KUBETRAIN_ROUTER_STATS_ADDRESS") or None,
             leader_election=os.environ.get("KUBETRAIN_LEADER_ELECTION", "").lower()
             in ("1", "true", "yes"),
             lease_name=os.environ.get("KUBETRAIN_LEASE_NAME", defaults.lease_name),

@@ -34,7 +34,7 @@ def test_a_stale_body_is_decided_on_the_stored_run(kube: Kube, namespace: str) -
     controller.run_event("ADDED", get_run("late", namespace))  # queued as it was then
     apply(quickstart("late", runPolicy={"suspend": True}), namespace)
 
-    controller.reconcile(controller.queue.get() or ("", ""))
+    controller.reconcile(controller.queue.get() or ("", "", ""))
 
     stored = get_run("late", namespace)
     assert stored["status"]["phase"] == "Suspended", stored["status"]
@@ -47,7 +47,7 @@ def test_a_deleted_run_is_left_alone(kube: Kube, namespace: str) -> None:
     controller.run_event("ADDED", get_run("gone", namespace))
     kubectl("delete", "tr", "gone", "-n", namespace)
 
-    assert controller.reconcile(controller.queue.get() or ("", "")) is None
+    assert controller.reconcile(controller.queue.get() or ("", "", "")) is None
 
     assert run_pods("gone", namespace) == []
     assert kube.mutations == {}
