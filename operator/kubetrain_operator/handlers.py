@@ -24,8 +24,8 @@ import kopf
 import kubernetes
 from prometheus_client import start_http_server
 
-from kubetrain_api import v1alpha1 as api
 from kubetrain_api import modelservice as ms
+from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import LABEL_MANAGED_BY, LABEL_RUN, MANAGED_BY, WEBHOOK_PATH
 from kubetrain_operator import admission, metrics, serving, webhook
 from kubetrain_operator.controller import Controller

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubetrain_api import contract
+from kubetrain_api import contract, validation
 from kubetrain_api import modelservice as ms
-from kubetrain_api import validation
 from kubetrain_operator import builders, serving
 from kubetrain_operator.settings import OperatorSettings
 
