@@ -24,19 +24,24 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from kubetrain_api import contract
+from kubetrain_api import contract, validation
 from tests.helm.chart import NAMESPACE, install_release, operator_identity_from_chart
 from tests.support import example_inputs
 from tests.support.cluster import kubectl, wait_until
 from tests.support.images import built_images
+from tests.support.population import Population
+from tests.support.postgres import start_postgres
 from tests.support.realnode import RealNode
 from tests.support.runs import (
+    ROOT,
     apply,
     condition,
     example,
@@ -361,6 +366,193 @@ def claim_folder(namespace: str, claim: str) -> Path:
     )
     pv = json.loads(kubectl("get", "pv", volume, "-o", "json").stdout)
     return Path(pv["spec"]["hostPath"]["path"])
+
+
+# --------------------------------------------------------------------------------------
+# A ModelService: examples/modelservice-ab.yaml as written (resized), on real pods
+# --------------------------------------------------------------------------------------
+
+AB_STEPS = 20
+ROUTER = {"cpu": "250m", "memory": "1Gi"}
+
+
+def ab_documents() -> list[dict[str, Any]]:
+    """examples/modelservice-ab.yaml: the two runs (shortened and resized) and the
+    ModelService (its pods resized)."""
+    docs = validation.load_documents((ROOT / "examples" / "modelservice-ab.yaml").read_text())
+    for doc in docs:
+        spec = doc["spec"]
+        if doc["kind"] == "TrainingRun":
+            spec["hyperparameters"]["maxSteps"] = AB_STEPS
+            spec["checkpoint"]["intervalSteps"] = spec["evaluation"]["intervalSteps"] = 10
+            spec["resources"] |= {"cpuPerWorker": TRAIN["cpu"], "head": TRAIN}
+        else:
+            for variant in spec["variants"]:
+                variant["resources"] = SERVE
+            spec["router"]["resources"] = ROUTER
+    return docs
+
+
+def service_status(name: str, namespace: str) -> dict[str, Any]:
+    out = kubectl("get", "modelservice", name, "-n", namespace, "-o", "json").stdout
+    return dict(json.loads(out).get("status") or {})
+
+
+def wait_service(name: str, namespace: str, check: Any, what: str, timeout: float) -> Any:
+    def look() -> Any:
+        return check(service_status(name, namespace))
+
+    try:
+        return wait_until(look, timeout=timeout, message=f"{name}: {what}")
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}; status: {json.dumps(service_status(name, namespace))}"
+        ) from None
+
+
+def router_url(name: str, namespace: str) -> str:
+    svc = json.loads(kubectl("get", "svc", f"{name}-router", "-n", namespace, "-o", "json").stdout)
+    return f"http://{svc['spec']['clusterIP']}:80"
+
+
+def test_modelservice_ab_test_rolls_back_by_feedback_and_on_a_broken_engine(
+    real_node: RealNode, chart_operator: str, namespace: str
+) -> None:
+    """Two TrainingRuns train two tiny models; a ModelService serves them as A and B at
+    50/50 behind its router; a simulated population (the `openai` client, sticky by user)
+    rates A's answers positive 60% of the time and B's 40%; the operator reads the
+    router's counts, declares A the winner at alpha 0.05 and moves all traffic to A,
+    which new users then get. Then a second service over the same models with its router
+    on PostgreSQL (two replicas): B's engine is taken down (its requests fail with 502),
+    and the error guardrail rolls back to A at once; feedback posted to one router replica
+    is counted by the other."""
+    started = time.monotonic()
+    docs = ab_documents()
+    for doc in docs:
+        apply(doc, namespace)
+    try:
+        for run in ("chat-a", "chat-b"):
+            wait_phase(run, namespace, "Succeeded", timeout=900)
+        trained = time.monotonic() - started
+        ready = wait_service(
+            "chat", namespace,
+            lambda s: s if condition(s, "Ready").get("status") == "True" else None,
+            "Ready", timeout=300,
+        )  # fmt: skip
+        assert ready["traffic"] == "a=50,b=50"
+        versions = {v["name"]: v["modelVersion"] for v in ready["variants"]}
+        population = Population(router_url("chat", namespace), "chat", {"a": 0.6, "b": 0.4})
+        users = 0
+        while users < 1600:
+            population.round(range(users, users + 50))
+            users += 50
+            decision = service_status("chat", namespace).get("experiment", {}).get("decision")
+            if decision in ("Promote", "Rollback"):
+                break
+        decided = wait_service(
+            "chat", namespace,
+            lambda s: s if s.get("experiment", {}).get("decision") in ("Promote", "Rollback")
+            else None,
+            "a decision", timeout=60,
+        )  # fmt: skip
+    except BaseException:
+        sys.stderr.write(real_node.diagnostics(namespace))
+        raise
+    experiment = decided["experiment"]
+    assert experiment["decision"] == "Rollback", experiment  # B, the treatment, lost
+    assert experiment["winner"] == "a"
+    assert experiment["pValue"] <= 0.05
+    assert decided["traffic"] == "a=100,b=0"
+    assert condition(decided, "RolledBack")["status"] == "True"
+    # Every response carried its variant's model version (the run's).
+    assert population.versions == versions
+    # The router applies the new split (the kubelet updates its ConfigMap's file): new
+    # users all get A.
+    wait_until(
+        lambda: {population.ask(f"late-{time.monotonic_ns()}")[0] for _ in range(10)} == {"a"},
+        timeout=120,
+        message="new users routed to a only",
+    )
+    ab_seconds = time.monotonic() - started
+    sys.stderr.write(
+        f"\nmodelservice: trained both in {trained:.0f}s; decided after {users} users "
+        f"({experiment['reason']}); {ab_seconds:.0f}s in all\n"
+    )
+
+    guardrail_on_postgres(real_node, namespace, docs[-1])
+
+
+def guardrail_on_postgres(real_node: RealNode, namespace: str, service: dict[str, Any]) -> None:
+    kubectl("delete", "modelservice", "chat", "-n", namespace, "--wait=false")
+    database = start_postgres(host=real_node.node.ip)
+    try:
+        kubectl(
+            "create", "secret", "generic", "router-db", "-n", namespace,
+            f"--from-literal=dsn={database.create_database('router')}",
+        )  # fmt: skip
+        guard = json.loads(json.dumps(service))
+        guard["metadata"]["name"] = "guard"
+        guard["spec"]["router"] |= {
+            "replicas": 2,
+            "database": {"postgres": {"dsnSecretRef": {"name": "router-db", "key": "dsn"}}},
+        }
+        guard["spec"]["experiment"]["minSamplesPerVariant"] = 10_000  # only a guardrail acts
+        apply(guard, namespace)
+        wait_service(
+            "guard", namespace,
+            lambda s: s if condition(s, "Ready").get("status") == "True" else None,
+            "Ready", timeout=300,
+        )  # fmt: skip
+        routers = [
+            p["status"]["podIP"]
+            for p in json.loads(
+                kubectl(
+                    "get", "pods", "-n", namespace, "-l",
+                    "kubetrain.dev/modelservice=guard,app.kubernetes.io/component=router",
+                    "-o", "json",
+                ).stdout
+            )["items"]
+        ]  # fmt: skip
+        assert len(routers) == 2
+        # Feedback through one replica is counted by the other (one shared database).
+        first = Population(f"http://{routers[0]}:8000", "chat", {"a": 1.0, "b": 1.0})
+        variant, response_id = first.ask("shared-user")
+        first.rate("shared-user", variant, response_id)
+        counted = httpx.get(f"http://{routers[1]}:8000/stats", timeout=30).json()
+        assert counted["backend"] == "postgresql"
+        assert counted["variants"][variant]["n"] == 1, counted
+
+        # B's engine goes down: its users get 502s from the router.
+        kubectl("scale", "deployment", "guard-b", "-n", namespace, "--replicas=0")
+        wait_until(
+            lambda: not kubectl(
+                "get", "pods", "-n", namespace, "-l", "kubetrain.dev/variant=b,"
+                "kubetrain.dev/modelservice=guard", "-o", "name",
+            ).stdout.strip(),
+            timeout=120,
+            message="guard-b's pods gone",
+        )  # fmt: skip
+        population = Population(router_url("guard", namespace), "chat", {"a": 0.5, "b": 0.5})
+        codes: Counter[int] = Counter()
+        for i in range(200):
+            codes[population.try_ask(f"g-{i}")] += 1
+            if codes[502] >= 30:
+                break
+        assert set(codes) == {200, 502}, codes  # A answers, B's requests fail
+        rolled = wait_service(
+            "guard", namespace,
+            lambda s: s if s.get("experiment", {}).get("decision") == "Rollback" else None,
+            "the guardrail's rollback", timeout=120,
+        )  # fmt: skip
+    except BaseException:
+        sys.stderr.write(real_node.diagnostics(namespace))
+        raise
+    finally:
+        database.stop()
+    assert "5xx rate" in rolled["experiment"]["guardrailBreach"]
+    assert rolled["traffic"] == "a=100,b=0"
+    assert condition(rolled, "RolledBack")["reason"] == "GuardrailBreached"
+    assert rolled["history"][-1]["cause"] == "Guardrail"
 
 
 def test_workers_over_their_memory_limit_are_oomkilled_and_retried(

@@ -102,6 +102,7 @@ class PostgresServer:
     port: int
     user: str = USER
     password: str = PASSWORD
+    host: str = "127.0.0.1"
 
     @property
     def data_dir(self) -> Path:
@@ -117,7 +118,7 @@ class PostgresServer:
 
     def dsn(self, database: str = "postgres") -> str:
         """A libpq URI, as a Secret would hold it."""
-        return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
 
     def create_database(self, name: str | None = None) -> str:
         """An empty database (a fresh unique name by default); returns its DSN."""
@@ -143,12 +144,13 @@ class PostgresServer:
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
-def start_postgres(*, attempts: int = 3) -> PostgresServer:
-    """initdb a private cluster and start it on a free loopback port; wait until it takes
-    connections (`pg_ctl -w`). A port taken between choosing and binding is retried."""
+def start_postgres(*, host: str = "127.0.0.1", attempts: int = 3) -> PostgresServer:
+    """initdb a private cluster and start it on a free port of `host` (loopback; a real
+    node's bridge address for pods); wait until it takes connections (`pg_ctl -w`). A
+    port taken between choosing and binding is retried."""
     bin_dir = server_bin_dir()
     base_dir = Path(tempfile.mkdtemp(prefix="kubetrain-pg-"))  # mode 0700
-    server = PostgresServer(bin_dir, base_dir, port=0)
+    server = PostgresServer(bin_dir, base_dir, port=0, host=host)
     try:
         pwfile = base_dir / "pwfile"
         pwfile.write_text(PASSWORD + "\n")
@@ -171,12 +173,15 @@ def start_postgres(*, attempts: int = 3) -> PostgresServer:
             ],
             what="initdb",
         )
+        if host != "127.0.0.1":  # pods connect from their own addresses, with the password
+            with (server.data_dir / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all 0.0.0.0/0 scram-sha-256\n")
         for attempt in range(attempts):
             server.port = _free_port()
             options = " ".join(
                 [
                     f"-p {server.port}",
-                    "-c listen_addresses=127.0.0.1",
+                    f"-c listen_addresses={host}",
                     f"-k {base_dir}",  # the unix socket in the private folder, not /run
                     # Durability of test data is not under test: skip the fsyncs.
                     "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
