@@ -60,6 +60,7 @@ RBAC_KINDS = ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 # owner's finalizers set blockOwnerDeletion (every child of a run).
 ADMISSION_ONLY = {
     ("update", "kubetrain.dev", "trainingruns/finalizers"),
+    ("update", "kubetrain.dev", "modelservices/finalizers"),
     ("delete", "", "persistentvolumeclaims"),
 }
 INPUT_HASH = "kubetrain.dev/input-hash"
@@ -246,11 +247,33 @@ def every_path(namespace: str, progress: kubelet.FakeProgress, log: Path, since:
         timeout=30,
         message="the serving objects deleted",
     )
+    # A ModelService serving the run's model: resolved from the run, its children built
+    # (router ConfigMap, claim, Deployments, Services, PDBs), its status written.
+    apply(served_model_service("life"), namespace)
+    wait_until(
+        lambda: (get("modelservice", "life-ms", namespace) or {}).get("status", {}).get("traffic"),
+        timeout=60,
+        message="the ModelService's children built",
+    )
+    wait_until(
+        lambda: get("deployment", "life-ms-router", namespace) is not None,
+        timeout=30,
+        message="the router's Deployment",
+    )
     # ttlSecondsAfterFinished: the operator deletes the run.
     ttl = {"ttlSecondsAfterFinished": 1}
     apply(quickstart("life", serve={"enabled": False}, runPolicy=ttl), namespace)
     for run in ("life", "clash"):
         wait_until(lambda r=run: gone("tr", r, namespace), timeout=90, message=f"{run} deleted")
+
+
+def served_model_service(run: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "ModelService",
+        "metadata": {"name": f"{run}-ms"},
+        "spec": {"variants": [{"name": "a", "source": {"trainingRun": run}}]},
+    }
 
 
 def watched_namespace_run(namespace: str) -> None:
