@@ -560,6 +560,12 @@ def test_autoscaling_is_an_hpa_v2_that_owns_the_replicas(autoscaling: Obj, metri
     ]
 
 
+def test_a_vllm_variant_scales_on_vllms_own_in_flight_gauge() -> None:
+    objs = children(service(**VARIATIONS["vllm-autoscaled"]))
+    (metric,) = one(objs, "HorizontalPodAutoscaler", "chat-b")["spec"]["metrics"]
+    assert metric["pods"]["metric"] == {"name": "vllm:num_requests_running"}
+
+
 def test_the_children_are_deterministic() -> None:
     assert children() == children()
 

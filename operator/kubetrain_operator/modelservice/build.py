@@ -62,9 +62,6 @@ ROUTER_DATA_VOLUME = "data"
 ROUTER_DATA_DIR = "/data"
 ROUTER_SQLITE_FILE = f"{ROUTER_DATA_DIR}/router.db"
 DEFAULT_TARGET_CPU = 70
-IN_FLIGHT_METRIC = "kubetrain_serve_in_flight"
-"""The built-in engine's gauge of requests generating now (serve/metrics.py), which a
-targetConcurrency HPA scales on through a custom-metrics adapter."""
 
 
 @dataclass(frozen=True)
@@ -481,8 +478,9 @@ def build_variant_hpa(
     ms: ModelService, variant: Variant, uid: str, ns: str, settings: OperatorSettings
 ) -> Obj | None:
     """HorizontalPodAutoscaler `<service>-<variant>` (autoscaling/v2), only with autoscaling:
-    on requests in flight per replica (targetConcurrency, a Pods metric served by a
-    custom-metrics adapter) or on CPU (targetCpuUtilization, 70% when neither is set)."""
+    on requests in flight per replica (targetConcurrency: the engine's gauge as a Pods
+    metric, served by a custom-metrics adapter) or on CPU (targetCpuUtilization, 70% when
+    neither is set)."""
     auto = variant.autoscaling
     if auto is None:
         return None
@@ -491,7 +489,7 @@ def build_variant_hpa(
         metric = {
             "type": "Pods",
             "pods": {
-                "metric": {"name": IN_FLIGHT_METRIC},
+                "metric": {"name": engines.IN_FLIGHT_METRICS[variant.engine]},
                 "target": {"type": "AverageValue", "averageValue": str(auto.target_concurrency)},
             },
         }

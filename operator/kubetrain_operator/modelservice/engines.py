@@ -44,6 +44,12 @@ HF_SCHEME = "hf://"
 FILE_SCHEME = "file://"
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 VLLM_HEALTH = "/health"
+# Each engine's gauge of requests in flight per replica, which a targetConcurrency HPA
+# scales on through a custom-metrics adapter (e.g. prometheus-adapter).
+IN_FLIGHT_METRICS = {
+    "builtin": "kubetrain_serve_in_flight",  # serve/metrics.py
+    "vllm": "vllm:num_requests_running",
+}
 # The built-in server's download, run on its own: vLLM then reads a local folder. Exits 1
 # with one line for an uncommitted folder or refused credentials, like `kubetrain serve`.
 FETCH_SCRIPT = (
