@@ -169,7 +169,7 @@ def _image(ms: ModelService, settings: OperatorSettings, variant: Variant | None
     return (variant.image if variant is not None else None) or ms.spec.image or settings.image
 
 
-def _service_obj(ms: ModelService, uid: str, ns: str, meta: Obj, sel: dict[str, str]) -> Obj:
+def _service_obj(meta: Obj, sel: dict[str, str]) -> Obj:
     return with_input_hash(
         {
             "apiVersion": "v1",
@@ -369,7 +369,7 @@ def build_router_service(ms: ModelService, uid: str, ns: str) -> Obj:
     """ClusterIP Service `<service>-router`: the endpoint, port 80 to the router's 8000."""
     service = _service_name(ms)
     meta = _metadata(ms, uid, ns, router_name(service), COMPONENT_ROUTER)
-    return _service_obj(ms, uid, ns, meta, selector(service, COMPONENT_ROUTER))
+    return _service_obj(meta, selector(service, COMPONENT_ROUTER))
 
 
 def build_router_pdb(ms: ModelService, uid: str, ns: str, settings: OperatorSettings) -> Obj:
@@ -464,7 +464,7 @@ def _variant_meta(ms: ModelService, variant: Variant, uid: str, ns: str) -> Obj:
 def build_variant_service(ms: ModelService, variant: Variant, uid: str, ns: str) -> Obj:
     """ClusterIP Service `<service>-<variant>`: port 80 to the engine's 8000."""
     sel = selector(_service_name(ms), COMPONENT_VARIANT, variant.name)
-    return _service_obj(ms, uid, ns, _variant_meta(ms, variant, uid, ns), sel)
+    return _service_obj(_variant_meta(ms, variant, uid, ns), sel)
 
 
 def build_variant_pdb(
