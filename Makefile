@@ -52,7 +52,7 @@ dashboards-preview: install ## draw the Training and Serving dashboards from a l
 	$(BIN)/python hack/controlplane.py tools
 	$(BIN)/python hack/dashboards_preview.py
 
-golden: install ## regenerate tests/golden/ (the children the operator renders for the quickstart run)
+golden: install ## regenerate tests/golden/ (the children the operator renders for the quickstart run and the example ModelService)
 	$(BIN)/python -m tests.golden.render
 
 check-crds: install ## fail if crds/ or the chart's copy is out of date

@@ -72,14 +72,44 @@ def scrape_annotations(port: int) -> dict[str, str]:
     }
 
 
-def container(run: api.TrainingRun, settings: OperatorSettings, **fields: Any) -> Obj:
-    """A container of the run's image (or the installation's), restricted, with `fields`."""
+def image_container(image: str, pull_policy: str, **fields: Any) -> Obj:
+    """A restricted container of `image` with `fields` (any owner: a run, a ModelService)."""
     return {
         **fields,
-        "image": run.spec.image or settings.image,
-        "imagePullPolicy": run.spec.image_pull_policy,
+        "image": image,
+        "imagePullPolicy": pull_policy,
         "securityContext": container_security_context(),
     }
+
+
+def container(run: api.TrainingRun, settings: OperatorSettings, **fields: Any) -> Obj:
+    """A container of the run's image (or the installation's), restricted, with `fields`."""
+    return image_container(run.spec.image or settings.image, run.spec.image_pull_policy, **fields)
+
+
+def restricted_pod_spec(
+    containers: list[Obj],
+    volumes: list[Obj],
+    pull_secrets: list[api.SecretRef],
+    *,
+    restart_policy: str | None = None,
+) -> Obj:
+    """The pod base of every kubetrain pod: no service-account token or service links, the
+    restricted security context, and the registry credentials `pull_secrets`."""
+    pod: Obj = {}
+    if restart_policy is not None:
+        pod["restartPolicy"] = restart_policy
+    pod |= {
+        "automountServiceAccountToken": False,
+        # Service env vars for every Service in the namespace are noise, and a leak.
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "containers": containers,
+        "volumes": volumes,
+    }
+    if pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s.name} for s in pull_secrets]
+    return pod
 
 
 def pod_spec(
@@ -95,17 +125,10 @@ def pod_spec(
     context, the run's tolerations and pull secrets, and (when asked) its node selector and
     priority class. Tolerations only permit nodes, so every kubetrain pod carries them."""
     spec, res = run.spec, run.spec.resources
-    pod: Obj = {}
-    if restart_policy is not None:
-        pod["restartPolicy"] = restart_policy
-    pod |= {
-        "automountServiceAccountToken": False,
-        # Service env vars for every Service in the namespace are noise, and a leak.
-        "enableServiceLinks": False,
-        "securityContext": pod_security_context(),
-        "containers": containers,
-        "volumes": volumes,
-    }
+    pod = restricted_pod_spec(
+        containers, volumes, spec.image_pull_secrets, restart_policy=restart_policy
+    )
+    pulls = pod.pop("imagePullSecrets", None)
     if node_selector and res.node_selector:
         pod["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
@@ -114,6 +137,6 @@ def pod_spec(
         ]
     if priority and res.priority_class_name:
         pod["priorityClassName"] = res.priority_class_name
-    if spec.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    if pulls is not None:  # last, as before: the rendered key order stays the same
+        pod["imagePullSecrets"] = pulls
     return pod

@@ -133,7 +133,7 @@ def _metadata(run: api.TrainingRun, uid: str, ns: str) -> Obj:
 def _command(serve: api.ServeSpec, model_url: str | None) -> list[str]:
     """`kubetrain serve`: the mounted model folder with feedback on the claim, or (object
     store) the model's URL to download, without feedback (see the module docstring)."""
-    model = [MODEL_DIR] if model_url is None else [model_url, MODEL_CACHE_OPTION, MODEL_CACHE_DIR]
+    model = [MODEL_DIR] if model_url is None else download_args(model_url)
     tail = ["--feedback-path", FEEDBACK_FILE] if model_url is None else []
     return [
         "kubetrain",
@@ -154,9 +154,7 @@ def _model_volumes(
     """(volumes, mounts) for the model: the run's claim (model read-only, feedback
     writable), or (object store) an emptyDir the server downloads the model into."""
     if model_url is not None:
-        # No sizeLimit: the API has no field for it, and a guess would evict large models.
-        volumes: list[Obj] = [{"name": MODEL_CACHE_VOLUME, "emptyDir": {}}]
-        return volumes, [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT}]
+        return model_cache_volume()
     claim = builders.storage_claim_name(run)
     if claim is None:
         raise ValueError("serving needs the run's storage on a PVC or an object store")
@@ -178,7 +176,21 @@ def _model_volumes(
     ], mounts
 
 
-def _probe(path: str, period: int, failures: int, timeout: int) -> Obj:
+def download_args(model_url: str) -> list[str]:
+    """`kubetrain serve`'s model arguments for a model on an object store: its URL, and the
+    emptyDir folder (model_cache_volume) it is downloaded into before /readyz turns ready."""
+    return [model_url, MODEL_CACHE_OPTION, MODEL_CACHE_DIR]
+
+
+def model_cache_volume() -> tuple[list[Obj], list[Obj]]:
+    """(volumes, mounts) of the emptyDir a downloaded model is kept in."""
+    # No sizeLimit: the API has no field for it, and a guess would evict large models.
+    volumes: list[Obj] = [{"name": MODEL_CACHE_VOLUME, "emptyDir": {}}]
+    return volumes, [{"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT}]
+
+
+def probe(path: str, period: int, failures: int, timeout: int) -> Obj:
+    """An HTTP probe on the container's `http` port."""
     return {
         "httpGet": {"path": path, "port": PORT_NAME},
         "periodSeconds": period,
@@ -242,9 +254,9 @@ def build_deployment(
         resources=pods.resources(serve.resources.cpu, serve.resources.memory, serve.gpus),
         # /readyz answers 200 once the model is loaded; until then only the startup probe
         # runs, with room for a slow load. /healthz is liveness: the process answers.
-        startupProbe=_probe("/readyz", STARTUP_PERIOD, STARTUP_FAILURES, timeout=3),
-        readinessProbe=_probe("/readyz", 5, 3, timeout=3),
-        livenessProbe=_probe("/healthz", 10, 3, timeout=5),
+        startupProbe=probe("/readyz", STARTUP_PERIOD, STARTUP_FAILURES, timeout=3),
+        readinessProbe=probe("/readyz", 5, 3, timeout=3),
+        livenessProbe=probe("/healthz", 10, 3, timeout=5),
         volumeMounts=[{"name": "tmp", "mountPath": "/tmp"}, *model_mounts],
     )
     if remote is not None and spec.secrets.object_store is not None:

@@ -139,6 +139,10 @@ class OperatorSettings:
     pdb_api_version: str = "policy/v1"
     """API version of the serving PodDisruptionBudget. The operator asks the API server at
     start-up (discovery) and uses policy/v1beta1 where policy/v1 is not served (< 1.21)."""
+    hpa_api_version: str = "autoscaling/v2"
+    """API version of a ModelService variant's HorizontalPodAutoscaler (metrics: CPU or a
+    Pods metric). autoscaling/v2beta2 has the same schema, for API servers that do not
+    serve v2 (< 1.23); which one is served is the operator's to discover, like the PDB's."""
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
