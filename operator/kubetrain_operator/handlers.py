@@ -89,9 +89,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
             selectors[child] = selector  # stream only our children
     ours = OperatorSettings.from_env()
     kube = Kube.from_environment()
-    # Asked once: the PodDisruptionBudget API moved to policy/v1 in Kubernetes 1.21.
-    served = kube.served_versions("policy")
-    ours = dataclasses.replace(ours, pdb_api_version=serving.pdb_api_version(served))
+    # Asked once: the PodDisruptionBudget API moved to policy/v1 in Kubernetes 1.21, the
+    # HorizontalPodAutoscaler's with metrics to autoscaling/v2 in 1.23.
+    served = kube.served_versions("policy") | kube.served_versions("autoscaling")
+    ours = dataclasses.replace(
+        ours,
+        pdb_api_version=serving.pdb_api_version(served),
+        hpa_api_version=serving.hpa_v2_api_version(served),
+    )
     memo.kube, memo.settings = kube, ours
     settings.admission.server = webhook.server(ours)
     memo.controller = Controller(kube, ours, leading=not ours.leader_election)

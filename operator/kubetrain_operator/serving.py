@@ -86,6 +86,12 @@ def pdb_api_version(served: set[str]) -> str:
     return "policy/v1" if "policy/v1" in served else "policy/v1beta1"
 
 
+def hpa_v2_api_version(served: set[str]) -> str:
+    """autoscaling/v2 where the API server serves it (Kubernetes >= 1.23), else
+    autoscaling/v2beta2 (same schema): a ModelService variant's HPA scales on a metric."""
+    return "autoscaling/v2" if "autoscaling/v2" in served else "autoscaling/v2beta2"
+
+
 def object_store_uri(run: api.TrainingRun) -> str | None:
     """spec.checkpoint.storage.uri when it names an object store (s3://, gs://)."""
     uri = run.spec.checkpoint.storage.uri

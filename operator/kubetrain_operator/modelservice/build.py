@@ -22,8 +22,6 @@ Like builders.py, nothing here does I/O: the same inputs give the same objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kubetrain_api import routing
 from kubetrain_api.contract import (
     ANNOTATION_MODEL_VERSION,
@@ -46,6 +44,7 @@ from kubetrain_api.v1alpha1 import API_VERSION
 from kubetrain_operator import builders, pods, serving
 from kubetrain_operator.builders import Obj, with_input_hash
 from kubetrain_operator.modelservice import engines
+from kubetrain_operator.modelservice.sources import ModelSource
 from kubetrain_operator.settings import OperatorSettings
 
 COMPONENT_ROUTER = "router"
@@ -62,23 +61,6 @@ ROUTER_DATA_VOLUME = "data"
 ROUTER_DATA_DIR = "/data"
 ROUTER_SQLITE_FILE = f"{ROUTER_DATA_DIR}/router.db"
 DEFAULT_TARGET_CPU = 70
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a variant's model is (resolved by the reconciler from a TrainingRun's status or
-    from the variant's uri) and the version its responses carry."""
-
-    version: str
-    claim: str | None = None
-    """PVC holding the model folder: mounted read-only."""
-    sub_path: str = ""
-    """Folder inside the claim (config.json, weights, tokenizer)."""
-    url: str | None = None
-    """s3://, gs://, hf:// to download into an emptyDir first, or file:///abs/path (inside
-    the image)."""
-    object_store_secret: str | None = None
-    """Secret whose keys become env (s3/gs credentials)."""
 
 
 # --------------------------------------------------------------------------------------

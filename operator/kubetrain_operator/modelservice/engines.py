@@ -31,7 +31,7 @@ from kubetrain_operator import pods, serving
 from kubetrain_operator.builders import Obj
 
 if TYPE_CHECKING:
-    from kubetrain_operator.modelservice.build import ModelSource
+    from kubetrain_operator.modelservice.sources import ModelSource
 
 PORT = contract.SERVE_PORT
 PORT_NAME = serving.PORT_NAME

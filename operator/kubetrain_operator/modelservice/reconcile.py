@@ -177,7 +177,7 @@ def _delete_own(
     kube: Kube, uid: str, kind: str, ns: str, name: str, settings: OperatorSettings
 ) -> None:
     version = {
-        "HorizontalPodAutoscaler": build.HPA_API_VERSION,
+        "HorizontalPodAutoscaler": settings.hpa_api_version,
         "PodDisruptionBudget": settings.pdb_api_version,
     }.get(kind)
     delete_own(kube, uid, kind, ns, name, version)

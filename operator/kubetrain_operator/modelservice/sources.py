@@ -57,10 +57,9 @@ def from_uri(variant: ms.Variant, spec: ms.ModelServiceSpec) -> Resolution:
         claim, _, path = rest.partition("/")
         return Resolution(ModelSource(version, claim=claim, sub_path=path.strip("/")))
     secret = spec.secrets.object_store
-    needs_secret = scheme in serving.OBJECT_STORE_SCHEMES and secret is not None
-    return Resolution(
-        ModelSource(version, url=uri, object_store_secret=secret.name if needs_secret else None)
-    )
+    if scheme not in serving.OBJECT_STORE_SCHEMES or secret is None:
+        return Resolution(ModelSource(version, url=uri))
+    return Resolution(ModelSource(version, url=uri, object_store_secret=secret.name))
 
 
 def from_training_run(

@@ -296,10 +296,10 @@ class _Computation:
             )
             if last is not None:
                 self.event("Normal", "TrafficShifted", f"{ms.traffic_summary(weights)}: {why}")
-        for v in variants:
-            v.weight = weights.get(v.name) if resolved else None
-            if not v.ready and v.message is None and resolved:
-                v.message = "no ready replica yet"
+        for shown in variants:
+            shown.weight = weights.get(shown.name) if resolved else None
+            if not shown.ready and shown.message is None and resolved:
+                shown.message = "no ready replica yet"
 
         ready_count = sum(1 for v in variants if v.ready)
         all_ready = ready_count == len(variants)
