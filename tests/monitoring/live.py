@@ -211,7 +211,12 @@ class Stack:
         while True:
             self.check_alive()
             try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{self.base_url}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    # Another server on the port (picked free, bound later) would answer
+                    # every later request wrongly: say so here.
+                    if "json" not in ready.headers.get("content-type", ""):
+                        raise RuntimeError(f"{self.base_url} is not the model server")
                     break
             except httpx.HTTPError:
                 pass
