@@ -44,15 +44,13 @@ def _by_variant(selector: str, by: str = "model, variant") -> str:
 
 def decision_code() -> str:
     """The current decision as a number (its index in Decision) per service, for a state
-    timeline whose value mappings name it: the decision series are one-hot."""
-    one_hot = " or ".join(
+    timeline whose value mappings name it: the decision series are one-hot, so the sum of
+    each times its index is the current one's index."""
+    terms = " or ".join(
         f'kubetrain_experiment_decision{{{SERVICE}, decision="{d}"}} * {i}'
         for i, d in enumerate(DECISIONS)
     )
-    return (
-        f"sum by (namespace, modelservice) (({one_hot})"
-        f" and on(namespace, modelservice, decision) kubetrain_experiment_decision == 1)"
-    )
+    return f"sum by (namespace, modelservice) ({terms})"
 
 
 def experiments() -> Json:
