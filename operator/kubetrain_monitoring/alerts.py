@@ -29,6 +29,7 @@ def prom(expr: str) -> str:
 RUN_NAME = "on(job, instance) group_left(run) kubetrain_trainer_run_info"
 TRAINING = 'on(job, instance) kubetrain_trainer_phase{phase="Running"} == 1'
 SERVED_MODEL = "on(job, instance) group_left(model) kubetrain_serve_model_info"
+GUARDRAIL_ALERT_MINUTES = 15
 
 
 def _rule(
@@ -110,11 +111,30 @@ def rule_groups() -> dict[str, Any]:
             duration="5m",
         ),
     ]
+    service = f"{prom('$labels.namespace')}/{prom('$labels.modelservice')}"
+    experiments = [
+        # The operator's own series carry the ModelService's namespace (honor_labels).
+        # An event, not a state: it fires for GUARDRAIL_ALERT_MINUTES after the rollback
+        # (an experiment still undecided after long is no alert: it needs more traffic).
+        _rule(
+            "KubetrainGuardrailRollback",
+            "time() - max by (namespace, modelservice) (\n"
+            "  kubetrain_modelservice_last_traffic_change_timestamp_seconds"
+            '{cause="Guardrail"}\n'
+            f")\n  < 60 * {GUARDRAIL_ALERT_MINUTES}",
+            "A ModelService's treatment broke a guardrail and was rolled back",
+            f"ModelService {service} rolled its experiment's treatment back "
+            f"{prom('$value | humanizeDuration')} ago: it broke a guardrail (5xx rate or "
+            "p95 latency). `kubectl get modelservice -o yaml` shows which in "
+            "status.experiment.guardrailBreach.",
+        ),
+    ]
     return {
         "groups": [
             {"name": "kubetrain-training", "rules": training},
             {"name": "kubetrain-operator", "rules": operator},
             {"name": "kubetrain-serving", "rules": serving},
+            {"name": "kubetrain-experiments", "rules": experiments},
         ]
     }
 

@@ -1,4 +1,5 @@
-"""The four kubetrain dashboards: Training, Fleet, Operator and Serving (serving.py).
+"""The kubetrain dashboards: Training, Fleet, Operator, Serving (serving.py) and Experiments
+(experiments.py).
 
 Series and where they come from:
 - `kubetrain_operator_*`: the operator's /metrics (one per installation).
@@ -15,6 +16,7 @@ the usual pod-annotation scrape configs attach.
 
 from __future__ import annotations
 
+from kubetrain_monitoring.experiments import experiments
 from kubetrain_monitoring.grafana import (
     QUANTILES,
     RATE,
@@ -467,4 +469,5 @@ DASHBOARDS: dict[str, Json] = {
     "fleet": fleet(),
     "operator": operator(),
     "serving": serving(),
+    "experiments": experiments(),
 }

@@ -1,5 +1,6 @@
 """A small builder for Grafana dashboard JSON (schemaVersion 39): Prometheus targets,
-timeseries / stat / table panels laid out on the 24-column grid, and template variables.
+timeseries / stat / table / state-timeline panels laid out on the 24-column grid, and
+template variables.
 
 Every panel and target reads its data source from the `datasource` variable, so the
 dashboards import into any Grafana whatever its Prometheus data source is called.
@@ -48,7 +49,7 @@ class Panel:
 
     title: str
     targets: tuple[Target, ...]
-    kind: str = "timeseries"  # timeseries | stat | table
+    kind: str = "timeseries"  # timeseries | stat | table | state-timeline
     unit: str = "short"
     description: str = ""
     width: int = 12
@@ -58,6 +59,7 @@ class Panel:
     options: Json = field(default_factory=dict)
     transformations: tuple[Json, ...] = ()
     overrides: tuple[Json, ...] = ()
+    mappings: tuple[Json, ...] = ()  # value mappings, e.g. a state's number to its name
 
     def to_json(self, panel_id: int, x: int, y: int) -> Json:
         defaults: Json = {"unit": self.unit}
@@ -72,6 +74,10 @@ class Panel:
                 "spanNulls": False,
                 "stacking": {"mode": "normal" if self.stacked else "none", "group": "A"},
             }
+        elif self.kind == "state-timeline":
+            defaults["custom"] = {"lineWidth": 0, "fillOpacity": 70}
+        if self.mappings:
+            defaults["mappings"] = list(self.mappings)
         options: Json = dict(_DEFAULT_OPTIONS[self.kind])
         options.update(self.options)
         return {
@@ -102,6 +108,14 @@ _DEFAULT_OPTIONS: dict[str, Json] = {
         "textMode": "auto",
     },
     "table": {"showHeader": True, "cellHeight": "sm", "footer": {"show": False}},
+    "state-timeline": {
+        "mergeValues": True,
+        "showValue": "auto",
+        "alignValue": "left",
+        "rowHeight": 0.9,
+        "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+        "tooltip": {"mode": "single", "sort": "none"},
+    },
 }
 
 

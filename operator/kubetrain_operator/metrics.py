@@ -2,8 +2,10 @@
 
 Runs (and the GPUs they request) by phase are computed at scrape time from an index the
 reconciler keeps, and a run leaves the index when it is deleted, so deleted runs leave no
-series behind. Labels are
-bounded: phase, verb, resource kind, HTTP status code, outcome.
+series behind; ModelServices' traffic and experiments (`kubetrain_modelservice_*`,
+`kubetrain_experiment_*`) likewise, from their latest status. Labels are bounded: phase,
+verb, resource kind, HTTP status code, outcome; a ModelService's namespace, name, variants
+(at most routing.MAX_VARIANTS), decision and traffic-change cause.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kubetrain_api.modelservice import Decision, ModelServiceStatus
 from kubetrain_api.v1alpha1 import Phase
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -112,3 +115,133 @@ def mutating_calls() -> float:
         for sample in metric.samples
         if sample.name.endswith("_total")
     )
+
+
+# ---------------------------------------------------------------------------- ModelServices
+
+DECISIONS: tuple[str, ...] = Decision.__args__  # type: ignore[attr-defined]
+
+
+def _gauge(name: str, help_text: str, *extra: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help_text, labels=["namespace", "modelservice", *extra])
+
+
+class ServiceIndex(Collector):
+    """The latest status of every ModelService this operator reconciles, by namespace and
+    name, exported at scrape time: a forgotten service, or a variant gone from its status,
+    leaves no series behind.
+
+    The series carry the ModelService's `namespace`: the operator's scrape must keep it
+    (`honor_labels`, as the chart's ServiceMonitor does), else Prometheus renames it
+    `exported_namespace`."""
+
+    def __init__(self) -> None:
+        self._statuses: dict[tuple[str, str], ModelServiceStatus] = {}
+        # Newest change per cause, kept beyond status.history's 20 entries.
+        self._changes: dict[tuple[str, str], dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, namespace: str, name: str, status: ModelServiceStatus) -> None:
+        with self._lock:
+            self._statuses[namespace, name] = status
+            changes = self._changes.setdefault((namespace, name), {})
+            for change in status.history:
+                at = change.time.timestamp()
+                changes[change.cause] = max(at, changes.get(change.cause, at))
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._statuses.pop((namespace, name), None)
+            self._changes.pop((namespace, name), None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            statuses = dict(self._statuses)
+            changes = {key: dict(value) for key, value in self._changes.items()}
+        weight = _gauge(
+            "kubetrain_modelservice_variant_weight",
+            "Percent of a ModelService's traffic the router gives each variant now.",
+            "variant",
+        )
+        ready = _gauge(
+            "kubetrain_modelservice_variant_ready",
+            "1 when the variant has a ready replica and its model is resolved.",
+            "variant",
+        )
+        changed = _gauge(
+            "kubetrain_modelservice_last_traffic_change_timestamp_seconds",
+            "When the traffic split last changed, by cause (Spec, Promote, Rollback, Guardrail).",
+            "cause",
+        )
+        per_variant = {
+            field: _gauge(f"kubetrain_experiment_{field}", text, "variant")
+            for field, text in (
+                ("samples", "Samples per variant on the primary metric (the statistics' n)."),
+                ("successes", "Samples that count for the primary metric, per variant."),
+                ("rate", "successes / samples per variant."),
+                ("rate_lower", "Lower end of the rate's Wilson interval at 1 - alpha."),
+                ("rate_upper", "Upper end of the rate's Wilson interval at 1 - alpha."),
+            )
+        }
+        per_service = {
+            field: _gauge(f"kubetrain_experiment_{field}", text)
+            for field, text in (
+                ("p_value", "Always-valid p-value of the experiment's latest look."),
+                ("difference", "rate(treatment) - rate(control) at the latest look."),
+                ("difference_lower", "Lower end of the difference's confidence sequence."),
+                ("difference_upper", "Upper end of the difference's confidence sequence."),
+                ("looks", "Looks the experiment has taken."),
+            )
+        }
+        decision = _gauge(
+            "kubetrain_experiment_decision",
+            "1 for the experiment's current decision, 0 for the others.",
+            "decision",
+        )
+        for (namespace, name), status in sorted(statuses.items()):
+            key = [namespace, name]
+            for variant in status.variants:
+                if variant.weight is not None:
+                    weight.add_metric([*key, variant.name], variant.weight)
+                ready.add_metric([*key, variant.name], 1 if variant.ready else 0)
+            for cause, at in sorted(changes.get((namespace, name), {}).items()):
+                changed.add_metric([*key, cause], at)
+            experiment = status.experiment
+            if experiment is None:
+                continue
+            for result in experiment.variants:
+                interval = result.interval
+                values = {
+                    "samples": result.samples,
+                    "successes": result.successes,
+                    "rate": result.rate,
+                    "rate_lower": interval.lower if interval else None,
+                    "rate_upper": interval.upper if interval else None,
+                }
+                for field, value in values.items():
+                    if value is not None:
+                        per_variant[field].add_metric([*key, result.name], value)
+            between = experiment.difference_interval
+            values = {
+                "p_value": experiment.p_value,
+                "difference": experiment.difference,
+                "difference_lower": between.lower if between else None,
+                "difference_upper": between.upper if between else None,
+                "looks": experiment.looks,
+            }
+            for field, value in values.items():
+                if value is not None:
+                    per_service[field].add_metric(key, value)
+            if experiment.decision is not None:
+                for option in DECISIONS:
+                    decision.add_metric([*key, option], 1 if option == experiment.decision else 0)
+        yield weight
+        yield ready
+        yield changed
+        yield from per_variant.values()
+        yield from per_service.values()
+        yield decision
+
+
+SERVICES = ServiceIndex()
+REGISTRY.register(SERVICES)

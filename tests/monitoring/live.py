@@ -1,7 +1,10 @@
 """The live monitoring stack shared by tests/monitoring and `make dashboards-preview`: a
 real Prometheus scraping, every second, the real `kubetrain operator` (optional: it needs
 a control plane), a real `kubetrain run` (a shrunk quickstart, then `--serve` on the model it
-exported, in the same process) and traffic through the `openai` client.
+exported, in the same process), a real `kubetrain route` (ModelService `chat`: variants a
+and b, both on that model server), the operator's ModelService series (metrics.ServiceIndex
+in this process, fed the statuses of an experiment that collects, then rolls back on a
+guardrail) and traffic through the `openai` client.
 
 Scrape jobs carry the `namespace`/`pod` labels Kubernetes service discovery would add.
 """
@@ -22,13 +25,19 @@ from typing import Any
 import httpx
 import openai
 import yaml
+from prometheus_client import CollectorRegistry, start_http_server
 
+from kubetrain_api.modelservice import ModelServiceStatus
+from kubetrain_api.routing import STORE_ENV, RouterConfig, RouteVariant, dump_router_config
+from kubetrain_operator.metrics import ServiceIndex
+from kubetrain_trainer.route.assign import choose
 from tests.support.prometheus import Prometheus, ScrapeJob, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = "mon"
 RUN_NAMESPACE = "ml-team"
 OPERATOR_NAMESPACE = "kubetrain-system"
+SERVICE = "chat"  # the ModelService (the router's model name)
 PROMPTS = ("the cat was", "the seal was curious, so it", "once upon a time", "the dog")
 
 
@@ -67,6 +76,7 @@ class Stack:
         self.operator_kubeconfig = operator_kubeconfig
         self.trainer_port, self.serve_port = free_port(), free_port()
         self.operator_port = free_port()
+        self.router_port, self.services_port = free_port(), free_port()
         jobs = [
             ScrapeJob(
                 "kubetrain-trainer",
@@ -78,6 +88,19 @@ class Stack:
                 [f"127.0.0.1:{self.serve_port}"],
                 {"namespace": RUN_NAMESPACE, "pod": f"{RUN}-serve-0"},
             ),
+            ScrapeJob(
+                "kubetrain-router",
+                [f"127.0.0.1:{self.router_port}"],
+                {"namespace": RUN_NAMESPACE, "pod": f"{SERVICE}-router-0"},
+            ),
+            # The operator's ModelService series, as the chart scrapes the operator: their
+            # own `namespace` (the ModelService's) wins over the target's.
+            ScrapeJob(
+                "kubetrain-operator-services",
+                [f"127.0.0.1:{self.services_port}"],
+                {"namespace": OPERATOR_NAMESPACE, "pod": "kubetrain-operator-0"},
+                honor_labels=True,
+            ),
         ]
         if operator_kubeconfig is not None:
             jobs.append(
@@ -85,11 +108,17 @@ class Stack:
                     "kubetrain-operator",
                     [f"127.0.0.1:{self.operator_port}"],
                     {"namespace": OPERATOR_NAMESPACE, "pod": "kubetrain-operator-0"},
+                    honor_labels=True,
                 )
             )
         self.prometheus = Prometheus(jobs, rule_files=rule_files or [])
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.base_url = f"http://127.0.0.1:{self.serve_port}"
+        self.router_url = f"http://127.0.0.1:{self.router_port}"
+        self.services = ServiceIndex()
+        self._services_server: Any = None
+        self.history: list[dict[str, Any]] = []  # status.history of `chat`
+        self.looks = 0
         self.started = 0.0
         self.trained = 0.0  # when the model server answered /readyz (training is over)
         self.sent: dict[str, Any] = {}  # what traffic() sent
@@ -143,6 +172,36 @@ class Stack:
             ],
         )
         self.log(f"kubetrain run ({self.steps} steps): metrics on :{self.trainer_port}")
+        self.router_config = RouterConfig(
+            model=SERVICE,
+            variants=[
+                RouteVariant(
+                    name=name,
+                    url=self.base_url,
+                    model_version=f"{RUN}-{name}",
+                    weight=50,
+                    upstream_model=RUN,
+                )
+                for name in ("a", "b")
+            ],
+        )
+        (self.workdir / "router.yaml").write_text(dump_router_config(self.router_config))
+        self._spawn(
+            "router",
+            [
+                *("route", "--config", str(self.workdir / "router.yaml")),
+                *("--host", "127.0.0.1", "--port", str(self.router_port)),
+                *("--log-level", "warning"),
+            ],
+            {STORE_ENV: str(self.workdir / "router.db")},
+        )
+        self.log(f"kubetrain route ({SERVICE}): {self.router_url}")
+        registry = CollectorRegistry()
+        registry.register(self.services)
+        self._services_server, _ = start_http_server(
+            self.services_port, "127.0.0.1", registry=registry
+        )
+        self.experiment("Collecting", {"a": 50, "b": 50})
         return self
 
     def wait_served(self, timeout: float = 600) -> None:
@@ -152,7 +211,12 @@ class Stack:
         while True:
             self.check_alive()
             try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{self.base_url}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    # Another server on the port (picked free, bound later) would answer
+                    # every later request wrongly: say so here.
+                    if "json" not in ready.headers.get("content-type", ""):
+                        raise RuntimeError(f"{self.base_url} is not the model server")
                     break
             except httpx.HTTPError:
                 pass
@@ -192,6 +256,8 @@ class Stack:
                     self.log(f"{name} did not stop on SIGTERM; killing it")
                     proc.kill()
                     proc.wait()
+        if self._services_server is not None:
+            self._services_server.shutdown()
         self.prometheus.stop()
 
     def __enter__(self) -> Stack:
@@ -199,6 +265,50 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # ---- the operator's view of ModelService `chat` ------------------------------------
+
+    def experiment(self, decision: str, weights: dict[str, int], cause: str = "Spec") -> None:
+        """What the reconcile reports after a look: the split, the rates with intervals
+        (numbers as the experiment's statistics give them), the decision; a new split is
+        appended to the history as a traffic change of `cause`."""
+        split = [{"name": n, "weight": w} for n, w in weights.items()]
+        if not self.history or self.history[-1]["weights"] != split:
+            self.history.append({"time": time.time(), "weights": split, "cause": cause})
+        self.looks += 1
+        looks = self.looks
+        status = ModelServiceStatus.model_validate(
+            {
+                "variants": [{"name": n, "weight": w, "ready": True} for n, w in weights.items()],
+                "experiment": {
+                    "control": "a",
+                    "treatment": "b",
+                    "variants": [
+                        {
+                            "name": "a",
+                            "samples": 40 * looks,
+                            "successes": 22 * looks,
+                            "rate": 0.55,
+                            "interval": {"lower": 0.40, "upper": 0.69},
+                        },
+                        {
+                            "name": "b",
+                            "samples": 38 * looks,
+                            "successes": 17 * looks,
+                            "rate": 0.4474,
+                            "interval": {"lower": 0.30, "upper": 0.60},
+                        },
+                    ],
+                    "difference": -0.1026,
+                    "differenceInterval": {"lower": -0.31, "upper": 0.11},
+                    "pValue": 0.42 / looks,
+                    "decision": decision,
+                    "looks": looks,
+                },
+                "history": self.history,
+            }
+        )
+        self.services.observe(RUN_NAMESPACE, SERVICE, status)
 
     # ---- traffic ---------------------------------------------------------------------
 
@@ -230,8 +340,38 @@ class Stack:
                 timeout=10,
             )
             answer.raise_for_status()
-        self.sent = {"completions": len(ids), "streamed": streamed, "refused": refused}
+        self.sent = {
+            "completions": len(ids),
+            "streamed": streamed,
+            "refused": refused,
+            "routed": self.routed_traffic(),
+        }
         return self.sent
+
+    def routed_traffic(self) -> dict[str, int]:
+        """Through the router: two users per variant (sticky, so each variant gets two
+        completions), and one rating (up on a, down on b). Returns requests per variant."""
+        router = openai.OpenAI(base_url=f"{self.router_url}/v1", api_key="-", max_retries=0)
+        users: dict[str, list[str]] = {"a": [], "b": []}
+        for i in range(100):
+            chosen = choose(f"user-{i}", self.router_config.hash_salt, self.router_config.variants)
+            if len(users[chosen.name]) < 2:
+                users[chosen.name].append(f"user-{i}")
+        routed = {}
+        for name, keys in users.items():
+            ids = [
+                router.completions.create(model=SERVICE, prompt=PROMPTS[0], max_tokens=4, user=u).id
+                for u in keys
+            ]
+            routed[name] = len(ids)
+            answer = httpx.post(
+                f"{self.router_url}/v1/feedback",
+                json={"response_id": ids[0], "rating": "up" if name == "a" else "down"},
+                headers={"X-Kubetrain-Caller": "monitoring-test"},
+                timeout=10,
+            )
+            answer.raise_for_status()
+        return routed
 
     def load(self, seconds: float, concurrency: int = 2, seed: int = 0) -> int:
         """Steady traffic for the preview's curves: `concurrency` clients sending

@@ -13,7 +13,7 @@ import yaml
 
 from kubetrain_monitoring.dashboards import DASHBOARDS
 from kubetrain_monitoring.grafana import queries
-from tests.monitoring.live import OPERATOR_NAMESPACE, RUN, RUN_NAMESPACE
+from tests.monitoring.live import OPERATOR_NAMESPACE, RUN, RUN_NAMESPACE, SERVICE
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kubetrain"
@@ -30,6 +30,7 @@ VARIABLES = {
     "serving": {"$namespace": RUN_NAMESPACE, "$run": RUN},
     "fleet": {"$namespace": OPERATOR_NAMESPACE},
     "operator": {"$namespace": OPERATOR_NAMESPACE},
+    "experiments": {"$namespace": RUN_NAMESPACE, "$modelservice": SERVICE},
 }
 
 

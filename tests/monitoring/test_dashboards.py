@@ -20,6 +20,7 @@ from kubetrain_monitoring.dashboards import DASHBOARDS
 from kubetrain_monitoring.grafana import DATASOURCE, GRID_WIDTH, SCHEMA_VERSION
 from kubetrain_operator import metrics as operator_metrics
 from kubetrain_trainer import metrics as trainer_metrics
+from kubetrain_trainer.route.metrics import RouteMetrics
 from kubetrain_trainer.serve.metrics import ServeMetrics
 from tests.monitoring.queries import CHART, metric_names, panel_queries, render_rules
 
@@ -57,6 +58,7 @@ def exported_names() -> set[str]:
         exported(operator_metrics.REGISTRY)
         | exported(full_telemetry().registry)
         | exported(ServeMetrics("mon", "mon-step1").registry)
+        | exported(RouteMetrics().registry)
     )
 
 
@@ -112,6 +114,8 @@ def test_dashboard_json_is_well_formed(name: str) -> None:
     assert "namespace" in variables
     if name in ("training", "serving"):
         assert "run" in variables
+    if name == "experiments":
+        assert "modelservice" in variables
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     cells: set[tuple[int, int]] = set()
@@ -127,7 +131,7 @@ def test_dashboard_json_is_well_formed(name: str) -> None:
         cells |= covered
         if panel["type"] == "row":
             continue
-        assert panel["type"] in ("timeseries", "stat", "table")
+        assert panel["type"] in ("timeseries", "stat", "table", "state-timeline")
         assert panel["datasource"] == DATASOURCE
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
@@ -167,6 +171,16 @@ def test_dashboards_cover_what_the_issue_asks() -> None:
         "Feedback",
         "In flight and queued",
     } <= titles["serving"]
+    assert {
+        "Requests by variant",
+        "Traffic weights",
+        "Primary metric by variant",
+        "p-value",
+        "Decision timeline",
+        "Weights timeline",
+        "5xx ratio by variant",
+        "Latency p95 by variant",
+    } <= titles["experiments"]
 
 
 # ---------------------------------------------------------------------------- chart
@@ -218,6 +232,7 @@ def test_chart_renders_thresholds_into_the_rules(helm: Path) -> None:
         "KubetrainCheckpointTooOld",
         "KubetrainOperatorReconcileErrors",
         "KubetrainServingErrors",
+        "KubetrainGuardrailRollback",
     }
     assert "> 60 * 7\n" in rules["KubetrainRunStalled"]["expr"]
     assert "> 60 * 42\n" in rules["KubetrainCheckpointTooOld"]["expr"]
@@ -233,7 +248,16 @@ def test_promtool_accepts_the_rendered_rules(helm: Path, tmp_path: Path) -> None
     path.write_text(yaml.safe_dump(render_rules(helm)))
     done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 5 rules found" in done.stdout
+    assert "SUCCESS: 6 rules found" in done.stdout
+
+
+def test_the_operator_s_own_namespace_labels_survive_the_scrape(helm: Path) -> None:
+    """The ModelService series carry the service's `namespace`; without honorLabels the
+    operator pod's namespace would replace it (the scraped one becoming exported_namespace)."""
+    (monitor,) = _template(
+        helm, "monitoring.serviceMonitor.enabled=true", show="templates/servicemonitor.yaml"
+    )
+    assert [e.get("honorLabels") for e in monitor["spec"]["endpoints"]] == [True]
 
 
 def test_rules_are_off_by_default(helm: Path) -> None:

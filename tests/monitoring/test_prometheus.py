@@ -1,6 +1,7 @@
 """Every dashboard query and every alert, as the chart ships them, against a real
 Prometheus scraping a real operator (on the local control plane), a real training run and
-the real model server serving what it exported (tests/monitoring/live.py).
+the real model server serving what it exported, a real router in front of it, and the
+operator's ModelService series for an experiment (tests/monitoring/live.py).
 
 One setup for the module (about a minute on 2 cores, mostly the training run's start-up).
 """
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.monitoring.live import OPERATOR_NAMESPACE, RUN, RUN_NAMESPACE, Stack
+from tests.monitoring.live import OPERATOR_NAMESPACE, RUN, RUN_NAMESPACE, SERVICE, Stack
 from tests.monitoring.queries import panel_queries, render_rules, variable_queries
 from tests.support import prometheus
 from tests.support.cluster import controlplane, kubectl, wait_until
@@ -57,10 +58,18 @@ def stack(
         live.wait_served()
         # Two waves: the first creates the labelled counters (a series is born at its
         # first value, so a rate needs a later increase), the second moves them.
+        # The experiment moves on with them: Undecided, then a guardrail rolls b back.
         live.traffic()
         live.prometheus.wait_for("sum(kubetrain_serve_feedback_total) == 2", timeout=30)
+        live.prometheus.wait_for("sum(kubetrain_route_feedback_total) == 2", timeout=30)
+        live.experiment("Undecided", {"a": 50, "b": 50})
         live.traffic()
         live.prometheus.wait_for("sum(kubetrain_serve_feedback_total) == 4", timeout=30)
+        live.prometheus.wait_for("sum(kubetrain_route_feedback_total) == 4", timeout=30)
+        live.experiment("Rollback", {"a": 100, "b": 0}, cause="Guardrail")
+        live.prometheus.wait_for(
+            'kubetrain_experiment_decision{decision="Rollback"} == 1', timeout=30
+        )
         time.sleep(2)  # a couple more scrapes, so the rate windows hold both waves
         live.prometheus.wait_for(
             f'kubetrain_operator_run_gpus{{phase="Provisioning"}} == {2 * 4}', timeout=60
@@ -79,9 +88,12 @@ def test_the_traffic_happened(stack: Stack) -> None:
     assert stack.sent["completions"] == 4  # of the last wave
     assert stack.sent["streamed"]
     assert stack.sent["refused"] == 400
+    assert stack.sent["routed"] == {"a": 2, "b": 2}
     up = {t["labels"]["job"]: t["health"] for t in stack.prometheus.targets()}
     assert up == {
         "kubetrain-operator": "up",
+        "kubetrain-operator-services": "up",
+        "kubetrain-router": "up",
         "kubetrain-serving": "up",
         "kubetrain-trainer": "down",
     }
@@ -100,7 +112,7 @@ def test_every_panel_query_evaluates(stack: Stack) -> None:
 def test_every_alert_expression_evaluates(stack: Stack, rules_file: Path) -> None:
     rules = yaml.safe_load(rules_file.read_text())
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
-    assert len(exprs) == 5
+    assert len(exprs) == 6
     for expr in exprs:
         answer = stack.prometheus.query(expr)
         assert answer["status"] == "success", (expr, answer)
@@ -119,8 +131,23 @@ def test_prometheus_loads_the_rendered_rules_and_they_are_healthy(stack: Stack) 
         "KubetrainCheckpointTooOld",
         "KubetrainOperatorReconcileErrors",
         "KubetrainServingErrors",
+        "KubetrainGuardrailRollback",
     }
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+
+
+def test_the_guardrail_rollback_alerts(stack: Stack) -> None:
+    """The stack's experiment was rolled back on a guardrail: the alert fires at once,
+    naming the service in its own namespace (not the operator's)."""
+
+    def firing() -> list[dict[str, Any]] | None:
+        rules = [r for g in stack.prometheus.rules() for r in g["rules"]]
+        (rule,) = [r for r in rules if r["name"] == "KubetrainGuardrailRollback"]
+        return rule["alerts"] if rule["state"] == "firing" else None
+
+    (alert,) = wait_until(firing, timeout=30, message="KubetrainGuardrailRollback firing")
+    assert alert["labels"]["namespace"] == RUN_NAMESPACE
+    assert alert["labels"]["modelservice"] == SERVICE
 
 
 def test_dashboard_variables_find_the_run(stack: Stack) -> None:
@@ -134,6 +161,8 @@ def test_dashboard_variables_find_the_run(stack: Stack) -> None:
     assert found["training", "run"] == {RUN}  # `kubetrain run` names its run_info
     assert found["serving", "run"] == {RUN}
     assert found["fleet", "namespace"] == {OPERATOR_NAMESPACE}
+    assert found["experiments", "namespace"] == {RUN_NAMESPACE}
+    assert found["experiments", "modelservice"] == {SERVICE}  # the router's model_info
 
 
 # Panels that must show data after the run: (dashboard, panel title).
@@ -163,6 +192,18 @@ MUST_HAVE_DATA = [
     ("serving", "Generated tokens/s"),
     ("serving", "Feedback"),
     ("serving", "Serving pods by version"),
+    ("experiments", "Requests by variant"),
+    ("experiments", "Traffic weights"),
+    ("experiments", "Weights timeline"),
+    ("experiments", "Last traffic change"),
+    ("experiments", "Primary metric by variant"),
+    ("experiments", "Difference and confidence sequence"),
+    ("experiments", "p-value"),
+    ("experiments", "Samples by variant"),
+    ("experiments", "Decision timeline"),
+    ("experiments", "5xx ratio by variant"),
+    ("experiments", "Latency p95 by variant"),
+    ("experiments", "Feedback by variant"),
 ]
 
 
@@ -204,3 +245,35 @@ def test_panels_show_the_right_numbers(stack: Stack) -> None:
     assert {r["metric"]["rating"]: r["value"][1] for r in feedback} == {"up": "2", "down": "2"}
     errors = _range(stack, queries["serving", "Errors by code"][0])
     assert {s["metric"]["code"] for s in errors} == {"400"}
+
+
+def test_experiments_panels_show_the_right_numbers(stack: Stack) -> None:
+    queries: dict[tuple[str, str], list[str]] = {}
+    for board, title, expr in panel_queries():
+        if board == "experiments":
+            queries.setdefault((board, title), []).append(expr)
+
+    def last(title: str, label: str, n: int = 0) -> dict[str, float]:
+        series = _range(stack, queries["experiments", title][n])
+        return {s["metric"].get(label, ""): _finite([s])[-1] for s in series}
+
+    def seen(title: str, label: str) -> dict[str, list[float]]:
+        series = _range(stack, queries["experiments", title][0])
+        return {s["metric"].get(label, ""): _finite([s]) for s in series}
+
+    assert set(last("Requests by variant", "variant")) == {"a", "b"}  # both got traffic
+    assert last("Traffic weights", "variant") == {"a": 100, "b": 0}  # the operator's
+    assert last("Traffic weights", "variant", 1) == {"a": 50, "b": 50}  # the router's file
+    weights = seen("Weights timeline", "variant")
+    assert (weights["b"][0], weights["b"][-1]) == (50, 0)
+    (decisions,) = seen("Decision timeline", "modelservice").values()
+    codes = ["Collecting", "Undecided", "Promote", "Rollback"]
+    assert [codes[int(c)] for c in dict.fromkeys(decisions)] == [
+        "Collecting",
+        "Undecided",
+        "Rollback",
+    ]
+    assert set(last("5xx ratio by variant", "variant").values()) == {0.0}
+    assert last("Primary metric by variant", "variant", 1) == {"a": 0.40, "b": 0.30}
+    changes = stack.prometheus.values(queries["experiments", "Last traffic change"][0])
+    assert {r["metric"]["cause"] for r in changes} == {"Spec", "Guardrail"}

@@ -35,11 +35,13 @@ def available() -> bool:
 @dataclass
 class ScrapeJob:
     """One static scrape job: `targets` are host:port, `labels` are added to every series
-    (as Kubernetes service discovery would add namespace and pod)."""
+    (as Kubernetes service discovery would add namespace and pod); `honor_labels`: a
+    scraped label wins over a target label of the same name."""
 
     name: str
     targets: list[str]
     labels: dict[str, str] = field(default_factory=dict)
+    honor_labels: bool = False
 
 
 class PrometheusError(RuntimeError):
@@ -75,6 +77,7 @@ class Prometheus:
             "scrape_configs": [
                 {
                     "job_name": job.name,
+                    "honor_labels": job.honor_labels,
                     "static_configs": [{"targets": job.targets, "labels": job.labels}],
                 }
                 for job in self.jobs

@@ -113,6 +113,8 @@ class Router:
     # -- configuration --------------------------------------------------------------------
 
     def _apply(self, config: RouterConfig) -> None:
+        self.metrics.model_info.clear()  # the model name may change with the config
+        self.metrics.model_info.labels(config.model).set(1)
         self.config = config
         for name in self.known_variants - set(config.weights()):
             self.metrics.weight.remove(name)

@@ -46,6 +46,14 @@ class RouteMetrics:
             ["variant"],
             registry=r,
         )
+        # Names the service (the config's `model`, a ModelService's name): dashboards join
+        # it in by scrape target, as they do kubetrain_serve_model_info.
+        self.model_info = Gauge(
+            "kubetrain_route_model_info",
+            "1, labelled with the service's model name this router serves",
+            ["model"],
+            registry=r,
+        )
         self.log_failures = Counter(
             "kubetrain_route_log_failures",
             "Responses served but not logged (the store failed); feedback on them is refused",
