@@ -369,12 +369,28 @@ def test_flag_combination_renders(key: str) -> None:
 
 
 def matches(selector: Doc, labels: dict[str, str]) -> bool:
-    """A label selector (matchLabels, Exists expressions) against a pod's labels."""
+    """A label selector (matchLabels, Exists and In expressions) against a pod's labels."""
     for expression in selector.get("matchExpressions", []):
-        assert expression["operator"] == "Exists"
+        assert expression["operator"] in ("Exists", "In")
         if expression["key"] not in labels:
             return False
+        if expression["operator"] == "In" and labels[expression["key"]] not in expression["values"]:
+            return False
     return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def modelservice_children() -> list[Doc]:
+    """The children of the example ModelService, its variants' models on claims."""
+    from kubetrain_api.documents import parse_document
+    from kubetrain_operator.modelservice import build
+    from kubetrain_operator.modelservice.sources import ModelSource
+
+    docs = load_documents((ROOT / "examples" / "modelservice-ab.yaml").read_text())
+    service = parse_document(docs[-1])
+    models = {v.name: ModelSource(f"{v.name}-v1", claim="models", sub_path=v.name)
+              for v in service.spec.variants}  # fmt: skip
+    split = {v.name: v.weight or 0 for v in service.spec.variants}
+    return build.build_children(service, "uid", "ns", OperatorSettings(), models, split)
 
 
 def test_monitors_select_what_the_operator_creates() -> None:
@@ -394,15 +410,22 @@ def test_monitors_select_what_the_operator_creates() -> None:
         if p["kind"] == "Pod"
     ]
     serving_pod = serving.build_deployment(run, "uid", "ns", settings)["spec"]["template"]
+    # A ModelService's router and variant engines (examples/modelservice-ab.yaml).
+    service_pods = [
+        {**obj["spec"]["template"], "metadata": {"name": obj["metadata"]["name"],
+                                                 **obj["spec"]["template"]["metadata"]}}
+        for obj in modelservice_children()
+        if obj["kind"] == "Deployment"
+    ]  # fmt: skip
     monitors = {m["metadata"]["name"]: m["spec"] for m in find(docs, "PodMonitor")}
     for name, expected in [
         ("kubetrain-training", ["quickstart-a1-head"]),
-        ("kubetrain-serving", ["serving"]),
+        ("kubetrain-serving", ["serving", "chat-a", "chat-b", "chat-router"]),
     ]:
         spec = monitors[name]
         selected = [
             (p["metadata"].get("name", "serving"), p["spec"]["containers"])
-            for p in [*pods, serving_pod]
+            for p in [*pods, serving_pod, *service_pods]
             if matches(spec["selector"], p["metadata"]["labels"])
         ]
         assert [pod for pod, _ in selected] == expected, name

@@ -30,7 +30,7 @@ from typing import Any
 from kubetrain_api import modelservice as ms
 from kubetrain_api.modelservice_validation import parse_modelservice
 from kubetrain_api.validation import FieldError, InvalidSpec
-from kubetrain_operator import ownership
+from kubetrain_operator import metrics, ownership
 from kubetrain_operator.k8s import Kube
 from kubetrain_operator.modelservice import build, sources, stats_client
 from kubetrain_operator.modelservice.status import (
@@ -147,6 +147,7 @@ def reconcile_service(
         except ChildConflict as exc:
             conflict = exc
         record_conflict(kube, body, status, conflict, now, plural=ms.PLURAL)
+    metrics.SERVICES.observe(ns, name, ms.ModelServiceStatus.model_validate(status))
     if decision.looking or decision.weights is None:
         return settings.resync_seconds
     return None
