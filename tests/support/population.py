@@ -64,7 +64,7 @@ class Population:
             json={"response_id": response_id, "rating": rating, "caller": user},
             timeout=30,
         )
-        assert answer.status_code == 200, answer.text
+        assert answer.status_code in (200, 201), answer.text  # 201: a new rating
         self.ratings[(variant, rating)] += 1
 
     def round(self, users: range | list[str], prefix: str = "user") -> None:
