@@ -384,16 +384,18 @@ def first_status_latencies(
     op: OperatorProcess,
     gap_s: float = 0.0,
 ) -> list[float]:
-    """Create runs one at a time; seconds from each create's return to its first phase.
-    gap_s: pause after each phase, so the operator can finish acting on that run first."""
+    """Create runs one at a time; seconds from each create's request to its first phase
+    (from the request, not its return: the watch thread may see a fast operator's status
+    before this thread runs again). gap_s: pause after each phase, so the operator can
+    finish acting on that run first."""
     phases = PhaseWatch(custom, namespace)
     try:
         samples = []
         for i in range(runs):
             name = f"lat-{i:03d}"
+            sent = time.monotonic()
             _create(custom, namespace, name)
-            created = time.monotonic()
-            samples.append(phases.wait([name], timeout=60, alive=op)[name] - created)
+            samples.append(phases.wait([name], timeout=60, alive=op)[name] - sent)
             time.sleep(gap_s)
         return samples
     finally:
