@@ -232,14 +232,15 @@ async def _one(http: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> 
 
 
 async def _block(
-    http: httpx.AsyncClient, model: str, clients: int, per_client: int, max_tokens: int
+    https: list[httpx.AsyncClient], model: str, per_client: int, max_tokens: int
 ) -> list[dict[str, Any]]:
-    """`clients` clients at once, each sending `per_client` requests one after another."""
+    """One client per connection at once, each sending `per_client` requests one after
+    another."""
 
-    async def client(c: int) -> list[dict[str, Any]]:
+    async def client(c: int, http: httpx.AsyncClient) -> list[dict[str, Any]]:
         return [await _one(http, model, c * per_client + k, max_tokens) for k in range(per_client)]
 
-    rows = await asyncio.gather(*(client(c) for c in range(clients)))
+    rows = await asyncio.gather(*(client(c, http) for c, http in enumerate(https)))
     return [row for per in rows for row in per]
 
 
@@ -279,25 +280,31 @@ async def _measure(
     min_block: int,
     max_tokens: int,
 ) -> dict[int, dict[str, _Side]]:
-    limits = httpx.Limits(max_connections=max(concurrency), max_keepalive_connections=None)
+    # A client per connection, as independent users are: httpx's pool bookkeeping grows
+    # with its connections (encode/httpx#3215), and one shared pool would time that too.
+    limits = httpx.Limits(max_connections=1)
     servers = {"direct": engine, "routed": router}
     clients = {
-        name: httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits)
+        name: [
+            httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits)
+            for _ in range(max(concurrency))
+        ]
         for name, server in servers.items()
     }
+    metrics = clients["direct"][0]
     try:
         measured: dict[int, dict[str, _Side]] = {}
         for c in concurrency:
             for name, server in servers.items():  # connections open, router's upstream too
-                await _block(clients[name], server.model, c, 1, max_tokens)
+                await _block(clients[name][:c], server.model, 1, max_tokens)
             sides = {"direct": _Side(), "routed": _Side()}
             each = max(per_client, -(-min_block // c))
             for r in range(rounds):
                 order = ("direct", "routed") if r % 2 == 0 else ("routed", "direct")
                 for name in order:
-                    before = await _engine_ttft(clients["direct"])
-                    block = await _block(clients[name], servers[name].model, c, each, max_tokens)
-                    after = await _engine_ttft(clients["direct"])
+                    before = await _engine_ttft(metrics)
+                    block = await _block(clients[name][:c], servers[name].model, each, max_tokens)
+                    after = await _engine_ttft(metrics)
                     sides[name].rows += block
                     if before is not None and after is not None:
                         sides[name].engine_ttft_sum_s += after[0] - before[0]
@@ -305,8 +312,8 @@ async def _measure(
             measured[c] = sides
         return measured
     finally:
-        for client in clients.values():
-            await client.aclose()
+        for http in [http for side in clients.values() for http in side]:
+            await http.aclose()
 
 
 def _quantiles(values: list[float]) -> tuple[float, float]:
