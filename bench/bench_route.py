@@ -446,9 +446,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
             note = f"+{row['added_p50_ms']:.1f} ms" if key == "ttft" else f"x{row['ratio_p50']:.3f}"
             top = max(row["direct_p95_ms"], row["routed_p95_ms"])
             color = "tab:green" if row["pass"] else "tab:red"
-            ax.text(i, top, note, ha="center", va="bottom", fontsize=9, color=color)
+            ax.annotate(
+                note, (i, top), xytext=(0, 6), textcoords="offset points", ha="center", color=color
+            )
         ax.set_xticks(range(len(levels)), [f"c={c}" for c in levels])
         ax.set_ylabel("ms")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.1)  # room for the notes
         ax.set_title(title)
         ax.legend(fontsize=8)
     target = (
