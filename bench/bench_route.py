@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,22 +66,34 @@ def run(
     per_client: int | None = None,
     max_tokens: int | None = None,
     min_block: int = MIN_BLOCK,
+    pin: bool = False,
     workdir: Path | None = None,
 ) -> dict[str, Any]:
     """Direct vs routed at each concurrency. `rounds` blocks per side and concurrency, each
     block `per_client` requests from each of `concurrency` clients (at least `min_block`
-    requests in all: low concurrencies are cheap, and their p50s need the samples)."""
+    requests in all: low concurrencies are cheap, and their p50s need the samples).
+    `pin`: the engine on one CPU, router and clients on the others, as when the router
+    runs in a pod of its own (so their CPU time cannot slow the engine down)."""
     rounds = rounds or (2 if quick else 6)
     per_client = per_client or (2 if quick else 4)
     max_tokens = max_tokens or (16 if quick else 32)
+    engine_cpus = other_cpus = None
+    if pin:
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) < 2:
+            raise ValueError(f"pin needs at least 2 CPUs; this process may use {allowed}")
+        engine_cpus, other_cpus = {allowed[0]}, set(allowed[1:])
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, ExitStack() as stack:
         work = Path(tmp)
-        with _engine(engine_url, work, max(concurrency)) as engine, _router(engine, work) as router:
+        with _affinity(engine_cpus):  # a child keeps the CPUs it was started with
+            engine = stack.enter_context(_engine(engine_url, work, max(concurrency)))
+        with _affinity(other_cpus):
+            router = stack.enter_context(_router(engine, work))
             measured = asyncio.run(
                 _measure(engine, router, concurrency, rounds, per_client, min_block, max_tokens)
             )
-            logged = httpx.get(f"{router.url}/stats", timeout=30).json()["variants"]["a"]
+        logged = httpx.get(f"{router.url}/stats", timeout=30).json()["variants"]["a"]
         store_fs = _filesystem(work)
     by_c = {str(c): _summary(sides["direct"], sides["routed"]) for c, sides in measured.items()}
     results: dict[str, Any] = {"concurrency": by_c}
@@ -106,10 +118,30 @@ def run(
         "max_tokens": max_tokens,
         "prompts": len(MESSAGES),
         "cpus": os.cpu_count(),
+        "pinned": None
+        if engine_cpus is None or other_cpus is None
+        else {
+            "engine": "not started here" if engine_url else sorted(engine_cpus),
+            "router_and_clients": sorted(other_cpus),
+        },
         "load_average_1_5_15_before": [round(x, 2) for x in load_before],
         "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
     }
     return results
+
+
+@contextmanager
+def _affinity(cpus: set[int] | None) -> Iterator[None]:
+    """This process, and the children it starts meanwhile, on `cpus` (None: as it is)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class _Server:
@@ -252,6 +284,10 @@ class _Side:
     engine_ttft_sum_s: float = 0.0
     engine_ttft_count: int = 0
 
+    def engine_ttft_s(self) -> float | None:
+        """The engine's mean TTFT over this side's requests; None if it reports none."""
+        return self.engine_ttft_sum_s / self.engine_ttft_count if self.engine_ttft_count else None
+
 
 async def _engine_ttft(http: httpx.AsyncClient) -> tuple[float, int] | None:
     """The engine's TTFT histogram (sum, count) from its /metrics: from the request's arrival
@@ -328,6 +364,14 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
 
+def _ms_or_none(seconds: float | None) -> float | None:
+    return None if seconds is None else _ms(seconds)
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.fmean(row[key] for row in rows)
+
+
 def _summary(direct_side: _Side, routed_side: _Side) -> dict[str, Any]:
     direct, routed = direct_side.rows, routed_side.rows
 
@@ -341,6 +385,7 @@ def _summary(direct_side: _Side, routed_side: _Side) -> dict[str, Any]:
     (d_total50, _), (r_total50, _) = q(direct, "total_s"), q(routed, "total_s")
     added = (r_ttft50 - d_ttft50) * 1e3
     ratio = r_tok50 / d_tok50
+    d_engine, r_engine = direct_side.engine_ttft_s(), routed_side.engine_ttft_s()
     # Greedy: a prompt's answer must not depend on the path (nor on the batch it ran in).
     texts: dict[int, set[str]] = {}
     for row in direct + routed:
@@ -364,15 +409,18 @@ def _summary(direct_side: _Side, routed_side: _Side) -> dict[str, Any]:
             "ratio_p50": round(ratio, 3),
             "pass": ratio <= TARGET_PER_TOKEN_RATIO,
         },
-        # Where added TTFT comes from: the router's request path (to the response headers)
-        # and the engine's own TTFT (arrival to first token) in the blocks of each side.
+        # Where added TTFT comes from: the router's request path (to the response headers),
+        # and the TTFT outside the engine: the client's minus the engine's own (arrival to
+        # first token, from its /metrics). At high concurrency the engine's queue reacts to
+        # how requests arrive (a router spreads a burst), so the client-side p50s alone
+        # can hide the router's time or exaggerate it; the outside-engine part cannot.
         "headers_added_p50_ms": _ms(r_head50 - d_head50),
-        "engine_ttft_mean_ms": {
-            name: _ms(side.engine_ttft_sum_s / side.engine_ttft_count)
-            if side.engine_ttft_count
+        "engine_ttft_mean_ms": {"direct": _ms_or_none(d_engine), "routed": _ms_or_none(r_engine)},
+        "ttft_outside_engine_added_mean_ms": (
+            _ms((_mean(routed, "ttft_s") - r_engine) - (_mean(direct, "ttft_s") - d_engine))
+            if d_engine is not None and r_engine is not None
             else None
-            for name, side in (("direct", direct_side), ("routed", routed_side))
-        },
+        ),
         "tail_added_p50_ms": _ms(r_tail50 - d_tail50),
         "total_p50_ms": {"direct": _ms(d_total50), "routed": _ms(r_total50)},
         "mean_chunks": round(statistics.fmean(row["chunks"] for row in direct + routed), 1),
@@ -476,8 +524,13 @@ def main() -> None:
         help="an OpenAI server already running (e.g. vLLM on a GPU) instead of the "
         "built-in engine on the tiny model",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the engine on one CPU, the router and the clients on the others",
+    )
     args = parser.parse_args()
-    run_alone(partial(run, engine_url=args.engine_url), "route.json")
+    run_alone(partial(run, engine_url=args.engine_url, pin=args.pin), "route.json")
     plot(json.loads((RESULTS / "route.json").read_text()), RESULTS / "route.png")
 
 

@@ -34,6 +34,7 @@ def _processes_using(path: Path) -> list[int]:
 
 def test_tiny_route_benchmark_measures_both_sides(tmp_path: Path) -> None:
     (tmp_path / "engine").mkdir()
+    cpus = os.sched_getaffinity(0)
     with bench_route._engine(None, tmp_path / "engine", max(LEVELS)) as engine:
         results = bench_route.run(
             engine_url=engine.url + "/",
@@ -42,8 +43,10 @@ def test_tiny_route_benchmark_measures_both_sides(tmp_path: Path) -> None:
             per_client=1,
             min_block=2,
             max_tokens=MAX_TOKENS,
+            pin=len(cpus) >= 2,
             workdir=tmp_path,
         )
+        assert os.sched_getaffinity(0) == cpus  # given back after pinning
         assert httpx.get(f"{engine.url}/readyz").status_code == 200  # given, so left running
 
     assert list(results["concurrency"]) == ["1", "3"]
@@ -67,12 +70,16 @@ def test_tiny_route_benchmark_measures_both_sides(tmp_path: Path) -> None:
         assert row["outputs_identical"] is True
         # The built-in engine's own TTFT, scraped from its /metrics, for both sides.
         assert all(v > 0 for v in row["engine_ttft_mean_ms"].values())
+        assert isinstance(row["ttft_outside_engine_added_mean_ms"], float)
     setup = results["setup"]
     assert setup["engine"].startswith("external OpenAI server")
     assert setup["engine_model"] == engine.model
     # Every routed request (the warm-up ones too) reached the durable log.
     assert setup["routed_requests_logged"] == setup["routed_requests_measured"] + sum(LEVELS)
     assert setup["store"].startswith("SQLite")
+    if len(cpus) >= 2:
+        _first, *rest = sorted(cpus)
+        assert setup["pinned"] == {"engine": "not started here", "router_and_clients": rest}
     rows = results["concurrency"].values()
     assert results["pass"] == all(r["ttft"]["pass"] and r["per_token"]["pass"] for r in rows)
 
