@@ -47,6 +47,7 @@ CONCURRENCY = (1, 8, 32)
 SERVICE = "bench"
 START_TIMEOUT_S = 120
 MIN_BLOCK = 16
+CLIENT_KEEPALIVE_S = 2.0
 MESSAGES = [
     "the quick brown fox jumps over the lazy dog",
     "kubernetes schedules pods onto nodes with free gpus",
@@ -318,7 +319,10 @@ async def _measure(
 ) -> dict[int, dict[str, _Side]]:
     # A client per connection, as independent users are: httpx's pool bookkeeping grows
     # with its connections (encode/httpx#3215), and one shared pool would time that too.
-    limits = httpx.Limits(max_connections=1)
+    # Idle connections are dropped well before the servers' keep-alive timeout (uvicorn's
+    # 5 s): a block of the other side can idle them that long, and a request sent as the
+    # server closes its connection fails (httpx.ReadError).
+    limits = httpx.Limits(max_connections=1, keepalive_expiry=CLIENT_KEEPALIVE_S)
     servers = {"direct": engine, "routed": router}
     clients = {
         name: [
