@@ -18,6 +18,7 @@ from bench import (
     bench_data,
     bench_init,
     bench_operator,
+    bench_route,
     bench_serve,
     bench_trainer,
 )
@@ -82,6 +83,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         serve_bars = bench_serve.plot_bars(results["serve"])
         absolute += serve_bars[:1]  # TTFT overhead, in ms
         ratios += serve_bars[1:]
+    if "route" in results:
+        route_added, route_ratios = bench_route.plot_bars(results["route"])
+        absolute += route_added  # TTFT added, in ms
+        ratios += route_ratios
     if "checkpoint" in results:
         ratios += bench_checkpoint.plot_bars(results["checkpoint"])
     if "operator" in results:
@@ -122,6 +127,8 @@ def main() -> int:
     results["checkpoint"] = bench_checkpoint.run(quick=quick)
     _log("serve: HTTP vs in-process generate", started)
     results["serve"] = bench_serve.run(quick=quick)
+    _log("route: the router's TTFT and per-token overhead vs the engine directly", started)
+    results["route"] = bench_route.run(quick=quick)
     _log("operator: first status, a burst and a steady state vs minimal kopf", started)
     results["operator"] = bench_operator.run(quick=quick)
     RESULTS.mkdir(exist_ok=True)
