@@ -72,6 +72,10 @@ GRACEFUL_SHUTDOWN_S = 25.0  # within Kubernetes' default 30 s termination grace 
 RELOAD_INTERVAL_S = 2.0
 UPSTREAM_TIMEOUT_S = 600.0  # the longest pause between two bytes of an engine's answer
 UPSTREAM_CONNECT_TIMEOUT_S = 5.0
+# Idle upstream connections are dropped before the engines' own keep-alive timeout
+# (uvicorn's, for both the built-in engine and vLLM: 5 s), so the router never sends on a
+# connection the engine is closing at that moment (a lost request, answered 502).
+UPSTREAM_KEEPALIVE_S = 2.0
 STORE_WORKERS = 8
 # A rating with the largest correction (16,384 characters, up to 4 bytes each) and room.
 MAX_FEEDBACK_BODY_BYTES = 80 * 1024
@@ -155,7 +159,11 @@ class Router:
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(self.upstream_timeout_s, connect=UPSTREAM_CONNECT_TIMEOUT_S)
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        limits = httpx.Limits(
+            max_connections=1024,
+            max_keepalive_connections=256,
+            keepalive_expiry=UPSTREAM_KEEPALIVE_S,
+        )
         self.client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
         watcher = asyncio.create_task(self._watch())
         try:
