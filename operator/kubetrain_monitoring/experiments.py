@@ -12,7 +12,6 @@ Two sources:
 
 from __future__ import annotations
 
-from kubetrain_api.modelservice import Decision
 from kubetrain_monitoring.grafana import (
     RATE,
     Json,
@@ -24,7 +23,10 @@ from kubetrain_monitoring.grafana import (
     stat,
 )
 
-DECISIONS: tuple[str, ...] = Decision.__args__  # type: ignore[attr-defined]
+# kubetrain_api.modelservice.Decision, in its order (the operator exports the index);
+# written out because this package imports nothing of ours at run time, and checked
+# against the API by tests/monitoring/test_dashboards.py.
+DECISIONS: tuple[str, ...] = ("Collecting", "Undecided", "Promote", "Rollback")
 DECISION_COLORS = {"Collecting": "blue", "Undecided": "yellow", "Promote": "green"}
 
 ROUTER_INFO = 'kubetrain_route_model_info{namespace=~"$namespace", model=~"$modelservice"}'

@@ -474,6 +474,8 @@ def test_modelservice_ab_test_rolls_back_by_feedback_and_on_a_broken_engine(
         message="new users routed to a only",
     )
     ab_seconds = time.monotonic() - started
+    shown = kubectl("get", "modelservice", "chat", "-n", namespace, "-o", "wide").stdout
+    sys.stderr.write(f"\n$ kubectl get ms chat -o wide\n{shown}")
     sys.stderr.write(
         f"\nmodelservice: trained both in {trained:.0f}s; decided after {users} users "
         f"({experiment['reason']}); {ab_seconds:.0f}s in all\n"

@@ -309,3 +309,12 @@ def test_model_server_exports_which_model_it_serves() -> None:
     registry = ServeMetrics("mon", "mon-step30").registry
     labels = {"model": "mon", "version": "mon-step30"}
     assert registry.get_sample_value("kubetrain_serve_model_info", labels) == 1
+
+
+def test_the_decision_timeline_knows_every_decision_in_the_api_order() -> None:
+    from typing import get_args
+
+    from kubetrain_api.modelservice import Decision
+    from kubetrain_monitoring.experiments import DECISIONS
+
+    assert get_args(Decision) == DECISIONS

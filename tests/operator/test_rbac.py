@@ -104,8 +104,9 @@ def test_no_way_into_pods(rules: list[dict[str, Any]]) -> None:
 
 
 def test_only_runs_and_watched_children_can_be_enumerated(rules: list[dict[str, Any]]) -> None:
-    """Runs, and the children whose events queue a run (pods, Services, Deployments, watched
-    by the run label), can be listed; every other child is read by name, Secrets above all.
+    """Runs and ModelServices, and the children whose events queue them (pods by the run
+    label; Services and Deployments by the managed-by label), can be listed; every other
+    child is read by name, Secrets above all.
     What the grants equal is tests/operator/test_rbac_audit.py's (the API server's audit
     log of the operator at work)."""
     enumerable = {
@@ -115,6 +116,7 @@ def test_only_runs_and_watched_children_can_be_enumerated(rules: list[dict[str, 
     }
     assert enumerable == {
         ("kubetrain.dev", "trainingruns"),
+        ("kubetrain.dev", "modelservices"),
         ("", "pods"),
         ("", "services"),
         ("apps", "deployments"),

@@ -36,13 +36,25 @@ def test_relative_links_exist() -> None:
     assert not missing, missing
 
 
-def test_kubectl_get_output_has_the_crd_columns() -> None:
-    crd = yaml.safe_load((ROOT / "crds" / "kubetrain.dev_trainingruns.yaml").read_text())
+def crd_columns(plural: str, wide: bool) -> list[str]:
+    crd = yaml.safe_load((ROOT / "crds" / f"kubetrain.dev_{plural}.yaml").read_text())
     (version,) = crd["spec"]["versions"]
-    columns = [
-        c["name"].upper() for c in version["additionalPrinterColumns"] if not c.get("priority")
+    return [
+        c["name"].upper()
+        for c in version["additionalPrinterColumns"]
+        if wide or not c.get("priority")
     ]
+
+
+def test_kubectl_get_output_has_the_crd_columns() -> None:
+    columns = crd_columns("trainingruns", wide=False)
     shown = re.findall(r"^NAME +(PHASE.*)$", README, re.M)
     assert shown, "no `kubectl get tr` output in the README"
     for header in shown:
         assert header.split() == columns
+    # `kubectl get ms`, plain and -o wide.
+    shown = re.findall(r"^NAME +(VARIANTS.*)$", README, re.M)
+    assert shown, "no `kubectl get ms` output in the README"
+    wanted = [crd_columns("modelservices", wide) for wide in (False, True)]
+    for header in shown:
+        assert header.split() in wanted
