@@ -404,7 +404,7 @@ def wait_service(name: str, namespace: str, check: Any, what: str, timeout: floa
 
     try:
         return wait_until(look, timeout=timeout, message=f"{name}: {what}")
-    except AssertionError as exc:
+    except pytest.fail.Exception as exc:
         raise AssertionError(
             f"{exc}; status: {json.dumps(service_status(name, namespace))}"
         ) from None

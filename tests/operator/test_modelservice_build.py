@@ -24,7 +24,7 @@ from kubetrain_api.documents import parse_document
 from kubetrain_api.modelservice import ModelService
 from kubetrain_api.validation import load_documents
 from kubetrain_operator import builders, pods
-from kubetrain_operator.modelservice import build, engines
+from kubetrain_operator.modelservice import build, engines, stats_client
 from kubetrain_operator.modelservice.build import ModelSource
 from kubetrain_operator.settings import OperatorSettings
 from tests.operator.test_builders import containers, restricted_violations
@@ -360,7 +360,9 @@ def test_router_service_pdb_and_urls() -> None:
     ]
     assert one(objs, "PodDisruptionBudget", "chat-router")["spec"]["maxUnavailable"] == 1
     assert build.endpoint_url("chat", NS) == "http://chat-router.team-a.svc/v1"
-    assert build.stats_url("chat", NS) == "http://chat-router.team-a.svc:80/stats"
+    # The operator reads the router's counts through that Service, at its port.
+    host, port = stats_client.router_address("chat", NS, OperatorSettings())
+    assert (host, port) == (f"chat-router.{NS}.svc", svc["spec"]["ports"][0]["port"])
     router = one(objs, "Deployment", "chat-router")
     (container,) = router["spec"]["template"]["spec"]["containers"]
     assert container["resources"] == pods.resources("1", "1Gi")  # spec.router's default

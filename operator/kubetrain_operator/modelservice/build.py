@@ -68,11 +68,6 @@ DEFAULT_TARGET_CPU = 70
 # --------------------------------------------------------------------------------------
 
 
-def stats_url(service: str, ns: str) -> str:
-    """The router's `GET /stats` inside the cluster (its pods' port, through the Service)."""
-    return f"http://{router_name(service)}.{ns}.svc:{SERVICE_PORT}{routing.STATS_PATH}"
-
-
 def endpoint_url(service: str, ns: str) -> str:
     """In-cluster base URL of the service's OpenAI-compatible API (the router's)."""
     return f"http://{router_name(service)}.{ns}.svc/v1"

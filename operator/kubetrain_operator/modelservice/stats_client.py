@@ -13,19 +13,20 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from kubetrain_api import modelservice as ms
-from kubetrain_api.routing import ROUTER_PORT, STATS_PATH, RouterStats
+from kubetrain_api.routing import STATS_PATH, RouterStats
+from kubetrain_operator.modelservice import build
 from kubetrain_operator.progress import fetch
 from kubetrain_operator.settings import OperatorSettings
 
 
 def router_address(service: str, ns: str, settings: OperatorSettings) -> tuple[str, int]:
-    """The router's (host, port): its Pods' port behind the Service's DNS name, or the
-    settings' override (tests, port-forwards)."""
+    """The router's (host, port): its Service (DNS name and port), or the settings'
+    override (tests, port-forwards)."""
     override = settings.router_stats_address
     if override:
         host, _, port = override.rpartition(":")
         return host, int(port)
-    return f"{ms.router_name(service)}.{ns}.svc", ROUTER_PORT
+    return f"{ms.router_name(service)}.{ns}.svc", build.SERVICE_PORT
 
 
 def stats_path(since: datetime, slower_than: float | None) -> str:
