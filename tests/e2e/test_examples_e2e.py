@@ -517,7 +517,7 @@ def guardrail_on_postgres(real_node: RealNode, namespace: str, service: dict[str
         ]  # fmt: skip
         assert len(routers) == 2
         # Feedback through one replica is counted by the other (one shared database).
-        first = Population(f"http://{routers[0]}:8000", "chat", {"a": 1.0, "b": 1.0})
+        first = Population(f"http://{routers[0]}:8000", "guard", {"a": 1.0, "b": 1.0})
         variant, response_id = first.ask("shared-user")
         first.rate("shared-user", variant, response_id)
         counted = httpx.get(f"http://{routers[1]}:8000/stats", timeout=30).json()
@@ -534,7 +534,7 @@ def guardrail_on_postgres(real_node: RealNode, namespace: str, service: dict[str
             timeout=120,
             message="guard-b's pods gone",
         )  # fmt: skip
-        population = Population(router_url("guard", namespace), "chat", {"a": 0.5, "b": 0.5})
+        population = Population(router_url("guard", namespace), "guard", {"a": 0.5, "b": 0.5})
         codes: Counter[int] = Counter()
         for i in range(200):
             codes[population.try_ask(f"g-{i}")] += 1
