@@ -410,6 +410,12 @@ def wait_service(name: str, namespace: str, check: Any, what: str, timeout: floa
         ) from None
 
 
+def is_ready(status_: dict[str, Any]) -> bool:
+    """The Ready condition is True (a status without conditions yet is not ready)."""
+    ready = [c for c in status_.get("conditions", []) if c["type"] == "Ready"]
+    return bool(ready) and ready[0]["status"] == "True"
+
+
 def router_url(name: str, namespace: str) -> str:
     svc = json.loads(kubectl("get", "svc", f"{name}-router", "-n", namespace, "-o", "json").stdout)
     return f"http://{svc['spec']['clusterIP']}:80"
@@ -436,10 +442,12 @@ def test_modelservice_ab_test_rolls_back_by_feedback_and_on_a_broken_engine(
         trained = time.monotonic() - started
         ready = wait_service(
             "chat", namespace,
-            lambda s: s if condition(s, "Ready").get("status") == "True" else None,
+            lambda s: s if is_ready(s) else None,
             "Ready", timeout=300,
         )  # fmt: skip
         assert ready["traffic"] == "a=50,b=50"
+        shown = kubectl("get", "modelservice", "chat", "-n", namespace).stdout
+        sys.stderr.write(f"\n$ kubectl get ms chat\n{shown}")
         versions = {v["name"]: v["modelVersion"] for v in ready["variants"]}
         population = Population(router_url("chat", namespace), "chat", {"a": 0.6, "b": 0.4})
         users = 0
@@ -502,7 +510,7 @@ def guardrail_on_postgres(real_node: RealNode, namespace: str, service: dict[str
         apply(guard, namespace)
         wait_service(
             "guard", namespace,
-            lambda s: s if condition(s, "Ready").get("status") == "True" else None,
+            lambda s: s if is_ready(s) else None,
             "Ready", timeout=300,
         )  # fmt: skip
         routers = [

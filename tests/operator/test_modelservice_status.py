@@ -143,6 +143,7 @@ def test_a_worse_treatment_is_rolled_back_and_the_decision_is_kept() -> None:
     assert experiment["winner"] == "a"
     assert experiment["applied"] is True
     assert experiment["pValue"] <= 0.05
+    assert experiment["pValue"] == float(f"{experiment['pValue']:.3g}")  # readable in kubectl
     assert experiment["differenceInterval"]["upper"] < 0
     assert [v["samples"] for v in experiment["variants"]] == [300, 300]
     assert decision.weights == {"a": 100, "b": 0}

@@ -212,7 +212,8 @@ class _Computation:
                 "difference_interval": ms.Interval(
                     lower=found.interval[0], upper=found.interval[1]
                 ),
-                "p_value": min(1.0, max(0.0, found.p_value)),
+                # Three significant digits: what `kubectl get ms -o wide` shows.
+                "p_value": float(f"{min(1.0, max(0.0, found.p_value)):.3g}"),
                 "decision": decision,
                 "winner": found.winner,
                 "reason": clip(found.reason, MAX_MESSAGE),
