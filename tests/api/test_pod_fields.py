@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 from kubetrain_api import k8s_rules, validation
 from kubetrain_operator import builders, serving
 from kubetrain_operator.settings import OperatorSettings
-from tests.support.cluster import kubectl, wait_until
+from tests.support.cluster import kubectl, scratch_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 UID = "7c1d2e3f-aaaa-4bbb-8ccc-ddddeeeeffff"
@@ -120,18 +119,8 @@ def server_create(obj: Obj, ns: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def dry_run_ns(cluster: object) -> Iterator[str]:
     """One namespace for the module: dry-run creates leave nothing in it."""
-    name = f"pod-fields-{uuid.uuid4().hex[:8]}"
-    kubectl("create", "namespace", name)
-    # Pods are refused until the ServiceAccount controller has made `default`.
-    wait_until(
-        lambda: (
-            kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0
-        ),
-        timeout=60,
-        message=f"ServiceAccount {name}/default",
-    )
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with scratch_namespace("pod-fields") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

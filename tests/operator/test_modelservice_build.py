@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -591,19 +590,10 @@ def test_the_trainer_image_installs_vllm_only_when_asked() -> None:
 
 @pytest.fixture
 def dry_run_ns(cluster: object) -> Iterator[str]:
-    from tests.support.cluster import kubectl, wait_until
+    from tests.support.cluster import scratch_namespace
 
-    name = f"ms-build-{uuid.uuid4().hex[:8]}"
-    kubectl("create", "namespace", name)
-    wait_until(
-        lambda: (
-            kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0
-        ),
-        timeout=60,
-        message=f"ServiceAccount {name}/default",
-    )
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with scratch_namespace("ms-build") as name:
+        yield name
 
 
 @pytest.mark.controlplane

@@ -205,3 +205,23 @@ def server_dry_run(path: Path, namespace: str) -> tuple[int, str]:
         check=False,
     )  # fmt: skip
     return out.returncode, out.stderr
+
+
+@contextlib.contextmanager
+def scratch_namespace(prefix: str) -> Iterator[str]:
+    """A new namespace whose `default` ServiceAccount exists (the API server refuses pods,
+    even in a dry run, until the ServiceAccount controller made it); deleted afterwards
+    without waiting."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    wait_until(
+        lambda: (
+            kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0
+        ),
+        timeout=60,
+        message=f"ServiceAccount {name}/default",
+    )
+    try:
+        yield name
+    finally:
+        kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -19,6 +19,7 @@ from kubetrain_api.modelservice_validation import (
     validate_modelservice_document,
 )
 from kubetrain_operator.experiments import stats
+from kubetrain_operator.modelservice.status import experiment_config as operator_experiment_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "modelservice-ab.yaml"
@@ -148,21 +149,8 @@ def test_vllm_variant_on_a_gpu() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def experiment_config(spec: ms.ExperimentSpec) -> stats.ExperimentConfig:
-    """The translation the operator's wiring makes (field for field)."""
-    g = spec.guardrails
-    return stats.ExperimentConfig(
-        alpha=spec.alpha,
-        min_samples=spec.min_samples_per_variant,
-        mde=spec.minimum_detectable_effect,
-        higher_is_better=spec.primary_metric == "positiveFeedbackRate",
-        guardrails=stats.GuardrailConfig(
-            max_error_rate=g.max_error_rate,
-            max_latency_increase=g.max_latency_increase,
-            min_requests=g.min_requests,
-            confidence=g.confidence,
-        ),
-    )
+# The operator's own translation (modelservice/status.py), checked field for field.
+experiment_config = operator_experiment_config
 
 
 def test_experiment_defaults_are_the_statistics_defaults() -> None:
