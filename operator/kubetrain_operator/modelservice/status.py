@@ -81,7 +81,9 @@ class ServiceDecision:
 def _previous(previous: Mapping[str, Any]) -> ms.ModelServiceStatus:
     try:
         return ms.ModelServiceStatus.model_validate(dict(previous))
-    except ValidationError:  # written by another version: start over, lose nothing else
+    # Written by another version and unreadable: recomputed from scratch (the history and
+    # a running experiment start over; the spec and the children are untouched).
+    except ValidationError:
         return ms.ModelServiceStatus()
 
 
