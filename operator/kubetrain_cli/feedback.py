@@ -107,7 +107,8 @@ def main(argv: list[str], prog: str = PROG) -> int:
         from kubetrain_trainer.route.store import StoreError, open_store
     except ImportError as exc:
         print(
-            f"{prog} export needs the trainer and serve extras (pip install 'kubetrain[trainer,serve]'): {exc}",
+            f"{prog} export needs the trainer and serve extras "
+            f"(pip install 'kubetrain[trainer,serve]'): {exc}",
             file=sys.stderr,
         )
         return contract.EXIT_USAGE

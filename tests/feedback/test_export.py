@@ -26,6 +26,7 @@ from kubetrain_trainer.feedback.export import (
 )
 from kubetrain_trainer.route.store import Store, open_store
 from tests.support.postgres import PostgresServer
+from tests.support.s3 import S3Server
 
 T0 = 1_800_000_000.0
 
@@ -282,6 +283,23 @@ def test_export_from_postgresql(postgres: PostgresServer, tmp_path: Path) -> Non
     assert result.manifest["source"]["backend"] == "postgresql"
     assert postgres.password not in result.manifest["source"]["store"]
     assert result.manifest["counts"] == {"sft": 1, "preferences": 2, "binary": 3}
+
+
+def test_snapshots_in_an_object_store(log: Log, store: Store, s3: S3Server, s3_bucket: str) -> None:
+    fill(log)
+    dest = f"s3://{s3_bucket}/feedback"
+    with s3.environ():
+        first = export_snapshot(store, dest)
+        log.answer("Q3", "new wrong", -1, correction="new right")
+        second = export_snapshot(store, dest)
+        assert second.manifest is not None
+        assert latest_manifest(dest) == second.manifest
+        assert second.manifest["source"]["previous"] == first.snapshot_id
+        sft = list(iter_jsonl(f"{second.path}/sft.jsonl"))
+    assert [r["messages"][-1]["content"] for r in sft] == ["new right"]
+    fs = s3.filesystem()
+    blob = fs.cat_file(f"{s3_bucket}/feedback/{second.snapshot_id}/sft.jsonl")
+    assert hashlib.sha256(blob).hexdigest() == second.manifest["files"]["sft.jsonl"]["sha256"]
 
 
 # ----------------------------------------------------------------------------- the CLI
