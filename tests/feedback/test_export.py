@@ -47,6 +47,7 @@ class Log:
         version: str = "v1",
         correction: str | None = None,
         truncate: bool = False,
+        status: int = 200,
     ) -> str:
         self.n += 1
         rid = f"r{self.n}"
@@ -63,6 +64,7 @@ class Log:
             prompt_tokens=3,
             completion_tokens=3,
             created_at=T0 + self.n,
+            status=status,
         )
         for i, rating in enumerate(ratings):
             last = i == len(ratings) - 1
@@ -166,6 +168,7 @@ def test_duplicates_truncated_and_empty_rows_are_dropped(log: Log, store: Store)
         log.answer("Fix this", f"bad {i}", -1, correction="Fixed  text" if i else "fixed text")
     log.answer("long", "cut", 1, truncate=True)
     log.answer("   ", "no prompt", 1)
+    log.answer("Fix this", '{"error": "upstream timed out"}', -1, status=504)
     words = ("the quick brown fox jumps over the lazy dog near the river bank " * 3).split()
     log.answer("Tell a story", "meh", -1, correction=" ".join(words))
     log.answer("Tell a story", "meh2", -1, correction=" ".join([*words, "again"]))
@@ -177,6 +180,7 @@ def test_duplicates_truncated_and_empty_rows_are_dropped(log: Log, store: Store)
         "near_duplicate.sft": 1,
         "truncated": 1,
         "no_text": 1,
+        "error_response": 1,
     }
     assert len(build_examples(rows(store), near_dedup=False).sft) == 3
 

@@ -14,7 +14,8 @@ three JSON Lines files in the formats TRL and the trainer read, and a `manifest.
 Answers to the same prompt are grouped by the prompt's normalized text; one answer's score
 is the sum of its callers' ratings (-1/0/+1), so equal scores (ties) and a prompt with one
 answer make no pair. Every text is scrubbed of PII (pii.py) before anything else, truncated
-log rows are dropped (the log cut them, so they are not what was said), and examples are
+log rows are dropped (the log cut them, so they are not what was said), as are failed
+requests (their response is an error body), and examples are
 deduplicated exactly after the data pipeline's normalization, then SFT examples by MinHash.
 
 Snapshots are immutable and named by a hash of their content and source range; `<dest>/latest`
@@ -165,6 +166,9 @@ def build_examples(rows: Iterable[Mapping[str, Any]], *, near_dedup: bool = True
         out.feedback_by_model_version[version] += 1
         if row.get("truncated"):
             out.dropped["truncated"] += 1
+            continue
+        if not 200 <= int(row.get("status", 200)) < 300:
+            out.dropped["error_response"] += 1  # its text is an error body, not an answer
             continue
         messages = [
             {"role": m["role"], "content": cleaned(m["content"])}
