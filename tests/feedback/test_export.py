@@ -169,11 +169,17 @@ def test_duplicates_truncated_and_empty_rows_are_dropped(log: Log, store: Store)
     log.answer("long", "cut", 1, truncate=True)
     log.answer("   ", "no prompt", 1)
     log.answer("Fix this", '{"error": "upstream timed out"}', -1, status=504)
+    log.answer("Two ways?", '["one", "two"]', 1)  # n=2 choices: which one was rated?
+    log.answer("Two ways?", '["one", "two"]', -1, correction="three")  # the correction counts
     words = ("the quick brown fox jumps over the lazy dog near the river bank " * 3).split()
     log.answer("Tell a story", "meh", -1, correction=" ".join(words))
     log.answer("Tell a story", "meh2", -1, correction=" ".join([*words, "again"]))
     ex = build_examples(rows(store))
-    assert [r["messages"][-1]["content"] for r in ex.sft] == ["fixed text", " ".join(words)]
+    assert [r["messages"][-1]["content"] for r in ex.sft] == [
+        "fixed text",
+        "three",
+        " ".join(words),
+    ]
     assert ex.dropped == {
         "duplicate.sft": 2,
         "duplicate.preferences": 0,
@@ -181,8 +187,10 @@ def test_duplicates_truncated_and_empty_rows_are_dropped(log: Log, store: Store)
         "truncated": 1,
         "no_text": 1,
         "error_response": 1,
+        "several_choices": 1,
     }
-    assert len(build_examples(rows(store), near_dedup=False).sft) == 3
+    assert all("one" not in json.dumps(p) for p in ex.preferences + ex.binary)
+    assert len(build_examples(rows(store), near_dedup=False).sft) == 4
 
 
 # ----------------------------------------------------------------------------- snapshots

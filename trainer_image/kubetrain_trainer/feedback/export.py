@@ -110,6 +110,18 @@ def prompt_messages(prompt: str) -> list[Message]:
     return [{"role": "user", "content": prompt}]
 
 
+def several_choices(response: str) -> bool:
+    """Whether a logged response is the router's record of n > 1 choices: a JSON list of
+    their texts (a single answer that is itself such a list is read the same way)."""
+    if not response.startswith('["'):
+        return False
+    try:
+        value = json.loads(response)
+    except ValueError:
+        return False
+    return isinstance(value, list) and len(value) > 1 and all(isinstance(v, str) for v in value)
+
+
 def _prompt_key(messages: list[Message]) -> str:
     return "\n".join(f"{m['role']}: {dedup_key(m['content'])}" for m in messages)
 
@@ -174,8 +186,16 @@ def build_examples(rows: Iterable[Mapping[str, Any]], *, near_dedup: bool = True
             {"role": m["role"], "content": cleaned(m["content"])}
             for m in prompt_messages(str(row["prompt"]))
         ]
-        response = cleaned(str(row["response"] or ""))
+        response = str(row["response"] or "")
         correction = cleaned(str(row["correction"])) if row.get("correction") else ""
+        if several_choices(response):
+            # A rating of n > 1 choices does not say which one it rates: only a correction
+            # is still usable.
+            if not correction:
+                out.dropped["several_choices"] += 1
+                continue
+            response = ""
+        response = cleaned(response)
         if not any(m["content"] for m in messages) or not (response or correction):
             out.dropped["no_text"] += 1
             continue
