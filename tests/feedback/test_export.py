@@ -151,6 +151,18 @@ def test_a_correction_is_sft_and_chosen_over_the_answer(log: Log, store: Store) 
     assert (pair["prompt"], pair["chosen"], pair["rejected"]) == (chat, bot("Paris"), bot("Lyon"))
 
 
+def test_different_short_answers_to_one_long_prompt_are_not_near_duplicates(
+    log: Log, store: Store
+) -> None:
+    prompt = "Name the city this passage describes: " + " ".join(f"w{i}" for i in range(300))
+    log.answer(prompt, "Lyon", -1, correction="Paris")
+    log.answer(prompt, "Nice", -1, correction="Marseille")
+    log.answer(prompt + " ", "Nice", -1, correction="Marseille.")  # a near duplicate
+    ex = build_examples(rows(store))
+    assert [r["messages"][-1]["content"] for r in ex.sft] == ["Paris", "Marseille"]
+    assert ex.dropped["near_duplicate.sft"] == 1
+
+
 def test_pii_is_scrubbed_in_every_text(log: Log, store: Store) -> None:
     log.answer("mail me at ann@example.com", "ok, 10.1.2.3", -1, correction="call +1 415-555-0132")
     log.answer("mail me at ann@example.com", "sure", 1)
@@ -285,6 +297,33 @@ def test_sft_snapshot_loads_through_the_data_pipeline(
     source = api.DataSource(name="feedback", uri=f"file://{result.path}/sft.jsonl", format="chat")
     records = list(read_source(source))
     assert [r.messages for r in records] == [({"role": "user", "content": "Q2"}, *bot("right"))]
+
+
+def test_snapshot_files_load_as_hugging_face_datasets(
+    log: Log, store: Store, tmp_path: Path
+) -> None:
+    """As TRL's trainers read them: one `datasets` table per file, conversational columns."""
+    import datasets
+
+    fill(log)
+    result = export_snapshot(store, str(tmp_path / "snaps"))
+    columns = {
+        "preferences.jsonl": {"prompt", "chosen", "rejected"},
+        "binary.jsonl": {"prompt", "completion", "label"},
+        "sft.jsonl": {"messages"},
+    }
+    for name, needed in columns.items():
+        table = datasets.load_dataset(
+            "json",
+            data_files=f"{result.path}/{name}",
+            split="train",
+            cache_dir=str(tmp_path / "hf"),
+        )
+        assert needed <= set(table.column_names)
+        first = table[0]
+        for column in needed - {"label"}:
+            assert {m["role"] for m in first[column]} <= {"system", "user", "assistant"}
+    assert table.num_rows == 1
 
 
 def test_export_from_postgresql(postgres: PostgresServer, tmp_path: Path) -> None:

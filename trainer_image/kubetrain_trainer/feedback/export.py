@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+import numpy as np
 
 from ..data import dedup
 from ..data.clean import collapse_whitespace, normalize_unicode, remove_control_characters
@@ -50,6 +51,7 @@ MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 DEFAULT_PAGE_SIZE = 500
 NEAR_DUPLICATE_THRESHOLD = 0.9
+NEAR_DUPLICATE_PERMUTATIONS = 128  # per half (prompt, answer) of a signature
 ID_CHARS = 16
 
 Message = dict[str, str]
@@ -262,11 +264,29 @@ def build_examples(rows: Iterable[Mapping[str, Any]], *, near_dedup: bool = True
     out.sft = _unique(sft, "sft", out.dropped)
     out.preferences = _unique(pairs, "preferences", out.dropped)
     if near_dedup and len(out.sft) > 1:
-        texts = ["\n".join(m["content"] for m in r["messages"]) for r in out.sft]
-        flags = dedup.near_duplicates(texts, threshold=NEAR_DUPLICATE_THRESHOLD)
+        flags = near_duplicate_conversations(out.sft)
         out.dropped["near_duplicate.sft"] += int(flags.sum())
         out.sft = [r for r, flag in zip(out.sft, flags, strict=True) if not flag]
     return out
+
+
+def near_duplicate_conversations(
+    records: list[dict[str, Any]], threshold: float = NEAR_DUPLICATE_THRESHOLD
+) -> np.ndarray:
+    """The data pipeline's MinHash near-dedup of SFT conversations (a mask, later ones
+    flagged), with the prompt and the answer weighted equally: over the whole text a long
+    prompt would make two different short answers to it look like duplicates."""
+    prompts = ["\n".join(m["content"] for m in r["messages"][:-1]) for r in records]
+    answers = [r["messages"][-1]["content"] for r in records]
+    signatures = np.hstack(
+        [
+            dedup.minhash_signatures(prompts, NEAR_DUPLICATE_PERMUTATIONS),
+            dedup.minhash_signatures(answers, NEAR_DUPLICATE_PERMUTATIONS),
+        ]
+    )
+    width = signatures.shape[1]
+    keys = dedup.band_keys(signatures, threshold, width)
+    return dedup.near_duplicates_of_keys(keys, lambda docs: signatures[docs], threshold, width)
 
 
 def _pair(
