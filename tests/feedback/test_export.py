@@ -23,6 +23,7 @@ from kubetrain_trainer.feedback.export import (
     export_snapshot,
     iter_jsonl,
     latest_manifest,
+    prompt_messages,
 )
 from kubetrain_trainer.route.store import Store, open_store
 from tests.support.postgres import PostgresServer
@@ -40,7 +41,7 @@ class Log:
 
     def answer(
         self,
-        prompt: str | list[dict[str, str]],
+        prompt: str | list[dict[str, Any]],
         response: str,
         *ratings: int,
         variant: str = "a",
@@ -163,6 +164,24 @@ def test_different_short_answers_to_one_long_prompt_are_not_near_duplicates(
     assert ex.dropped["near_duplicate.sft"] == 1
 
 
+@pytest.mark.parametrize(
+    ("logged", "messages"),
+    [
+        ("plain prompt", user("plain prompt")),
+        ("[1, 2] is a list", user("[1, 2] is a list")),
+        ('[{"role": "user", "content": "hi"}]', user("hi")),
+        (
+            '[{"role": "user", "content": [{"type": "text", "text": "a"}, '
+            '{"type": "text", "text": "b"}]}]',
+            user("ab"),
+        ),
+        ('[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]', None),
+    ],
+)
+def test_logged_prompts_become_messages(logged: str, messages: list[dict[str, str]] | None) -> None:
+    assert prompt_messages(logged) == messages
+
+
 def test_pii_is_scrubbed_in_every_text(log: Log, store: Store) -> None:
     log.answer("mail me at ann@example.com", "ok, 10.1.2.3", -1, correction="call +1 415-555-0132")
     log.answer("mail me at ann@example.com", "sure", 1)
@@ -181,6 +200,8 @@ def test_duplicates_truncated_and_empty_rows_are_dropped(log: Log, store: Store)
     log.answer("long", "cut", 1, truncate=True)
     log.answer("   ", "no prompt", 1)
     log.answer("Fix this", '{"error": "upstream timed out"}', -1, status=504)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    log.answer(image, "a cat", 1)
     log.answer("Two ways?", '["one", "two"]', 1)  # n=2 choices: which one was rated?
     log.answer("Two ways?", '["one", "two"]', -1, correction="three")  # the correction counts
     words = ("the quick brown fox jumps over the lazy dog near the river bank " * 3).split()
@@ -200,6 +221,7 @@ def test_duplicates_truncated_and_empty_rows_are_dropped(log: Log, store: Store)
         "no_text": 1,
         "error_response": 1,
         "several_choices": 1,
+        "not_text": 1,
     }
     assert all("one" not in json.dumps(p) for p in ex.preferences + ex.binary)
     assert len(build_examples(rows(store), near_dedup=False).sft) == 4

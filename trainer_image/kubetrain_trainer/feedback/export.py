@@ -89,27 +89,37 @@ def dedup_key(text: str) -> str:
     return str(collapse_whitespace(normalized)).casefold()
 
 
-def prompt_messages(prompt: str) -> list[Message]:
+def prompt_messages(prompt: str) -> list[Message] | None:
     """The logged prompt as chat messages: the router logs a chat's messages as JSON text
-    and a completion's prompt as is (a user turn here)."""
+    and a completion's prompt as is (a user turn here). A message's content may be a list
+    of OpenAI content parts; None when one is not text (an image: no text-only example
+    says what was asked)."""
     stripped = prompt.lstrip()
-    if stripped.startswith("["):
-        try:
-            value = json.loads(stripped)
-        except ValueError:
-            value = None
-        if (
-            isinstance(value, list)
-            and value
-            and all(
-                isinstance(m, Mapping)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-                for m in value
-            )
-        ):
-            return [{"role": m["role"], "content": m["content"]} for m in value]
-    return [{"role": "user", "content": prompt}]
+    if not stripped.startswith("["):
+        return [{"role": "user", "content": prompt}]
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        value = None
+    if not (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, Mapping) and isinstance(m.get("role"), str) for m in value)
+    ):
+        return [{"role": "user", "content": prompt}]  # a completion prompt that looks like JSON
+    messages = []
+    for m in value:
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
+                return None
+            content = "".join(str(p.get("text", "")) for p in content)
+        if content is None:
+            content = ""  # an assistant turn that only called tools
+        if not isinstance(content, str):
+            return None
+        messages.append({"role": m["role"], "content": content})
+    return messages
 
 
 def several_choices(response: str) -> bool:
@@ -184,10 +194,11 @@ def build_examples(rows: Iterable[Mapping[str, Any]], *, near_dedup: bool = True
         if not 200 <= int(row.get("status", 200)) < 300:
             out.dropped["error_response"] += 1  # its text is an error body, not an answer
             continue
-        messages = [
-            {"role": m["role"], "content": cleaned(m["content"])}
-            for m in prompt_messages(str(row["prompt"]))
-        ]
+        logged = prompt_messages(str(row["prompt"]))
+        if logged is None:
+            out.dropped["not_text"] += 1
+            continue
+        messages = [{"role": m["role"], "content": cleaned(m["content"])} for m in logged]
         response = str(row["response"] or "")
         correction = cleaned(str(row["correction"])) if row.get("correction") else ""
         if several_choices(response):
