@@ -13,10 +13,11 @@ three JSON Lines files in the formats TRL and the trainer read, and a `manifest.
 
 Answers to the same prompt are grouped by the prompt's normalized text; one answer's score
 is the sum of its callers' ratings (-1/0/+1), so equal scores (ties) and a prompt with one
-answer make no pair. Every text is scrubbed of PII (pii.py) before anything else, truncated
-log rows are dropped (the log cut them, so they are not what was said), as are failed
-requests (their response is an error body), and examples are
-deduplicated exactly after the data pipeline's normalization, then SFT examples by MinHash.
+answer make no pair. Dropped first: truncated log rows (the log cut them, so they are not
+what was said), failed requests (their response is an error body), prompts with non-text
+parts and ratings of n > 1 choices (which one?). Every text is then scrubbed of PII
+(pii.py), and examples are deduplicated exactly after the data pipeline's normalization,
+then SFT examples by MinHash.
 
 Snapshots are immutable and named by a hash of their content and source range; `<dest>/latest`
 names the newest. An export starts at the latest snapshot's cursor (`source.next_after`) and
