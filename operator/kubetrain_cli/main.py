@@ -147,6 +147,12 @@ def _route(argv: list[str]) -> int:
     return 0
 
 
+def _feedback(argv: list[str]) -> int:
+    from kubetrain_cli import feedback
+
+    return feedback.main(argv, prog="kubetrain feedback")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetrain",
@@ -263,8 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
         "response and take feedback; `kubetrain route --help` lists the options.",
         add_help=False,
     )
-    # Listed here for `kubetrain --help`; main() hands `serve ...` and `route ...` to the
-    # server's and the router's parsers.
+    commands.add_parser(
+        "feedback",
+        help="export the router's feedback as a versioned data set snapshot (SFT, DPO, KTO)",
+        description="`kubetrain feedback export --store DSN --out DEST` writes the feedback "
+        "since the last snapshot; `kubetrain feedback export --help` lists the options.",
+        add_help=False,
+    )
+    # Listed here for `kubetrain --help`; main() hands `serve ...`, `route ...` and
+    # `feedback ...` to their own parsers.
     return parser
 
 
@@ -274,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(argv[1:])
     if argv[:1] == ["route"]:
         return _route(argv[1:])
+    if argv[:1] == ["feedback"]:
+        return _feedback(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

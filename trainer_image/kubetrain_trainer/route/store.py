@@ -620,6 +620,7 @@ class Store:
                 responses.c.prompt,
                 responses.c.response,
                 responses.c.truncated,
+                responses.c.status,  # a failure's response is its error body, not an answer
                 responses.c.mean_logprob,
                 responses.c.created_at.label("response_created_at"),
                 feedback.c.caller,
