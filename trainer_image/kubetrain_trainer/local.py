@@ -260,6 +260,8 @@ def run_local(
 ) -> dict[str, Any]:
     # The file first: a bad one is refused before torch and Ray load (seconds).
     run = load_run(path, max_steps=max_steps)
+    if run_uid:
+        run.metadata.uid = run_uid  # travels with the run to the workers (lineage)
 
     from kubetrain_trainer import metrics
     from kubetrain_trainer.driver import run_training
