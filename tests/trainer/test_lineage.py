@@ -81,16 +81,20 @@ def test_two_generations_record_and_chain_their_lineage(tmp_path: Path, monkeypa
     assert one.generation == 1
     assert one.parent.source == "builtin://tiny-llama"
     assert one.parent.lineage_id is None
-    assert one.run.name == "gen1" and one.run.uid is None
+    assert one.run.name == "gen1"
+    assert one.run.uid is None
     assert one.data[0].uri == "builtin://quickstart-corpus"
-    assert one.data[0].sha256 and one.data[0].documents
+    assert one.data[0].sha256
+    assert one.data[0].documents
     assert one.data[0].snapshot_id is None
     assert one.image == "ghcr.io/kubetrain/trainer:test"
-    assert one.method == "pretrain" and one.step == 2
+    assert one.method == "pretrain"
+    assert one.step == 2
     assert one.id == one.content_id()
 
     assert two.generation == 2
-    assert two.parent.lineage_id == one.id and two.parent.generation == 1
+    assert two.parent.lineage_id == one.id
+    assert two.parent.generation == 1
     assert (two.run.name, two.run.namespace, two.run.uid) == ("gen2", "team-a", UID)
     assert two.data[0].snapshot_id == "7f3a9c"
     assert two.data[0].documents == 80
