@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -162,10 +163,16 @@ def model_location(source: str) -> str | None:
     return source
 
 
-def read_lineage(location: str) -> ModelLineage | None:
-    """The lineage.json of the model folder at `location` (a path or an fsspec URL); None
-    when the folder has none (a model from elsewhere, or exported before lineage existed).
-    LineageError for a record that cannot be read or parsed."""
+Reader = Callable[[str], "bytes | None"]
+"""Reads a small file at a URL whole: None when it does not exist, OSError (or any
+backend's error) when it cannot be read. The trainer and the CLI pass one built on fsspec
+(kubetrain_trainer.storage); this module stays free of it."""
+
+
+def read_lineage(location: str, read_url: Reader | None = None) -> ModelLineage | None:
+    """The lineage.json of the model folder at `location` (a path, or a URL read with
+    `read_url`); None when the folder has none (a model from elsewhere, or exported before
+    lineage existed). LineageError for a record that cannot be read or parsed."""
     if "://" not in location:
         path = Path(location) / contract.LINEAGE_FILE
         if not path.is_file():
@@ -177,18 +184,15 @@ def read_lineage(location: str) -> ModelLineage | None:
         except OSError as exc:
             raise LineageError(f"{path}: cannot read: {exc}") from None
     url = f"{location.rstrip('/')}/{contract.LINEAGE_FILE}"
+    if read_url is None:
+        raise LineageError(f"{url}: cannot read URLs here (no object-store client)")
     try:
-        import fsspec  # type: ignore[import-untyped]
-
-        fs, path = fsspec.core.url_to_fs(url)
-        if not fs.exists(path):
-            return None
-        data = fs.cat_file(path)
-    except ImportError as exc:
-        raise LineageError(f"{url}: reading URLs needs fsspec (and s3fs/gcsfs): {exc}") from None
+        data = read_url(url)
+    except LineageError:
+        raise
     except Exception as exc:  # any backend's error: credentials, network, bucket
         raise LineageError(f"{url}: cannot read: {exc}") from None
-    return parse_lineage(data, url)
+    return None if data is None else parse_lineage(data, url)
 
 
 class ChainLink(BaseModel):
@@ -204,12 +208,12 @@ MAX_CHAIN: Final = 64
 """Generations followed at most (a hand-made cycle of folders must not loop forever)."""
 
 
-def load_chain(location: str) -> list[ChainLink]:
+def load_chain(location: str, read_url: Reader | None = None) -> list[ChainLink]:
     """The model at `location`, then its parents while they are kubetrain exports. The last
     link names where the chain ends: a source that is no kubetrain export, a folder without
     lineage.json, a record that cannot be read, or a parent whose id does not match what
     its child recorded. LineageError when the first model has no readable lineage."""
-    first = read_lineage(location)
+    first = read_lineage(location, read_url)
     if first is None:
         raise LineageError(
             f"{location}: no {contract.LINEAGE_FILE} here: not a model exported by kubetrain "
@@ -223,7 +227,7 @@ def load_chain(location: str) -> list[ChainLink]:
         if parent.init == "random" or where is None:
             return chain
         try:
-            found = read_lineage(where)
+            found = read_lineage(where, read_url)
         except LineageError as exc:
             chain.append(ChainLink(location=parent.source, note=str(exc)))
             return chain

@@ -29,7 +29,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def main(args: argparse.Namespace) -> int:
     try:
-        chain = load_chain(args.model)
+        chain = load_chain(args.model, _read_url)
     except (LineageError, ValueError) as exc:
         print(f"kubetrain lineage: {exc}", file=sys.stderr)
         return 1
@@ -103,3 +103,14 @@ def _end(source: str, init: str) -> str:
     if init == "random":
         return "architecture only: trained from random weights"
     return NOT_FOLLOWED.get(source.split("://", 1)[0], "not a kubetrain export")
+
+
+def _read_url(url: str) -> bytes | None:
+    try:
+        from kubetrain_trainer.lineage import read_url
+    except ImportError as exc:  # fsspec comes with the trainer and object-store extras
+        raise LineageError(
+            f"{url}: reading URLs needs fsspec (pip install 'kubetrain[object-store]'): {exc}"
+        ) from None
+    data: bytes | None = read_url(url)
+    return data

@@ -24,6 +24,7 @@ from kubetrain_api.lineage import (
     parse_lineage,
 )
 from kubetrain_cli.main import main
+from kubetrain_trainer.lineage import read_url
 
 WHEN = datetime(2026, 12, 2, 8, 0, tzinfo=timezone.utc)
 
@@ -132,7 +133,7 @@ def test_chain_ends_at_a_parent_without_lineage(tmp_path: Path) -> None:
     assert chain[1].note == f"no {contract.LINEAGE_FILE}"
 
 
-def test_chain_reads_fsspec_urls() -> None:
+def test_chain_reads_fsspec_urls(capsys: pytest.CaptureFixture[str]) -> None:
     # fsspec's in-memory filesystem stands for an object store (same code path as s3://).
     fs = fsspec.filesystem("memory")
     first = record(ParentModel(source="builtin://tiny-llama", init="random"), "champion")
@@ -144,10 +145,18 @@ def test_chain_reads_fsspec_urls() -> None:
         "challenger",
     )
     fs.pipe("/lineage-test/challenger/model/lineage.json", second.to_json().encode())
-    chain = load_chain("memory://lineage-test/challenger/model")
+    chain = load_chain("memory://lineage-test/challenger/model", read_url)
     assert [link.lineage for link in chain] == [second, first]
     with pytest.raises(LineageError, match=r"no lineage\.json here"):
-        load_chain("memory://lineage-test/nothing")
+        load_chain("memory://lineage-test/nothing", read_url)
+    with pytest.raises(LineageError, match="cannot read URLs here"):
+        load_chain("memory://lineage-test/challenger/model")  # no reader given
+    assert main(["lineage", "--json", "memory://lineage-test/challenger/model"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [link["location"] for link in doc["chain"]] == [
+        "memory://lineage-test/challenger/model",
+        "memory://lineage-test/champion/model",
+    ]
 
 
 def test_cli_prints_the_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

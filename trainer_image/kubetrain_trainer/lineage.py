@@ -14,6 +14,7 @@ from typing import Any
 from kubetrain_api import contract
 from kubetrain_api import lineage as api
 from kubetrain_api import v1alpha1 as spec_api
+from kubetrain_trainer import storage
 from kubetrain_trainer.config import TrainConfig
 
 Log = Callable[[str], None]
@@ -51,7 +52,7 @@ def _parent(model: spec_api.ModelSpec, log: Log) -> api.ParentModel:
     if model.init == "random" or where is None:
         return parent
     try:
-        found = api.read_lineage(where)
+        found = api.read_lineage(where, read_url)
     except (api.LineageError, ValueError) as exc:
         log(f"lineage: the parent model's lineage is left out: {exc}")
         return parent
@@ -100,3 +101,12 @@ def snapshot_id(uri: str, log: Log = print) -> str | None:
         return None
     found = doc.get("id") if isinstance(doc, dict) else None
     return found if isinstance(found, str) and found else None
+
+
+def read_url(url: str) -> bytes | None:
+    """A small file on an object store (or any fsspec URL) whole, None when it is absent:
+    the Reader of kubetrain_api.lineage."""
+    try:
+        return storage.read_bytes(url)
+    except FileNotFoundError:
+        return None
