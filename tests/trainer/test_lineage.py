@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from kubetrain_api import contract, validation
+from kubetrain_api import v1alpha1 as api
 from kubetrain_api.lineage import load_chain, parse_lineage
 from kubetrain_trainer.config import resolve
+from kubetrain_trainer.local import load_run
 from kubetrain_trainer.loop import Trainer, WorkerContext
 from kubetrain_trainer.prepare import prepare
 
@@ -104,3 +106,17 @@ def test_two_generations_record_and_chain_their_lineage(tmp_path: Path, monkeypa
     chain = load_chain(str(second))
     assert [link.lineage.id for link in chain if link.lineage] == [two.id, one.id]
     assert all(link.note is None for link in chain)
+
+
+def test_the_run_uid_travels_with_the_run_to_the_workers(tmp_path: Path) -> None:
+    """`kubetrain run --run-uid` (the head pod) -> metadata.uid -> the driver's payload to
+    each Ray Train worker (driver._worker_entry) -> TrainConfig.run_uid -> lineage."""
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        json.dumps(run_doc("r", "builtin://tiny-llama", "builtin://quickstart-corpus", "text"))
+    )
+    run = load_run(path, run_uid=UID)
+    payload = run.model_dump(by_alias=True, exclude_none=True, mode="json")  # as the driver
+    config = resolve(api.TrainingRun.model_validate(payload), tmp_path, world_size=1)
+    assert config.run_uid == UID
+    assert resolve(load_run(path), tmp_path, world_size=1).run_uid is None
