@@ -13,6 +13,7 @@ from kubetrain_api import contract, validation
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.lineage import load_chain, parse_lineage
 from kubetrain_trainer.config import resolve
+from kubetrain_trainer.lineage import build_lineage
 from kubetrain_trainer.local import load_run
 from kubetrain_trainer.loop import Trainer, WorkerContext
 from kubetrain_trainer.prepare import prepare
@@ -120,3 +121,24 @@ def test_the_run_uid_travels_with_the_run_to_the_workers(tmp_path: Path) -> None
     config = resolve(api.TrainingRun.model_validate(payload), tmp_path, world_size=1)
     assert config.run_uid == UID
     assert resolve(load_run(path), tmp_path, world_size=1).run_uid is None
+
+
+def test_unreadable_parent_lineage_and_manifest_are_logged_not_fatal(tmp_path: Path) -> None:
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / contract.LINEAGE_FILE).write_text("{garbled")
+    snapshot = tmp_path / "snap"
+    snapshot.mkdir()
+    (snapshot / "a.jsonl").write_text('{"text": "x"}\n')
+    (snapshot / contract.SNAPSHOT_MANIFEST_FILE).write_text("[not a manifest")
+    doc = run_doc("r", f"file://{parent}", f"file://{snapshot}", "jsonl")
+    config = resolve(validation.parse(doc), tmp_path / "out", world_size=1)
+    logged: list[str] = []
+    record = build_lineage(config, None, step=1, version="0.1.0", log=logged.append)
+    assert record.parent.lineage_id is None
+    assert record.generation == 1
+    assert record.data[0].snapshot_id is None
+    assert len(logged) == 2
+    assert "parent model's lineage is left out" in logged[0]
+    assert "not JSON" in logged[0]
+    assert "snapshot manifest left out" in logged[1]

@@ -133,6 +133,20 @@ def test_chain_ends_at_a_parent_without_lineage(tmp_path: Path) -> None:
     assert chain[1].note == f"no {contract.LINEAGE_FILE}"
 
 
+def test_a_garbled_parent_ends_the_chain_with_its_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gen2, _, _ = two_generations(tmp_path)
+    (tmp_path / "champion" / "model" / contract.LINEAGE_FILE).write_text('{"kind": 3}')
+    chain = load_chain(str(gen2))
+    assert chain[1].lineage is None
+    assert "not a kubetrain lineage record" in (chain[1].note or "")
+    assert main(["lineage", str(gen2)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"    file://{tmp_path}/champion/model  (")
+    assert "parent: Field required" in last
+
+
 def test_chain_reads_fsspec_urls(capsys: pytest.CaptureFixture[str]) -> None:
     # fsspec's in-memory filesystem stands for an object store (same code path as s3://).
     fs = fsspec.filesystem("memory")
