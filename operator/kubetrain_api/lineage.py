@@ -174,7 +174,9 @@ def read_lineage(location: str, read_url: Reader | None = None) -> ModelLineage 
     `read_url`); None when the folder has none (a model from elsewhere, or exported before
     lineage existed). LineageError for a record that cannot be read or parsed."""
     if "://" not in location:
-        path = Path(location) / contract.LINEAGE_FILE
+        # The folder, or the record itself (`kubetrain lineage model/lineage.json`).
+        given = Path(location)
+        path = given if given.is_file() else given / contract.LINEAGE_FILE
         if not path.is_file():
             if not Path(location).exists():
                 raise LineageError(f"{location}: no such file or folder")
@@ -223,12 +225,14 @@ def load_chain(location: str, read_url: Reader | None = None) -> list[ChainLink]
     record: ModelLineage = first
     while len(chain) < MAX_CHAIN:
         parent = record.parent
-        where = model_location(parent.source)
-        if parent.init == "random" or where is None:
+        if parent.init == "random":
             return chain
         try:
+            where = model_location(parent.source)
+            if where is None:
+                return chain
             found = read_lineage(where, read_url)
-        except LineageError as exc:
+        except ValueError as exc:  # LineageError, or a pvc:// path that leaves its claim
             chain.append(ChainLink(location=parent.source, note=str(exc)))
             return chain
         if found is None:

@@ -147,6 +147,22 @@ def test_a_garbled_parent_ends_the_chain_with_its_reason(
     assert "parent: Field required" in last
 
 
+def test_pvc_parents_are_read_under_the_pvc_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(contract.PVC_ROOT_ENV, str(tmp_path / "pvc"))
+    first = record(ParentModel(source="hf://org/base"), "champion")
+    write(tmp_path / "pvc" / "models" / "champion", first)
+    parent = ParentModel(source="pvc://models/champion", lineage_id=first.id, generation=1)
+    gen = write(tmp_path / "m", record(parent, "challenger"))
+    assert [link.lineage for link in load_chain(str(gen))][1] == first
+    # A path that leaves its claim ends the chain with the reason, not a traceback.
+    escaping = write(tmp_path / "e", record(ParentModel(source="pvc://models/../x"), "e"))
+    assert "leaves the claim" in (load_chain(str(escaping))[1].note or "")
+    # The record itself may be named instead of its folder.
+    assert load_chain(str(gen / contract.LINEAGE_FILE))[1].lineage == first
+
+
 def test_chain_reads_fsspec_urls(capsys: pytest.CaptureFixture[str]) -> None:
     # fsspec's in-memory filesystem stands for an object store (same code path as s3://).
     fs = fsspec.filesystem("memory")
