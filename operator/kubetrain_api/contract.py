@@ -149,6 +149,14 @@ METRICS_FILE: Final = "metrics.jsonl"
 """The training loop's per-step log."""
 RESULT_FILE: Final = "result.json"
 """The final step, metrics, gate and model location, written last by rank 0."""
+LINEAGE_FILE: Final = "lineage.json"
+"""In an exported model folder: where the model came from (kubetrain_api.lineage)."""
+SNAPSHOT_MANIFEST_FILE: Final = "manifest.json"
+"""In a dataset snapshot's folder (`kubetrain feedback export`): its `id` (content hash),
+counts and file hashes; a model trained on the snapshot records the id in its lineage."""
+IMAGE_ENV: Final = "KUBETRAIN_IMAGE"
+"""The container image the trainer runs in, as the operator names it in the pod (recorded
+in the lineage of the models it exports); unset on a laptop."""
 FOLDER_COMMIT_MARKER: Final = ".kubetrain-committed"
 """On an object store (spec.checkpoint.storage.uri), in an uploaded folder (data, model):
 the list of its files, written last in one PUT. Readers (workers, the model server) take

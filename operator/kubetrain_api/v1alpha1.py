@@ -996,6 +996,7 @@ class ObjectMeta(BaseModel):
     name: Annotated[str, Field(max_length=MAX_SHORT)] | None = None
     namespace: Annotated[str, Field(max_length=MAX_NAME)] | None = None
     generation: int | None = None
+    uid: str | None = None
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
 

@@ -16,6 +16,7 @@ import yaml
 
 from kubetrain_api import contract, crd, documents, placement, validation
 from kubetrain_api.v1alpha1 import TrainingRun
+from kubetrain_cli import lineage
 
 DESCRIPTION = """\
 kubetrain trains language models on Kubernetes: a TrainingRun resource becomes a Ray
@@ -29,6 +30,7 @@ examples:
   kubetrain validate -o yaml run.yaml      print the run with every default filled in
   kubetrain crds                           regenerate crds/ and the Helm chart's copy
   kubetrain crds --check                   fail if either is out of date
+  kubetrain lineage runs/demo/model        the model's parents and data, back to the base
 """
 
 
@@ -196,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="write nothing; exit 1 if the files differ"
     )
     crds.set_defaults(func=_cmd_crds)
+
+    lineage.add_parser(commands)
 
     run = commands.add_parser(
         "run",

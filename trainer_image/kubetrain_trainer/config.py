@@ -27,6 +27,9 @@ class TrainConfig:
     remote_root: str | None = None
     """The run's durable root on an object store (kubetrain_trainer.storage), when
     spec.checkpoint.storage.uri names one; `output_dir` is then local scratch."""
+    run_uid: str | None = None
+    """The TrainingRun's uid (metadata.uid); None for `kubetrain run` on a laptop."""
+    namespace: str | None = None
 
     @property
     def hp(self) -> api.Hyperparameters:
@@ -113,4 +116,6 @@ def resolve(
         world_size=world_size or data_parallel_size(spec),
         use_gpu=gpu,
         remote_root=remote_root,
+        run_uid=run.metadata.uid,
+        namespace=run.metadata.namespace,
     )

@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from kubetrain_api.contract import LINEAGE_FILE
+from kubetrain_api.lineage import ModelLineage
 from kubetrain_trainer.model_folder import RUN_INFO_FILE
 from kubetrain_trainer.models import merge_lora
 
@@ -37,10 +39,12 @@ def export_model(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: Path,
     run_info: dict[str, Any],
+    lineage: ModelLineage | None = None,
 ) -> Path:
     """Write `model` (LoRA merged, in place) and `tokenizer` to `out_dir` as a Hugging Face
     folder with a generation config and `run_info` (resolved spec, data summary, metrics,
-    lineage). `model` must hold full, unsharded weights. An earlier export is replaced."""
+    lineage) and, when given, its `lineage` record (contract.LINEAGE_FILE). `model` must
+    hold full, unsharded weights. An earlier export is replaced."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     info_text = json.dumps(run_info, indent=2)  # fail before writing anything
@@ -54,6 +58,8 @@ def export_model(
         model.save_pretrained(partial)  # safetensors, the default since transformers 4.35
         tokenizer.save_pretrained(partial)
         (partial / RUN_INFO_FILE).write_text(info_text)
+        if lineage is not None:
+            (partial / LINEAGE_FILE).write_text(lineage.to_json())
         _fsync_tree(partial)
         _publish(partial, out_dir)
     finally:

@@ -23,7 +23,11 @@ class RunError(SpecFailure):
     kind = "cannot start"
 
 
-def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
+def load_run(
+    path: Path, max_steps: int | None = None, run_uid: str | None = None
+) -> api.TrainingRun:
+    """The one TrainingRun in `path`, validated; `run_uid` (the operator's --run-uid)
+    becomes its metadata.uid, which travels with the run to the workers (lineage)."""
     try:
         docs = validation.load_documents(validation.read_file(path))
     except (OSError, validation.InvalidYaml) as exc:
@@ -40,10 +44,13 @@ def load_run(path: Path, max_steps: int | None = None) -> api.TrainingRun:
         if isinstance(hp, dict):
             hp["maxSteps"] = max_steps
     try:
-        return validation.parse(doc)
+        run = validation.parse(doc)
     except validation.InvalidSpec as exc:
         lines = "\n".join(f"  {e}" for e in exc.errors)
         raise RunError(f"{path}: invalid TrainingRun:\n{lines}") from exc
+    if run_uid:
+        run.metadata.uid = run_uid
+    return run
 
 
 def run_folder(run: api.TrainingRun, root: Path, run_uid: str | None = None) -> Path:
@@ -259,7 +266,7 @@ def run_local(
     max_failures: int | None = None,
 ) -> dict[str, Any]:
     # The file first: a bad one is refused before torch and Ray load (seconds).
-    run = load_run(path, max_steps=max_steps)
+    run = load_run(path, max_steps=max_steps, run_uid=run_uid)
 
     from kubetrain_trainer import metrics
     from kubetrain_trainer.driver import run_training

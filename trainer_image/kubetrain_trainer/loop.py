@@ -24,6 +24,7 @@ from kubetrain_trainer import (
     checkpoint,
     evaluate,
     export,
+    lineage,
     metrics,
     models,
     optim,
@@ -454,7 +455,16 @@ class Trainer:
             else None,
             "codeVersion": _code_version(),
         }
-        return export.export_model(plain, self.tokenizer, self.config.model_dir, run_info)
+        record = lineage.build_lineage(
+            self.config,
+            run_info["data"],
+            step=self.step,
+            version=run_info["codeVersion"],
+            log=self._log,
+        )
+        return export.export_model(
+            plain, self.tokenizer, self.config.model_dir, run_info, lineage=record
+        )
 
     # ----------------------------------------------------------------------------------
 

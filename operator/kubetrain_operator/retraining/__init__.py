@@ -1,0 +1,1 @@
+"""Retraining a served model: when to start a new TrainingRun (`triggers`), pure."""
