@@ -92,6 +92,32 @@ class Exchange:
         )
 
 
+def ask_for_logprobs(body: dict[str, Any], *, chat: bool) -> bool:
+    """Ask the engine for the chosen tokens' log-probabilities when the client did not (the
+    log's uncertainty needs them): changes `body`, the request to the engine, and says
+    whether the client's answer must then be stripped of them (`hide_logprobs`). Requests
+    that asked for anything about logprobs, or that an engine refuses with logprobs (a
+    completion with `echo`), go as they are, so the client's answer or error is unchanged."""
+    if chat:
+        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+            return False
+        body["logprobs"] = True
+        body.pop("top_logprobs", None)
+        return True
+    if body.get("logprobs") is not None or body.get("echo") not in (None, False):
+        return False
+    body["logprobs"] = 0  # the chosen token's logprob, no alternatives
+    return True
+
+
+def hide_logprobs(body: dict[str, Any]) -> None:
+    """Take out of an answer (or a stream chunk) the logprobs the client did not ask for:
+    each choice says `"logprobs": null`, as an engine does when not asked."""
+    for choice in _list(body.get("choices")):
+        if isinstance(choice, dict) and "logprobs" in choice:
+            choice["logprobs"] = None
+
+
 def prompt_text(body: dict[str, Any], *, chat: bool) -> str:
     """The prompt as logged: a completion's `prompt` (a string as is, else JSON) or a chat's
     `messages` as JSON."""
