@@ -1,0 +1,1 @@
+"""The feedback loop: turning the router's log into labelling work, labels and drift signals."""
