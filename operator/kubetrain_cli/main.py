@@ -16,6 +16,7 @@ import yaml
 
 from kubetrain_api import contract, crd, documents, placement, validation
 from kubetrain_api.v1alpha1 import TrainingRun
+from kubetrain_cli import feedback as feedback_cli
 
 DESCRIPTION = """\
 kubetrain trains language models on Kubernetes: a TrainingRun resource becomes a Ray
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics")
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=_cmd_operator)
+
+    feedback_cli.add_commands(commands)
 
     commands.add_parser(
         "serve",

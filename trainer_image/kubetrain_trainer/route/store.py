@@ -47,7 +47,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -454,6 +454,11 @@ class Store:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def snapshot(self) -> AbstractContextManager[Connection]:
+        """A read-only transaction for readers of the tables outside this module (the
+        feedback tools): on SQLite it takes no write lock, so the router never waits."""
+        return self._snapshot()
+
     @contextmanager
     def _snapshot(self) -> Iterator[Connection]:
         """A read transaction that sees one state of the database for all its queries."""
@@ -547,24 +552,9 @@ class Store:
         caller, a second one replaces the first); `label`: a short category such as
         "wrong"; `correction`: what the answer should have been. Raises FeedbackRefused
         (naming the field) outside the bounds and UnknownResponse for an id never logged."""
-        if not isinstance(response_id, str) or not response_id:
-            raise FeedbackRefused("response_id", "must be a non-empty string")
-        if len(response_id) > MAX_ID_CHARS:
-            raise FeedbackRefused("response_id", f"longer than {MAX_ID_CHARS} characters")
-        _check_text("caller", caller, MAX_CALLER_CHARS, error=FeedbackRefused)
-        value = _rating(rating)
-        if label is not None:
-            _check_text("label", label, MAX_LABEL_CHARS, error=FeedbackRefused)
-        if correction is not None:
-            if not isinstance(correction, str):
-                raise FeedbackRefused("correction", "must be a string")
-            if len(correction) > MAX_CORRECTION_CHARS:
-                raise FeedbackRefused(
-                    "correction",
-                    f"{len(correction)} characters, more than {MAX_CORRECTION_CHARS}",
-                )
-            if "\x00" in correction:
-                raise FeedbackRefused("correction", "contains a NUL character")
+        value = check_feedback(
+            response_id, caller=caller, rating=rating, label=label, correction=correction
+        )
         stamp = _seconds("now", now)
         insert = (
             postgresql_dialect.insert(feedback)
@@ -738,6 +728,38 @@ class Store:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def check_feedback(
+    response_id: object,
+    *,
+    caller: object,
+    rating: object,
+    label: object = None,
+    correction: object = None,
+) -> int:
+    """The bounds `Store.add_feedback` enforces, without a database: the rating's value
+    (-1/0/1), or FeedbackRefused naming the field. Lets a bulk import check every record
+    before it writes any."""
+    if not isinstance(response_id, str) or not response_id:
+        raise FeedbackRefused("response_id", "must be a non-empty string")
+    if len(response_id) > MAX_ID_CHARS:
+        raise FeedbackRefused("response_id", f"longer than {MAX_ID_CHARS} characters")
+    _check_text("caller", caller, MAX_CALLER_CHARS, error=FeedbackRefused)
+    value = _rating(rating)
+    if label is not None:
+        _check_text("label", label, MAX_LABEL_CHARS, error=FeedbackRefused)
+    if correction is not None:
+        if not isinstance(correction, str):
+            raise FeedbackRefused("correction", "must be a string")
+        if len(correction) > MAX_CORRECTION_CHARS:
+            raise FeedbackRefused(
+                "correction",
+                f"{len(correction)} characters, more than {MAX_CORRECTION_CHARS}",
+            )
+        if "\x00" in correction:
+            raise FeedbackRefused("correction", "contains a NUL character")
+    return value
 
 
 def _percentile(conn: Connection, where: list[Any], count: int, q: float) -> float | None:
