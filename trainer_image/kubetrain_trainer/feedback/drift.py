@@ -217,7 +217,7 @@ def _decile_edges(lengths: list[int], buckets: int) -> list[int]:
     """Upper bounds of the first buckets-1 buckets: the length quantiles, deduplicated
     (many equal lengths give fewer buckets, never empty training buckets by construction)."""
     ordered = sorted(lengths)
-    edges = []
+    edges: list[int] = []
     for i in range(1, buckets):
         edge = ordered[min(len(ordered) - 1, (i * len(ordered)) // buckets)]
         if not edges or edge > edges[-1]:
