@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from kubetrain_api.routing import HEADER_RESPONSE_ID
 from kubetrain_trainer.route import store as store_module
-from kubetrain_trainer.route.exchange import ask_for_logprobs, hide_logprobs
+from kubetrain_trainer.route.exchange import ask_for_logprobs, hide_logprobs, says_nothing
 from kubetrain_trainer.route.store import open_store, uncertainty_of
 from tests.route.conftest import (  # noqa: F401  (fixtures)
     SERVICE,
@@ -131,6 +131,14 @@ def _without_ids(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in ("id", "created", "model")}
 
 
+def _chunk(event: Any) -> Any:
+    """A stream event without what the router rewrites (ids, model) or leaves out (the
+    `usage: null` the engine adds when the stream asked for usage)."""
+    if event == "[DONE]":
+        return event
+    return {k: v for k, v in _without_ids(event).items() if k != "usage"}
+
+
 def _events(text: str) -> list[Any]:
     lines = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
     return [json.loads(x) if x != "[DONE]" else x for x in lines]
@@ -146,6 +154,7 @@ def test_the_router_logs_uncertainty_the_client_did_not_ask_for(
     store = str(tmp_path / "router.db")
     chat = {"messages": CHAT, "max_tokens": 12, "temperature": 0}
     stream = {"prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0, "stream": True}
+    chat_s = {**chat, "stream": True}
     with router(config_path, store, tmp_path) as r, httpx.Client(timeout=60) as http:
         # A chat answer without logprobs: the client's body is the engine's own.
         routed = http.post(f"{r.base_url}/v1/chat/completions", json={"model": SERVICE, **chat})
@@ -158,22 +167,17 @@ def test_the_router_logs_uncertainty_the_client_did_not_ask_for(
         tokens = scored.json()["choices"][0]["logprobs"]["content"]
         mean = sum(t["logprob"] for t in tokens) / len(tokens)
 
-        # A streamed completion: the engine's text, without logprobs or usage. (Chunk
-        # boundaries may differ: an engine asked for logprobs sends one chunk per token.)
-        routed_s = http.post(f"{r.base_url}/v1/completions", json=stream)
-        direct_s = http.post(f"{engine}/v1/completions", json=stream)
-        assert routed_s.status_code == 200
-        got, want = _events(routed_s.text), _events(direct_s.text)
-        assert got[-1] == want[-1] == "[DONE]"
-        chunks = [c for c in got[:-1] if c["choices"]]
-        assert all(c["choices"][0]["logprobs"] is None and "usage" not in c for c in chunks)
-
-        def text(events: list[Any]) -> str:
-            return "".join(c["choices"][0]["text"] for c in events[:-1] if c["choices"])
-
-        assert text(got) == text(want) != ""
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        stream_id = routed_s.headers[HEADER_RESPONSE_ID]
+        # Streams: every chunk as the engine sends it when not asked for logprobs (the
+        # router leaves out the per-token chunks without text that logprobs bring).
+        for path, body in (("/v1/completions", stream), ("/v1/chat/completions", chat_s)):
+            routed_s = http.post(f"{r.base_url}{path}", json=body)
+            direct_s = http.post(f"{engine}{path}", json=body)
+            assert routed_s.status_code == 200
+            got, want = _events(routed_s.text), _events(direct_s.text)
+            assert [_chunk(e) for e in got] == [_chunk(e) for e in want]
+            assert len(got) >= 3  # text, the finish reason, [DONE]
+            if path == "/v1/completions":
+                stream_id = routed_s.headers[HEADER_RESPONSE_ID]
 
         # A client that asked for logprobs gets them, and echo goes through as it came.
         asked = http.post(f"{r.base_url}/v1/chat/completions", json={**chat, "logprobs": True})
@@ -196,3 +200,17 @@ def test_the_router_logs_uncertainty_the_client_did_not_ask_for(
         assert stream_row["uncertainty"] is not None
         assert 0.0 <= stream_row["uncertainty"] <= 1.0
         assert log.get_response(echo_id)["uncertainty"] is None  # type: ignore[index]
+
+
+def test_only_chunks_with_nothing_for_the_client_are_left_out() -> None:
+    def chunk(**choice: Any) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "finish_reason": None, "logprobs": None, **choice}]}
+
+    assert says_nothing(chunk(text=""), chat=False)
+    assert not says_nothing(chunk(text="a"), chat=False)
+    assert not says_nothing(chunk(text="", finish_reason="stop"), chat=False)
+    assert says_nothing(chunk(delta={"content": ""}), chat=True)
+    assert says_nothing(chunk(delta={}), chat=True)
+    assert not says_nothing(chunk(delta={"role": "assistant", "content": ""}), chat=True)
+    assert not says_nothing(chunk(delta={"content": "a"}), chat=True)
+    assert not says_nothing({"choices": [], "usage": {"prompt_tokens": 1}}, chat=True)

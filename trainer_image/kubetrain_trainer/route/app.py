@@ -62,7 +62,7 @@ from kubetrain_api.v1alpha1 import ServeSpec
 from ..serve.errors import RETRY_AFTER_S, ApiError, install_handlers, unavailable
 from ..serve.schemas import ModelCard, ModelList
 from .assign import choose
-from .exchange import Exchange, ask_for_logprobs, hide_logprobs, prompt_text
+from .exchange import Exchange, ask_for_logprobs, hide_logprobs, prompt_text, says_nothing
 from .metrics import RATING_LABELS, RouteMetrics
 from .store import MAX_USER_KEY_CHARS, FeedbackRefused, Store, StoreError, UnknownResponse
 
@@ -490,6 +490,8 @@ class _Call:
             chunk.pop("usage", None)
         if self.hide_logprobs:
             hide_logprobs(chunk)
+            if says_nothing(chunk, chat=self.exchange.chat):
+                return None, False
         chunk["id"], chunk["model"] = self.response_id, self.service_model
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode(), False
 

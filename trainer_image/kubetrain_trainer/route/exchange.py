@@ -118,6 +118,28 @@ def hide_logprobs(body: dict[str, Any]) -> None:
             choice["logprobs"] = None
 
 
+def says_nothing(chunk: dict[str, Any], *, chat: bool) -> bool:
+    """A stream chunk with no text, no finish reason and nothing else for the client: an
+    engine asked for logprobs sends one per token even while a character's bytes are
+    incomplete; once its logprobs are hidden the router leaves it out, as the engine does
+    when not asked."""
+    choices = _list(chunk.get("choices"))
+    if not choices or chunk.get("usage") is not None:
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") is not None:
+            return False
+        if chat:
+            delta = choice.get("delta")
+            if not isinstance(delta, dict) or delta.get("content") not in (None, ""):
+                return False
+            if any(v is not None for k, v in delta.items() if k != "content"):
+                return False
+        elif choice.get("text") not in (None, ""):
+            return False
+    return True
+
+
 def prompt_text(body: dict[str, Any], *, chat: bool) -> str:
     """The prompt as logged: a completion's `prompt` (a string as is, else JSON) or a chat's
     `messages` as JSON."""
