@@ -275,9 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "feedback",
-        help="export the router's feedback as a versioned data set snapshot (SFT, DPO, KTO)",
+        help="the router's feedback as data: snapshots (SFT, DPO, KTO), prompts to label, labels",
         description="`kubetrain feedback export --store DSN --out DEST` writes the feedback "
-        "since the last snapshot; `kubetrain feedback export --help` lists the options.",
+        "since the last snapshot; `--select uncertain --budget N` picks prompts to label; "
+        "`kubetrain feedback import FILE` brings the labels back. "
+        "`kubetrain feedback --help` lists the commands.",
         add_help=False,
     )
     # Listed here for `kubetrain --help`; main() hands `serve ...`, `route ...` and

@@ -207,7 +207,7 @@ def test_a_stream_passes_through_and_is_logged_as_streamed(
         assert logged["completion_tokens"] == whole.usage.completion_tokens
         assert logged["prompt_tokens"] == whole.usage.prompt_tokens
         assert '"Say something about foxes."' in logged["prompt"]
-        assert logged["mean_logprob"] is None  # the stream asked for no logprobs
+        assert logged["mean_logprob"] is not None  # asked for the log, not shown the client
         scored = log.get_response(whole.id)
         assert scored is not None
         tokens = whole.choices[0].logprobs.content

@@ -62,7 +62,7 @@ from kubetrain_api.v1alpha1 import ServeSpec
 from ..serve.errors import RETRY_AFTER_S, ApiError, install_handlers, unavailable
 from ..serve.schemas import ModelCard, ModelList
 from .assign import choose
-from .exchange import Exchange, prompt_text
+from .exchange import Exchange, ask_for_logprobs, hide_logprobs, prompt_text, says_nothing
 from .metrics import RATING_LABELS, RouteMetrics
 from .store import MAX_USER_KEY_CHARS, FeedbackRefused, Store, StoreError, UnknownResponse
 
@@ -309,6 +309,8 @@ class Router:
         upstream_body.pop("model", None)
         if variant.upstream_model is not None:
             upstream_body["model"] = variant.upstream_model
+        # The log's uncertainty needs token logprobs; the client gets only what it asked for.
+        call.hide_logprobs = ask_for_logprobs(upstream_body, chat=chat)
         hide_usage = False
         if stream:
             options = body.get("stream_options")
@@ -372,6 +374,7 @@ class _Call:
         self.prompt = prompt
         self.user_key = user_key
         self.exchange = exchange
+        self.hide_logprobs = False  # the engine was asked for logprobs the client was not
 
     def headers(self) -> dict[str, str]:
         return {
@@ -405,6 +408,8 @@ class _Call:
             return await self.fail(502, "upstream_5xx", "answered 200 with a body that is not JSON")
         body["id"], body["model"] = self.response_id, self.service_model
         self.exchange.add_completion(body)
+        if self.hide_logprobs:
+            hide_logprobs(body)
         await self.finish(200, self.exchange.text())
         return JSONResponse(body, headers=self.headers())
 
@@ -483,6 +488,10 @@ class _Call:
             return None, False
         if hide_usage:
             chunk.pop("usage", None)
+        if self.hide_logprobs:
+            hide_logprobs(chunk)
+            if says_nothing(chunk, chat=self.exchange.chat):
+                return None, False
         chunk["id"], chunk["model"] = self.response_id, self.service_model
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode(), False
 

@@ -92,6 +92,54 @@ class Exchange:
         )
 
 
+def ask_for_logprobs(body: dict[str, Any], *, chat: bool) -> bool:
+    """Ask the engine for the chosen tokens' log-probabilities when the client did not (the
+    log's uncertainty needs them): changes `body`, the request to the engine, and says
+    whether the client's answer must then be stripped of them (`hide_logprobs`). Requests
+    that asked for anything about logprobs, or that an engine refuses with logprobs (a
+    completion with `echo`), go as they are, so the client's answer or error is unchanged."""
+    if chat:
+        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+            return False
+        body["logprobs"] = True
+        body.pop("top_logprobs", None)
+        return True
+    if body.get("logprobs") is not None or body.get("echo") not in (None, False):
+        return False
+    body["logprobs"] = 0  # the chosen token's logprob, no alternatives
+    return True
+
+
+def hide_logprobs(body: dict[str, Any]) -> None:
+    """Take out of an answer (or a stream chunk) the logprobs the client did not ask for:
+    each choice says `"logprobs": null`, as an engine does when not asked."""
+    for choice in _list(body.get("choices")):
+        if isinstance(choice, dict) and "logprobs" in choice:
+            choice["logprobs"] = None
+
+
+def says_nothing(chunk: dict[str, Any], *, chat: bool) -> bool:
+    """A stream chunk with no text, no finish reason and nothing else for the client: an
+    engine asked for logprobs sends one per token even while a character's bytes are
+    incomplete; once its logprobs are hidden the router leaves it out, as the engine does
+    when not asked."""
+    choices = _list(chunk.get("choices"))
+    if not choices or chunk.get("usage") is not None:
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") is not None:
+            return False
+        if chat:
+            delta = choice.get("delta")
+            if not isinstance(delta, dict) or delta.get("content") not in (None, ""):
+                return False
+            if any(v is not None for k, v in delta.items() if k != "content"):
+                return False
+        elif choice.get("text") not in (None, ""):
+            return False
+    return True
+
+
 def prompt_text(body: dict[str, Any], *, chat: bool) -> str:
     """The prompt as logged: a completion's `prompt` (a string as is, else JSON) or a chat's
     `messages` as JSON."""

@@ -32,6 +32,10 @@ Decisions (each enforced and tested in tests/route/test_store.py):
 - Counts for the experiment (`variant_counts`) cover the responses created since a time;
   a response's feedback counts with the response whenever it arrives. Latency percentiles
   are over the non-5xx responses: a variant that fails fast must not look fast.
+- Each logged response with token log-probabilities gets an `uncertainty` in [0, 1]:
+  1 - exp(mean_logprob), one minus the geometric mean of the chosen tokens'
+  probabilities (1 - 1/perplexity). Derived here, in one place, for new rows and for the
+  rows of a version-1 database; the active-learning selection (feedback/select.py) reads it.
 - The schema carries its version (table `kubetrain_schema`); opening applies the missing
   steps under a lock (a PostgreSQL advisory lock, SQLite's write lock), so replicas that
   start together do not race, and a database from a newer router is refused.
@@ -43,7 +47,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +58,7 @@ from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Bounds. Ids are issued by the router; callers, labels and corrections come from clients.
 MAX_ID_CHARS = 128
@@ -76,6 +80,8 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 _READ_ONLY = "kubetrain_read_only"
 # Any constant: the key of the advisory lock that serialises schema upgrades on PostgreSQL.
 _MIGRATION_LOCK_KEY = 0x6B75_6265_7472_6E31  # "kubetrn1"
+# Rows updated per statement when a migration fills in a new column.
+_BACKFILL_BATCH = 1_000
 
 # ------------------------------------------------------------------------------- errors
 
@@ -128,6 +134,7 @@ responses = sa.Table(
     sa.Column("prompt_tokens", sa.Integer, nullable=False),
     sa.Column("completion_tokens", sa.Integer, nullable=False),
     sa.Column("mean_logprob", sa.Double, nullable=True),
+    sa.Column("uncertainty", sa.Double, nullable=True),  # schema version 2
     sa.Column("user_key", sa.String(MAX_USER_KEY_CHARS), nullable=True),
     sa.Column("prompt", sa.Text, nullable=False),
     sa.Column("response", sa.Text, nullable=False),
@@ -135,6 +142,8 @@ responses = sa.Table(
     # The experiment's windows: per variant (percentiles) and across variants (totals).
     sa.Index("kubetrain_responses_variant_time", "variant", "created_at"),
     sa.Index("kubetrain_responses_time", "created_at"),
+    # Version 2: the selection for labelling reads the most uncertain responses first.
+    sa.Index("kubetrain_responses_uncertainty", "uncertainty"),
 )
 
 feedback = sa.Table(
@@ -167,13 +176,91 @@ feedback = sa.Table(
 
 
 def _create_v1(conn: Connection) -> None:
-    # When a version 2 changes these tables, this step must keep creating the version-1
-    # shape (spell it out here) and the version-2 step alters it.
-    metadata.create_all(conn, tables=[responses, feedback])
+    # The version-1 shape, spelled out (later versions alter it in their own steps).
+    v1 = sa.MetaData()
+    v1_responses = sa.Table(
+        "kubetrain_responses",
+        v1,
+        sa.Column("id", sa.String(MAX_ID_CHARS), primary_key=True),
+        sa.Column("variant", sa.String(MAX_VARIANT_CHARS), nullable=False),
+        sa.Column("model_version", sa.String(MAX_MODEL_VERSION_CHARS), nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("status", sa.Integer, nullable=False),
+        sa.Column("latency_s", sa.Double, nullable=False),
+        sa.Column("prompt_tokens", sa.Integer, nullable=False),
+        sa.Column("completion_tokens", sa.Integer, nullable=False),
+        sa.Column("mean_logprob", sa.Double, nullable=True),
+        sa.Column("user_key", sa.String(MAX_USER_KEY_CHARS), nullable=True),
+        sa.Column("prompt", sa.Text, nullable=False),
+        sa.Column("response", sa.Text, nullable=False),
+        sa.Column("truncated", sa.Boolean, nullable=False),
+        sa.Index("kubetrain_responses_variant_time", "variant", "created_at"),
+        sa.Index("kubetrain_responses_time", "created_at"),
+    )
+    sa.Table(
+        "kubetrain_feedback",
+        v1,
+        sa.Column(
+            "seq",
+            sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
+        sa.Column("id", sa.String(MAX_ID_CHARS), nullable=False, unique=True),
+        sa.Column(
+            "response_id",
+            sa.String(MAX_ID_CHARS),
+            sa.ForeignKey(v1_responses.c.id),
+            nullable=False,
+        ),
+        sa.Column("caller", sa.String(MAX_CALLER_CHARS), nullable=False),
+        sa.Column("rating", sa.SmallInteger, nullable=False),
+        sa.Column("label", sa.String(MAX_LABEL_CHARS), nullable=True),
+        sa.Column("correction", sa.Text, nullable=True),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("updated_at", sa.Double, nullable=False),
+        sa.Column("revision", sa.Integer, nullable=False),
+        sa.UniqueConstraint("response_id", "caller", name="kubetrain_feedback_one_per_caller"),
+        sa.CheckConstraint("rating IN (-1, 0, 1)", name="kubetrain_feedback_rating"),
+    )
+    v1.create_all(conn)
+
+
+def _add_uncertainty_v2(conn: Connection) -> None:
+    """Version 2: the `uncertainty` column and its index, filled in for the logged rows
+    that have a mean log-probability (in Python, so both backends compute it alike)."""
+    column = responses.c.uncertainty
+    kind = column.type.compile(dialect=conn.dialect)
+    conn.exec_driver_sql(f"ALTER TABLE {responses.name} ADD COLUMN {column.name} {kind}")
+    for index in responses.indexes:
+        if index.name == "kubetrain_responses_uncertainty":
+            index.create(conn)
+    scored = sa.select(responses.c.id, responses.c.mean_logprob).where(
+        responses.c.mean_logprob.is_not(None)
+    )
+    update = (
+        responses.update()
+        .where(responses.c.id == sa.bindparam("row_id"))
+        .values(uncertainty=sa.bindparam("value"))
+    )
+    rows = conn.execute(scored).all()
+    for start in range(0, len(rows), _BACKFILL_BATCH):
+        batch = rows[start : start + _BACKFILL_BATCH]
+        values = [{"row_id": r.id, "value": uncertainty_of(r.mean_logprob)} for r in batch]
+        conn.execute(update, values)
+
+
+def uncertainty_of(mean_logprob: float | None) -> float | None:
+    """A response's uncertainty in [0, 1] from its mean token log-probability (None
+    without one): 1 - exp(mean_logprob) = 1 - the geometric mean of the chosen tokens'
+    probabilities. 0 for a model sure of every token; near 1 when it guessed."""
+    if mean_logprob is None:
+        return None
+    return -math.expm1(min(0.0, mean_logprob))
 
 
 # version -> the step that brings the schema from version - 1 to it
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _create_v1}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _create_v1, 2: _add_uncertainty_v2}
 
 
 def _migrate(engine: Engine) -> None:
@@ -367,6 +454,11 @@ class Store:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def snapshot(self) -> AbstractContextManager[Connection]:
+        """A read-only transaction for readers of the tables outside this module (the
+        feedback tools): on SQLite it takes no write lock, so the router never waits."""
+        return self._snapshot()
+
     @contextmanager
     def _snapshot(self) -> Iterator[Connection]:
         """A read transaction that sees one state of the database for all its queries."""
@@ -399,7 +491,8 @@ class Store:
         """Log one request and what was answered. `prompt`: the completion prompt, or the
         chat messages as JSON text; `response`: the text served (the error body for a
         failure); `status`: the HTTP status the client got (5xx counts as an error);
-        `mean_logprob`: the engine's mean token log-probability, if it gave one;
+        `mean_logprob`: the engine's mean token log-probability, if it gave one (the
+        logged `uncertainty` is derived from it: `uncertainty_of`);
         `created_at`: when the request arrived (an aware datetime or Unix seconds; now by
         default). Raises ValueError for a malformed value (these come from the router, not
         the client) and DuplicateResponse for an id already logged."""
@@ -432,6 +525,7 @@ class Store:
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "mean_logprob": None if mean_logprob is None else float(mean_logprob),
+            "uncertainty": uncertainty_of(mean_logprob),
             "user_key": user_key,
             "prompt": prompt_text,
             "response": response_text,
@@ -458,24 +552,9 @@ class Store:
         caller, a second one replaces the first); `label`: a short category such as
         "wrong"; `correction`: what the answer should have been. Raises FeedbackRefused
         (naming the field) outside the bounds and UnknownResponse for an id never logged."""
-        if not isinstance(response_id, str) or not response_id:
-            raise FeedbackRefused("response_id", "must be a non-empty string")
-        if len(response_id) > MAX_ID_CHARS:
-            raise FeedbackRefused("response_id", f"longer than {MAX_ID_CHARS} characters")
-        _check_text("caller", caller, MAX_CALLER_CHARS, error=FeedbackRefused)
-        value = _rating(rating)
-        if label is not None:
-            _check_text("label", label, MAX_LABEL_CHARS, error=FeedbackRefused)
-        if correction is not None:
-            if not isinstance(correction, str):
-                raise FeedbackRefused("correction", "must be a string")
-            if len(correction) > MAX_CORRECTION_CHARS:
-                raise FeedbackRefused(
-                    "correction",
-                    f"{len(correction)} characters, more than {MAX_CORRECTION_CHARS}",
-                )
-            if "\x00" in correction:
-                raise FeedbackRefused("correction", "contains a NUL character")
+        value = check_feedback(
+            response_id, caller=caller, rating=rating, label=label, correction=correction
+        )
         stamp = _seconds("now", now)
         insert = (
             postgresql_dialect.insert(feedback)
@@ -650,6 +729,38 @@ class Store:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def check_feedback(
+    response_id: object,
+    *,
+    caller: object,
+    rating: object,
+    label: object = None,
+    correction: object = None,
+) -> int:
+    """The bounds `Store.add_feedback` enforces, without a database: the rating's value
+    (-1/0/1), or FeedbackRefused naming the field. Lets a bulk import check every record
+    before it writes any."""
+    if not isinstance(response_id, str) or not response_id:
+        raise FeedbackRefused("response_id", "must be a non-empty string")
+    if len(response_id) > MAX_ID_CHARS:
+        raise FeedbackRefused("response_id", f"longer than {MAX_ID_CHARS} characters")
+    _check_text("caller", caller, MAX_CALLER_CHARS, error=FeedbackRefused)
+    value = _rating(rating)
+    if label is not None:
+        _check_text("label", label, MAX_LABEL_CHARS, error=FeedbackRefused)
+    if correction is not None:
+        if not isinstance(correction, str):
+            raise FeedbackRefused("correction", "must be a string")
+        if len(correction) > MAX_CORRECTION_CHARS:
+            raise FeedbackRefused(
+                "correction",
+                f"{len(correction)} characters, more than {MAX_CORRECTION_CHARS}",
+            )
+        if "\x00" in correction:
+            raise FeedbackRefused("correction", "contains a NUL character")
+    return value
 
 
 def _percentile(conn: Connection, where: list[Any], count: int, q: float) -> float | None:
