@@ -21,11 +21,14 @@ from pydantic import Field
 from kubetrain_api.routing import MAX_VARIANTS, TOTAL_WEIGHT, HeaderName
 from kubetrain_api.v1alpha1 import (
     API_VERSION,
+    GATE_METRIC,
     MAX_NAME,
     MAX_SHORT,
     MAX_URI,
     ApiModel,
     Condition,
+    EvalDataset,
+    EvalMetric,
     KeySelector,
     Message,
     Name,
@@ -35,6 +38,7 @@ from kubetrain_api.v1alpha1 import (
     Quantity,
     SecretRef,
     Secrets,
+    TrainingRunSpec,
     Uri,
 )
 
@@ -45,6 +49,13 @@ SHORT_NAMES = ["ms"]
 
 MAX_HISTORY = 20
 """Traffic changes kept in status.history (the newest; older ones are dropped)."""
+MAX_EVALUATIONS = 20
+"""Continuous-evaluation results kept in status.evaluation.results (the newest)."""
+MAX_RETRAINING_RUNS = 10
+"""Retraining runs remembered in status.retraining.runs (the newest)."""
+CRON = r"^(@(yearly|annually|monthly|weekly|daily|hourly)|(\S+\s+){4}\S+)$"
+"""Five cron fields (minute hour day-of-month month day-of-week) or a macro; croniter
+checks the fields themselves when the operator reads them."""
 MAX_SERVICE_NAME = 40
 """A ModelService's name names its router (`<name>-router`), the router's SQLite claim
 (`<name>-router-db`) and every variant's Deployment and Service (`<name>-<variant>`)."""
@@ -59,6 +70,21 @@ def router_name(service: str) -> str:
     return f"{service}-{ROUTER_SUFFIX}"
 
 
+def evaluation_job_prefix(service: str) -> str:
+    """Continuous-evaluation Jobs are named `<service>-eval-<variant>-<time>`."""
+    return f"{service}-eval"
+
+
+def feedback_job_prefix(service: str) -> str:
+    """Feedback-export Jobs are named `<service>-feedback-<time>`."""
+    return f"{service}-feedback"
+
+
+def retraining_run_name(service: str, number: int) -> str:
+    """The n-th TrainingRun a ModelService's retraining creates: `<service>-retrain-<n>`."""
+    return f"{service}-retrain-{number}"
+
+
 def router_database_claim_name(service: str) -> str:
     """Name of the PVC holding the router's SQLite database, when the operator creates it."""
     return f"{service}-{ROUTER_SUFFIX}-db"
@@ -70,6 +96,8 @@ def variant_name(service: str, variant: str) -> str:
 
 
 Weight = Annotated[int, Field(ge=0, le=TOTAL_WEIGHT)]
+CronSchedule = Annotated[str, Field(max_length=128, pattern=CRON)]
+MetricName = Annotated[str, Field(max_length=MAX_NAME + 12, pattern=GATE_METRIC)]
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 Count = Annotated[int, Field(ge=0)]
 
@@ -268,6 +296,159 @@ class ExperimentSpec(ApiModel):
 
 
 # --------------------------------------------------------------------------------------
+# spec.evaluation: continuous evaluation of the served models
+# --------------------------------------------------------------------------------------
+
+
+class RegressionSpec(ApiModel):
+    """When a variant's evaluation counts as a regression."""
+
+    metric: MetricName
+    """The metric watched, as in a TrainingRun's gate: `accuracy`, `perplexity` (the
+    held-out text's) or `DATASET/METRIC` (`intents/f1`)."""
+    max_drop: Annotated[float, Field(ge=0.0, le=1e9)] = 0.05
+    """How much worse than the variant's first result (its baseline, taken when the model
+    began serving) a result may be: lower for accuracy, precision, recall and F1, higher
+    for loss and perplexity (absolute units of the metric)."""
+    on_regression: Literal["none", "rollback"] = "none"
+    """`rollback`: a regressed experiment treatment (or retraining challenger) loses at once
+    and its traffic goes back to the control; `none`: report (condition, metric, alert)."""
+
+
+def _default_evaluation_metrics() -> list[EvalMetric]:
+    return ["accuracy"]
+
+
+class ServiceEvaluationSpec(ApiModel):
+    """Continuous evaluation: on a schedule, a Job per variant (the trainer image, the same
+    evaluation code as training) scores the variant's model on labelled data sets and
+    held-out text; results go to status.evaluation and Prometheus."""
+
+    schedule: CronSchedule
+    """When to evaluate, cron syntax in UTC (`0 * * * *`: hourly). A time missed while the
+    operator was away runs once."""
+    datasets: Annotated[list[EvalDataset], Field(max_length=16)] = Field(default_factory=list)
+    """Labelled evaluation sets (classification or exact-match), as in a TrainingRun."""
+    held_out: Uri | None = None
+    """Held-out text (JSONL with a `text` field, or plain text) for loss and perplexity."""
+    metrics: Annotated[list[EvalMetric], Field(min_length=1, max_length=6)] = Field(
+        default_factory=_default_evaluation_metrics
+    )
+    """Metrics to compute: loss and perplexity on held_out, the labelled ones per data
+    set."""
+    average: Literal["macro", "micro", "weighted", "binary"] = "macro"
+    """How precision, recall and F1 average over classes."""
+    max_batches: Annotated[int, Field(ge=1, le=1_000_000)] = 50
+    """Cap on held-out batches per evaluation."""
+    regression: RegressionSpec | None = None
+    """When a result counts as a regression; none: results are only recorded."""
+    resources: PodResources = Field(default_factory=lambda: PodResources(cpu="1", memory="2Gi"))
+    """CPU and memory of each evaluation Job. Default: 1 CPU, 2Gi."""
+    gpus: Annotated[int, Field(ge=0, le=16)] = 0
+    """`nvidia.com/gpu` per evaluation Job."""
+    active_deadline_seconds: Annotated[int, Field(ge=30, le=86_400)] = 1800
+    """An evaluation Job running longer than this is stopped and counted as failed."""
+
+
+# --------------------------------------------------------------------------------------
+# spec.retraining: new model versions from feedback
+# --------------------------------------------------------------------------------------
+
+
+class MetricThreshold(ApiModel):
+    """A continuous-evaluation metric of the champion and the value that triggers."""
+
+    metric: MetricName
+    """The metric (see spec.evaluation)."""
+    value: float
+    """Retrain when the champion's latest result is below this (above it for loss and
+    perplexity)."""
+
+
+class RetrainingTriggers(ApiModel):
+    """What starts a retraining run; any one suffices. The event triggers (feedback,
+    metric, drift) wait cooldownSeconds after the last run."""
+
+    schedule: CronSchedule | None = None
+    """Cron, in UTC: retrain at these times."""
+    starting_deadline_seconds: Annotated[int, Field(ge=1, le=31_536_000)] | None = None
+    """A schedule time missed by more than this is skipped, not run late."""
+    min_new_feedback: Annotated[int, Field(ge=1, le=100_000_000)] | None = None
+    """Retrain once this many feedback records arrived since the last run."""
+    metric_below: MetricThreshold | None = None
+    """Retrain when the champion's continuous evaluation falls past a threshold."""
+    drift_above: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    """Retrain when the champion's prompt drift (unigram Jensen-Shannon divergence of live
+    prompts against its training data) exceeds this."""
+    cooldown_seconds: Annotated[int, Field(ge=0, le=31_536_000)] = 3600
+    """Event triggers wait this long after the last retraining run started."""
+
+
+class FeedbackSnapshots(ApiModel):
+    """Where the operator writes the router's feedback as data set snapshots (`kubetrain
+    feedback export` in a Job) before each retraining run."""
+
+    destination: Uri
+    """Snapshots folder: `pvc://claim/path` (mounted read-write into the export Job, read
+    only into the run) or `s3://bucket/path` (credentials from spec.secrets)."""
+    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    """Sampling weight of the snapshot's SFT examples among the template's sources."""
+    resources: PodResources = Field(default_factory=lambda: PodResources(cpu="500m", memory="1Gi"))
+    """CPU and memory of the export Job."""
+
+
+class ChallengerSpec(ApiModel):
+    """How a retrained model joins the service."""
+
+    name: Name = "challenger"
+    """Variant name the retrained model is served under (not one of spec.variants)."""
+    traffic_percent: Annotated[int, Field(ge=1, le=99)] = 20
+    """Share of the traffic it gets while the experiment runs; the champion keeps the
+    rest."""
+    resources: PodResources | None = None
+    """Engine CPU and memory; default: the champion variant's."""
+
+
+class TrainingRunTemplate(ApiModel):
+    """The TrainingRun each retraining creates."""
+
+    labels: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=32)] = (
+        Field(default_factory=dict)
+    )
+    """Labels of the created runs (the operator adds its own)."""
+    spec: TrainingRunSpec
+    """The run's spec. The operator sets `model.source` to the champion's model (training
+    continues from it) and adds the feedback snapshot to `data.sources`; everything else is
+    used as written."""
+
+
+class RetrainingSpec(ApiModel):
+    """Retraining: when a trigger fires, export the feedback as a snapshot, train a new
+    version from the champion on the template's data plus the snapshot, and, once it
+    passes its gate, serve it as the challenger in an experiment against the champion."""
+
+    variant: Name | None = None
+    """The champion variant (a name in spec.variants); default: the only variant."""
+    template: TrainingRunTemplate
+    """The TrainingRun to create."""
+    triggers: RetrainingTriggers
+    """When to retrain."""
+    feedback: FeedbackSnapshots
+    """Where feedback snapshots go."""
+    challenger: ChallengerSpec = Field(default_factory=ChallengerSpec)
+    """How the retrained model is served while it is tested."""
+    concurrency_policy: Literal["Forbid", "Replace"] = "Forbid"
+    """A trigger while a retraining run is active (or its challenger is still being
+    tested): `Forbid` waits, `Replace` deletes that run (and challenger) and starts anew."""
+    successful_runs_history_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    """Succeeded retraining runs kept (besides the ones whose models serve)."""
+    failed_runs_history_limit: Annotated[int, Field(ge=0, le=100)] = 1
+    """Failed retraining runs kept."""
+    suspend: bool = False
+    """Start no new retraining runs (the one running goes on)."""
+
+
+# --------------------------------------------------------------------------------------
 # spec
 # --------------------------------------------------------------------------------------
 
@@ -280,7 +461,14 @@ class ModelServiceSpec(ApiModel):
     router: RouterSpec = Field(default_factory=RouterSpec)
     """The router in front of the variants."""
     experiment: ExperimentSpec | None = None
-    """Compare two variants and act on the result; none: a fixed split."""
+    """Compare two variants and act on the result; none: a fixed split. With retraining,
+    its control is the champion variant and its treatment the challenger's name; left
+    out, a challenger is tested with the defaults."""
+    evaluation: ServiceEvaluationSpec | None = None
+    """Evaluate the served models on a schedule; none: no continuous evaluation."""
+    retraining: RetrainingSpec | None = None
+    """Train new versions from feedback and test them against the champion; none: no
+    retraining."""
     image: Annotated[str, Field(max_length=512, pattern=r"^[^\s]+$")] | None = None
     """Image of the router and of the variants that set none; defaults to the operator's
     configured serving image."""
@@ -332,6 +520,10 @@ class VariantStatus(ApiModel):
     """5xx answers among them."""
     message: Annotated[str, Field(max_length=MAX_SHORT)] | None = None
     """Why it is not ready, e.g. `TrainingRun chat-b has not succeeded yet`."""
+    generation: Annotated[int, Field(ge=1)] | None = None
+    """Its model's generation, from the model's lineage."""
+    drift: DriftStatus | None = None
+    """Its live prompts against its training data."""
 
 
 class RouterStatus(ApiModel):
@@ -426,11 +618,139 @@ class TrafficChange(ApiModel):
     """When the router was given the new weights."""
     weights: Annotated[list[VariantWeight], Field(max_length=MAX_VARIANTS)]
     """The new split."""
-    cause: Literal["Spec", "Promote", "Rollback", "Guardrail"]
-    """`Spec` (created or edited), `Promote`/`Rollback` (an experiment's decision) or
-    `Guardrail` (a broken guardrail rolled back)."""
+    cause: Literal["Spec", "Promote", "Rollback", "Guardrail", "Regression", "Challenger"]
+    """`Spec` (created or edited), `Promote`/`Rollback` (an experiment's decision),
+    `Guardrail` (a broken guardrail rolled back), `Regression` (continuous evaluation
+    rolled back) or `Challenger` (a retrained model joined)."""
     reason: Annotated[str, Field(max_length=1024)] = ""
     """Detail, e.g. the decision's reason."""
+
+
+class DriftStatus(ApiModel):
+    """Live prompts against the model's training data (the router's recent log)."""
+
+    unigram_jsd: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Jensen-Shannon divergence (base 2) of the word distributions."""
+    length_psi: Annotated[float, Field(ge=0.0)] | None = None
+    """Population stability index of the prompt lengths."""
+    prompts: Count | None = None
+    """Live prompts compared."""
+    drifted: bool | None = None
+    """Either score above its alert threshold."""
+
+
+class EvaluationResult(ApiModel):
+    """One continuous evaluation of one variant's model."""
+
+    variant: Name
+    """Variant name."""
+    model_version: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    """The model version evaluated."""
+    time: datetime
+    """When the evaluation finished."""
+    metrics: Annotated[dict[str, float], Field(max_length=64)] = Field(default_factory=dict)
+    """Metric values (`perplexity`, `intents/accuracy`, ...)."""
+    job: Annotated[str, Field(max_length=MAX_SHORT)] | None = None
+    """The Job that computed them."""
+    error: Annotated[str, Field(max_length=1024)] | None = None
+    """Why the evaluation failed (then metrics is empty)."""
+
+
+class ServiceEvaluationStatus(ApiModel):
+    """Continuous evaluation."""
+
+    last_schedule_time: datetime | None = None
+    """The latest schedule time evaluations were started for."""
+    next_schedule_time: datetime | None = None
+    """The next one."""
+    active: Annotated[list[Annotated[str, Field(max_length=MAX_SHORT)]], Field(max_length=16)] = (
+        Field(default_factory=list)
+    )
+    """Evaluation Jobs running now."""
+    results: Annotated[list[EvaluationResult], Field(max_length=MAX_EVALUATIONS)] = Field(
+        default_factory=list
+    )
+    """Results, oldest first; the newest 20 are kept."""
+    regressed: Annotated[list[Name], Field(max_length=MAX_VARIANTS)] = Field(default_factory=list)
+    """Variants whose latest result is a regression."""
+
+
+class ServedModel(ApiModel):
+    """A model version the retraining loop knows."""
+
+    training_run: Name | None = None
+    """The TrainingRun that made it (none: the spec variant's own source)."""
+    model_uri: Annotated[str, Field(max_length=MAX_URI)] | None = None
+    """Its model folder."""
+    model_version: Annotated[str, Field(max_length=MAX_NAME)] | None = None
+    """Its version label."""
+    generation: Annotated[int, Field(ge=1)] | None = None
+    """Its generation (1: trained from a non-kubetrain model; parent's + 1)."""
+
+
+class FeedbackSnapshotStatus(ApiModel):
+    """A feedback snapshot a retraining run trained on."""
+
+    id: Annotated[str, Field(max_length=MAX_NAME)]
+    """Snapshot id (the folder under the destination)."""
+    uri: Annotated[str, Field(max_length=MAX_URI)]
+    """The snapshot folder."""
+    sha256: Annotated[str, Field(max_length=80)] | None = None
+    """Content hash of its files."""
+    sft: Count | None = None
+    """SFT examples (from corrections)."""
+    preferences: Count | None = None
+    """Preference pairs."""
+    binary: Count | None = None
+    """Binary-labelled examples."""
+
+
+class RetrainingRunStatus(ApiModel):
+    """One retraining run."""
+
+    name: Name
+    """The TrainingRun."""
+    start_time: datetime
+    """When the operator created it."""
+    reasons: Annotated[list[Annotated[str, Field(max_length=MAX_SHORT)]], Field(max_length=8)] = (
+        Field(default_factory=list)
+    )
+    """The triggers that fired."""
+    snapshot: FeedbackSnapshotStatus | None = None
+    """The feedback snapshot it trained on."""
+    outcome: (
+        Literal[
+            "Exporting", "Training", "Challenging", "Promoted", "RolledBack", "Failed", "Replaced"
+        ]
+        | None
+    ) = None
+    """Where it stands: exporting feedback, training, served as the challenger, then
+    promoted, rolled back, failed (training or its gate) or replaced by a newer run."""
+    message: Annotated[str, Field(max_length=1024)] | None = None
+    """Detail of the outcome."""
+
+
+class RetrainingStatus(ApiModel):
+    """The retraining loop."""
+
+    champion: ServedModel | None = None
+    """The model the champion variant serves now (after promotions, the latest winner)."""
+    challenger: ServedModel | None = None
+    """The retrained model under test, while there is one."""
+    runs: Annotated[list[RetrainingRunStatus], Field(max_length=MAX_RETRAINING_RUNS)] = Field(
+        default_factory=list
+    )
+    """Retraining runs, oldest first; the newest 10 are kept."""
+    feedback_total: Count | None = None
+    """Feedback records in the router's log at the latest look."""
+    feedback_at_last_run: Count | None = None
+    """Feedback records in the log when the latest run's snapshot was taken."""
+    last_run_time: datetime | None = None
+    """When the latest retraining run was started."""
+    next_schedule_time: datetime | None = None
+    """The schedule trigger's next time."""
+    export_job: Annotated[str, Field(max_length=MAX_SHORT)] | None = None
+    """The feedback-export Job running now."""
 
 
 class ModelServiceStatus(ApiModel):
@@ -440,7 +760,7 @@ class ModelServiceStatus(ApiModel):
     """The spec generation the status reflects."""
     conditions: Annotated[list[Condition], Field(max_length=16)] = Field(default_factory=list)
     """Standard conditions, one per type: Ready, RouterReady, VariantsReady, Promoted,
-    RolledBack."""
+    RolledBack, Regressed, Drifted, Retraining."""
     variants_ready: Annotated[str, Field(max_length=16)] | None = None
     """Ready variants over all, e.g. `2/2` (for `kubectl get`)."""
     traffic: Annotated[str, Field(max_length=MAX_SHORT)] | None = None
@@ -457,6 +777,12 @@ class ModelServiceStatus(ApiModel):
         default_factory=list
     )
     """Traffic changes, oldest first; the operator keeps the newest 20."""
+    evaluation: ServiceEvaluationStatus | None = None
+    """Continuous evaluation: results per model version, regressions."""
+    retraining: RetrainingStatus | None = None
+    """The retraining loop: champion, challenger, runs."""
+    generation: Annotated[int, Field(ge=1)] | None = None
+    """The champion model's generation (for `kubectl get`)."""
 
 
 class ModelService(ApiModel):

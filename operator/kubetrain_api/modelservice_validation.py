@@ -11,10 +11,12 @@ from typing import Any
 
 from kubetrain_api import k8s_rules, routing
 from kubetrain_api import modelservice as ms
+from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import (
     FieldError,
     InvalidSpec,
     Limits,
+    check_rules,
     parse_structure,
     secret_value_errors,
     uri_errors,
@@ -180,11 +182,35 @@ def _rule_router(service: ms.ModelService, limits: Limits) -> Iterator[FieldErro
             yield FieldError(f"spec.router.resources.{field}", message)
 
 
+def champion_variant(spec: ms.ModelServiceSpec) -> str | None:
+    """The variant retraining replaces (spec.retraining.variant, else the only one)."""
+    if spec.retraining is None:
+        return None
+    if spec.retraining.variant:
+        return spec.retraining.variant
+    return spec.variants[0].name if len(spec.variants) == 1 else None
+
+
 def _rule_experiment(service: ms.ModelService, limits: Limits) -> Iterator[FieldError]:
     experiment = service.spec.experiment
     if experiment is None:
         return
     split = ms.weights(service.spec)
+    retraining = service.spec.retraining
+    if retraining is not None:
+        # The experiment tests each retrained challenger against the champion.
+        expected = {
+            "control": champion_variant(service.spec),
+            "treatment": retraining.challenger.name,
+        }
+        for role, name in expected.items():
+            if name is not None and getattr(experiment, role) != name:
+                yield FieldError(
+                    f"spec.experiment.{role}",
+                    f"must be {name!r} with spec.retraining (the "
+                    f"{'champion variant' if role == 'control' else 'challenger'})",
+                )
+        return
     for role in ("control", "treatment"):
         name = getattr(experiment, role)
         if name not in split:
@@ -207,6 +233,96 @@ def _rule_experiment(service: ms.ModelService, limits: Limits) -> Iterator[Field
         yield FieldError(
             "spec.experiment.latencyThresholdSeconds", "only with primaryMetric latency"
         )
+
+
+def _rule_evaluation(service: ms.ModelService, limits: Limits) -> Iterator[FieldError]:
+    evaluation = service.spec.evaluation
+    if evaluation is None:
+        return
+    base = "spec.evaluation"
+    if not evaluation.datasets and evaluation.held_out is None:
+        yield FieldError(base, "give datasets (labelled sets), heldOut (text), or both")
+    names = [d.name for d in evaluation.datasets]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        yield FieldError(f"{base}.datasets", f"duplicate name {name!r}")
+    for i, dataset in enumerate(evaluation.datasets):
+        yield from uri_errors(f"{base}.datasets[{i}].uri", dataset.uri, "evaluation data")
+    if evaluation.held_out is not None:
+        yield from uri_errors(f"{base}.heldOut", evaluation.held_out, "held-out text")
+    text_metrics = {"loss", "perplexity"} & set(evaluation.metrics)
+    if text_metrics and evaluation.held_out is None:
+        yield FieldError(f"{base}.metrics", f"{', '.join(sorted(text_metrics))} need heldOut")
+    labelled = set(evaluation.metrics) - {"loss", "perplexity"}
+    if labelled and not evaluation.datasets:
+        yield FieldError(f"{base}.metrics", f"{', '.join(sorted(labelled))} need datasets")
+    if evaluation.regression is not None:
+        yield from _metric_errors(
+            f"{base}.regression.metric", evaluation.regression.metric, service.spec
+        )
+
+
+def _metric_errors(path: str, metric: str, spec: ms.ModelServiceSpec) -> Iterator[FieldError]:
+    """A metric continuous evaluation computes: `METRIC` or `DATASET/METRIC`."""
+    evaluation = spec.evaluation
+    if evaluation is None:
+        yield FieldError(path, "needs spec.evaluation (the metric comes from it)")
+        return
+    dataset, _, name = metric.rpartition("/")
+    if name not in evaluation.metrics:
+        yield FieldError(path, f"{name!r} is not in spec.evaluation.metrics")
+    if dataset and dataset not in {d.name for d in evaluation.datasets}:
+        yield FieldError(path, f"no dataset named {dataset!r} in spec.evaluation.datasets")
+
+
+def _rule_retraining(service: ms.ModelService, limits: Limits) -> Iterator[FieldError]:
+    retraining = service.spec.retraining
+    if retraining is None:
+        return
+    base = "spec.retraining"
+    names = [v.name for v in service.spec.variants]
+    if retraining.variant is None and len(names) > 1:
+        yield FieldError(f"{base}.variant", "required with more than one variant")
+    elif retraining.variant is not None and retraining.variant not in names:
+        yield FieldError(
+            f"{base}.variant", f"no variant named {retraining.variant!r} ({', '.join(names)})"
+        )
+    challenger = retraining.challenger.name
+    if challenger in names:
+        yield FieldError(f"{base}.challenger.name", f"{challenger!r} is already a variant")
+    if challenger == ms.ROUTER_SUFFIX or challenger.startswith(f"{ms.ROUTER_SUFFIX}-"):
+        yield FieldError(f"{base}.challenger.name", "must not be `router` or start `router-`")
+    triggers = retraining.triggers
+    if not any(
+        (triggers.schedule, triggers.min_new_feedback, triggers.metric_below, triggers.drift_above)
+    ):
+        yield FieldError(
+            f"{base}.triggers",
+            "set at least one of schedule, minNewFeedback, metricBelow, driftAbove",
+        )
+    if triggers.metric_below is not None:
+        yield from _metric_errors(
+            f"{base}.triggers.metricBelow.metric", triggers.metric_below.metric, service.spec
+        )
+    if not retraining.feedback.destination.startswith(("pvc://", "s3://")):
+        yield FieldError(
+            f"{base}.feedback.destination",
+            "must be pvc://claim/path or s3://bucket/path (the export Job writes there and "
+            "the run reads it)",
+        )
+    else:
+        yield from uri_errors(
+            f"{base}.feedback.destination", retraining.feedback.destination, "snapshots folder"
+        )
+    # The template must make a valid TrainingRun under the longest name retraining gives.
+    probe = api.TrainingRun(
+        metadata=api.ObjectMeta(name=ms.retraining_run_name(service.metadata.name or "x", 999)),
+        spec=retraining.template.spec,
+    )
+    for error in check_rules(probe, limits):
+        path = error.path.replace("spec.", f"{base}.template.spec.", 1)
+        if error.path.startswith("metadata.name"):
+            path = "metadata.name"
+        yield FieldError(path, error.message)
 
 
 def _rule_secrets(service: ms.ModelService, limits: Limits) -> Iterator[FieldError]:
@@ -245,6 +361,8 @@ MODELSERVICE_RULES: tuple[MsRule, ...] = (
     _rule_variants,
     _rule_router,
     _rule_experiment,
+    _rule_evaluation,
+    _rule_retraining,
     _rule_secrets,
 )
 

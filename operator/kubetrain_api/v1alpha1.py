@@ -935,6 +935,11 @@ class ModelStatus(ApiModel):
     """Hugging Face-format folder of the final model."""
     version: Annotated[str, Field(max_length=MAX_NAME)] | None = None
     """Version label served with every response."""
+    generation: Annotated[int, Field(ge=1)] | None = None
+    """1 for a model trained from a non-kubetrain source, its parent's + 1 else (the
+    model's lineage.json; `kubetrain lineage` prints the chain)."""
+    lineage_id: Annotated[str, Field(max_length=80)] | None = None
+    """The lineage record's id (a content hash)."""
 
 
 class ServingStatus(ApiModel):

@@ -191,4 +191,5 @@ def test_the_command_writes_jsonl(store: Store, tmp_path: Path) -> None:
             timeout=120,
             check=False,
         )
-        assert bad.returncode == 2 and named in bad.stderr, bad.stderr
+        assert bad.returncode == 2
+        assert named in bad.stderr

@@ -220,12 +220,12 @@ def test_modelservice_names_and_columns() -> None:
     )
     assert crd.modelservice_crd()["metadata"]["name"] == "modelservices.kubetrain.dev"
     default = [c["name"] for c in crd.MODELSERVICE_PRINTER_COLUMNS if not c.get("priority")]
-    assert default == ["Variants", "Traffic", "Decision", "Age"]
+    assert default == ["Variants", "Traffic", "Decision", "Gen", "Age"]
 
 
-def test_default_columns_are_phase_progress_loss_age() -> None:
+def test_default_columns_are_phase_progress_loss_generation_age() -> None:
     default = [c["name"] for c in crd.PRINTER_COLUMNS if not c.get("priority")]
-    assert default == ["Phase", "Progress", "Loss", "Age"]
+    assert default == ["Phase", "Progress", "Loss", "Gen", "Age"]
 
 
 def test_defaults_are_documented_not_applied_by_the_server() -> None:
