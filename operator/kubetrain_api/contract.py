@@ -154,6 +154,9 @@ LINEAGE_FILE: Final = "lineage.json"
 SNAPSHOT_MANIFEST_FILE: Final = "manifest.json"
 """In a dataset snapshot's folder (`kubetrain feedback export`): its `id` (content hash),
 counts and file hashes; a model trained on the snapshot records the id in its lineage."""
+SNAPSHOT_SFT_FILE: Final = "sft.jsonl"
+"""In a dataset snapshot's folder: the SFT examples (chat conversations ending in a
+correction), which a retraining run adds to its data sources."""
 IMAGE_ENV: Final = "KUBETRAIN_IMAGE"
 """The container image the trainer runs in, as the operator names it in the pod (recorded
 in the lineage of the models it exports); unset on a laptop."""

@@ -741,10 +741,9 @@ class RetrainingStatus(ApiModel):
         default_factory=list
     )
     """Retraining runs, oldest first; the newest 10 are kept."""
-    feedback_total: Count | None = None
-    """Feedback records in the router's log at the latest look."""
-    feedback_at_last_run: Count | None = None
-    """Feedback records in the log when the latest run's snapshot was taken."""
+    new_feedback: Count | None = None
+    """Rated responses in the router's log since the latest retraining run began (or
+    since the service was created), at the latest look."""
     last_run_time: datetime | None = None
     """When the latest retraining run was started."""
     next_schedule_time: datetime | None = None

@@ -19,7 +19,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from kubetrain_api import contract
 from kubetrain_api.routing import STORE_ENV
@@ -104,6 +104,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         dest="near_dedup",
         action="store_false",
         help="keep near-duplicate SFT examples (exact duplicates are always removed)",
+    )
+    export.add_argument(
+        "--result-file",
+        metavar="PATH",
+        help="also write a compact JSON summary (id, uri, counts, sft sha256) here: the "
+        "operator's export Job uses its termination message (/dev/termination-log)",
     )
     export.add_argument(
         "--page-size",
@@ -253,7 +259,28 @@ def _cmd_export(args: argparse.Namespace, prog: str) -> int:
         print(f"{prog} export: wrote {result.path}", file=sys.stderr)
     if result.manifest is not None:
         print(json.dumps(result.manifest, indent=2))
+    if args.result_file:
+        try:
+            Path(args.result_file).write_text(json.dumps(snapshot_summary(result)))
+        except OSError as exc:
+            return _fail(prog, "export", f"--result-file: cannot write: {exc.strerror}")
     return 0
+
+
+def snapshot_summary(result: Any) -> dict[str, Any]:
+    """The snapshot as status.retraining records it (kubetrain_api.modelservice's
+    FeedbackSnapshotStatus, camelCase), small enough for a termination message."""
+    manifest = result.manifest
+    if manifest is None:
+        return {}
+    counts = manifest.get("counts") or {}
+    sft = (manifest.get("files") or {}).get(contract.SNAPSHOT_SFT_FILE) or {}
+    return {
+        "id": result.snapshot_id,
+        "uri": result.path,
+        "sha256": sft.get("sha256"),
+        **{kind: int(counts.get(kind, 0)) for kind in ("sft", "preferences", "binary")},
+    }
 
 
 def _cmd_select(args: argparse.Namespace, prog: str) -> int:

@@ -43,6 +43,9 @@ GENERIC_KINDS: dict[str, tuple[str, str]] = {
     "Deployment": ("apps/v1", "deployments"),
     "HorizontalPodAutoscaler": ("autoscaling/v1", "horizontalpodautoscalers"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+    "Job": ("batch/v1", "jobs"),
+    # A ModelService's retraining runs, created like any other child.
+    api.KIND: (api.API_VERSION, api.PLURAL),
 }
 
 

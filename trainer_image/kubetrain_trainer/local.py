@@ -10,6 +10,7 @@ from typing import Any
 
 from kubetrain_api import contract, validation
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.lineage import LineageError, ModelLineage, read_lineage
 from kubetrain_api.reports import ReportedModel, RunResult, lenient
 from kubetrain_api.v1alpha1 import EvaluationStatus
 from kubetrain_trainer.exits import SpecFailure, report
@@ -220,6 +221,11 @@ def termination_summary(run_name: str, result: dict[str, Any]) -> RunResult:
         version=f"{run_name}-step{result['step']}",
         uri=str(result["model"]) if result.get("model") else None,
     )
+    if model.uri is not None:
+        # The generation shows in `kubectl get tr`; the id ties status to lineage.json.
+        record = _exported_lineage(model.uri)
+        if record is not None:
+            model.generation, model.lineage_id = record.generation, record.id
     # lenient: JSON has no NaN, and the status caps metric names and failure texts.
     evaluation = lenient(
         EvaluationStatus,
@@ -230,6 +236,16 @@ def termination_summary(run_name: str, result: dict[str, Any]) -> RunResult:
         },
     )
     return RunResult(model=model, evaluation=evaluation)
+
+
+def _exported_lineage(location: str) -> ModelLineage | None:
+    from kubetrain_trainer.lineage import read_url
+
+    try:
+        return read_lineage(location, read_url)
+    except LineageError as exc:
+        print(f"[kubetrain] no lineage in the run's result: {exc}", flush=True)
+        return None
 
 
 def write_termination_log(path: Path, summary: RunResult) -> None:

@@ -140,6 +140,11 @@ def _metadata(
     }
 
 
+def service_image(ms: ModelService, settings: OperatorSettings) -> str:
+    """The router's image (it has every `kubetrain` command)."""
+    return _image(ms, settings)
+
+
 def _image(ms: ModelService, settings: OperatorSettings, variant: Variant | None = None) -> str:
     """The variant's image, else the service's, else the installation's (the trainer image,
     which has `kubetrain serve` and `kubetrain route`)."""
@@ -273,7 +278,8 @@ def build_router_pvc(ms: ModelService, uid: str, ns: str) -> Obj | None:
     )
 
 
-def _store_env(ms: ModelService) -> Obj:
+def store_env(ms: ModelService) -> Obj:
+    """The router store's environment variable (the router and the feedback export)."""
     postgres = ms.spec.router.database.postgres
     if postgres is not None:
         # By reference only: the DSN carries a password.
@@ -311,7 +317,7 @@ def build_router_deployment(ms: ModelService, uid: str, ns: str, settings: Opera
             "--port",
             str(ROUTER_PORT),
         ],
-        env=[{"name": "HOME", "value": "/tmp"}, _store_env(ms)],
+        env=[{"name": "HOME", "value": "/tmp"}, store_env(ms)],
         ports=[{"name": PORT_NAME, "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         resources=pods.resources(router.resources.cpu, router.resources.memory),
         readinessProbe=serving.probe(routing.READY_PATH, 5, 3, timeout=3),

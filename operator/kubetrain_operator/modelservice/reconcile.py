@@ -27,12 +27,15 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import ValidationError
+
 from kubetrain_api import modelservice as ms
 from kubetrain_api.modelservice_validation import parse_modelservice
+from kubetrain_api.reports import wire
 from kubetrain_api.validation import FieldError, InvalidSpec
 from kubetrain_operator import metrics, ownership
 from kubetrain_operator.k8s import Kube
-from kubetrain_operator.modelservice import build, sources, stats_client
+from kubetrain_operator.modelservice import build, retraining, sources, stats_client
 from kubetrain_operator.modelservice.status import (
     DECIDED,
     ObservedService,
@@ -97,6 +100,15 @@ def reconcile_service(
     previous = dict(body.get("status") or {})
     service, invalid = _parse(body, settings)
 
+    # The retraining loop first: it decides which models the service serves.
+    plan = None
+    prior = previous
+    if service is not None and service.spec.retraining is not None:
+        plan = _retrain(kube, service, body, settings, previous, now)
+        service = retraining.effective_spec(service, plan.status)
+        if plan.new_experiment:  # the old numbers compared other models
+            prior = {k: v for k, v in previous.items() if k != "experiment"}
+
     resolutions: dict[str, sources.Resolution] = {}
     deployments: dict[str, Any] = {}
     router = None
@@ -122,7 +134,7 @@ def reconcile_service(
             service=service,
             generation=int(meta.get("generation") or 0),
             now=now,
-            previous=previous,
+            previous=prior,
             invalid=invalid,
             resolutions=resolutions,
             deployments=deployments,
@@ -133,10 +145,17 @@ def reconcile_service(
         )
     )
     status = decision.status
+    if plan is not None:
+        status["retraining"] = wire(plan.status)
+        champion = plan.status.champion
+        if champion is not None and champion.generation is not None:
+            status["generation"] = champion.generation
     if status != previous:
         kube.patch_status(ns, name, status, previous, plural=ms.PLURAL)
-    for event in decision.events:
+    for event in decision.events + (plan.events if plan is not None else []):
         kube.event(body, event.type, event.reason, event.message)
+    if plan is not None and service is not None:
+        _act(kube, service, uid, ns, settings, plan)
 
     if service is not None and decision.weights is not None:
         models = {k: r.source for k, r in resolutions.items() if r.source is not None}
@@ -150,7 +169,107 @@ def reconcile_service(
     metrics.SERVICES.observe(ns, name, ms.ModelServiceStatus.model_validate(status))
     if decision.looking or decision.weights is None:
         return settings.resync_seconds
+    if plan is not None:
+        # The loop looks at the router's feedback and its runs as often as an experiment.
+        return settings.resync_seconds
     return None
+
+
+def _previous_retraining(previous: dict[str, Any]) -> ms.RetrainingStatus:
+    try:
+        return ms.RetrainingStatus.model_validate(previous.get("retraining") or {})
+    except ValidationError:
+        log.warning("status.retraining is unreadable; starting it afresh")
+        return ms.RetrainingStatus()
+
+
+def _retrain(
+    kube: Kube,
+    service: ms.ModelService,
+    body: dict[str, Any],
+    settings: OperatorSettings,
+    previous: dict[str, Any],
+    now: datetime,
+) -> retraining.RetrainingPlan:
+    """Observe what the retraining loop needs and take its step (pure)."""
+    meta = body["metadata"]
+    name, ns, uid = meta["name"], meta["namespace"], meta["uid"]
+    before = _previous_retraining(previous)
+    serving = retraining.effective_spec(service, before)
+    champion_name = next(v.name for v in serving.spec.variants if v.name == _champion(service))
+    champion = _resolve(kube, serving, ns, settings)[champion_name]
+    spec = service.spec.retraining
+    assert spec is not None
+    new_feedback = None
+    created = datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00"))
+    if _own(kube.read("Deployment", ns, ms.router_name(name)), uid) is not None:
+        stats, _ = stats_client.read_stats(name, ns, settings, before.last_run_time or created)
+        if stats is not None:
+            new_feedback = retraining.feedback_counted(stats)
+    export_jobs: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    for run in before.runs:
+        runs[run.name] = _own(kube.read_run(ns, run.name), uid)
+        if run.outcome == "Exporting":
+            job_name = retraining.export_job_name(name, run.name)
+            export_jobs[run.name] = _job_with_message(kube, uid, ns, job_name)
+    first = next(v for v in service.spec.variants if v.name == champion_name)
+    if first.source.training_run and first.source.training_run not in runs:
+        runs[first.source.training_run] = kube.read_run(ns, first.source.training_run)
+    source = champion.source
+    return retraining.step(
+        retraining.RetrainingView(
+            service=service,
+            uid=uid,
+            now=now,
+            created=created,
+            previous=before,
+            experiment=previous.get("experiment") or {},
+            champion_model=source,
+            champion_version=source.version if source is not None else None,
+            new_feedback=new_feedback,
+            export_jobs=export_jobs,
+            runs=runs,
+        )
+    )
+
+
+def _champion(service: ms.ModelService) -> str | None:
+    from kubetrain_api.modelservice_validation import champion_variant
+
+    return champion_variant(service.spec)
+
+
+def _job_with_message(kube: Kube, uid: str, ns: str, name: str) -> dict[str, Any] | None:
+    """The Job as stored, with its pod's termination message once it finished."""
+    job = _own(kube.read("Job", ns, name), uid)
+    if job is None:
+        return None
+    job = dict(job)
+    if (job.get("status") or {}).get("succeeded"):
+        for pod in kube.list_pods(ns, f"job-name={name}"):
+            for container in (pod.get("status") or {}).get("containerStatuses") or []:
+                terminated = (container.get("state") or {}).get("terminated") or {}
+                if terminated.get("exitCode") == 0 and terminated.get("message"):
+                    job["message"] = terminated["message"]
+    return job
+
+
+def _act(
+    kube: Kube,
+    service: ms.ModelService,
+    uid: str,
+    ns: str,
+    settings: OperatorSettings,
+    plan: retraining.RetrainingPlan,
+) -> None:
+    for action in plan.actions:
+        if isinstance(action, retraining.CreateExportJob):
+            kube.ensure(retraining.build_export_job(service, uid, ns, action.run, settings))
+        elif isinstance(action, retraining.CreateRun):
+            kube.ensure(action.body)
+        else:
+            delete_own(kube, uid, action.kind, ns, action.name)
 
 
 def _apply(

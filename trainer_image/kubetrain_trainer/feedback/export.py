@@ -38,17 +38,19 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from kubetrain_api import contract
+
 from ..data import dedup
 from ..data.clean import collapse_whitespace, normalize_unicode, remove_control_characters
 from ..route.store import Store
 from .pii import scrub
 
 FORMAT_VERSION = 1
-SFT_FILE = "sft.jsonl"
+SFT_FILE = contract.SNAPSHOT_SFT_FILE
 PREFERENCES_FILE = "preferences.jsonl"
 BINARY_FILE = "binary.jsonl"
 FILES = {"sft": SFT_FILE, "preferences": PREFERENCES_FILE, "binary": BINARY_FILE}
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = contract.SNAPSHOT_MANIFEST_FILE
 LATEST_FILE = "latest"
 DEFAULT_PAGE_SIZE = 500
 NEAR_DUPLICATE_THRESHOLD = 0.9
