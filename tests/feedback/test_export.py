@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from kubetrain_api import contract
 from kubetrain_api import v1alpha1 as api
 from kubetrain_cli.main import main as kubetrain
 from kubetrain_trainer.data import read_source
@@ -390,6 +391,21 @@ def test_cli_exports_and_prints_the_manifest(
     assert f"wrote {dest}/{manifest['id']}" in err
     assert kubetrain(["feedback", "export", "--store", str(db), "--out", str(dest)]) == 0
     assert "no feedback since snapshot" in capsys.readouterr().err
+
+    # --result-file: the snapshot in a few fields, as a Job's termination message.
+    result = tmp_path / "termination-log"
+    argv = ["feedback", "export", "--store", str(db), "--out", str(dest)]
+    assert kubetrain([*argv, "--result-file", str(result)]) == 0
+    summary = json.loads(result.read_text())
+    sft = manifest["files"][contract.SNAPSHOT_SFT_FILE]
+    assert summary == {
+        "id": manifest["id"],
+        "uri": f"{dest}/{manifest['id']}",
+        "sha256": sft["sha256"],
+        **{kind: manifest["counts"][kind] for kind in ("sft", "preferences", "binary")},
+    }
+    assert summary["sft"] == sft["records"] > 0
+    assert len(result.read_bytes()) < contract.TERMINATION_MESSAGE_LIMIT
 
 
 @pytest.mark.parametrize(

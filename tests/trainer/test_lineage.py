@@ -14,7 +14,7 @@ from kubetrain_api import v1alpha1 as api
 from kubetrain_api.lineage import load_chain, parse_lineage
 from kubetrain_trainer.config import resolve
 from kubetrain_trainer.lineage import build_lineage
-from kubetrain_trainer.local import load_run
+from kubetrain_trainer.local import load_run, termination_summary
 from kubetrain_trainer.loop import Trainer, WorkerContext
 from kubetrain_trainer.prepare import prepare
 
@@ -107,6 +107,14 @@ def test_two_generations_record_and_chain_their_lineage(tmp_path: Path, monkeypa
     chain = load_chain(str(second))
     assert [link.lineage.id for link in chain if link.lineage] == [two.id, one.id]
     assert all(link.note is None for link in chain)
+
+    # What the operator puts in status.model (`kubectl get tr` shows the generation).
+    reported = termination_summary("gen2", {"step": 2, "model": str(second)}).model
+    assert reported is not None
+    assert (reported.generation, reported.lineage_id) == (2, two.id)
+    reported = termination_summary("gen1", {"step": 2, "model": str(first)}).model
+    assert reported is not None
+    assert reported.generation == 1
 
 
 def test_the_run_uid_travels_with_the_run_to_the_workers(tmp_path: Path) -> None:
