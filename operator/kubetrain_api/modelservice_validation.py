@@ -251,10 +251,10 @@ def _rule_evaluation(service: ms.ModelService, limits: Limits) -> Iterator[Field
         yield from uri_errors(f"{base}.heldOut", evaluation.held_out, "held-out text")
     text_metrics = {"loss", "perplexity"} & set(evaluation.metrics)
     if text_metrics and evaluation.held_out is None:
-        yield FieldError(f"{base}.metrics", f"{', '.join(sorted(text_metrics))} need heldOut")
+        yield FieldError(f"{base}.metrics", f"{', '.join(sorted(text_metrics))}: needs heldOut")
     labelled = set(evaluation.metrics) - {"loss", "perplexity"}
     if labelled and not evaluation.datasets:
-        yield FieldError(f"{base}.metrics", f"{', '.join(sorted(labelled))} need datasets")
+        yield FieldError(f"{base}.metrics", f"{', '.join(sorted(labelled))}: needs datasets")
     if evaluation.regression is not None:
         yield from _metric_errors(
             f"{base}.regression.metric", evaluation.regression.metric, service.spec
@@ -313,16 +313,22 @@ def _rule_retraining(service: ms.ModelService, limits: Limits) -> Iterator[Field
         yield from uri_errors(
             f"{base}.feedback.destination", retraining.feedback.destination, "snapshots folder"
         )
-    # The template must make a valid TrainingRun under the longest name retraining gives.
+    # Retraining runs are named `<service>-retrain-<n>`: the name must leave room for it.
+    longest = ms.retraining_run_name(service.metadata.name or "", 999)
+    if service.metadata.name and len(longest) > limits.max_name_length:
+        room = limits.max_name_length - len(longest) + len(service.metadata.name)
+        yield FieldError(
+            "metadata.name",
+            f"with spec.retraining, must be at most {room} characters (retraining runs are "
+            f"named <name>-retrain-<n>, at most {limits.max_name_length} characters)",
+        )
+    # The template must make a valid TrainingRun.
     probe = api.TrainingRun(
-        metadata=api.ObjectMeta(name=ms.retraining_run_name(service.metadata.name or "x", 999)),
+        metadata=api.ObjectMeta(name=ms.retraining_run_name("x", 1)),
         spec=retraining.template.spec,
     )
     for error in check_rules(probe, limits):
-        path = error.path.replace("spec.", f"{base}.template.spec.", 1)
-        if error.path.startswith("metadata.name"):
-            path = "metadata.name"
-        yield FieldError(path, error.message)
+        yield FieldError(error.path.replace("spec.", f"{base}.template.spec.", 1), error.message)
 
 
 def _rule_secrets(service: ms.ModelService, limits: Limits) -> Iterator[FieldError]:

@@ -54,6 +54,24 @@ CASES: dict[str, tuple[str, str]] = {
     "header-key-without-header": ("rules", "spec.router.stickyKey.header"),
     "negative-variant-cpu": ("rules", "spec.variants[0].resources.cpu"),
     "unknown-field-typo": ("rules", "spec.experiment.alpah"),
+    "retraining-bad-schedule": ("schema", "spec.retraining.triggers.schedule"),
+    "retraining-challenger-all-traffic": ("schema", "spec.retraining.challenger.trafficPercent"),
+    "retraining-without-triggers": ("rules", "spec.retraining.triggers"),
+    "retraining-challenger-is-a-variant": ("rules", "spec.retraining.challenger.name"),
+    "retraining-unknown-variant": ("rules", "spec.retraining.variant"),
+    "retraining-hub-destination": ("rules", "spec.retraining.feedback.destination"),
+    "retraining-metric-without-evaluation": (
+        "rules",
+        "spec.retraining.triggers.metricBelow.metric",
+    ),
+    "retraining-experiment-other-treatment": ("rules", "spec.experiment.treatment"),
+    "retraining-template-batch": (
+        "rules",
+        "spec.retraining.template.spec.hyperparameters.globalBatchSize",
+    ),
+    "retraining-name-too-long-xxxxxxxxxxxxxx": ("rules", "metadata.name"),
+    "evaluation-without-data": ("rules", "spec.evaluation"),
+    "evaluation-perplexity-without-held-out": ("rules", "spec.evaluation.metrics"),
 }
 SCHEMA_CASES = [name for name, (layer, _) in CASES.items() if layer == "schema"]
 RULE_CASES = [name for name, (layer, _) in CASES.items() if layer == "rules"]
