@@ -20,6 +20,7 @@ joined to the local control plane, with the images built from this repository:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from tests.helm.chart import NAMESPACE, install_release, operator_identity_from_
 from tests.support import example_inputs
 from tests.support.cluster import kubectl, wait_until
 from tests.support.images import built_images
-from tests.support.population import Population
+from tests.support.population import Population, TaskUsers
 from tests.support.postgres import start_postgres
 from tests.support.realnode import RealNode
 from tests.support.runs import (
@@ -563,6 +564,157 @@ def guardrail_on_postgres(real_node: RealNode, namespace: str, service: dict[str
     assert rolled["traffic"] == "a=100,b=0"
     assert condition(rolled, "RolledBack")["reason"] == "GuardrailBreached"
     assert rolled["history"][-1]["cause"] == "Guardrail"
+
+
+# --------------------------------------------------------------------------------------
+# The loop: feedback -> snapshot -> retraining -> challenger -> promotion -> lineage
+# --------------------------------------------------------------------------------------
+
+
+def retraining_documents() -> list[dict[str, Any]]:
+    """examples/modelservice-retraining.yaml, its pods resized for the node."""
+    path = ROOT / "examples" / "modelservice-retraining.yaml"
+    docs = validation.load_documents(path.read_text())
+    for doc in docs:
+        spec = doc["spec"]
+        if doc["kind"] == "TrainingRun":
+            spec["resources"] |= {"cpuPerWorker": TRAIN["cpu"], "head": TRAIN}
+        else:
+            for variant in spec["variants"]:
+                variant["resources"] = SERVE
+            spec["router"] = {"resources": ROUTER}
+            template = spec["retraining"]["template"]["spec"]
+            template["resources"] |= {"cpuPerWorker": TRAIN["cpu"], "head": TRAIN}
+    return docs
+
+
+def retraining_outcome(status_: dict[str, Any]) -> str | None:
+    runs = (status_.get("retraining") or {}).get("runs") or []
+    return runs[-1].get("outcome") if runs else None
+
+
+def claims_root(namespace: str, tmp: Path, claims: list[str]) -> Path:
+    """A folder with each claim's volume under the claim's name: what a debugging pod that
+    mounts the claims at /mnt/<claim> sees, for `kubetrain lineage` (KUBETRAIN_PVC_ROOT)."""
+    root = tmp / "claims"
+    root.mkdir()
+    for claim in claims:
+        (root / claim).symlink_to(claim_folder(namespace, claim))
+    return root
+
+
+def test_the_model_keeps_improving_from_its_users(
+    real_node: RealNode, chart_operator: str, namespace: str, tmp_path: Path
+) -> None:
+    """examples/modelservice-retraining.yaml on real pods: helper-v1 serves as the champion
+    of the ModelService `helper`; simulated users ask a small synthetic task (colours of
+    animals it never saw) and correct its wrong answers; after 40 rated answers the
+    operator exports the feedback (a Job running `kubetrain feedback export` on the
+    router's SQLite claim), trains helper-retrain-1 from the champion on the instructions
+    plus the snapshot's corrections, serves it as the challenger with 20% of the traffic;
+    the users' ratings promote it; `kubetrain lineage` shows champion -> challenger with
+    the snapshot in between."""
+    started = time.monotonic()
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        str(ROOT / "examples" / "claims" / "feedback-snapshots.yaml"),
+    )
+    for doc in retraining_documents():
+        apply(doc, namespace)
+    try:
+        wait_phase("helper-v1", namespace, "Succeeded", timeout=900)
+        wait_service(
+            "helper", namespace,
+            lambda s: s if is_ready(s) else None,
+            "Ready", timeout=300,
+        )  # fmt: skip
+        users = TaskUsers(router_url("helper", namespace), "helper")
+        users.round(range(48), prefix="first")
+        assert users.right["live"] <= 8, users.right  # the champion does not know the task
+        trained = wait_service(
+            "helper", namespace,
+            lambda s: s if retraining_outcome(s) in ("Challenging", "Failed") else None,
+            "the retrained challenger", timeout=900,
+        )  # fmt: skip
+        assert retraining_outcome(trained) == "Challenging", trained["retraining"]
+        wait_service(
+            "helper", namespace,
+            lambda s: s if is_ready(s) and s.get("variantsReady") == "2/2" else None,
+            "the challenger ready", timeout=300,
+        )  # fmt: skip
+        # The router applies the new split once the kubelet updates its ConfigMap's file.
+        wait_until(
+            lambda: users.ask_and_rate(f"probe-{time.monotonic_ns()}", "goat") == "challenger",
+            timeout=180,
+            message="a user routed to the challenger",
+        )
+        n = 0
+        while n < 800 and retraining_outcome(service_status("helper", namespace)) == "Challenging":
+            users.round(range(n, n + 40), prefix="second")
+            n += 40
+        promoted = wait_service(
+            "helper", namespace,
+            lambda s: s if retraining_outcome(s) in ("Promoted", "RolledBack") else None,
+            "the experiment's outcome", timeout=120,
+        )  # fmt: skip
+    except BaseException:
+        sys.stderr.write(real_node.diagnostics(namespace))
+        sys.stderr.write(_operator_log_tail())
+        raise
+    loop = promoted["retraining"]
+    (run,) = loop["runs"]
+    assert run["outcome"] == "Promoted", (loop, promoted.get("experiment"))
+    assert run["name"] == "helper-retrain-1"
+    assert "40 new feedback records" in run["reasons"][0] or "new feedback" in run["reasons"][0]
+    snapshot = run["snapshot"]
+    assert snapshot["sft"] >= 1  # the corrections
+    assert loop["champion"]["trainingRun"] == "helper-retrain-1"
+    assert loop["champion"]["generation"] == 2
+    assert promoted["generation"] == 2
+    assert promoted["experiment"]["winner"] == "challenger"
+    # The corrected answers won: users liked the challenger's far more often.
+    rate = {v: users.right[v] / max(1, users.asked[v]) for v in ("live", "challenger")}
+    assert rate["challenger"] > rate["live"] + 0.3, (rate, users.asked)
+    shown = kubectl("get", "ms", "helper", "-n", namespace).stdout
+    runs_shown = kubectl("get", "tr", "-n", namespace).stdout
+    sys.stderr.write(f"\n$ kubectl get ms helper\n{shown}\n$ kubectl get tr\n{runs_shown}")
+    generations = {line.split()[0]: line.split()[4] for line in runs_shown.splitlines()[1:]}
+    assert generations == {"helper-v1": "1", "helper-retrain-1": "2"}
+
+    # The champion now serves the retrained model (live at 100%, the challenger gone).
+    final = wait_service(
+        "helper", namespace,
+        lambda s: s if s.get("traffic") == "live=100" and is_ready(s) else None,
+        "live serving the new champion", timeout=300,
+    )  # fmt: skip
+    (live,) = final["variants"]
+    assert live["modelVersion"] == loop["champion"]["modelVersion"]
+
+    # Lineage: the champion's model back through helper-v1's to the base, with the snapshot.
+    model_uri = live["modelUri"]
+    claims = kubectl("get", "pvc", "-n", namespace, "-o", "name").stdout.split()
+    root = claims_root(
+        namespace, tmp_path, [c.removeprefix("persistentvolumeclaim/") for c in claims]
+    )
+    env = {**os.environ, contract.PVC_ROOT_ENV: str(root)}
+    lineage = subprocess.run(
+        [sys.executable, "-m", "kubetrain_cli.main", "lineage",
+         contract.pvc_path(model_uri, str(root))],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    sys.stderr.write(f"\n$ kubetrain lineage ...\n{lineage.stdout}{lineage.stderr}")
+    assert lineage.returncode == 0, lineage.stderr
+    assert "helper-retrain-1" in lineage.stdout
+    assert "helper-v1" in lineage.stdout
+    assert snapshot["id"] in lineage.stdout
+    assert lineage.stdout.index("helper-retrain-1") < lineage.stdout.index("helper-v1")
+    sys.stderr.write(
+        f"\nretraining loop: {time.monotonic() - started:.0f}s; answers right: "
+        f"{dict(users.right)} of {dict(users.asked)}\n"
+    )
 
 
 def test_workers_over_their_memory_limit_are_oomkilled_and_retried(

@@ -73,3 +73,76 @@ class Population:
             user = f"{prefix}-{i}"
             variant, response_id = self.ask(user)
             self.rate(user, variant, response_id)
+
+
+# A small synthetic task for the retraining loop: colours of animals the quickstart's
+# instructions never mention. A user asks one question, rates the answer up when it
+# names the right colour, and otherwise rates it down and sends the right answer.
+TASK_FACTS = {
+    "mouse": "grey",
+    "goat": "white",
+    "horse": "brown",
+    "pig": "orange",
+    "lion": "yellow",
+    "seal": "black",
+    "crow": "black",
+    "parrot": "green",
+}
+
+
+def task_question(animal: str) -> str:
+    return f"what color is the {animal}?"
+
+
+def task_answer(animal: str) -> str:
+    return f"the {animal} is {TASK_FACTS[animal]}."
+
+
+@dataclass
+class TaskUsers:
+    """Users of the synthetic task on the chat API: right answers rated up, wrong ones
+    rated down with a correction."""
+
+    base_url: str
+    model: str
+    right: Counter[str] = field(default_factory=Counter)
+    """variant -> answers rated up."""
+    asked: Counter[str] = field(default_factory=Counter)
+    """variant -> questions answered."""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.client = openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key="-", timeout=60, max_retries=0
+        )
+
+    def ask_and_rate(self, user: str, animal: str) -> str:
+        """One question and its rating; the variant that answered."""
+        raw = self.client.chat.completions.with_raw_response.create(
+            model=self.model,
+            messages=[{"role": "user", "content": task_question(animal)}],
+            max_tokens=12,
+            temperature=0,
+            user=user,
+        )
+        text = raw.parse().choices[0].message.content or ""
+        variant = raw.headers[HEADER_VARIANT]
+        self.versions[variant] = raw.headers[HEADER_MODEL_VERSION]
+        correct = TASK_FACTS[animal] in text.lower()
+        body: dict[str, object] = {
+            "response_id": raw.headers[HEADER_RESPONSE_ID],
+            "rating": 1 if correct else -1,
+            "caller": user,
+        }
+        if not correct:
+            body["correction"] = task_answer(animal)
+        answer = httpx.post(f"{self.base_url}/v1/feedback", json=body, timeout=30)
+        assert answer.status_code in (200, 201), answer.text
+        self.asked[variant] += 1
+        self.right[variant] += correct
+        return variant
+
+    def round(self, users: range, prefix: str = "user") -> None:
+        animals = list(TASK_FACTS)
+        for i in users:
+            self.ask_and_rate(f"{prefix}-{i}", animals[i % len(animals)])
