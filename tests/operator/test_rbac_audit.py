@@ -260,6 +260,26 @@ def every_path(namespace: str, progress: kubelet.FakeProgress, log: Path, since:
         timeout=30,
         message="the router's Deployment",
     )
+    # Its retraining loop: a scheduled trigger (the next minute) creates the feedback
+    # export Job; the Job's pod "finishes" with a snapshot; the operator reads the Job and
+    # its pod and creates the retraining TrainingRun.
+    apply(served_model_service("life", retraining=True), namespace)
+    job = "life-ms-feedback-1"
+    wait_until(lambda: get("job", job, namespace), timeout=90, message="the export Job")
+    (pod,) = wait_until(
+        lambda: json.loads(
+            kubectl("get", "pods", "-n", namespace, "-l", f"job-name={job}", "-o", "json").stdout
+        )["items"],
+        timeout=30,
+        message="the export Job's pod",
+    )
+    snapshot = {"id": "5f0c1d2e3a4b", "uri": "/snapshots/life/5f0c1d2e3a4b", "sft": 3}
+    kubelet.set_terminated(namespace, pod["metadata"]["name"], 0, message=json.dumps(snapshot))
+    wait_until(
+        lambda: get("tr", "life-ms-retrain-1", namespace),
+        timeout=60,
+        message="the retraining TrainingRun",
+    )
     # ttlSecondsAfterFinished: the operator deletes the run.
     ttl = {"ttlSecondsAfterFinished": 1}
     apply(quickstart("life", serve={"enabled": False}, runPolicy=ttl), namespace)
@@ -267,12 +287,19 @@ def every_path(namespace: str, progress: kubelet.FakeProgress, log: Path, since:
         wait_until(lambda r=run: gone("tr", r, namespace), timeout=90, message=f"{run} deleted")
 
 
-def served_model_service(run: str) -> dict[str, Any]:
+def served_model_service(run: str, retraining: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {"variants": [{"name": "a", "source": {"trainingRun": run}}]}
+    if retraining:
+        spec["retraining"] = {
+            "triggers": {"schedule": "* * * * *"},
+            "feedback": {"destination": "pvc://snapshots/life"},
+            "template": {"spec": quickstart("x")["spec"]},
+        }
     return {
         "apiVersion": "kubetrain.dev/v1alpha1",
         "kind": "ModelService",
         "metadata": {"name": f"{run}-ms"},
-        "spec": {"variants": [{"name": "a", "source": {"trainingRun": run}}]},
+        "spec": spec,
     }
 
 
