@@ -1,11 +1,15 @@
 """`kubetrain lineage MODEL`: the chain from an exported model back through its parents to
-their data, as an indented tree or (`--json`) one JSON object."""
+their data, as an indented tree or (`--json`) one JSON object. `kubetrain lineage
+modelservice/NAME` does it for every model a ModelService serves now (read from its status
+with the kubeconfig's credentials; `pvc://` models under $KUBETRAIN_PVC_ROOT, where a pod
+that mounts the claims at /mnt/<claim> finds them)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 from kubetrain_api import contract
 from kubetrain_api.lineage import NOT_FOLLOWED, ChainLink, LineageError, ModelLineage, load_chain
@@ -22,12 +26,23 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         f"s3://bucket/run/model) back through its parent models to their data, read from "
         f"each folder's {contract.LINEAGE_FILE}.",
     )
-    parser.add_argument("model", metavar="PATH_OR_URL", help="an exported model folder")
+    parser.add_argument(
+        "model",
+        metavar="PATH_OR_URL",
+        help="an exported model folder, or modelservice/NAME (ms/NAME) for the models a "
+        "ModelService serves",
+    )
+    parser.add_argument("-n", "--namespace", default="default", help="the ModelService's")
     parser.add_argument("--json", action="store_true", help="print the chain as JSON")
     parser.set_defaults(func=main)
 
 
+SERVICE_PREFIXES = ("modelservice/", "modelservices/", "ms/")
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.model.startswith(SERVICE_PREFIXES):
+        return _service(args.model.split("/", 1)[1], args.namespace, args.json)
     try:
         chain = load_chain(args.model, _read_url)
     except (LineageError, ValueError) as exc:
@@ -38,6 +53,61 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(render_tree(chain), end="")
     return 0
+
+
+def _service(name: str, namespace: str, as_json: bool) -> int:
+    """The chain of every variant's model, from the ModelService's status."""
+    try:
+        status = _service_status(name, namespace)
+    except Exception as exc:  # any client error: credentials, 404, network
+        print(f"kubetrain lineage: modelservice/{name}: {_short(exc)}", file=sys.stderr)
+        return 1
+    out: list[dict[str, object]] = []
+    failed = False
+    for variant in status.get("variants") or []:
+        uri = variant.get("modelUri")
+        head = f"variant {variant.get('name')} ({variant.get('weight')}% of the traffic)"
+        if not uri:
+            print(f"{head}: no model yet ({variant.get('message') or 'not resolved'})")
+            continue
+        try:
+            where = contract.pvc_path(uri) if uri.startswith("pvc://") else uri
+            chain = load_chain(where, _read_url)
+        except (LineageError, ValueError) as exc:
+            print(f"kubetrain lineage: {head}: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        if as_json:
+            out.append({"variant": variant.get("name"), **chain_json(chain)})
+        else:
+            print(f"{head}, {uri}:")
+            print("".join(f"  {line}\n" for line in render_tree(chain).splitlines()), end="")
+    if as_json:
+        print(json.dumps({"modelService": name, "variants": out}, indent=2))
+    return 1 if failed else 0
+
+
+def _service_status(name: str, namespace: str) -> dict[str, Any]:
+    from kubernetes import client
+
+    from kubetrain_api import modelservice as ms
+    from kubetrain_api import v1alpha1 as api_v1
+    from kubetrain_operator.k8s import load_configuration
+
+    api = client.CustomObjectsApi(client.ApiClient(load_configuration()))
+    body = api.get_namespaced_custom_object(
+        api_v1.GROUP, api_v1.VERSION, namespace, ms.PLURAL, name, _request_timeout=30
+    )
+    status = body.get("status") if isinstance(body, dict) else None
+    return dict(status or {})
+
+
+def _short(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None)
+    status = getattr(exc, "status", None)
+    if status is not None:
+        return f"HTTP {status} {reason or ''}".strip()
+    return " ".join(str(exc).split())[:300]
 
 
 def chain_json(chain: list[ChainLink]) -> dict[str, object]:

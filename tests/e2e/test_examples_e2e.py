@@ -604,7 +604,7 @@ def claims_root(namespace: str, tmp: Path, claims: list[str]) -> Path:
 
 
 def test_the_model_keeps_improving_from_its_users(
-    real_node: RealNode, chart_operator: str, namespace: str, tmp_path: Path
+    cluster: Any, real_node: RealNode, chart_operator: str, namespace: str, tmp_path: Path
 ) -> None:
     """examples/modelservice-retraining.yaml on real pods: helper-v1 serves as the champion
     of the ModelService `helper`; simulated users ask a small synthetic task (colours of
@@ -711,6 +711,16 @@ def test_the_model_keeps_improving_from_its_users(
     assert "helper-v1" in lineage.stdout
     assert snapshot["id"] in lineage.stdout
     assert lineage.stdout.index("helper-retrain-1") < lineage.stdout.index("helper-v1")
+    # The same from the ModelService: every model it serves, from its status.
+    served = subprocess.run(
+        [sys.executable, "-m", "kubetrain_cli.main", "lineage", "ms/helper", "-n", namespace],
+        cwd=ROOT, env={**env, "KUBECONFIG": str(cluster.kubeconfig)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    sys.stderr.write(f"\n$ kubetrain lineage ms/helper\n{served.stdout}{served.stderr}")
+    assert served.returncode == 0, served.stderr
+    assert served.stdout.startswith("variant live (100% of the traffic)")
+    assert lineage.stdout.strip().splitlines()[0] in served.stdout
     sys.stderr.write(
         f"\nretraining loop: {time.monotonic() - started:.0f}s; answers right: "
         f"{dict(users.right)} of {dict(users.asked)}\n"

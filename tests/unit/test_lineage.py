@@ -261,3 +261,17 @@ def test_cli_bad_model_is_one_clear_line(
     assert message in captured.err
     assert "Traceback" not in captured.err
     assert captured.err.count("\n") == 1
+
+
+def test_cli_modelservice_without_a_cluster_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kubetrain lineage ms/NAME` reads the service's status with the kubeconfig's
+    credentials (tests/e2e runs it against a real one); without a cluster it says so."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert main(["lineage", "ms/helper", "-n", "team-a"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("kubetrain lineage: modelservice/helper: ")
+    assert "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1
