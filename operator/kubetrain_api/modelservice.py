@@ -737,6 +737,9 @@ class RetrainingStatus(ApiModel):
     """The model the champion variant serves now (after promotions, the latest winner)."""
     challenger: ServedModel | None = None
     """The retrained model under test, while there is one."""
+    retiring: ServedModel | None = None
+    """The challenger after the decision, still served until the router has stopped
+    sending it traffic (after a promotion: until the champion variant serves its model)."""
     runs: Annotated[list[RetrainingRunStatus], Field(max_length=MAX_RETRAINING_RUNS)] = Field(
         default_factory=list
     )

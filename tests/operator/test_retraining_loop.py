@@ -185,8 +185,14 @@ def test_a_succeeded_run_joins_as_the_challenger() -> None:
     assert plan.new_experiment
     assert [e.reason for e in plan.events] == ["ChallengerJoined"]
 
-    # What the service serves now: the champion at 80%, the challenger at 20%, compared.
-    served = retraining.effective_spec(example(), plan.status)
+    # Its engines start with no traffic (the router would send users to no endpoints)...
+    starting = retraining.effective_spec(example(), plan.status, challenger_ready=False)
+    assert [(v.name, v.weight) for v in starting.spec.variants] == [
+        ("live", 100),
+        ("challenger", 0),
+    ]
+    # ...then the champion at 80%, the challenger at 20%, compared.
+    served = retraining.effective_spec(example(), plan.status, challenger_ready=True)
     assert [(v.name, v.weight) for v in served.spec.variants] == [("live", 80), ("challenger", 20)]
     assert served.spec.variants[1].source.training_run == "helper-retrain-1"
     assert served.spec.variants[1].resources == served.spec.variants[0].resources
@@ -235,10 +241,34 @@ def test_a_winning_challenger_becomes_the_champion() -> None:
     assert plan.status.runs[0].outcome == "Promoted"
     assert plan.new_experiment
     assert [e.reason for e in plan.events] == ["ChallengerPromoted"]
-    served = retraining.effective_spec(example(), plan.status)
-    (live,) = served.spec.variants
-    assert (live.name, live.source.training_run, live.weight) == ("live", "helper-retrain-1", None)
-    assert served.spec.experiment is None
+
+    # The swap without a dropped request: the challenger slot keeps all the traffic while
+    # the champion variant rolls to the new model...
+    def split(status: ms.RetrainingStatus, ready: bool) -> list[tuple[str, str | None, int | None]]:
+        served = retraining.effective_spec(example(), status, champion_ready=ready)
+        assert served.spec.experiment is None
+        return [(v.name, v.source.training_run, v.weight) for v in served.spec.variants]
+
+    retiring = plan.status
+    assert split(retiring, ready=False) == [
+        ("live", "helper-retrain-1", 0),
+        ("challenger", "helper-retrain-1", 100),
+    ]
+    # ...then the champion variant takes it all; the slot goes once the router applies that.
+    assert split(retiring, ready=True) == [
+        ("live", "helper-retrain-1", 100),
+        ("challenger", "helper-retrain-1", 0),
+    ]
+    for ready, weights in ((False, {"live": 0, "challenger": 100}),
+                           (True, {"live": 80, "challenger": 20}),
+                           (True, None)):  # fmt: skip
+        kept = retraining.step(view(status=retiring, champion_ready=ready, router_weights=weights))
+        assert kept.status.retiring is not None, (ready, weights)
+    done = retraining.step(
+        view(status=retiring, champion_ready=True, router_weights={"live": 100, "challenger": 0})
+    )
+    assert done.status.retiring is None
+    assert split(done.status, ready=True) == [("live", "helper-retrain-1", None)]
 
 
 def test_a_losing_challenger_goes_and_the_champion_stays() -> None:
@@ -248,6 +278,20 @@ def test_a_losing_challenger_goes_and_the_champion_stays() -> None:
     assert plan.status.challenger is None
     assert plan.status.runs[0].outcome == "RolledBack"
     assert plan.status.runs[0].message == "users preferred it"
+    # No traffic at once; its objects stay until the router lets go of it.
+    served = retraining.effective_spec(example(), plan.status, champion_ready=False)
+    assert [(v.name, v.weight) for v in served.spec.variants] == [("live", 100), ("challenger", 0)]
+    gone = retraining.step(view(status=plan.status, router_weights={"live": 100, "challenger": 0}))
+    assert gone.status.retiring is None
+
+
+def test_a_new_challenger_waits_for_the_slot() -> None:
+    status = training()
+    status.retiring = ms.ServedModel(training_run="helper-retrain-0")
+    done = run_body("Succeeded", gate=True, uri="pvc://c/m", version="c-step80", generation=2)
+    plan = retraining.step(view(status=status, runs={"helper-retrain-1": done}))
+    assert plan.status.challenger is None
+    assert plan.status.runs[0].outcome == "Training"
 
 
 def test_replace_deletes_the_active_run_and_starts_anew() -> None:

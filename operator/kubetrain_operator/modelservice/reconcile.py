@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetrain_api import modelservice as ms
+from kubetrain_api.contract import ANNOTATION_MODEL_VERSION
 from kubetrain_api.modelservice_validation import parse_modelservice
 from kubetrain_api.reports import wire
 from kubetrain_api.validation import FieldError, InvalidSpec
@@ -105,7 +106,9 @@ def reconcile_service(
     prior = previous
     if service is not None and service.spec.retraining is not None:
         plan = _retrain(kube, service, body, settings, previous, now)
-        service = retraining.effective_spec(service, plan.status)
+        service = retraining.effective_spec(
+            service, plan.status, plan.champion_ready, plan.challenger_ready
+        )
         if plan.new_experiment:  # the old numbers compared other models
             prior = {k: v for k, v in previous.items() if k != "experiment"}
 
@@ -200,12 +203,15 @@ def _retrain(
     champion = _resolve(kube, serving, ns, settings)[champion_name]
     spec = service.spec.retraining
     assert spec is not None
-    new_feedback = None
+    new_feedback, router_weights = None, None
     created = datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00"))
     if _own(kube.read("Deployment", ns, ms.router_name(name)), uid) is not None:
         stats, _ = stats_client.read_stats(name, ns, settings, before.last_run_time or created)
         if stats is not None:
             new_feedback = retraining.feedback_counted(stats)
+            router_weights = stats.weights
+    live = _own(kube.read("Deployment", ns, ms.variant_name(name, champion_name)), uid)
+    slot = _own(kube.read("Deployment", ns, ms.variant_name(name, spec.challenger.name)), uid)
     export_jobs: dict[str, Any] = {}
     runs: dict[str, Any] = {}
     for run in before.runs:
@@ -228,9 +234,33 @@ def _retrain(
             champion_model=source,
             champion_version=source.version if source is not None else None,
             new_feedback=new_feedback,
+            champion_ready=_serves(
+                live, before.champion.model_version if before.champion else None
+            ),
+            challenger_ready=_serves(
+                slot, before.challenger.model_version if before.challenger else None
+            ),
+            router_weights=router_weights,
             export_jobs=export_jobs,
             runs=runs,
         )
+    )
+
+
+def _serves(deployment: dict[str, Any] | None, version: str | None) -> bool:
+    """Every replica of the Deployment is updated, ready and on model `version`."""
+    if deployment is None or version is None:
+        return False
+    template = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    status = deployment.get("status") or {}
+    current = status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+    replicas = status.get("replicas", 0)
+    return (
+        template.get(ANNOTATION_MODEL_VERSION) == version
+        and current
+        and replicas >= 1
+        and status.get("updatedReplicas", 0) == replicas
+        and status.get("readyReplicas", 0) == replicas
     )
 
 

@@ -64,10 +64,20 @@ EXPORT_TTL_SECONDS = 3600
 # --------------------------------------------------------------------------------------
 
 
-def effective_spec(service: ms.ModelService, status: ms.RetrainingStatus | None) -> ms.ModelService:
+def effective_spec(
+    service: ms.ModelService,
+    status: ms.RetrainingStatus | None,
+    champion_ready: bool = True,
+    challenger_ready: bool = True,
+) -> ms.ModelService:
     """The service as served now: the champion variant serving the latest winner, and the
-    challenger (while there is one) beside it with its share of the traffic and an
-    experiment against the champion. Without spec.retraining: the service as written."""
+    challenger slot beside it: while a challenger is tested, with its share of the traffic
+    and an experiment against the champion; once decided, as `retiring` with no traffic
+    (after a promotion it keeps all of it until the champion variant serves the new model:
+    `champion_ready`), until the router has let go of it. A joining challenger gets its
+    share once its engines are ready (`challenger_ready`): the router would otherwise send
+    users to a Service with no endpoints. Without spec.retraining: the service as
+    written."""
     retraining = service.spec.retraining
     champion_name = champion_variant(service.spec)
     if retraining is None or champion_name is None or status is None:
@@ -77,28 +87,32 @@ def effective_spec(service: ms.ModelService, status: ms.RetrainingStatus | None)
     champion = variants[champion_name]
     if status.champion is not None and status.champion.training_run:
         champion.source = ms.VariantSource(training_run=status.champion.training_run)
-    experiment = spec.experiment
-    if status.challenger is not None and status.challenger.training_run:
-        share = retraining.challenger.traffic_percent
-        base = ms.weights(service.spec)[champion_name]
+    base = ms.weights(service.spec)[champion_name]
+    slot = status.challenger or status.retiring
+    experiment = None  # nothing to compare unless a challenger is under test
+    if slot is not None and slot.training_run:
+        if status.challenger is not None:
+            share = min(retraining.challenger.traffic_percent, base) if challenger_ready else 0
+            experiment = spec.experiment or ms.ExperimentSpec(
+                control=champion_name, treatment=retraining.challenger.name
+            )
+        else:
+            promoted = status.champion is not None and status.champion == status.retiring
+            share = base if promoted and not champion_ready else 0
         challenger = champion.model_copy(
             deep=True,
             update={
                 "name": retraining.challenger.name,
-                "source": ms.VariantSource(training_run=status.challenger.training_run),
-                "weight": min(share, base),
+                "source": ms.VariantSource(training_run=slot.training_run),
+                "weight": share,
                 "autoscaling": None,
                 "replicas": 1,
             },
         )
         if retraining.challenger.resources is not None:
             challenger.resources = retraining.challenger.resources
-        champion.weight = base - (challenger.weight or 0)
+        champion.weight = base - share
         spec.variants.append(challenger)
-        if experiment is None:
-            experiment = ms.ExperimentSpec(control=champion_name, treatment=challenger.name)
-    else:
-        experiment = None  # nothing to compare until a challenger joins
     spec.experiment = experiment
     return service.model_copy(update={"spec": spec})
 
@@ -147,6 +161,12 @@ class RetrainingView:
     """Rated responses since the latest run (None: the router could not be read)."""
     champion_metric: float | None = None
     champion_drift: float | None = None
+    champion_ready: bool = False
+    """The champion variant's engines all serve the champion's model version."""
+    challenger_ready: bool = False
+    """The same for the challenger slot and the challenger's model version."""
+    router_weights: Mapping[str, int] | None = None
+    """The split the router says it applies now (its /stats); None: not read."""
     export_jobs: Mapping[str, Mapping[str, Any] | None] = field(default_factory=dict)
     """Per active Exporting run: its export Job as stored, with `message` (the container's
     termination message) added when it finished."""
@@ -157,6 +177,9 @@ class RetrainingView:
 @dataclass
 class RetrainingPlan:
     status: ms.RetrainingStatus
+    champion_ready: bool = True
+    challenger_ready: bool = True
+    """As observed (effective_spec's arguments)."""
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     new_experiment: bool = False
@@ -215,7 +238,9 @@ def step(view: RetrainingView) -> RetrainingPlan:
     status = view.previous.model_copy(deep=True)
     if view.new_feedback is not None:
         status.new_feedback = view.new_feedback
-    plan = RetrainingPlan(status)
+    plan = RetrainingPlan(
+        status, champion_ready=view.champion_ready, challenger_ready=view.challenger_ready
+    )
     if status.champion is None and view.champion_model is not None:
         variant = champion_variant(view.service.spec)
         first = next(v for v in view.service.spec.variants if v.name == variant)
@@ -225,6 +250,7 @@ def step(view: RetrainingView) -> RetrainingPlan:
             model_version=view.champion_version,
             generation=_generation(view.runs.get(first.source.training_run or "")),
         )
+    _retire(view, plan)
     active = next((r for r in reversed(status.runs) if r.outcome in ACTIVE), None)
     if active is not None:
         _advance(view, plan, active)
@@ -232,6 +258,24 @@ def step(view: RetrainingView) -> RetrainingPlan:
     _maybe_start(view, plan, active)
     _history(view, plan)
     return plan
+
+
+def _retire(view: RetrainingView, plan: RetrainingPlan) -> None:
+    """Let the decided challenger go once nothing routes to it (its objects then go with
+    the variant): after a promotion, the champion variant must serve the new model first;
+    and the router must apply a split without it, or its users would get errors."""
+    spec = view.service.spec.retraining
+    assert spec is not None
+    status = plan.status
+    if status.retiring is None:
+        return
+    promoted = status.champion is not None and status.champion == status.retiring
+    if promoted and not view.champion_ready:
+        return
+    weights = view.router_weights
+    if weights is None or weights.get(spec.challenger.name, 0) != 0:
+        return
+    status.retiring = None
 
 
 def _generation(body: Mapping[str, Any] | None) -> int | None:
@@ -274,8 +318,8 @@ def _advance(view: RetrainingView, plan: RetrainingPlan, run: ms.RetrainingRunSt
         return
     if run.outcome == "Training":
         done, problem = _run_problem(view.runs.get(run.name))
-        if not done:
-            return
+        if not done or (problem is None and status.retiring is not None):
+            return  # training, or the slot is still held by the last challenger
         if problem is not None:
             _fail(plan, run, f"TrainingRun {run.name}: {problem}")
             return
@@ -319,7 +363,7 @@ def _advance(view: RetrainingView, plan: RetrainingPlan, run: ms.RetrainingRunSt
         plan.events.append(
             Event("Normal", "ChallengerRolledBack", f"TrainingRun {run.name} lost: {run.message}")
         )
-    status.challenger = None
+    status.retiring, status.challenger = challenger, None
     plan.new_experiment = True
 
 
@@ -375,11 +419,13 @@ def _maybe_start(
     for name in allowed.delete:
         old = next(r for r in status.runs if r.name == name)
         old.outcome, old.message = "Replaced", allowed.reason
-        # Its export Job, if still there, finishes unread and goes with its TTL.
-        plan.actions.append(Delete("TrainingRun", name))
         if status.challenger is not None and status.challenger.training_run == name:
-            status.challenger = None
+            # Still serving: it retires first (the history limit deletes it later).
+            status.retiring, status.challenger = status.challenger, None
             plan.new_experiment = True
+        else:
+            # Its export Job, if still there, finishes unread and goes with its TTL.
+            plan.actions.append(Delete("TrainingRun", name))
     number = 1 + max((_number(r.name) for r in status.runs), default=0)
     name = ms.retraining_run_name(_name(view), number)
     status.runs.append(
@@ -413,7 +459,7 @@ def _history(view: RetrainingView, plan: RetrainingPlan) -> None:
     spec = view.service.spec.retraining
     assert spec is not None
     status = plan.status
-    serving = {m.training_run for m in (status.champion, status.challenger) if m is not None}
+    serving = {m.training_run for m in (status.champion, status.challenger, status.retiring) if m}
     outcome: dict[str, triggers.Outcome] = {
         "Promoted": "Succeeded",
         "RolledBack": "Succeeded",
