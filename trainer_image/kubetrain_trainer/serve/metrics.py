@@ -11,6 +11,7 @@ ENDPOINTS = (
     "/v1/chat/completions",
     "/v1/models",
     "/v1/feedback",
+    "/v1/training-summary",
     "/healthz",
     "/readyz",
     "/metrics",
