@@ -39,6 +39,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubetrain_api import contract
+from kubetrain_api.routing import DRIFT_SUMMARY_PATH
 from kubetrain_api.v1alpha1 import ServeSpec
 
 from .engine import LoggedToken, ModelInfo, Sampling, Step, TransformersEngine
@@ -666,7 +667,7 @@ def create_app(
     get("/metrics", response_class=Response)(server.prometheus)
     get("/v1/models")(server.list_models)
     get("/v1/models/{model_id}", responses={404: {"model": ErrorResponse}})(server.get_model)
-    get("/v1/training-summary", responses={404: {"model": ErrorResponse}})(
+    get(DRIFT_SUMMARY_PATH, responses={404: {"model": ErrorResponse}})(
         server.get_training_summary
     )
     post("/v1/completions", response_model=Completion, responses=_ERRORS)(server.completions)
