@@ -3,7 +3,8 @@
 1. Observe: parse and validate the spec; resolve every variant's model (a TrainingRun's
    exported model once it has Succeeded, or the variant's uri: sources.py); read the
    variants' and the router's Deployments; while an experiment is undecided, read the
-   router's counts since it began (stats_client.py, bounded).
+   router's counts since it began (stats_client.py, bounded), else, when the service has
+   spec.retraining or spec.evaluation, over the drift window (drift.py).
 2. Decide: `status.compute_service_status` gives the new status, the traffic split and
    the events (an experiment's decision and what it moves).
 3. Record: patch the status only when it changed; post the events.
@@ -32,7 +33,7 @@ from kubetrain_api.modelservice_validation import parse_modelservice
 from kubetrain_api.validation import FieldError, InvalidSpec
 from kubetrain_operator import metrics, ownership
 from kubetrain_operator.k8s import Kube
-from kubetrain_operator.modelservice import build, sources, stats_client
+from kubetrain_operator.modelservice import build, drift, sources, stats_client
 from kubetrain_operator.modelservice.status import (
     DECIDED,
     ObservedService,
@@ -116,6 +117,9 @@ def reconcile_service(
                 else None
             )
             counts, problem = stats_client.read_stats(name, ns, settings, start, slower)
+        elif router is not None and drift.wants_stats(service.spec):  # for the drift alone
+            since = drift.window_start(now)
+            counts, problem = stats_client.read_stats(name, ns, settings, since)
 
     decision = compute_service_status(
         ObservedService(
@@ -150,6 +154,8 @@ def reconcile_service(
     metrics.SERVICES.observe(ns, name, ms.ModelServiceStatus.model_validate(status))
     if decision.looking or decision.weights is None:
         return settings.resync_seconds
+    if service is not None and drift.wants_stats(service.spec):
+        return max(settings.resync_seconds, drift.LOOK_SECONDS)  # drift is read again then
     return None
 
 
