@@ -285,6 +285,8 @@ def test_prompt_drift_reaches_the_variants_and_the_drifted_condition() -> None:
     assert "b: unigram JSD 0.410, length PSI 2.500 over 480 prompts" in drifted["message"]
     assert "a: unigram" not in drifted["message"]
 
+    assert service_drift.unigram_jsd_of(decision.status, "b") == 0.41  # for retraining
+    assert service_drift.unigram_jsd_of(decision.status, "c") is None
     calm = look(svc, decision.status, stats=drifting(CALM, CALM))
     assert conditions(calm)["Drifted"]["status"] == "False"
     assert conditions(calm)["Drifted"]["reason"] == "NoDrift"

@@ -11,8 +11,9 @@ every LOOK_SECONDS.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from kubetrain_api import modelservice as ms
 from kubetrain_api.routing import RouterStats
@@ -54,6 +55,16 @@ def variant_drift(
         prompts=max(0, report.prompts),
         drifted=report.drifted,
     )
+
+
+def unigram_jsd_of(status: Mapping[str, Any], variant: str | None) -> float | None:
+    """A variant's word drift in a stored status (the retraining trigger's `driftAbove`
+    compares the champion's); None when unknown or unreadable."""
+    for shown in status.get("variants") or []:
+        if isinstance(shown, Mapping) and shown.get("name") == variant:
+            value = (shown.get("drift") or {}).get("unigramJsd")
+            return float(value) if isinstance(value, (int, float)) else None
+    return None
 
 
 def drifted_condition(
