@@ -6,6 +6,7 @@ at greater length; `c` gets no drift, which is no error."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -25,8 +26,10 @@ from starlette.routing import Route
 
 from kubetrain_api.routing import DRIFT_SUMMARY_PATH, RouterStats
 from kubetrain_trainer.feedback.drift import summarize
+from kubetrain_trainer.route import drift
 from kubetrain_trainer.route.assign import choose
 from kubetrain_trainer.route.drift import score
+from kubetrain_trainer.route.metrics import RouteMetrics
 from tests.route.conftest import SERVICE, router, variant, write_config
 from tests.route.test_router import metric, stats
 
@@ -186,3 +189,53 @@ def test_too_few_prompts_have_no_scores() -> None:
     summary = summarize(sentences(GARDEN, 200, 8, seed=1))
     few = score(summary, [json.dumps([{"role": "user", "content": "tomato"}])] * 10)
     assert (few.prompts, few.unigram_jsd, few.length_psi, few.drifted) == (10, None, None, False)
+
+
+def test_summaries_are_bounded_and_an_unavailable_one_is_asked_again_later(monkeypatch) -> None:
+    """Oversized, malformed or slow summaries give no drift; a missing one is asked for
+    again only after UNAVAILABLE_RETRY_S; a good one once per model version."""
+    summary = summarize(sentences(GARDEN, 200, 8, seed=1)).to_dict()
+    answers = {
+        "/big": httpx.Response(200, content=b" " * (drift.MAX_SUMMARY_BYTES + 1)),
+        "/bad": httpx.Response(200, json={"version": 99}),
+        "/none": httpx.Response(404, json={"error": {"message": "no"}}),
+        "/good": httpx.Response(200, json=summary),
+    }
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        engine = request.url.path.removesuffix(DRIFT_SUMMARY_PATH)
+        asked.append(engine)
+        if engine == "/slow":
+            await asyncio.sleep(drift.SUMMARY_TIMEOUT_S + 1)
+        return answers.get(engine, httpx.Response(500))
+
+    now = [0.0]
+    monitor = drift.DriftMonitor(RouteMetrics(), clock=lambda: now[0])
+    monkeypatch.setattr(drift, "DRIFT_BUDGET_S", drift.SUMMARY_TIMEOUT_S + 2)
+
+    async def prompts(variant: str, since: float | None, limit: int) -> list[str]:
+        assert limit == 500
+        return sentences(GARDEN, 60, 8, seed=2)
+
+    async def look(engine: str, version: str = "v1") -> object:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            v = variant(engine, f"http://engine/{engine}", 100).model_copy(
+                update={"model_version": version}
+            )
+            return await monitor.report(v, None, client, prompts)
+
+    for engine in ("big", "bad", "slow", "none"):
+        assert asyncio.run(look(engine)) is None, engine
+    found = asyncio.run(look("good"))
+    assert found is not None
+    now[0] += drift.RESULT_TTL_S + 1  # results expire, summaries stay
+    assert asyncio.run(look("good")) == found
+    assert asyncio.run(look("none")) is None
+    assert asked.count("/good") == 1
+    assert asked.count("/none") == 1
+    now[0] += drift.UNAVAILABLE_RETRY_S
+    asyncio.run(look("none"))
+    asyncio.run(look("good", "v2"))  # a new model version: its summary is fetched
+    assert asked.count("/none") == 2
+    assert asked.count("/good") == 2

@@ -98,14 +98,14 @@ class DriftMonitor:
         prompts: Prompts,
     ) -> VariantDriftReport | None:
         report = None
-        summary = await self._summary(variant, client)
-        if summary is not None:
-            try:
+        try:
+            summary = await self._summary(variant, client)
+            if summary is not None:
                 logged = await prompts(variant.name, since, MAX_DRIFT_PROMPTS)
-            except Exception:
-                log.exception("drift of %s: the store failed", variant.name)
-                return None  # not cached: the next /stats tries again
-            report = await asyncio.to_thread(score, summary, logged)
+                report = await asyncio.to_thread(score, summary, logged)
+        except Exception:  # drift is an extra: /stats answers without it
+            log.exception("drift of %s could not be computed", variant.name)
+            return None  # not cached: the next /stats tries again
         _put(self._results, key, (self.clock(), report))
         if report is None or report.unigram_jsd is None or report.length_psi is None:
             self.forget(variant.name)
