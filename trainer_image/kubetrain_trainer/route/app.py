@@ -232,7 +232,9 @@ class Router:
         self, variants: dict[str, VariantCountsReport], since: float | None
     ) -> None:
         """Each configured variant's prompt drift (route/drift.py), computed together."""
-        assert self.client is not None
+        client = self.client
+        if client is None:  # not started (no lifespan): no engine to ask
+            return
         configured = [v for v in self.config.variants if v.name in variants]
 
         async def prompts(variant: str, since: float | None, limit: int) -> list[str]:
@@ -242,7 +244,7 @@ class Router:
             return found
 
         found = await asyncio.gather(
-            *(self.drift.report(v, since, self.client, prompts) for v in configured)
+            *(self.drift.report(v, since, client, prompts) for v in configured)
         )
         for v, drift in zip(configured, found, strict=True):
             variants[v.name].drift = drift
