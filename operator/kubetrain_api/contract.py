@@ -151,6 +151,10 @@ RESULT_FILE: Final = "result.json"
 """The final step, metrics, gate and model location, written last by rank 0."""
 LINEAGE_FILE: Final = "lineage.json"
 """In an exported model folder: where the model came from (kubetrain_api.lineage)."""
+TRAINING_SUMMARY_FILE: Final = "training_summary.json"
+"""In a prepared data folder and the exported model folder: the training texts' summary
+for prompt drift (words and lengths; kubetrain_trainer.feedback.drift.TrainingSummary),
+served by the engine at GET /v1/training-summary."""
 SNAPSHOT_MANIFEST_FILE: Final = "manifest.json"
 """In a dataset snapshot's folder (`kubetrain feedback export`): its `id` (content hash),
 counts and file hashes; a model trained on the snapshot records the id in its lineage."""

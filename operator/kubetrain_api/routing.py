@@ -139,6 +139,17 @@ def dump_router_config(config: RouterConfig) -> str:
     )
 
 
+class VariantDriftReport(BaseModel):
+    """A variant's prompt drift in `GET /stats`: its latest logged prompts (at most
+    MAX_DRIFT_PROMPTS since `since`) against the training summary its engine serves at
+    DRIFT_SUMMARY_PATH. The scores are None when there were too few prompts to compare."""
+
+    unigram_jsd: float | None = None
+    length_psi: float | None = None
+    prompts: int = 0
+    drifted: bool = False
+
+
 class VariantCountsReport(BaseModel):
     """One variant's numbers in `GET /stats` (the store's `VariantCounts`)."""
 
@@ -149,6 +160,8 @@ class VariantCountsReport(BaseModel):
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
     slow: int = 0
+    drift: VariantDriftReport | None = None
+    """None when the variant's engine serves no training summary (or is unreachable)."""
 
 
 class RouterStats(BaseModel):
@@ -163,3 +176,7 @@ class RouterStats(BaseModel):
 
 
 MAX_STATS_VARIANTS: Final = 32
+MAX_DRIFT_PROMPTS: Final = 500
+"""Prompt drift compares at most this many of a variant's latest prompts."""
+DRIFT_SUMMARY_PATH: Final = "/v1/training-summary"
+"""On an engine (`kubetrain serve`): the served model's training summary, or 404."""

@@ -30,6 +30,7 @@ RUN_NAME = "on(job, instance) group_left(run) kubetrain_trainer_run_info"
 TRAINING = 'on(job, instance) kubetrain_trainer_phase{phase="Running"} == 1'
 SERVED_MODEL = "on(job, instance) group_left(model) kubetrain_serve_model_info"
 GUARDRAIL_ALERT_MINUTES = 15
+PROMPT_DRIFT_MINUTES = 30
 
 
 def _rule(
@@ -127,6 +128,24 @@ def rule_groups() -> dict[str, Any]:
             f"{prom('$value | humanizeDuration')} ago: it broke a guardrail (5xx rate or "
             "p95 latency). `kubectl get modelservice -o yaml` shows which in "
             "status.experiment.guardrailBreach.",
+        ),
+        # A state that lasts: the router scores its latest 500 prompts per variant, so a
+        # real shift holds for hours; `for` keeps a burst of odd prompts from paging.
+        _rule(
+            "KubetrainPromptDrift",
+            "max by (namespace, modelservice, variant) (\n"
+            '  kubetrain_modelservice_prompt_drift{measure="unigram_jsd"}\n'
+            f") > {helm('promptDriftJsd')}\n"
+            "or max by (namespace, modelservice, variant) (\n"
+            '  kubetrain_modelservice_prompt_drift{measure="length_psi"}\n'
+            f") > {helm('promptDriftPsi')}",
+            "A ModelService's prompts drifted from its model's training data",
+            f"Variant {prom('$labels.variant')} of ModelService {service}: the latest "
+            "prompts differ from the training data (drift score "
+            f"{prom('$value | humanize')}: word distribution JSD or length PSI). "
+            "status.variants[].drift and the Drifted condition show both; retraining on "
+            "recent feedback (spec.retraining) may be due.",
+            duration=f"{PROMPT_DRIFT_MINUTES}m",
         ),
     ]
     return {

@@ -1,5 +1,6 @@
 """The Experiments dashboard: ModelServices' traffic per variant, the A/B experiment's
-numbers and decisions, and its guardrails.
+numbers and decisions, its guardrails, and the served models' quality (continuous
+evaluation per model version, feedback, prompt drift).
 
 Two sources:
 - the router (`kubetrain_route_*`, one series set per router pod, labelled by `variant`);
@@ -7,7 +8,8 @@ Two sources:
   name), joined in by scrape target like the serving dashboard's model_info;
 - the operator (`kubetrain_modelservice_*`, `kubetrain_experiment_*`), labelled with the
   ModelService's own `namespace` and `modelservice` (scraped with honor_labels), from its
-  latest status: applied weights, the rates with their intervals, p-value and decision.
+  latest status: applied weights, the rates with their intervals, p-value and decision,
+  evaluation results and prompt drift.
 """
 
 from __future__ import annotations
@@ -240,16 +242,59 @@ def experiments() -> Json:
             unit="reqps",
             description="Routed requests that failed: upstream_5xx, connect, timeout, stream.",
         ),
+        Row("Model quality"),
+        Panel(
+            "Continuous evaluation",
+            (
+                Target(
+                    f"kubetrain_modelservice_evaluation_metric{{{SERVICE}}}",
+                    "{{modelservice}} {{variant}} {{model_version}} {{metric}}",
+                ),
+            ),
+            width=24,
+            description="Each variant's latest continuous evaluation (spec.evaluation) by "
+            "model version and metric: a new model version starts a new line, so the "
+            "history shows each version against the one before.",
+        ),
         Panel(
             "Feedback by variant",
             (
                 Target(
                     "sum by (model, variant, rating) "
-                    f"({per_service(f'increase(kubetrain_route_feedback_total[{RATE}])')})",
+                    f"({per_service(f'rate(kubetrain_route_feedback_total[{RATE}])')})",
                     f"{variant} {{{{rating}}}}",
                 ),
             ),
-            description="Ratings stored per interval, by the rated response's variant.",
+            unit="ops",
+            width=8,
+            description="Ratings stored per second through the router, by the rated "
+            "response's variant and the rating (down, neutral, up): the raw material of "
+            "retraining and of the positive-feedback metric.",
+        ),
+        Panel(
+            "Prompt drift: words",
+            (
+                Target(
+                    f'kubetrain_modelservice_prompt_drift{{{SERVICE}, measure="unigram_jsd"}}',
+                    service_variant,
+                ),
+            ),
+            width=8,
+            description="Jensen-Shannon divergence (0 to 1) between the words of each "
+            "variant's latest prompts (up to 500) and its model's training data; above "
+            "about 0.1 the prompts are on other topics (KubetrainPromptDrift).",
+        ),
+        Panel(
+            "Prompt drift: lengths",
+            (
+                Target(
+                    f'kubetrain_modelservice_prompt_drift{{{SERVICE}, measure="length_psi"}}',
+                    service_variant,
+                ),
+            ),
+            width=8,
+            description="Population stability index of the prompts' lengths against the "
+            "training texts': below 0.1 stable, above 0.25 a real shift.",
         ),
     ]
     variables = [
@@ -266,7 +311,8 @@ def experiments() -> Json:
         "kubetrain-experiments",
         "kubetrain / Experiments",
         "ModelServices: traffic per variant, the A/B experiment's rates with intervals, "
-        "p-value and decision timeline, and the guardrails (5xx ratio, p95 latency).",
+        "p-value and decision timeline, the guardrails (5xx ratio, p95 latency), and model "
+        "quality (continuous evaluation, feedback, prompt drift).",
         items,
         variables,
     )

@@ -168,6 +168,20 @@ class ServiceIndex(Collector):
             "1 when the variant has a ready replica and its model is resolved.",
             "variant",
         )
+        drift = _gauge(
+            "kubetrain_modelservice_prompt_drift",
+            "Prompt drift of a variant's latest prompts from its model's training data, by "
+            "measure: unigram_jsd (Jensen-Shannon divergence of words), length_psi.",
+            "variant",
+            "measure",
+        )
+        evaluated = _gauge(
+            "kubetrain_modelservice_evaluation_metric",
+            "The latest continuous evaluation of each variant's model version, by metric.",
+            "variant",
+            "model_version",
+            "metric",
+        )
         changed = _gauge(
             "kubetrain_modelservice_last_traffic_change_timestamp_seconds",
             "When the traffic split last changed, by cause (Spec, Promote, Rollback, Guardrail).",
@@ -204,6 +218,19 @@ class ServiceIndex(Collector):
                 if variant.weight is not None:
                     weight.add_metric([*key, variant.name], variant.weight)
                 ready.add_metric([*key, variant.name], 1 if variant.ready else 0)
+                scores = variant.drift
+                for measure, score in (
+                    ("unigram_jsd", scores.unigram_jsd if scores else None),
+                    ("length_psi", scores.length_psi if scores else None),
+                ):
+                    if score is not None:
+                        drift.add_metric([*key, variant.name, measure], score)
+            latest: dict[tuple[str, str, str], float] = {}  # results are oldest first
+            for evaluation in status.evaluation.results if status.evaluation else []:
+                for metric, score in evaluation.metrics.items():
+                    latest[evaluation.variant, evaluation.model_version or "", metric] = score
+            for labels, score in sorted(latest.items()):
+                evaluated.add_metric([*key, *labels], score)
             for cause, at in sorted(changes.get((namespace, name), {}).items()):
                 changed.add_metric([*key, cause], at)
             experiment = status.experiment
@@ -237,6 +264,8 @@ class ServiceIndex(Collector):
                     decision.add_metric([*key, option], 1 if option == experiment.decision else 0)
         yield weight
         yield ready
+        yield drift
+        yield evaluated
         yield changed
         yield from per_variant.values()
         yield from per_service.values()

@@ -180,6 +180,10 @@ def test_dashboards_cover_what_the_issue_asks() -> None:
         "Weights timeline",
         "5xx ratio by variant",
         "Latency p95 by variant",
+        "Continuous evaluation",
+        "Feedback by variant",
+        "Prompt drift: words",
+        "Prompt drift: lengths",
     } <= titles["experiments"]
 
 
@@ -224,7 +228,14 @@ def test_chart_ships_each_dashboard_as_a_labelled_configmap(helm: Path) -> None:
 
 
 def test_chart_renders_thresholds_into_the_rules(helm: Path) -> None:
-    spec = render_rules(helm, stalledMinutes=7, checkpointMaxAgeMinutes=42, servingErrorRatio=0.2)
+    spec = render_rules(
+        helm,
+        stalledMinutes=7,
+        checkpointMaxAgeMinutes=42,
+        servingErrorRatio=0.2,
+        promptDriftJsd=0.15,
+        promptDriftPsi=0.5,
+    )
     rules = {r["alert"]: r for g in spec["groups"] for r in g["rules"]}
     assert set(rules) == {
         "KubetrainRunFailed",
@@ -233,8 +244,12 @@ def test_chart_renders_thresholds_into_the_rules(helm: Path) -> None:
         "KubetrainOperatorReconcileErrors",
         "KubetrainServingErrors",
         "KubetrainGuardrailRollback",
+        "KubetrainPromptDrift",
     }
     assert "> 60 * 7\n" in rules["KubetrainRunStalled"]["expr"]
+    drift = rules["KubetrainPromptDrift"]["expr"]
+    assert ") > 0.15\nor " in drift
+    assert drift.endswith(") > 0.5")
     assert "> 60 * 42\n" in rules["KubetrainCheckpointTooOld"]["expr"]
     assert rules["KubetrainServingErrors"]["expr"].endswith("> 0.2")
     # Prometheus' own templates survive Helm.
@@ -248,7 +263,7 @@ def test_promtool_accepts_the_rendered_rules(helm: Path, tmp_path: Path) -> None
     path.write_text(yaml.safe_dump(render_rules(helm)))
     done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 6 rules found" in done.stdout
+    assert "SUCCESS: 7 rules found" in done.stdout
 
 
 def test_the_operator_s_own_namespace_labels_survive_the_scrape(helm: Path) -> None:

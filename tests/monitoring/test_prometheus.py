@@ -112,7 +112,7 @@ def test_every_panel_query_evaluates(stack: Stack) -> None:
 def test_every_alert_expression_evaluates(stack: Stack, rules_file: Path) -> None:
     rules = yaml.safe_load(rules_file.read_text())
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
-    assert len(exprs) == 6
+    assert len(exprs) == 7
     for expr in exprs:
         answer = stack.prometheus.query(expr)
         assert answer["status"] == "success", (expr, answer)
@@ -132,6 +132,7 @@ def test_prometheus_loads_the_rendered_rules_and_they_are_healthy(stack: Stack) 
         "KubetrainOperatorReconcileErrors",
         "KubetrainServingErrors",
         "KubetrainGuardrailRollback",
+        "KubetrainPromptDrift",
     }
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
 

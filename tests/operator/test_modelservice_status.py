@@ -11,8 +11,9 @@ import pytest
 
 from kubetrain_api import modelservice as ms
 from kubetrain_api.modelservice_validation import parse_modelservice
-from kubetrain_api.routing import RouterStats, VariantCountsReport
+from kubetrain_api.routing import RouterStats, VariantCountsReport, VariantDriftReport
 from kubetrain_api.validation import FieldError
+from kubetrain_operator.modelservice import drift as service_drift
 from kubetrain_operator.modelservice.sources import ModelSource, Resolution
 from kubetrain_operator.modelservice.status import (
     ObservedService,
@@ -260,3 +261,62 @@ def test_history_keeps_the_newest_changes() -> None:
     decision = look(service(), status, stats=stats(counts(300, 180), counts(300, 120)))
     assert len(decision.status["history"]) == ms.MAX_HISTORY
     assert decision.status["history"][-1]["cause"] == "Rollback"
+
+
+def drifting(a: VariantDriftReport | None, b: VariantDriftReport | None) -> RouterStats:
+    return stats(
+        counts(10, 5).model_copy(update={"drift": a}),
+        counts(10, 5).model_copy(update={"drift": b}),
+    )
+
+
+CALM = VariantDriftReport(unigram_jsd=0.02, length_psi=0.05, prompts=500, drifted=False)
+SHIFTED = VariantDriftReport(unigram_jsd=0.41, length_psi=2.5, prompts=480, drifted=True)
+
+
+def test_prompt_drift_reaches_the_variants_and_the_drifted_condition() -> None:
+    svc = service()
+    decision = look(svc, look(svc).status, stats=drifting(CALM, SHIFTED))
+    shown = {v["name"]: v.get("drift") for v in decision.status["variants"]}
+    assert shown["a"] == {"unigramJsd": 0.02, "lengthPsi": 0.05, "prompts": 500, "drifted": False}
+    assert shown["b"] == {"unigramJsd": 0.41, "lengthPsi": 2.5, "prompts": 480, "drifted": True}
+    drifted = conditions(decision)["Drifted"]
+    assert (drifted["status"], drifted["reason"]) == ("True", "PromptDrift")
+    assert "b: unigram JSD 0.410, length PSI 2.500 over 480 prompts" in drifted["message"]
+    assert "a: unigram" not in drifted["message"]
+
+    assert service_drift.unigram_jsd_of(decision.status, "b") == 0.41  # for retraining
+    assert service_drift.unigram_jsd_of(decision.status, "c") is None
+    calm = look(svc, decision.status, stats=drifting(CALM, CALM))
+    assert conditions(calm)["Drifted"]["status"] == "False"
+    assert conditions(calm)["Drifted"]["reason"] == "NoDrift"
+
+    # Counts asked for but unreadable: the last reading stands.
+    kept = look(svc, decision.status, stats=None, stats_problem="the router did not answer")
+    assert conditions(kept)["Drifted"]["status"] == "True"
+    assert kept.status["variants"][1]["drift"]["drifted"] is True
+    # Not asked for (no experiment running, no retraining or evaluation): cleared.
+    cleared = look(svc, decision.status, stats=None)
+    assert all("drift" not in v for v in cleared.status["variants"])
+    assert conditions(cleared)["Drifted"]["reason"] == "NotMeasured"
+
+
+def test_no_drift_known_means_no_drifted_condition() -> None:
+    svc = service()
+    too_few = VariantDriftReport(prompts=12)  # the router's sample was too small to score
+    decision = look(svc, look(svc).status, stats=drifting(None, too_few))
+    assert "Drifted" not in conditions(decision)
+    assert decision.status["variants"][1]["drift"] == {"prompts": 12, "drifted": False}
+
+
+def test_drift_is_read_for_retraining_or_evaluation_over_a_rounded_window() -> None:
+    assert not service_drift.wants_stats(service().spec)
+    doc = service().model_dump(by_alias=True, exclude_none=True, mode="json")
+    doc["spec"]["evaluation"] = {
+        "schedule": "0 * * * *",
+        "heldOut": "s3://data/held.jsonl",
+        "metrics": ["perplexity"],
+    }
+    assert service_drift.wants_stats(parse_modelservice(doc).spec)
+    start = service_drift.window_start(T0 + timedelta(minutes=7, seconds=13))
+    assert start == T0 - timedelta(hours=24) + timedelta(minutes=5)

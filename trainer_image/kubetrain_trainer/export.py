@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kubetrain_api.contract import LINEAGE_FILE
+from kubetrain_api.contract import LINEAGE_FILE, TRAINING_SUMMARY_FILE
 from kubetrain_api.lineage import ModelLineage
 from kubetrain_trainer.model_folder import RUN_INFO_FILE
 from kubetrain_trainer.models import merge_lora
@@ -40,14 +40,17 @@ def export_model(
     out_dir: Path,
     run_info: dict[str, Any],
     lineage: ModelLineage | None = None,
+    training_summary: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` (LoRA merged, in place) and `tokenizer` to `out_dir` as a Hugging Face
     folder with a generation config and `run_info` (resolved spec, data summary, metrics,
-    lineage) and, when given, its `lineage` record (contract.LINEAGE_FILE). `model` must
+    lineage) and, when given, its `lineage` record (contract.LINEAGE_FILE) and the training
+    texts' drift summary (contract.TRAINING_SUMMARY_FILE, served by the engine). `model` must
     hold full, unsharded weights. An earlier export is replaced."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     info_text = json.dumps(run_info, indent=2)  # fail before writing anything
+    summary_text = json.dumps(training_summary) if training_summary is not None else None
     model = merge_lora(model)
     _align_special_tokens(model, tokenizer)
 
@@ -60,6 +63,8 @@ def export_model(
         (partial / RUN_INFO_FILE).write_text(info_text)
         if lineage is not None:
             (partial / LINEAGE_FILE).write_text(lineage.to_json())
+        if summary_text is not None:
+            (partial / TRAINING_SUMMARY_FILE).write_text(summary_text)
         _fsync_tree(partial)
         _publish(partial, out_dir)
     finally:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import TRAINING_SUMMARY_FILE
 from kubetrain_trainer import (
     checkpoint,
     evaluate,
@@ -463,7 +464,12 @@ class Trainer:
             log=self._log,
         )
         return export.export_model(
-            plain, self.tokenizer, self.config.model_dir, run_info, lineage=record
+            plain,
+            self.tokenizer,
+            self.config.model_dir,
+            run_info,
+            lineage=record,
+            training_summary=_read_json(self.config.data_dir / TRAINING_SUMMARY_FILE),
         )
 
     # ----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 1. Observe: parse and validate the spec; resolve every variant's model (a TrainingRun's
    exported model once it has Succeeded, or the variant's uri: sources.py); read the
    variants' and the router's Deployments; while an experiment is undecided, read the
-   router's counts since it began (stats_client.py, bounded).
+   router's counts since it began (stats_client.py, bounded), else, when the service has
+   spec.retraining or spec.evaluation, over the drift window (drift.py).
 2. Decide: `status.compute_service_status` gives the new status, the traffic split and
    the events (an experiment's decision and what it moves).
 3. Record: patch the status only when it changed; post the events.
@@ -36,7 +37,7 @@ from kubetrain_api.reports import wire
 from kubetrain_api.validation import FieldError, InvalidSpec
 from kubetrain_operator import metrics, ownership
 from kubetrain_operator.k8s import Kube
-from kubetrain_operator.modelservice import build, retraining, sources, stats_client
+from kubetrain_operator.modelservice import build, drift, retraining, sources, stats_client
 from kubetrain_operator.modelservice.status import (
     DECIDED,
     ObservedService,
@@ -131,6 +132,9 @@ def reconcile_service(
                 else None
             )
             counts, problem = stats_client.read_stats(name, ns, settings, start, slower)
+        elif router is not None and drift.wants_stats(service.spec):  # for the drift alone
+            since = drift.window_start(now)
+            counts, problem = stats_client.read_stats(name, ns, settings, since)
 
     decision = compute_service_status(
         ObservedService(
@@ -175,6 +179,8 @@ def reconcile_service(
     if plan is not None:
         # The loop looks at the router's feedback and its runs as often as an experiment.
         return settings.resync_seconds
+    if service is not None and drift.wants_stats(service.spec):
+        return max(settings.resync_seconds, drift.LOOK_SECONDS)  # drift is read again then
     return None
 
 
@@ -241,6 +247,7 @@ def _retrain(
                 slot, before.challenger.model_version if before.challenger else None
             ),
             router_weights=router_weights,
+            champion_drift=drift.unigram_jsd_of(previous, champion_name),
             export_jobs=export_jobs,
             runs=runs,
         )

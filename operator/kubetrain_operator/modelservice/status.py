@@ -34,6 +34,7 @@ from kubetrain_api.v1alpha1 import MAX_MESSAGE, MAX_SHORT
 from kubetrain_api.validation import FieldError
 from kubetrain_operator.conditions import set_condition
 from kubetrain_operator.experiments import stats as experiment_stats
+from kubetrain_operator.modelservice import drift as service_drift
 from kubetrain_operator.modelservice.sources import Resolution
 from kubetrain_operator.status import EVENT_MESSAGE_LIMIT, Event
 
@@ -60,7 +61,8 @@ class ObservedService:
     router: Mapping[str, Any] | None = None
     """The router's Deployment as stored."""
     stats: RouterStats | None = None
-    """The router's counts since the experiment began; None when not read or unreadable."""
+    """The router's counts since the experiment began (or, without one running, over the
+    drift window); None when not read or unreadable."""
     stats_problem: str | None = None
     """Why the counts could not be read, when they were asked for."""
     endpoint: str | None = None
@@ -325,6 +327,16 @@ class _Computation:
             "Serving" if all_ready and ready > 0 else "NotReady",
             f"serving {ms.traffic_summary(weights)}" if resolved else "waiting for variants",
         )
+        # Prompt drift (modelservice/drift.py): per variant from the router, one condition.
+        old_drift = {v.name: v.drift for v in old.variants}
+        for shown in variants:
+            shown.drift = service_drift.variant_drift(
+                o.stats, o.stats_problem, shown.name, old_drift.get(shown.name)
+            )
+        present = any(c.get("type") == service_drift.DRIFTED for c in conditions)
+        drifted = service_drift.drifted_condition(variants, present)
+        if drifted is not None:
+            condition(service_drift.DRIFTED, *drifted)
         if experiment is not None:
             applied = bool(experiment.applied)
             promoted = applied and experiment.decision == "Promote"

@@ -47,9 +47,10 @@ import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kubetrain_api import v1alpha1 as api
+from kubetrain_api.contract import TRAINING_SUMMARY_FILE
 
-from . import dedup, mix, shards, stream, tokenize
-from .readers import DataError, source_files
+from . import dedup, mix, shards, stream, tokenize, training_summary
+from .readers import DataError, Record, source_files
 from .stream import Scanned, Unit
 
 # Bump when a change to the pipeline changes its output for the same spec.
@@ -160,6 +161,7 @@ def prepare_data(
         if tokenizer is None:
             tokenizer = _train_tokenizer(corpus, train_ids, vocab_size, seed, timer)
         tokenizer.save_pretrained(staging / "tokenizer")
+        _summarize_training(corpus, train_ids, seed, staging / TRAINING_SUMMARY_FILE, timer)
         needed = np.union1d(train_ids, validation_ids)
         run.map(
             stream.tokenize_unit,
@@ -456,6 +458,28 @@ def _train_tokenizer(
     return tokenizer
 
 
+def _summarize_training(
+    corpus: _Corpus, train_ids: np.ndarray, seed: int, path: Path, timer: _Timer
+) -> None:
+    """The drift summary of the distinct training documents (`training_summary`), at most
+    MAX_TEXTS of them and about MAX_BYTES: a seeded sample when there are more."""
+    distinct = np.unique(train_ids)
+    rng = np.random.default_rng([seed, 3])
+    if len(distinct) > training_summary.MAX_TEXTS:
+        distinct = np.sort(rng.choice(distinct, training_summary.MAX_TEXTS, replace=False))
+    total = int(corpus.sizes[distinct].sum())
+    if total > training_summary.MAX_BYTES:  # long documents: fewer of them
+        distinct = distinct[rng.random(len(distinct)) < training_summary.MAX_BYTES / total]
+
+    def records() -> Iterator[Record]:
+        for u, unit in enumerate(corpus.units):
+            for _, record in stream.read_docs(corpus.work, unit, corpus.local(u, distinct)):
+                yield record
+
+    training_summary.write_summary(records(), path)
+    timer.stage("drift summary", len(distinct), len(distinct))
+
+
 def _pack_and_write(
     corpus: _Corpus,
     needed: np.ndarray,
@@ -554,6 +578,9 @@ def _commit(staging: Path, out_dir: Path) -> None:
     for name in (*SPLITS, "tokenizer"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
         os.replace(staging / name, out_dir / name)
+    (out_dir / TRAINING_SUMMARY_FILE).unlink(missing_ok=True)
+    if (staging / TRAINING_SUMMARY_FILE).exists():
+        os.replace(staging / TRAINING_SUMMARY_FILE, out_dir / TRAINING_SUMMARY_FILE)
     os.replace(staging / SUMMARY, out_dir / SUMMARY)
 
 

@@ -20,7 +20,6 @@ of them are read (an indexed query), so a large log costs one bounded read.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +30,7 @@ import sqlalchemy as sa
 
 from ..data.dedup import minhash_signatures
 from ..route.store import Store, feedback, responses
+from .prompts import prompt_words
 
 DEFAULT_POOL = 5_000
 MAX_POOL = 100_000
@@ -168,28 +168,6 @@ def select_for_labelling(
     size = pool if pool is not None else min(MAX_POOL, max(DEFAULT_POOL, 50 * budget))
     found = unlabelled_candidates(store, since=since, variant=variant, pool=size)
     return select_diverse(found, budget)
-
-
-def prompt_words(prompt: str) -> str:
-    """The text a prompt's similarity is computed on: a chat's logged messages (JSON) are
-    reduced to their users' contents, so the system prompt every request shares does not
-    make all prompts look alike."""
-    try:
-        messages = json.loads(prompt)
-    except ValueError:
-        return prompt
-    if not isinstance(messages, list):
-        return prompt
-    parts = []
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ("user", None):
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-            parts += [p["text"] for p in content if isinstance(p, dict) and "text" in p]
-    return "\n".join(str(p) for p in parts) if parts else prompt
 
 
 __all__ = [

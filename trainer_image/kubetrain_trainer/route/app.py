@@ -3,8 +3,8 @@ ModelService's variants.
 
 Endpoints: `POST /v1/completions` and `POST /v1/chat/completions` (proxied to the variant
 the sticky split picks, streams passed through event by event), `GET /v1/models[/{id}]`
-(the service's model name), `POST /v1/feedback`, `GET /stats` (per-variant counts for the
-operator), `GET /healthz`, `GET /readyz`, `GET /metrics`.
+(the service's model name), `POST /v1/feedback`, `GET /stats` (per-variant counts and
+prompt drift (route/drift.py) for the operator), `GET /healthz`, `GET /readyz`, `GET /metrics`.
 
 Every routed response carries `x-kubetrain-response-id` (also the body's `id`, which the
 router mints and writes over the engine's), `x-kubetrain-variant` and
@@ -62,6 +62,7 @@ from kubetrain_api.v1alpha1 import ServeSpec
 from ..serve.errors import RETRY_AFTER_S, ApiError, install_handlers, unavailable
 from ..serve.schemas import ModelCard, ModelList
 from .assign import choose
+from .drift import DriftMonitor
 from .exchange import Exchange, ask_for_logprobs, hide_logprobs, prompt_text, says_nothing
 from .metrics import RATING_LABELS, RouteMetrics
 from .store import MAX_USER_KEY_CHARS, FeedbackRefused, Store, StoreError, UnknownResponse
@@ -106,6 +107,7 @@ class Router:
         self.upstream_timeout_s = upstream_timeout_s
         self.reload_interval_s = reload_interval_s
         self.metrics = RouteMetrics()
+        self.drift = DriftMonitor(self.metrics)
         self.known_variants: set[str] = set()
         self.config = config
         self._apply(config)
@@ -122,6 +124,7 @@ class Router:
         self.config = config
         for name in self.known_variants - set(config.weights()):
             self.metrics.weight.remove(name)
+            self.drift.forget(name)
         for name, weight in config.weights().items():
             self.metrics.weight.labels(name).set(weight)
         self.known_variants |= set(config.weights())
@@ -211,17 +214,40 @@ class Router:
             raise unavailable(f"The store is unavailable: {type(exc).__name__}", "store") from exc
         configured = list(self.config.weights())
         order = configured + sorted(set(counts) - set(configured))
+        variants = {
+            name: VariantCountsReport(**counts[name].to_dict())
+            for name in order[:MAX_STATS_VARIANTS]
+            if name in counts
+        }
+        await self._add_drift(variants, since)
         report = RouterStats(
             since=since,
             backend=self.store.backend,
             weights=self.config.weights(),
-            variants={
-                name: VariantCountsReport(**counts[name].to_dict())
-                for name in order[:MAX_STATS_VARIANTS]
-                if name in counts
-            },
+            variants=variants,
         )
         return JSONResponse(report.model_dump(mode="json"))
+
+    async def _add_drift(
+        self, variants: dict[str, VariantCountsReport], since: float | None
+    ) -> None:
+        """Each configured variant's prompt drift (route/drift.py), computed together."""
+        client = self.client
+        if client is None:  # not started (no lifespan): no engine to ask
+            return
+        configured = [v for v in self.config.variants if v.name in variants]
+
+        async def prompts(variant: str, since: float | None, limit: int) -> list[str]:
+            found: list[str] = await self._in_store(
+                self.store.recent_prompts, variant, since, limit
+            )
+            return found
+
+        found = await asyncio.gather(
+            *(self.drift.report(v, since, client, prompts) for v in configured)
+        )
+        for v, drift in zip(configured, found, strict=True):
+            variants[v.name].drift = drift
 
     async def feedback(self, request: Request) -> JSONResponse:
         body = _json_object(await _read_body(request, MAX_FEEDBACK_BODY_BYTES))

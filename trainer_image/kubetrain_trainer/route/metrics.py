@@ -1,6 +1,7 @@
 """`kubetrain_route_*` Prometheus metrics, per variant, in a registry of the router's own.
 Labels are bounded: `variant` is a configured variant's name (or `other`), `endpoint` one
-of the two generation routes, `code` an HTTP status, `rating` down/neutral/up."""
+of the two generation routes, `code` an HTTP status, `rating` down/neutral/up, `measure`
+unigram_jsd or length_psi."""
 
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ class RouteMetrics:
         self.log_failures = Counter(
             "kubetrain_route_log_failures",
             "Responses served but not logged (the store failed); feedback on them is refused",
+            registry=r,
+        )
+        self.prompt_drift = Gauge(
+            "kubetrain_route_prompt_drift",
+            "Prompt drift of the variant's latest prompts from its model's training data: "
+            "unigram_jsd (Jensen-Shannon divergence of words), length_psi (stability index "
+            "of lengths); set when /stats computes it, absent without a training summary",
+            ["variant", "measure"],
             registry=r,
         )
         self.config_reloads = Counter(

@@ -677,6 +677,25 @@ class Store:
                 )
         return counts
 
+    def recent_prompts(
+        self, variant: str, since: datetime | float | None = None, limit: int = 500
+    ) -> list[str]:
+        """The logged prompts of the `limit` latest requests to `variant` at or after
+        `since` (all time by default), newest first: the live sample prompt drift compares
+        with the training data. One query on the (variant, created_at) index."""
+        if not 1 <= limit <= 10_000:
+            raise ValueError(f"limit must be in 1..10000, got {limit}")
+        query = (
+            sa.select(responses.c.prompt)
+            .where(responses.c.variant == variant)
+            .order_by(responses.c.created_at.desc())
+            .limit(limit)
+        )
+        if since is not None:
+            query = query.where(responses.c.created_at >= _seconds("since", since))
+        with self._snapshot() as conn:
+            return [row.prompt for row in conn.execute(query)]
+
     def export_feedback(
         self, *, after: int = 0, limit: int = 500, variant: str | None = None
     ) -> ExportPage:

@@ -2,8 +2,9 @@
 it under uvicorn until SIGTERM, then finishes the requests in flight.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream`),
-`GET /v1/models[/{id}]`, `POST /v1/feedback`, `GET /healthz` (liveness), `GET /readyz`
-(200 once the model is loaded, 503 while loading or draining), `GET /metrics`.
+`GET /v1/models[/{id}]`, `POST /v1/feedback`, `GET /v1/training-summary` (the training
+texts' drift summary exported with the model; 404 without one), `GET /healthz` (liveness),
+`GET /readyz` (200 once the model is loaded, 503 while loading or draining), `GET /metrics`.
 
 Choices where OpenAI leaves room: a request's `model` may be omitted or name the served
 model, any other name is a 404 `model_not_found`; invalid requests are 400 (never 422);
@@ -18,6 +19,7 @@ response carries `X-Request-Id` (the response id on generation endpoints) and
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -37,6 +39,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubetrain_api import contract
+from kubetrain_api.routing import DRIFT_SUMMARY_PATH
 from kubetrain_api.v1alpha1 import ServeSpec
 
 from .engine import LoggedToken, ModelInfo, Sampling, Step, TransformersEngine
@@ -95,6 +98,7 @@ class ModelServer:
     ) -> None:
         self.model_dir = Path(model_dir)
         self.info = ModelInfo.read(self.model_dir)
+        self.training_summary = read_training_summary(self.model_dir)
         self.max_tokens = max_tokens
         self.max_concurrency = max_concurrency
         self.metrics = ServeMetrics(self.info.id, self.info.version)
@@ -198,6 +202,12 @@ class ModelServer:
         return await self._respond(
             request, body, prompt_ids, body.token_limit(), chat=True, top_logprobs=top
         )
+
+    async def get_training_summary(self) -> JSONResponse:
+        if self.training_summary is None:
+            message = "This model was exported without a training summary."
+            raise ApiError(404, message, code="training_summary_not_found")
+        return JSONResponse(self.training_summary)
 
     async def post_feedback(self, body: FeedbackRequest) -> JSONResponse:
         if self.feedback is None:
@@ -590,6 +600,35 @@ class _Edge:
 
 
 _LIMITS = ServeSpec()  # the defaults of spec.serve's limits
+# A summary holds the top few thousand words: tens of KiB. More is not one of ours.
+MAX_TRAINING_SUMMARY_BYTES = 4 * 2**20
+
+
+def read_training_summary(model_dir: Path) -> dict[str, Any] | None:
+    """The model folder's training summary (contract.TRAINING_SUMMARY_FILE) as JSON, read
+    once at start; None when there is none, and when it is too large or not a JSON object
+    (logged: drift is then unavailable, serving is not affected)."""
+    path = Path(model_dir) / contract.TRAINING_SUMMARY_FILE
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_TRAINING_SUMMARY_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("training summary %s unreadable: %s", path, exc)
+        return None
+    if len(raw) > MAX_TRAINING_SUMMARY_BYTES:
+        log.warning("training summary %s: over %d bytes, ignored", path, MAX_TRAINING_SUMMARY_BYTES)
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        log.warning("training summary %s: not JSON (%s), ignored", path, exc)
+        return None
+    if not isinstance(data, dict):
+        log.warning("training summary %s: not a JSON object, ignored", path)
+        return None
+    return data
 
 
 def create_app(
@@ -628,6 +667,9 @@ def create_app(
     get("/metrics", response_class=Response)(server.prometheus)
     get("/v1/models")(server.list_models)
     get("/v1/models/{model_id}", responses={404: {"model": ErrorResponse}})(server.get_model)
+    get(DRIFT_SUMMARY_PATH, responses={404: {"model": ErrorResponse}})(
+        server.get_training_summary
+    )
     post("/v1/completions", response_model=Completion, responses=_ERRORS)(server.completions)
     post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)(
         server.chat_completions

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from kubetrain_api.routing import DRIFT_SUMMARY_PATH
+
 ENDPOINTS = (
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/models",
     "/v1/feedback",
+    DRIFT_SUMMARY_PATH,
     "/healthz",
     "/readyz",
     "/metrics",
