@@ -367,3 +367,11 @@ def test_the_export_job() -> None:
     ]
     assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "router"
     assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_drift_of_the_champion_triggers() -> None:
+    service = example(triggers={"driftAbove": 0.2})
+    assert retraining.step(view(service, champion_drift=0.1)).actions == []
+    plan = retraining.step(view(service, champion_drift=0.35))
+    assert plan.actions == [retraining.CreateExportJob("helper-retrain-1")]
+    assert plan.status.runs[0].reasons == ["drift 0.35 is above 0.2"]
