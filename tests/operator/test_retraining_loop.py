@@ -219,9 +219,12 @@ def challenging() -> ms.RetrainingStatus:
     return retraining.step(view(status=training(), runs={"helper-retrain-1": done})).status
 
 
-def decided(decision: str, winner: str, applied: bool = True) -> dict[str, Any]:
+def decided(
+    decision: str, winner: str, applied: bool = True, start: datetime = T0
+) -> dict[str, Any]:
     return {"control": "live", "treatment": "challenger", "decision": decision,
-            "winner": winner, "applied": applied, "reason": "users preferred it"}  # fmt: skip
+            "winner": winner, "applied": applied, "reason": "users preferred it",
+            "startTime": start.isoformat()}  # fmt: skip
 
 
 def test_a_winning_challenger_becomes_the_champion() -> None:
@@ -232,6 +235,9 @@ def test_a_winning_challenger_becomes_the_champion() -> None:
         view(status=status, experiment=decided("Promote", "challenger", applied=False))
     )
     assert not_applied.status.challenger is not None  # onDecision lets a person decide
+    # An earlier challenger's decided experiment (still shown) decides nothing for this one.
+    earlier = decided("Promote", "challenger", start=T0 - timedelta(days=1))
+    assert retraining.step(view(status=status, experiment=earlier)).status.challenger is not None
 
     plan = retraining.step(view(status=status, experiment=decided("Promote", "challenger")))
     assert plan.status.champion is not None

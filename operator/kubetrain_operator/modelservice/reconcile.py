@@ -153,6 +153,14 @@ def reconcile_service(
     )
     status = decision.status
     if plan is not None:
+        last = previous.get("experiment") or {}
+        if (
+            service is not None
+            and service.spec.experiment is None
+            and last.get("decision") in DECIDED
+        ):
+            # No challenger under test: the last experiment's result stays on show.
+            status["experiment"] = last
         status["retraining"] = wire(plan.status)
         champion = plan.status.champion
         if champion is not None and champion.generation is not None:

@@ -341,6 +341,9 @@ def _advance(view: RetrainingView, plan: RetrainingPlan, run: ms.RetrainingRunSt
     experiment = view.experiment
     if experiment.get("treatment") != spec.challenger.name:
         return
+    began = _time(experiment.get("startTime"))
+    if began is None or began < run.start_time:
+        return  # an earlier challenger's experiment, still on show
     decision, winner = experiment.get("decision"), experiment.get("winner")
     if decision not in ("Promote", "Rollback") or not experiment.get("applied"):
         return
@@ -365,6 +368,13 @@ def _advance(view: RetrainingView, plan: RetrainingPlan, run: ms.RetrainingRunSt
         )
     status.retiring, status.challenger = challenger, None
     plan.new_experiment = True
+
+
+def _time(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def _fail(plan: RetrainingPlan, run: ms.RetrainingRunStatus, message: str) -> None:
