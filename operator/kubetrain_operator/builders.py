@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from kubernetes.utils.quantity import parse_quantity
 
-from kubetrain_api import placement
+from kubetrain_api import contract, placement
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import (
     ANNOTATION_INPUT_HASH,
@@ -298,7 +298,7 @@ def _cpu_count(cpu: int | str) -> int:
     return max(1, int(parse_quantity(cpu)))  # type: ignore[no-untyped-call]
 
 
-def _env(run: api.TrainingRun, attempt: int, role: str) -> list[Obj]:
+def _env(run: api.TrainingRun, attempt: int, role: str, image: str) -> list[Obj]:
     """kubetrain's variables, then the user's merged by name, the later winning: the NCCL
     defaults (GPU workers) < spec.env < spec.podOverrides.<role>.env. Validation keeps
     kubetrain's names out of the user's."""
@@ -311,6 +311,8 @@ def _env(run: api.TrainingRun, attempt: int, role: str) -> list[Obj]:
         },
         {"name": "KUBETRAIN_RUN", "value": names.run},
         {"name": "KUBETRAIN_ATTEMPT", "value": str(attempt)},
+        # Recorded in each exported model's lineage.json.
+        {"name": contract.IMAGE_ENV, "value": image},
     ]
     hf = run.spec.secrets.hugging_face_token
     if hf is not None:
@@ -406,7 +408,8 @@ def _pod(
     volumes += extra_volumes
     mounts += extra_mounts
 
-    container = pods.container(run, settings, **container, env=_env(run, attempt, role))
+    image = run.spec.image or settings.image
+    container = pods.container(run, settings, **container, env=_env(run, attempt, role, image))
     container["volumeMounts"] = mounts
     if spec.secrets.object_store is not None:
         container["envFrom"] = pods.object_store_env_from(spec.secrets.object_store)

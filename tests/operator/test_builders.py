@@ -627,6 +627,8 @@ def test_env(settings: OperatorSettings) -> None:
     by_name = {e["name"]: e for e in env}
     assert by_name["KUBETRAIN_RUN"]["value"] == "qwen-support-lora"
     assert by_name["KUBETRAIN_ATTEMPT"]["value"] == "4"
+    # The image each exported model's lineage names.
+    assert by_name[contract.IMAGE_ENV]["value"] == head["spec"]["containers"][0]["image"]
     assert env[-1] == {"name": "NCCL_DEBUG", "value": "WARN"}
 
 
@@ -785,7 +787,13 @@ SOURCES = st.sampled_from(
         f"pvc://{'long-claim-' * 20}x/corpus.jsonl",
     ]
 )
-OPERATOR_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "KUBETRAIN_RUN", "KUBETRAIN_ATTEMPT"}
+OPERATOR_ENV = {
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "KUBETRAIN_RUN",
+    "KUBETRAIN_ATTEMPT",
+    "KUBETRAIN_IMAGE",
+}
 
 
 @st.composite
