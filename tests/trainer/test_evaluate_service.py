@@ -1,0 +1,143 @@
+"""The continuous-evaluation Job's entry point (`python -m kubetrain_trainer.evaluate_service`)
+on a real tiny exported model folder (tests/serve/conftest.py's): its metrics are the
+ones training's evaluation code gives on the same model and data, its result fits the
+termination message, and bad input ends with one line and a contract exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kubetrain_api import contract
+from kubetrain_api.v1alpha1 import EvalDataset
+from kubetrain_trainer import evaluate, evaluate_service
+from kubetrain_trainer.data import load_eval_examples
+from tests.serve.conftest import model_dir  # noqa: F401  (fixture)
+
+LABELS = ["positive", "negative"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("eval-data")
+    rows = [
+        {"prompt": f"review {i}: the fox is {'quick' if i % 2 else 'lazy'}", "label": LABELS[i % 2]}
+        for i in range(6)
+    ]
+    (root / "intents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = ["the quick brown fox jumps over the lazy dog", "a small model learns text"] * 5
+    (root / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return root
+
+
+def spec_json(data: Path, **extra: object) -> str:
+    return json.dumps(
+        {
+            "schedule": "0 * * * *",
+            "datasets": [
+                {"name": "intents", "uri": f"file://{data}/intents.jsonl", "labels": LABELS}
+            ],
+            "heldOut": f"file://{data}/held.jsonl",
+            "metrics": ["accuracy", "f1", "loss", "perplexity"],
+            **extra,
+        }
+    )
+
+
+def test_metrics_equal_training_s_evaluation_code(
+    model_dir: Path,  # noqa: F811
+    data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = tmp_path / "termination-log"
+    code = evaluate_service.main(
+        ["--model", str(model_dir), "--spec", spec_json(data), "--result-file", str(result)]
+    )
+    assert code == 0, capsys.readouterr().err
+    text = result.read_text()
+    assert capsys.readouterr().out.strip() == text
+    assert len(text.encode()) < contract.TERMINATION_MESSAGE_LIMIT
+    metrics = json.loads(text)["metrics"]
+    assert set(metrics) == {
+        "accuracy", "f1", "intents/accuracy", "intents/f1", "loss", "perplexity",
+    }  # fmt: skip
+
+    # The same numbers, straight from evaluate.py.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ds = EvalDataset(name="intents", uri=f"file://{data}/intents.jsonl", labels=LABELS)
+    examples = load_eval_examples(ds)
+    scores = evaluate.score_dataset(
+        model, tokenizer, ds, [e.prompt for e in examples], [e.label for e in examples], "macro"
+    )
+    spec = evaluate_service.parse_spec(spec_json(data))
+    batches = evaluate_service._held_out_batches(spec, tokenizer, 512)
+    loss, count = evaluate.evaluate_loss(model, islice(batches, 50), "cpu")
+    assert count > 100
+    assert metrics["intents/accuracy"] == pytest.approx(scores["accuracy"], rel=1e-5)
+    assert metrics["intents/f1"] == pytest.approx(scores["f1"], rel=1e-5)
+    assert metrics["accuracy"] == metrics["intents/accuracy"]
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(evaluate.perplexity(loss), rel=1e-5)
+    # A random tiny model on a 384-token vocabulary: loss near ln(384).
+    assert 4.0 < metrics["loss"] < 8.0
+
+
+def test_the_result_stays_within_the_termination_message() -> None:
+    many = {f"set{i:02d}-with-a-rather-long-name/accuracy": 1 / 3 for i in range(200)}
+    text = evaluate_service.render({"perplexity": float("inf"), **many})
+    assert len(text.encode()) <= contract.TERMINATION_MESSAGE_LIMIT
+    metrics = json.loads(text)["metrics"]
+    assert "perplexity" not in metrics  # JSON has no infinity
+    assert 0 < len(metrics) <= evaluate_service.MAX_METRICS
+    assert set(metrics.values()) == {0.333333}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "names"),
+    [
+        (["--spec", '{"schedule": "0 * * * *", "maxBatches": 0}'], {}, 10, "maxBatches"),
+        (["--spec", "not json"], {}, 10, "--spec"),
+        ([], {}, 10, "KUBETRAIN_EVALUATION_SPEC"),
+        (
+            [
+                "--spec",
+                '{"schedule": "0 * * * *", "heldOut": "file:///nope.jsonl", "metrics": ["loss"]}',
+            ],
+            {},
+            11,
+            "heldOut",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field(
+    model_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    args: list[str],
+    env: dict[str, str],
+    code: int,
+    names: str,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetrain_trainer.evaluate_service", "--model", str(model_dir),
+         "--result-file", str(tmp_path / "out"), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == code, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert names in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_missing_model_folder_names_model(tmp_path: Path, data: Path) -> None:
+    code = evaluate_service.main(["--model", str(tmp_path / "none"), "--spec", spec_json(data)])
+    assert code == contract.EXIT_INVALID_SPEC
