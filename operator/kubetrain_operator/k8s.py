@@ -43,6 +43,7 @@ GENERIC_KINDS: dict[str, tuple[str, str]] = {
     "Deployment": ("apps/v1", "deployments"),
     "HorizontalPodAutoscaler": ("autoscaling/v1", "horizontalpodautoscalers"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+    "Job": ("batch/v1", "jobs"),
 }
 
 

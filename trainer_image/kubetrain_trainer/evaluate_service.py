@@ -35,7 +35,7 @@ from kubetrain_api.v1alpha1 import DataSource
 from kubetrain_trainer.exits import SpecFailure, report
 
 PROG = "evaluate_service"
-SPEC_ENV = "KUBETRAIN_EVALUATION_SPEC"
+SPEC_ENV = contract.EVALUATION_SPEC_ENV
 LABELLED = ("accuracy", "precision", "recall", "f1")
 HELD_OUT = ("loss", "perplexity")
 HELD_OUT_NAME = "held-out"

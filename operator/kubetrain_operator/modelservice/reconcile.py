@@ -32,7 +32,7 @@ from kubetrain_api.modelservice_validation import parse_modelservice
 from kubetrain_api.validation import FieldError, InvalidSpec
 from kubetrain_operator import metrics, ownership
 from kubetrain_operator.k8s import Kube
-from kubetrain_operator.modelservice import build, sources, stats_client
+from kubetrain_operator.modelservice import build, evaluation, sources, stats_client
 from kubetrain_operator.modelservice.status import (
     DECIDED,
     ObservedService,
@@ -133,9 +133,18 @@ def reconcile_service(
         )
     )
     status = decision.status
+    # Continuous evaluation (evaluation.py): its Jobs, status.evaluation, Regressed.
+    evaluated = evaluation.Step(None, [], None, [], None)
+    if service is not None:
+        since = evaluation.since_creation(body)
+        evaluated = evaluation.step(
+            kube, service, uid, ns, settings, resolutions, previous, now, since
+        )
+        generation = int(meta.get("generation") or 0)
+        status = evaluation.record(status, service, evaluated, generation, now)
     if status != previous:
         kube.patch_status(ns, name, status, previous, plural=ms.PLURAL)
-    for event in decision.events:
+    for event in [*decision.events, *evaluated.events]:
         kube.event(body, event.type, event.reason, event.message)
 
     if service is not None and decision.weights is not None:
@@ -148,9 +157,10 @@ def reconcile_service(
             conflict = exc
         record_conflict(kube, body, status, conflict, now, plural=ms.PLURAL)
     metrics.SERVICES.observe(ns, name, ms.ModelServiceStatus.model_validate(status))
+    waits = [evaluated.requeue] if evaluated.requeue is not None else []
     if decision.looking or decision.weights is None:
-        return settings.resync_seconds
-    return None
+        waits.append(settings.resync_seconds)
+    return min(waits) if waits else None
 
 
 def _apply(

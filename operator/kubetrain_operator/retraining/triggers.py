@@ -176,6 +176,15 @@ def _schedule(expr: str, after: datetime, now: datetime) -> tuple[datetime | Non
     return latest, count, following
 
 
+def schedule_times(
+    expr: str, after: datetime, now: datetime
+) -> tuple[datetime | None, int, datetime]:
+    """(the latest time of cron `expr` in (after, now] or None, how many there were, the
+    first time after now): the schedule arithmetic of `decide`, for other schedules
+    (continuous evaluation) that run a missed time once."""
+    return _schedule(expr, _utc(after), _utc(now))
+
+
 def _utc(when: datetime) -> datetime:
     if when.tzinfo is None:
         raise ValueError(f"{when}: a naive time; pass timezone-aware times (UTC)")
