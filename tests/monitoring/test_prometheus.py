@@ -132,6 +132,7 @@ def test_prometheus_loads_the_rendered_rules_and_they_are_healthy(stack: Stack) 
         "KubetrainOperatorReconcileErrors",
         "KubetrainServingErrors",
         "KubetrainGuardrailRollback",
+        "KubetrainModelRegressed",
     }
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
 

@@ -15,7 +15,7 @@ from kubetrain_api import contract
 from kubetrain_api import modelservice as ms
 from kubetrain_api.contract import ANNOTATION_MODEL_VERSION, LABEL_MODELSERVICE, LABEL_VARIANT
 from kubetrain_api.modelservice_validation import parse_modelservice
-from kubetrain_operator import builders
+from kubetrain_operator import builders, metrics
 from kubetrain_operator.modelservice import evaluation
 from kubetrain_operator.modelservice.sources import ModelSource, Resolution
 from kubetrain_operator.settings import OperatorSettings
@@ -372,6 +372,9 @@ class FakeKube:
     def list_pods(self, ns: str, selector: str) -> list[Obj]:
         return self.pods.get(selector.removeprefix("job-name="), [])
 
+    def delete(self, kind: str, ns: str, name: str, api_version: str | None = None) -> bool:
+        return self.jobs.pop(name, None) is not None
+
 
 def test_a_look_starts_baselines_reads_results_and_finds_regressions() -> None:
     kube = FakeKube()
@@ -437,3 +440,54 @@ def test_a_look_starts_baselines_reads_results_and_finds_regressions() -> None:
     assert condition["observedGeneration"] == 3
     assert "b (b-v1): intents/accuracy 0.7, baseline 0.9" in condition["message"]
     ms.ModelServiceStatus.model_validate(status)  # the status the CRD takes
+
+
+def test_jobs_of_a_variant_that_left_the_spec_are_deleted() -> None:
+    kube = FakeKube()
+    svc = service()
+    resolutions = {k: Resolution(source) for k, source in SOURCES.items()}
+    first = evaluation.step(kube, svc, UID, NS, SETTINGS, resolutions, {}, T0, since=T0)  # type: ignore[arg-type]
+    assert first.status is not None
+    doc = svc.model_dump(by_alias=True, exclude_none=True, mode="json")
+    doc["spec"]["evaluation"] = None
+    plain = parse_modelservice(doc)
+    gone = evaluation.step(
+        kube, plain, UID, NS, SETTINGS, resolutions, {"evaluation": first.status}, T0
+    )  # type: ignore[arg-type]
+    assert gone.status is None
+    assert kube.jobs == {}
+    status = evaluation.record({"evaluation": first.status, "conditions": []}, plain, gone, 2, T0)
+    assert "evaluation" not in status
+
+
+# ---- Prometheus ---------------------------------------------------------------------------
+
+
+def test_the_latest_value_per_variant_and_metric_is_a_gauge() -> None:
+    from tests.operator.test_modelservice_metrics import scrape, value
+
+    evaluated = ms.ServiceEvaluationStatus(
+        results=[
+            result("a", 0, version="a-v1", accuracy=0.9, perplexity=12.0),
+            result("b", 1, version="b-v1", accuracy=0.8),
+            result("b", 2, version="b-v2", accuracy=0.7),
+            result("b", 3, version="b-v2", error="OOMKilled"),
+        ],
+        regressed=["b"],
+    )
+    status = ms.ModelServiceStatus(
+        variants=[ms.VariantStatus(name="a"), ms.VariantStatus(name="b")], evaluation=evaluated
+    )
+    index = metrics.ServiceIndex()
+    index.observe("ml", "chat", status)
+    s = scrape(index)
+    name = "kubetrain_modelservice_evaluation_metric"
+    assert value(s, name, variant="a", model_version="a-v1", metric="accuracy") == 0.9
+    assert value(s, name, variant="a", model_version="a-v1", metric="perplexity") == 12.0
+    assert value(s, name, variant="b", model_version="b-v2", metric="accuracy") == 0.7
+    assert value(s, name, variant="b", model_version="b-v1", metric="accuracy") is None
+    flag = "kubetrain_modelservice_evaluation_regressed"
+    assert value(s, flag, variant="b") == 1
+    assert value(s, flag, variant="a") == 0
+    index.forget("ml", "chat")
+    assert scrape(index) == {}

@@ -456,9 +456,8 @@ def step(
     """Read the running evaluation Jobs, start the due ones, and return the new
     status.evaluation with its events. `since`: the service's creation time."""
     spec = service.spec.evaluation
-    if spec is None:
-        return Step(None, [], None, [], None)
     old = _previous(previous_status)
+    wanted = {v.name for v in service.spec.variants} if spec is not None else set()
     events: list[Event] = []
     results: list[ms.EvaluationResult] = []
     active: dict[str, str] = {}  # Job -> variant
@@ -466,15 +465,21 @@ def step(
         job = kube.read("Job", ns, name, JOB_API_VERSION)
         if job is None or not ownership.owned_by(job, uid):
             continue  # deleted (by hand, or its TTL while the operator was away)
+        variant = (job["metadata"].get("labels") or {}).get(LABEL_VARIANT, "")
+        if variant not in wanted:  # its variant, or evaluation itself, left the spec
+            kube.delete("Job", ns, name, JOB_API_VERSION)
+            continue
         result = read_result(job, kube.list_pods(ns, f"job-name={name}"), now)
         if result is None:
-            active[name] = (job["metadata"].get("labels") or {}).get(LABEL_VARIANT, "")
+            active[name] = variant
             continue
         results.append(result)
         if result.error is not None:
             events.append(Event("Warning", "EvaluationFailed", _event(result)))
         else:
             events.append(Event("Normal", "Evaluated", _event(result)))
+    if spec is None:
+        return Step(None, [], None, [], None)
 
     sources = {
         v.name: r.source
