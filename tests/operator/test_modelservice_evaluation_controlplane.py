@@ -120,6 +120,11 @@ def test_baseline_results_land_in_status_and_the_gauge(operator: None, namespace
         "metric": "intents/accuracy",
     }
     gauge = "kubetrain_modelservice_evaluation_metric"
-    assert metrics.REGISTRY.get_sample_value(gauge, labels) == 0.9
+    # Observed right after the status is written.
+    wait_until(
+        lambda: metrics.REGISTRY.get_sample_value(gauge, labels) == 0.9,
+        timeout=30,
+        message="the gauge",
+    )
     # Each new model version gets one baseline; nothing more runs until the schedule.
     assert len(kubectl("get", "jobs", "-n", namespace, "-o", "name").stdout.split()) == 2
