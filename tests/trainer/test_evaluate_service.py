@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kubetrain_api import contract
 from kubetrain_api.v1alpha1 import EvalDataset
-from kubetrain_trainer import evaluate, evaluate_service
+from kubetrain_trainer import evaluate, evaluate_service, storage
 from kubetrain_trainer.data import load_eval_examples
 from tests.serve.conftest import model_dir  # noqa: F401  (fixture)
+from tests.support.s3 import S3Server
 
 LABELS = ["positive", "negative"]
 
@@ -141,3 +142,45 @@ def test_bad_input_is_one_line_naming_the_field(
 def test_a_missing_model_folder_names_model(tmp_path: Path, data: Path) -> None:
     code = evaluate_service.main(["--model", str(tmp_path / "none"), "--spec", spec_json(data)])
     assert code == contract.EXIT_INVALID_SPEC
+
+
+def test_the_model_where_the_job_finds_it(
+    model_dir: Path,  # noqa: F811
+    data: Path,
+    tmp_path: Path,
+    s3: S3Server,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A claim mounted at $KUBETRAIN_PVC_ROOT/<claim> (pvc://) and a committed folder on a
+    real S3 server (s3://) give what the folder itself gives; the spec from the Job's
+    environment variable."""
+    spec = spec_json(data, metrics=["loss"])
+    monkeypatch.setenv(contract.EVALUATION_SPEC_ENV, spec)
+
+    def run(model: str, cache: Path | None = None) -> tuple[int, str, str]:
+        extra = ["--model-cache", str(cache)] if cache else []
+        code = evaluate_service.main(["--model", model, *extra])
+        out, err = capsys.readouterr()
+        return code, out, err.splitlines()[-1] if code else ""
+
+    local = run(str(model_dir))
+    assert local[0] == 0
+    claim_root = tmp_path / "pvc"
+    (claim_root / "models").mkdir(parents=True)
+    (claim_root / "models" / "chat").symlink_to(model_dir)
+    monkeypatch.setenv(contract.PVC_ROOT_ENV, str(claim_root))
+    assert run("pvc://models/chat") == local
+    url = f"s3://{s3_bucket}/runs/chat/model"
+    with s3.environ():
+        code, _, err = run(url, tmp_path / "cache" / "model")
+        assert code == contract.EXIT_INVALID_SPEC
+        assert "--model: " in err
+        assert "not a committed folder" in err
+        storage.upload_folder(model_dir, url)
+        assert run(url, tmp_path / "cache" / "model") == local
+    with s3.environ(secret_key="wrong"):
+        code, _, err = run(url, tmp_path / "other" / "model")
+        assert code == contract.EXIT_INVALID_SPEC
+        assert "access denied" in err
