@@ -519,9 +519,6 @@ def step(
     merged = merge(old, results)
     versions = {variant: source.version for variant, source in sources.items()}
     regressed = regressions(spec, merged.results, versions)
-    for variant in regressed:
-        if variant not in old.regressed:
-            events.append(Event("Warning", REGRESSED, f"{variant} regressed"))
     status = merged.model_copy(
         update={
             "last_schedule_time": when.run or old.last_schedule_time,
@@ -532,14 +529,9 @@ def step(
     )
     wait = max(1.0, (when.next - now).total_seconds())
     requeue = min(settings.resync_seconds, wait) if active else wait
-    if status.regressed:
-        message = regression_message(spec, status)
-        events = [
-            Event(e.type, e.reason, clip(message, EVENT_MESSAGE_LIMIT))
-            if e.reason == REGRESSED
-            else e
-            for e in events
-        ]
+    if set(regressed) - set(old.regressed):  # newly regressed: say so once
+        message = clip(regression_message(spec, status), EVENT_MESSAGE_LIMIT)
+        events.append(Event("Warning", REGRESSED, message))
     return Step(wire(status), events, requeue, regressed, rollback_target(service, regressed))
 
 
