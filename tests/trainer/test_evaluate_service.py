@@ -184,3 +184,80 @@ def test_the_model_where_the_job_finds_it(
         code, _, err = run(url, tmp_path / "other" / "model")
         assert code == contract.EXIT_INVALID_SPEC
         assert "access denied" in err
+
+
+def test_the_operator_s_job_command_runs_and_its_result_reads_back(
+    model_dir: Path,  # noqa: F811
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    """The contract end to end: the container the operator builds (command, arguments,
+    the spec in its environment, claims under the PVC root) runs this module, and the
+    operator reads what it wrote as the termination message."""
+    import os
+    from datetime import datetime, timezone
+
+    from kubetrain_api.modelservice_validation import parse_modelservice
+    from kubetrain_operator.modelservice import evaluation
+    from kubetrain_operator.modelservice.sources import ModelSource
+    from kubetrain_operator.settings import OperatorSettings
+
+    root = tmp_path / "pvc"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "chat").symlink_to(model_dir)
+    (root / "data").symlink_to(data)
+    service = parse_modelservice(
+        {
+            "apiVersion": "kubetrain.dev/v1alpha1",
+            "kind": "ModelService",
+            "metadata": {"name": "chat", "namespace": "ml"},
+            "spec": {
+                "variants": [{"name": "a", "source": {"uri": "pvc://models/chat"}}],
+                "evaluation": {
+                    "schedule": "@hourly",
+                    "datasets": [
+                        {"name": "intents", "uri": "pvc://data/intents.jsonl", "labels": LABELS}
+                    ],
+                    "heldOut": "pvc://data/held.jsonl",
+                    "metrics": ["accuracy", "perplexity"],
+                },
+            },
+        }
+    )
+    source = ModelSource("chat-v1", claim="models", sub_path="chat")
+    now = datetime.now(timezone.utc)
+    job = evaluation.build_job(service, "uid", "ml", "a", source, OperatorSettings(), now)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command = [sys.executable, *container["command"][1:]]
+    result_file = tmp_path / "termination-log"
+    args = [str(result_file) if a == "/dev/termination-log" else a for a in container["args"]]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env |= {"HOME": str(tmp_path), contract.PVC_ROOT_ENV: str(root)}
+    done = subprocess.run(
+        [*command, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    pod = {
+        "metadata": {"name": "p"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "state": {"terminated": {"exitCode": 0, "message": result_file.read_text()}},
+                }
+            ]
+        },
+    }
+    finished = {
+        **job,
+        "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
+    }
+    result = evaluation.read_result(finished, [pod], now)
+    assert result is not None
+    assert result.error is None
+    assert set(result.metrics) == {"accuracy", "intents/accuracy", "perplexity"}
+    assert result.model_version == "chat-v1"
