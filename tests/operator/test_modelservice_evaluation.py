@@ -344,6 +344,17 @@ def test_the_baseline_is_the_version_s_first_and_the_latest_result_counts() -> N
     assert evaluation.regressions(spec, results[:2], {"a": "v2"}) == []
 
 
+def test_the_latest_successful_value() -> None:
+    results = [
+        result("a", 0, accuracy=0.9),
+        result("a", 1, accuracy=0.8),
+        result("a", 2, error="x"),
+    ]
+    assert evaluation.latest_value(results, "a", "accuracy") == 0.8
+    assert evaluation.latest_value(results, "a", "f1") is None
+    assert evaluation.latest_value(results, "b", "accuracy") is None
+
+
 def test_a_regressed_treatment_is_rolled_back_only_when_asked() -> None:
     asked = service(regression={"metric": "accuracy", "onRegression": "rollback"})
     assert evaluation.rollback_target(asked, ["b"]) == "b"

@@ -387,6 +387,15 @@ def regressions(
     ]
 
 
+def latest_value(results: Sequence[ms.EvaluationResult], variant: str, metric: str) -> float | None:
+    """The variant's latest successful value of `metric` (a retraining trigger's
+    `metricBelow` reads the champion's), or None."""
+    for result in reversed(results):
+        if result.variant == variant and result.error is None and metric in result.metrics:
+            return result.metrics[metric]
+    return None
+
+
 def rollback_target(service: ms.ModelService, regressed: Sequence[str]) -> str | None:
     """The experiment's treatment when it regressed and the spec says to roll back."""
     spec, experiment = service.spec.evaluation, service.spec.experiment
