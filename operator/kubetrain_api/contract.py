@@ -89,6 +89,9 @@ memory, it ends the container with 137, which the runtime reports OOMKilled."""
 
 TERMINATION_MESSAGE_LIMIT: Final = 4096
 """Kubernetes keeps at most this many bytes of a container's termination message."""
+EVALUATION_SPEC_ENV: Final = "KUBETRAIN_EVALUATION_SPEC"
+"""The continuous-evaluation Job's spec (a ModelService's spec.evaluation as JSON), which
+`python -m kubetrain_trainer.evaluate_service` reads."""
 
 # --------------------------------------------------------------------------------------
 # exit codes of the training driver (`kubetrain run`, the head pod's container)

@@ -147,6 +147,18 @@ def rule_groups() -> dict[str, Any]:
             "recent feedback (spec.retraining) may be due.",
             duration=f"{PROMPT_DRIFT_MINUTES}m",
         ),
+        # A state: fires while the variant's latest continuous evaluation is a regression.
+        _rule(
+            "KubetrainModelRegressed",
+            "max by (namespace, modelservice, variant) (\n"
+            "  kubetrain_modelservice_evaluation_regressed\n"
+            ") == 1",
+            "A served model's continuous evaluation regressed",
+            f"Variant {prom('$labels.variant')} of ModelService {service} scored worse than "
+            "its baseline (its model's first evaluation) by more than "
+            "spec.evaluation.regression.maxDrop. `kubectl get modelservice -o yaml` shows "
+            "the results in status.evaluation and the Regressed condition.",
+        ),
     ]
     return {
         "groups": [

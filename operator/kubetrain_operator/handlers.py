@@ -38,11 +38,13 @@ SERVICES = (api.GROUP, api.VERSION, ms.PLURAL)
 # Children whose events re-queue their owner, streamed with a server-side label selector:
 # the Ray pods (phases, exit codes: a run's label), and the Deployments (rollout,
 # availability) and Services (repaired when deleted) of runs and ModelServices alike
-# (everything the operator builds carries the managed-by label).
+# (everything the operator builds carries the managed-by label), and a ModelService's
+# Jobs (a finished evaluation is read at once).
 CHILDREN = {
     ("v1", "pods"): LABEL_RUN,
     ("apps", "deployments"): f"{LABEL_MANAGED_BY}={MANAGED_BY}",
     ("v1", "services"): f"{LABEL_MANAGED_BY}={MANAGED_BY}",
+    ("batch", "jobs"): f"{LABEL_MANAGED_BY}={MANAGED_BY}",
 }
 
 

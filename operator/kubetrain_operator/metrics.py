@@ -267,9 +267,45 @@ class ServiceIndex(Collector):
         yield drift
         yield evaluated
         yield changed
+        yield from _evaluation_gauges(statuses)
         yield from per_variant.values()
         yield from per_service.values()
         yield decision
+
+
+def _evaluation_gauges(
+    statuses: dict[tuple[str, str], ModelServiceStatus],
+) -> Iterator[GaugeMetricFamily]:
+    """Continuous evaluation: each variant's latest value per metric (its model version a
+    label: bounded, the versions a variant served among status.evaluation's 20 results),
+    and which variants regressed."""
+    value = _gauge(
+        "kubetrain_modelservice_evaluation_metric",
+        "A variant's latest continuous-evaluation value of a metric.",
+        "variant",
+        "model_version",
+        "metric",
+    )
+    regressed = _gauge(
+        "kubetrain_modelservice_evaluation_regressed",
+        "1 when the variant's latest evaluation is a regression from its baseline.",
+        "variant",
+    )
+    for (namespace, name), status in sorted(statuses.items()):
+        evaluation = status.evaluation
+        if evaluation is None:
+            continue
+        latest: dict[tuple[str, str], tuple[str, float]] = {}
+        for result in evaluation.results:  # oldest first: the newest wins
+            for metric, number in result.metrics.items():
+                latest[result.variant, metric] = (result.model_version or "", number)
+        for (variant, metric), (version, number) in sorted(latest.items()):
+            value.add_metric([namespace, name, variant, version, metric], number)
+        for shown in status.variants:
+            flag = 1 if shown.name in evaluation.regressed else 0
+            regressed.add_metric([namespace, name, shown.name], flag)
+    yield value
+    yield regressed
 
 
 SERVICES = ServiceIndex()

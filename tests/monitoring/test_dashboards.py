@@ -245,6 +245,7 @@ def test_chart_renders_thresholds_into_the_rules(helm: Path) -> None:
         "KubetrainServingErrors",
         "KubetrainGuardrailRollback",
         "KubetrainPromptDrift",
+        "KubetrainModelRegressed",
     }
     assert "> 60 * 7\n" in rules["KubetrainRunStalled"]["expr"]
     drift = rules["KubetrainPromptDrift"]["expr"]

@@ -133,6 +133,7 @@ def test_prometheus_loads_the_rendered_rules_and_they_are_healthy(stack: Stack) 
         "KubetrainServingErrors",
         "KubetrainGuardrailRollback",
         "KubetrainPromptDrift",
+        "KubetrainModelRegressed",
     }
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
 

@@ -120,6 +120,7 @@ def test_only_runs_and_watched_children_can_be_enumerated(rules: list[dict[str, 
         ("", "pods"),
         ("", "services"),
         ("apps", "deployments"),
+        ("batch", "jobs"),
         ("apiextensions.k8s.io", "customresourcedefinitions"),
     }
 

@@ -260,6 +260,29 @@ def every_path(namespace: str, progress: kubelet.FakeProgress, log: Path, since:
         timeout=30,
         message="the router's Deployment",
     )
+    # Its continuous evaluation: a baseline Job (read, created), deleted with spec.evaluation.
+    evaluated = served_model_service("life")
+    evaluated["spec"]["evaluation"] = {
+        "schedule": "0 0 1 1 *",
+        "heldOut": "pvc://data/held.jsonl",
+        "metrics": ["perplexity"],
+    }
+    apply(evaluated, namespace)
+    jobs = wait_until(
+        lambda: kubectl("get", "jobs", "-n", namespace, "-o", "name").stdout.split(),
+        timeout=30,
+        message="the evaluation Job",
+    )
+    apply(served_model_service("life"), namespace)
+    wait_until(
+        lambda: (
+            not kubectl(
+                "get", *jobs, "-n", namespace, "--ignore-not-found", "-o", "name"
+            ).stdout.strip()
+        ),
+        timeout=30,
+        message="the evaluation Job deleted with spec.evaluation",
+    )
     # Its retraining loop: a scheduled trigger (the next minute) creates the feedback
     # export Job; the Job's pod "finishes" with a snapshot; the operator reads the Job and
     # its pod and creates the retraining TrainingRun.

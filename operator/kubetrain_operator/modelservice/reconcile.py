@@ -37,7 +37,14 @@ from kubetrain_api.reports import wire
 from kubetrain_api.validation import FieldError, InvalidSpec
 from kubetrain_operator import metrics, ownership
 from kubetrain_operator.k8s import Kube
-from kubetrain_operator.modelservice import build, drift, retraining, sources, stats_client
+from kubetrain_operator.modelservice import (
+    build,
+    drift,
+    evaluation,
+    retraining,
+    sources,
+    stats_client,
+)
 from kubetrain_operator.modelservice.status import (
     DECIDED,
     ObservedService,
@@ -124,7 +131,7 @@ def reconcile_service(
             deployments[variant.name] = _own(live, uid)
         router = _own(kube.read("Deployment", ns, ms.router_name(name)), uid)
         experiment = service.spec.experiment
-        start = None if experiment is None else _experiment_start(previous, experiment)
+        start = None if experiment is None else _experiment_start(prior, experiment)
         if experiment is not None and start is not None and router is not None:
             slower = (
                 experiment.latency_threshold_seconds
@@ -149,9 +156,19 @@ def reconcile_service(
             stats=counts,
             stats_problem=problem,
             endpoint=build.endpoint_url(name, ns),
+            regressed_treatment=_regressed_treatment(service, previous),
         )
     )
     status = decision.status
+    # Continuous evaluation (evaluation.py): its Jobs, status.evaluation, Regressed.
+    evaluated = evaluation.Step(None, [], None, [], None)
+    if service is not None:
+        created_at = evaluation.since_creation(body)
+        evaluated = evaluation.step(
+            kube, service, uid, ns, settings, resolutions, previous, now, created_at
+        )
+        generation = int(meta.get("generation") or 0)
+        status = evaluation.record(status, service, evaluated, generation, now)
     if plan is not None:
         last = previous.get("experiment") or {}
         if (
@@ -167,7 +184,8 @@ def reconcile_service(
             status["generation"] = champion.generation
     if status != previous:
         kube.patch_status(ns, name, status, previous, plural=ms.PLURAL)
-    for event in decision.events + (plan.events if plan is not None else []):
+    retrained = plan.events if plan is not None else []
+    for event in [*decision.events, *evaluated.events, *retrained]:
         kube.event(body, event.type, event.reason, event.message)
     if plan is not None and service is not None:
         _act(kube, service, uid, ns, settings, plan)
@@ -182,14 +200,33 @@ def reconcile_service(
             conflict = exc
         record_conflict(kube, body, status, conflict, now, plural=ms.PLURAL)
     metrics.SERVICES.observe(ns, name, ms.ModelServiceStatus.model_validate(status))
+    waits = [evaluated.requeue] if evaluated.requeue is not None else []
     if decision.looking or decision.weights is None:
-        return settings.resync_seconds
+        waits.append(settings.resync_seconds)
     if plan is not None:
         # The loop looks at the router's feedback and its runs as often as an experiment.
-        return settings.resync_seconds
-    if service is not None and drift.wants_stats(service.spec):
-        return max(settings.resync_seconds, drift.LOOK_SECONDS)  # drift is read again then
-    return None
+        waits.append(settings.resync_seconds)
+    elif service is not None and drift.wants_stats(service.spec):
+        waits.append(max(settings.resync_seconds, drift.LOOK_SECONDS))  # drift read again
+    return min(waits) if waits else None
+
+
+def _previous_evaluation(previous: dict[str, Any]) -> ms.ServiceEvaluationStatus:
+    try:
+        return ms.ServiceEvaluationStatus.model_validate(previous.get("evaluation") or {})
+    except ValidationError:
+        return ms.ServiceEvaluationStatus()
+
+
+def _regressed_treatment(service: ms.ModelService | None, previous: dict[str, Any]) -> str | None:
+    """Why the experiment's treatment must roll back on its continuous evaluation, if so."""
+    if service is None or service.spec.evaluation is None:
+        return None
+    shown = _previous_evaluation(previous)
+    target = evaluation.rollback_target(service, shown.regressed)
+    if target is None:
+        return None
+    return f"{target}: {evaluation.regression_message(service.spec.evaluation, shown)}"
 
 
 def _previous_retraining(previous: dict[str, Any]) -> ms.RetrainingStatus:
@@ -256,6 +293,7 @@ def _retrain(
             ),
             router_weights=router_weights,
             champion_drift=drift.unigram_jsd_of(previous, champion_name),
+            champion_metric=_champion_metric(service, previous, champion_name),
             export_jobs=export_jobs,
             runs=runs,
         )
@@ -277,6 +315,18 @@ def _serves(deployment: dict[str, Any] | None, version: str | None) -> bool:
         and status.get("updatedReplicas", 0) == replicas
         and status.get("readyReplicas", 0) == replicas
     )
+
+
+def _champion_metric(
+    service: ms.ModelService, previous: dict[str, Any], champion: str
+) -> float | None:
+    """The champion's latest continuous-evaluation value of the metricBelow trigger's
+    metric."""
+    spec = service.spec.retraining
+    if spec is None or spec.triggers.metric_below is None:
+        return None
+    results = _previous_evaluation(previous).results
+    return evaluation.latest_value(results, champion, spec.triggers.metric_below.metric)
 
 
 def _champion(service: ms.ModelService) -> str | None:

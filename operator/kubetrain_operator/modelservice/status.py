@@ -41,7 +41,9 @@ from kubetrain_operator.status import EVENT_MESSAGE_LIMIT, Event
 READY, ROUTER_READY, VARIANTS_READY = "Ready", "RouterReady", "VariantsReady"
 PROMOTED, ROLLED_BACK = "Promoted", "RolledBack"
 DECIDED: tuple[ms.Decision, ...] = ("Promote", "Rollback")
-Cause = Literal["Spec", "Promote", "Rollback", "Guardrail"]
+REGRESSION_BREACH = "continuous evaluation regressed"
+"""How status.experiment.guardrailBreach begins when continuous evaluation rolled back."""
+Cause = Literal["Spec", "Promote", "Rollback", "Guardrail", "Regression"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +68,9 @@ class ObservedService:
     stats_problem: str | None = None
     """Why the counts could not be read, when they were asked for."""
     endpoint: str | None = None
+    regressed_treatment: str | None = None
+    """Why the experiment's treatment counts as regressed by continuous evaluation, when
+    spec.evaluation.regression.onRegression is `rollback` (the previous look's results)."""
     """In-cluster base URL of the service's OpenAI API."""
 
 
@@ -176,6 +181,24 @@ class _Computation:
         if base.start_time is None:
             return base.model_copy(
                 update={"start_time": now, "reason": "started: collecting samples"}
+            )
+        if o.regressed_treatment:
+            # Continuous evaluation found the treatment worse than its baseline, and
+            # spec.evaluation.regression.onRegression says to roll back: at once, as a
+            # broken guardrail.
+            breach = f"{REGRESSION_BREACH}: {o.regressed_treatment}"
+            applied = _applies("rollback", spec.on_decision)
+            self.event("Warning", ROLLED_BACK, f"{spec.treatment}: {breach}")
+            return base.model_copy(
+                update={
+                    "decision": "Rollback",
+                    "winner": spec.control,
+                    "reason": clip(breach, MAX_MESSAGE),
+                    "guardrail_breach": clip(breach, 1024),
+                    "decision_time": now,
+                    "applied": applied,
+                    "last_look_time": now,
+                }
             )
         if o.stats is None:
             kept = old if same and old is not None else base
@@ -373,7 +396,8 @@ class _Computation:
         split = {name: TOTAL_WEIGHT if name == winner else 0 for name in asked}
         cause: Cause = "Promote" if experiment.decision == "Promote" else "Rollback"
         if experiment.guardrail_breach:
-            cause = "Guardrail"
+            regressed = experiment.guardrail_breach.startswith(REGRESSION_BREACH)
+            cause = "Regression" if regressed else "Guardrail"
         return split, cause, experiment.reason or experiment.decision
 
 

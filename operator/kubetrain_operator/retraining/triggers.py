@@ -30,6 +30,8 @@ from typing import Literal
 from croniter import croniter
 
 ConcurrencyPolicy = Literal["Forbid", "Replace", "Allow"]
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+"""Metrics whose threshold trigger fires above the threshold."""
 CRON_MACROS = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@hourly"})
 MAX_COUNTED_MISSED = 1000
 """Missed schedule times are counted up to here (for the reason text), not beyond."""
@@ -148,12 +150,13 @@ def _events(spec: TriggerSpec, seen: Observed) -> list[str]:
     fired = []
     if spec.min_new_feedback is not None and seen.new_feedback >= spec.min_new_feedback:
         fired.append(f"{seen.new_feedback} new feedback records (at least {spec.min_new_feedback})")
-    if (
-        spec.metric_below is not None
-        and seen.metric is not None
-        and seen.metric < spec.metric_below
-    ):
-        fired.append(f"{spec.metric} {seen.metric:.4g} is below {spec.metric_below:.4g}")
+    if spec.metric_below is not None and seen.metric is not None:
+        # Loss and perplexity get worse upwards: "below the bar" means above it.
+        upward = (spec.metric or "").rsplit("/", 1)[-1] in LOWER_IS_BETTER
+        worse = seen.metric > spec.metric_below if upward else seen.metric < spec.metric_below
+        if worse:
+            side = "above" if upward else "below"
+            fired.append(f"{spec.metric} {seen.metric:.4g} is {side} {spec.metric_below:.4g}")
     if spec.drift_above is not None and seen.drift is not None and seen.drift > spec.drift_above:
         fired.append(f"drift {seen.drift:.4g} is above {spec.drift_above:.4g}")
     return fired
@@ -174,6 +177,15 @@ def _schedule(expr: str, after: datetime, now: datetime) -> tuple[datetime | Non
     while count < MAX_COUNTED_MISSED and it.get_next(datetime) <= latest:
         count += 1
     return latest, count, following
+
+
+def schedule_times(
+    expr: str, after: datetime, now: datetime
+) -> tuple[datetime | None, int, datetime]:
+    """(the latest time of cron `expr` in (after, now] or None, how many there were, the
+    first time after now): the schedule arithmetic of `decide`, for other schedules
+    (continuous evaluation) that run a missed time once."""
+    return _schedule(expr, _utc(after), _utc(now))
 
 
 def _utc(when: datetime) -> datetime:
