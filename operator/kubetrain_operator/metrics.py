@@ -175,13 +175,6 @@ class ServiceIndex(Collector):
             "variant",
             "measure",
         )
-        evaluated = _gauge(
-            "kubetrain_modelservice_evaluation_metric",
-            "The latest continuous evaluation of each variant's model version, by metric.",
-            "variant",
-            "model_version",
-            "metric",
-        )
         changed = _gauge(
             "kubetrain_modelservice_last_traffic_change_timestamp_seconds",
             "When the traffic split last changed, by cause (Spec, Promote, Rollback, Guardrail).",
@@ -225,12 +218,6 @@ class ServiceIndex(Collector):
                 ):
                     if score is not None:
                         drift.add_metric([*key, variant.name, measure], score)
-            latest: dict[tuple[str, str, str], float] = {}  # results are oldest first
-            for evaluation in status.evaluation.results if status.evaluation else []:
-                for metric, score in evaluation.metrics.items():
-                    latest[evaluation.variant, evaluation.model_version or "", metric] = score
-            for labels, score in sorted(latest.items()):
-                evaluated.add_metric([*key, *labels], score)
             for cause, at in sorted(changes.get((namespace, name), {}).items()):
                 changed.add_metric([*key, cause], at)
             experiment = status.experiment
@@ -265,7 +252,6 @@ class ServiceIndex(Collector):
         yield weight
         yield ready
         yield drift
-        yield evaluated
         yield changed
         yield from _evaluation_gauges(statuses)
         yield from per_variant.values()

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetrain_api.modelservice import DriftStatus, ModelServiceStatus, ServiceEvaluationStatus
+from kubetrain_api.modelservice import DriftStatus, ModelServiceStatus
 from kubetrain_operator import metrics
 from kubetrain_operator.metrics import ServiceIndex
 
@@ -160,24 +160,3 @@ def test_prompt_drift_is_exported_per_variant_and_measure() -> None:
     assert value(s, name, variant="a", measure="unigram_jsd") is None
     index.observe("ml", "chat", status())  # the drift went: so do its series
     assert value(scrape(index), name, variant="b", measure="unigram_jsd") is None
-
-
-def test_the_latest_evaluation_of_each_model_version_is_exported() -> None:
-    evaluated = status()
-    evaluated.evaluation = ServiceEvaluationStatus.model_validate(
-        {
-            "results": [
-                {"variant": "a", "modelVersion": "a-1", "time": T0, "metrics": {"accuracy": 0.7}},
-                {"variant": "a", "modelVersion": "a-1", "time": T1, "metrics": {"accuracy": 0.8}},
-                {"variant": "a", "modelVersion": "a-2", "time": T1, "metrics": {"accuracy": 0.9}},
-                {"variant": "b", "time": T1, "error": "the Job failed"},
-            ]
-        }
-    )
-    index = ServiceIndex()
-    index.observe("ml", "chat", evaluated)
-    s = scrape(index)
-    name = "kubetrain_modelservice_evaluation_metric"
-    assert value(s, name, variant="a", model_version="a-1", metric="accuracy") == 0.8
-    assert value(s, name, variant="a", model_version="a-2", metric="accuracy") == 0.9
-    assert not [k for k in s if k[0] == name and dict(k[1])["variant"] == "b"]

@@ -197,6 +197,19 @@ def test_a_broken_guardrail_rolls_back_before_the_minimum_samples() -> None:
     assert conditions(decision)["RolledBack"]["reason"] == "GuardrailBreached"
 
 
+def test_a_regressed_treatment_rolls_back_at_once() -> None:
+    """Continuous evaluation found b worse than its baseline (onRegression: rollback)."""
+    why = "b: accuracy 0.61 < baseline 0.8 - 0.05"
+    decision = look(service(), started().status, stats=None, regressed_treatment=why)
+    experiment = decision.status["experiment"]
+    assert experiment["decision"] == "Rollback"
+    assert experiment["winner"] == "a"
+    assert experiment["guardrailBreach"] == f"continuous evaluation regressed: {why}"
+    assert decision.weights == {"a": 100, "b": 0}
+    assert decision.status["history"][-1]["cause"] == "Regression"
+    assert conditions(decision)["RolledBack"]["status"] == "True"
+
+
 def test_without_enough_samples_the_experiment_keeps_collecting() -> None:
     decision = look(service(), started().status, stats=stats(counts(20, 15), counts(20, 5)))
     experiment = decision.status["experiment"]

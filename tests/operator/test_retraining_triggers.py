@@ -119,6 +119,16 @@ def test_metric_trigger_alone() -> None:
     )
 
 
+def test_loss_and_perplexity_triggers_fire_above_the_bar() -> None:
+    spec = TriggerSpec(metric="perplexity", metric_below=30.0)
+    assert not look(spec, at(2, 0), seen=Observed(metric=12.0)).start
+    assert look(spec, at(2, 0), seen=Observed(metric=41.5)).reasons == (
+        "perplexity 41.5 is above 30",
+    )
+    held_out = TriggerSpec(metric="held/loss", metric_below=2.0)
+    assert look(held_out, at(2, 0), seen=Observed(metric=2.5)).start
+
+
 def test_drift_trigger_alone() -> None:
     spec = TriggerSpec(drift_above=0.2)
     assert not look(spec, at(2, 0), seen=Observed(drift=0.2)).start
@@ -132,12 +142,12 @@ def test_all_triggers_that_fire_are_named() -> None:
 
 
 def test_event_triggers_wait_out_the_cooldown_but_schedules_do_not() -> None:
-    spec = TriggerSpec(schedule="0 * * * *", metric="loss", metric_below=1.0)
+    spec = TriggerSpec(schedule="0 * * * *", metric="accuracy", metric_below=1.0)
     low = Observed(metric=0.5)
     # The quality stays low while the last run trains: no second run within the hour ...
     waiting = look(spec, at(2, 5, 30), last=at(2, 5, 0), seen=low)
     assert not waiting.start
-    assert waiting.waiting == ("loss 0.5 is below 1: cooling down (30m00s left)",)
+    assert waiting.waiting == ("accuracy 0.5 is below 1: cooling down (30m00s left)",)
     assert look(spec, at(2, 6, 0, 1), last=at(2, 5, 0, 1), seen=NOTHING).start  # the schedule
     assert look(spec, at(2, 6, 1), last=at(2, 5, 0, 30), seen=low).start  # cooled down
     assert look(spec, at(2, 0), seen=low).start  # no run yet: nothing to cool down from
