@@ -667,9 +667,7 @@ def create_app(
     get("/metrics", response_class=Response)(server.prometheus)
     get("/v1/models")(server.list_models)
     get("/v1/models/{model_id}", responses={404: {"model": ErrorResponse}})(server.get_model)
-    get(DRIFT_SUMMARY_PATH, responses={404: {"model": ErrorResponse}})(
-        server.get_training_summary
-    )
+    get(DRIFT_SUMMARY_PATH, responses={404: {"model": ErrorResponse}})(server.get_training_summary)
     post("/v1/completions", response_model=Completion, responses=_ERRORS)(server.completions)
     post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)(
         server.chat_completions
