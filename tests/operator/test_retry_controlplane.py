@@ -5,6 +5,7 @@ OOM kills); the operator runs in-process with the chart's RBAC (conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from kubetrain_api import contract
 from kubetrain_api.reports import parse_time
 from tests.support import kubelet
-from tests.support.cluster import wait_until
+from tests.support.cluster import kubectl, wait_until
 from tests.support.runs import (
     apply,
     condition,
@@ -25,6 +26,14 @@ from tests.support.runs import (
 )
 
 pytestmark = pytest.mark.controlplane
+
+
+def run_event_messages(name: str, namespace: str) -> list[str]:
+    out = kubectl(
+        "get", "events", "-n", namespace, "--field-selector",
+        f"involvedObject.kind=TrainingRun,involvedObject.name={name}", "-o", "json",
+    ).stdout  # fmt: skip
+    return [str(e.get("message", "")) for e in json.loads(out)["items"]]
 
 
 def _wait_attempt(name: str, namespace: str, attempt: int) -> dict:
@@ -100,8 +109,14 @@ def test_failure_rules_override_the_defaults(operator: None, namespace: str) -> 
     apply(quickstart("ruled", runPolicy=policy), namespace)
     head = start_cluster("ruled", namespace)
     kubelet.set_terminated(namespace, head, 1)
-    st = _wait_attempt("ruled", namespace, 2)
-    assert "failureRules[0]: Retry" in condition(st, "ClusterReady")["message"]
+    _wait_attempt("ruled", namespace, 2)
+    # The retry's Warning event keeps the rule (the ClusterReady condition moves on to the
+    # new attempt's pods as soon as they exist).
+    wait_until(
+        lambda: any("failureRules[0]: Retry" in m for m in run_event_messages("ruled", namespace)),
+        timeout=30,
+        message="the retry's event naming the rule",
+    )
 
     head = start_cluster("ruled", namespace, attempt=2)
     kubelet.set_terminated(namespace, head, 137, "OOMKilled")
