@@ -264,7 +264,7 @@ def test_promtool_accepts_the_rendered_rules(helm: Path, tmp_path: Path) -> None
     path.write_text(yaml.safe_dump(render_rules(helm)))
     done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 7 rules found" in done.stdout
+    assert "SUCCESS: 8 rules found" in done.stdout
 
 
 def test_the_operator_s_own_namespace_labels_survive_the_scrape(helm: Path) -> None:
