@@ -35,7 +35,13 @@ def test_examples_pass_server_dry_run(example: Path, crd_installed: None, namesp
 def test_get_tr_shows_printer_columns(crd_installed: None, namespace: str) -> None:
     kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples" / "quickstart.yaml"))
     # Play the operator: write a status through the status subresource.
-    status = {"status": {"phase": "Running", "progress": {"percent": 42, "loss": 2.5}}}
+    status = {
+        "status": {
+            "phase": "Running",
+            "progress": {"percent": 42, "loss": 2.5},
+            "model": {"generation": 3},
+        }
+    }
     kubectl(
         "patch",
         "tr",
@@ -49,11 +55,11 @@ def test_get_tr_shows_printer_columns(crd_installed: None, namespace: str) -> No
     )
     out = kubectl("get", "tr", "-n", namespace).stdout
     header, row = out.strip().splitlines()
-    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "AGE"]
-    assert row.split()[:4] == ["quickstart", "Running", "42", "2.5"]
+    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "GEN", "AGE"]
+    assert row.split()[:5] == ["quickstart", "Running", "42", "2.5", "3"]
     wide = kubectl("get", "trainingruns.kubetrain.dev", "-n", namespace, "-o", "wide").stdout
     assert "builtin://tiny-llama" in wide
-    assert wide.splitlines()[0].split()[5:] == ["METHOD", "MODEL", "WORKERS", "ATTEMPTS"]
+    assert wide.splitlines()[0].split()[6:] == ["METHOD", "MODEL", "WORKERS", "ATTEMPTS"]
 
 
 def test_status_is_a_subresource(crd_installed: None, namespace: str) -> None:

@@ -180,11 +180,12 @@ def test_get_ms_shows_printer_columns(crd_installed: None, namespace: str) -> No
             "traffic": "a=50,b=50",
             "experiment": {"decision": "Undecided", "pValue": 0.42},
             "router": {"url": "http://chat.example:8000/v1"},
+            "generation": 2,
         },
     )
     header, row = kubectl("get", "ms", "-n", namespace).stdout.strip().splitlines()
-    assert header.split() == ["NAME", "VARIANTS", "TRAFFIC", "DECISION", "AGE"]
-    assert row.split()[:4] == ["chat", "2/2", "a=50,b=50", "Undecided"]
+    assert header.split() == ["NAME", "VARIANTS", "TRAFFIC", "DECISION", "GEN", "AGE"]
+    assert row.split()[:5] == ["chat", "2/2", "a=50,b=50", "Undecided", "2"]
     wide = kubectl("get", "modelservices.kubetrain.dev", "-n", namespace, "-o", "wide").stdout
-    assert wide.splitlines()[0].split()[5:] == ["WINNER", "P", "URL"]
+    assert wide.splitlines()[0].split()[6:] == ["WINNER", "P", "URL"]
     assert "http://chat.example:8000/v1" in wide
