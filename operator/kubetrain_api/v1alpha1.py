@@ -157,7 +157,27 @@ class LoraSpec(ApiModel):
 # spec.data
 # --------------------------------------------------------------------------------------
 
-DataFormat = Literal["text", "jsonl", "parquet", "hf-dataset", "chat", "prompt-response"]
+DataFormat = Literal[
+    "text",
+    "jsonl",
+    "parquet",
+    "hf-dataset",
+    "chat",
+    "prompt-response",
+    "preference",
+    "unpaired-preference",
+    "prompt-only",
+]
+# The formats of preference and reinforcement learning (TRL's dataset types of the same
+# names), read from jsonl, parquet or saved datasets; the methods that take each.
+PREFERENCE_FORMATS: Final = ("preference", "unpaired-preference", "prompt-only")
+TrainingMethod = Literal["pretrain", "sft", "instruction", "dpo", "kto", "grpo"]
+METHOD_FORMATS: Final[dict[str, tuple[str, ...]]] = {
+    "dpo": ("preference",),
+    # A pair gives KTO one desirable and one undesirable example.
+    "kto": ("unpaired-preference", "preference"),
+    "grpo": ("prompt-only",),
+}
 
 
 class FieldMapping(ApiModel):
@@ -172,7 +192,15 @@ class FieldMapping(ApiModel):
     messages: ShortText = "messages"
     """Field with a list of `{role, content}` messages (chat)."""
     label: ShortText = "label"
-    """Field with the expected label or answer (evaluation sets)."""
+    """Field with the expected label or answer (evaluation sets); whether the completion
+    is desirable, true or false (unpaired-preference); the reference answer that
+    exact-match rewards compare with (prompt-only, optional)."""
+    chosen: ShortText = "chosen"
+    """Field with the preferred completion (preference): text, or a list of messages."""
+    rejected: ShortText = "rejected"
+    """Field with the dispreferred completion (preference)."""
+    completion: ShortText = "completion"
+    """Field with the completion (unpaired-preference)."""
 
 
 class DataSource(ApiModel):
@@ -185,7 +213,10 @@ class DataSource(ApiModel):
     and worker pods), `s3://`, `gs://`, `hf://org/dataset` or `builtin://NAME`
     (quickstart-corpus, quickstart-instructions, quickstart-sentiment)."""
     format: DataFormat = "text"
-    """Record format."""
+    """Record format. `preference` (prompt, chosen, rejected), `unpaired-preference`
+    (prompt, completion, label true/false) and `prompt-only` (prompt, optional reference
+    answer in `label`) are TRL's dataset types, for methods dpo, kto and grpo; a prompt or
+    completion is text or a list of `{role, content}` messages."""
     fields: FieldMapping = Field(default_factory=FieldMapping)
     """Field names for structured formats."""
     split: ShortText | None = None
@@ -495,7 +526,7 @@ class CheckpointSpec(ApiModel):
     trainable parameters per rank with AdamW in fp32) and writes with training's bandwidth."""
 
 
-EvalMetric = Literal["loss", "perplexity", "accuracy", "precision", "recall", "f1"]
+EvalMetric = Literal["loss", "perplexity", "accuracy", "precision", "recall", "f1", "reward"]
 
 
 class EvalDataset(ApiModel):
@@ -509,8 +540,10 @@ class EvalDataset(ApiModel):
     """Record format."""
     fields: FieldMapping = Field(default_factory=FieldMapping)
     """Field names: `prompt` for the input and `label` for the expected answer."""
-    task: Literal["classification", "exact-match"] = "classification"
-    """How predictions are compared with labels."""
+    task: Literal["classification", "exact-match", "preference"] = "classification"
+    """How predictions are compared with labels. `preference`: rows of prompt, chosen and
+    rejected (fields `prompt`, `chosen`, `rejected`); accuracy is the share of pairs whose
+    chosen completion the model finds more likely than the rejected one."""
     labels: Annotated[list[ShortText], Field(max_length=1000)] = Field(default_factory=list)
     """Class labels (classification); the model's answer is scored against each."""
     scoring: Literal["generate", "loglikelihood", "loglikelihood-normalized"] | None = None
@@ -521,7 +554,9 @@ class EvalDataset(ApiModel):
     (which has no label list to score)."""
 
 
-GATE_METRIC = r"^(([a-z0-9]([-a-z0-9]*[a-z0-9])?)/)?(loss|perplexity|accuracy|precision|recall|f1)$"
+GATE_METRIC = (
+    r"^(([a-z0-9]([-a-z0-9]*[a-z0-9])?)/)?(loss|perplexity|accuracy|precision|recall|f1|reward)$"
+)
 
 
 class GateThreshold(ApiModel):
@@ -547,7 +582,10 @@ class EvaluationSpec(ApiModel):
         "loss",
         "perplexity",
     ]
-    """Metrics to compute."""
+    """Metrics to compute. Under dpo and kto, `loss` is the method's loss on the
+    validation split and `perplexity` that of its chosen (desirable) completions. `reward`
+    (grpo only, which has no validation loss) is the mean reward of greedy completions of
+    the validation prompts."""
     average: Literal["macro", "micro", "weighted", "binary"] = "macro"
     """How precision, recall and F1 average over classes."""
     max_batches: Annotated[int, Field(ge=1, le=1_000_000)] = 50
@@ -786,6 +824,83 @@ class PodOverrides(ApiModel):
 
 
 # --------------------------------------------------------------------------------------
+# spec.dpo, spec.kto, spec.grpo: preference and reinforcement learning
+# --------------------------------------------------------------------------------------
+
+Beta = Annotated[float, Field(gt=0.0, le=100.0)]
+
+
+class DpoSpec(ApiModel):
+    """Direct Preference Optimization (Rafailov et al. 2023; TRL's `sigmoid` loss)."""
+
+    beta: Beta = 0.1
+    """Strength of the pull toward the reference model: higher stays closer to it."""
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
+    """Assumed share of flipped preference labels (conservative DPO); 0 trusts them all."""
+
+
+class KtoSpec(ApiModel):
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024): desirable and undesirable
+    completions, unpaired; the reference point is a KL estimate on mismatched pairs."""
+
+    beta: Beta = 0.1
+    """Strength of the pull toward the reference model."""
+    desirable_weight: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    """Loss weight of desirable examples (raise it when they are the fewer)."""
+    undesirable_weight: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    """Loss weight of undesirable examples."""
+
+
+RewardType = Literal["exact-match", "regex", "json-schema", "length", "model"]
+
+
+class RewardSpec(ApiModel):
+    """One reward of a sampled completion; a completion's reward is the weighted sum."""
+
+    type: RewardType
+    """`exact-match`: 1 when the completion equals the row's reference answer (`label`
+    field; whitespace-trimmed, case-insensitive), else 0. `regex`: 1 when `pattern`
+    matches somewhere in it. `json-schema`: 1 when it is JSON valid against `jsonSchema`.
+    `length`: 1 within `minChars`..`maxChars`, falling linearly to 0 at twice the bound.
+    `model`: the score of a sequence-classification model (`model`, a folder)."""
+    weight: Annotated[float, Field(ge=-100.0, le=100.0)] = 1.0
+    """Weight in the sum (negative penalizes)."""
+    pattern: Annotated[str, Field(max_length=1024)] | None = None
+    """Regular expression (Python syntax) of `regex`."""
+    json_schema: LooseObject | None = None
+    """JSON Schema (draft 2020-12) of `json-schema`."""
+    min_chars: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    """Shortest completion `length` rewards fully."""
+    max_chars: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    """Longest completion `length` rewards fully."""
+    model: Uri | None = None
+    """Folder of a transformers sequence-classification model (`model`): `file://`,
+    `pvc://`, `s3://`, `gs://` or `hf://`. One label: its logit is the reward; two or
+    more: the probability of the last label."""
+
+
+class GrpoSpec(ApiModel):
+    """Group Relative Policy Optimization (Shao et al. 2024; TRL's GRPO with its `dapo`
+    token-level loss): per prompt a group of sampled completions, each scored by the
+    rewards, its advantage the reward's distance from the group mean in group standard
+    deviations; a KL term to the reference keeps the policy near it. `globalBatchSize`
+    and `microBatchSize` count prompts."""
+
+    rewards: Annotated[list[RewardSpec], Field(min_length=1, max_length=8)]
+    """The rewards, summed with their weights."""
+    generations: Annotated[int, Field(ge=2, le=64)] = 4
+    """Completions sampled per prompt (the group)."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    """Longest sampled completion, in tokens."""
+    temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    """Sampling temperature."""
+    beta: Annotated[float, Field(ge=0.0, le=100.0)] = 0.04
+    """Weight of the KL term to the reference; 0 drops it (and the reference model)."""
+    epsilon: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    """Clipping range of the importance ratio."""
+
+
+# --------------------------------------------------------------------------------------
 # spec
 # --------------------------------------------------------------------------------------
 
@@ -795,10 +910,19 @@ class TrainingRunSpec(ApiModel):
 
     model: ModelSpec
     """The model to train."""
-    method: Literal["pretrain", "sft", "instruction"] = "sft"
-    """`pretrain` trains on all tokens; `sft` and `instruction` mask the loss on prompts."""
+    method: TrainingMethod = "sft"
+    """`pretrain` trains on all tokens; `sft` and `instruction` mask the loss on prompts;
+    `dpo` learns from preference pairs, `kto` from completions labelled desirable or not,
+    `grpo` from rewards of completions it samples (each against a frozen reference: the
+    starting model, or the base without adapters under LoRA)."""
     lora: LoraSpec | None = None
     """Train low-rank adapters instead of all weights."""
+    dpo: DpoSpec | None = None
+    """Settings of method dpo (defaults when empty)."""
+    kto: KtoSpec | None = None
+    """Settings of method kto (defaults when empty)."""
+    grpo: GrpoSpec | None = None
+    """Settings of method grpo: its group size, sampling and rewards (required)."""
     data: DataSpec
     """Training data."""
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
@@ -830,6 +954,12 @@ class TrainingRunSpec(ApiModel):
     pod_overrides: PodOverrides = Field(default_factory=PodOverrides)
     """Extra volumes, env, labels, init containers, sidecars and capabilities merged over
     the Ray pods the operator builds (cluster-specific needs such as RDMA)."""
+
+
+def reward_models(spec: TrainingRunSpec) -> list[tuple[str, str]]:
+    """(field path, uri) of every reward model folder of the run (read by the workers)."""
+    rewards = spec.grpo.rewards if spec.grpo is not None else []
+    return [(f"spec.grpo.rewards[{i}].model", r.model) for i, r in enumerate(rewards) if r.model]
 
 
 # --------------------------------------------------------------------------------------
@@ -882,6 +1012,18 @@ class Progress(ApiModel):
     """Model FLOPs utilization (0-1)."""
     eta_seconds: Annotated[int, Field(ge=0)] | None = None
     """Estimated seconds to finish training."""
+    reward_mean: float | None = None
+    """grpo: mean reward of the step's sampled completions."""
+    reward_std: Annotated[float, Field(ge=0)] | None = None
+    """grpo: their standard deviation."""
+    reward_margin: float | None = None
+    """dpo, kto: mean implicit reward (beta x log-ratio to the reference) of chosen
+    (desirable) minus rejected (undesirable) completions."""
+    reward_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    """dpo: share of the step's pairs whose chosen completion has the higher implicit
+    reward."""
+    kl: float | None = None
+    """kto, grpo: estimated KL divergence of the policy from the reference."""
     updated_at: datetime | None = None
     """When these numbers were read."""
 

@@ -436,6 +436,8 @@ def _uris(spec: api.TrainingRunSpec) -> Iterator[tuple[str, str, str]]:
         yield f"spec.data.sources[{i}].uri", src.uri, "dataset"
     for i, ds in enumerate(spec.evaluation.datasets):
         yield f"spec.evaluation.datasets[{i}].uri", ds.uri, "dataset"
+    for path, uri in api.reward_models(spec):
+        yield path, uri, "model"
     if spec.checkpoint.storage.uri:
         yield "spec.checkpoint.storage.uri", spec.checkpoint.storage.uri, "storage"
     if "://" in spec.checkpoint.resume:
@@ -726,6 +728,57 @@ def _rule_data(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
         yield FieldError("spec.data.preprocessing.minChars", "must be <= maxChars")
 
 
+def _rule_method(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
+    """Preference and RL methods: the data formats each takes, its settings block, and
+    the rewards' own fields."""
+    spec = run.spec
+    wanted = api.METHOD_FORMATS.get(spec.method)
+    for i, src in enumerate(spec.data.sources):
+        path = f"spec.data.sources[{i}].format"
+        if wanted is not None and src.format not in wanted:
+            yield FieldError(path, f"method {spec.method} needs {' or '.join(wanted)} data")
+        elif wanted is None and src.format in api.PREFERENCE_FORMATS:
+            takes = [m for m, formats in api.METHOD_FORMATS.items() if src.format in formats]
+            yield FieldError(path, f"{src.format} data needs method {' or '.join(takes)}")
+    for block in ("dpo", "kto", "grpo"):
+        if getattr(spec, block) is not None and spec.method != block:
+            yield FieldError(f"spec.{block}", f"applies to method {block}, not {spec.method}")
+    if spec.method == "grpo" and spec.grpo is None:
+        yield FieldError("spec.grpo", "method grpo needs its rewards: set spec.grpo.rewards")
+    for i, reward in enumerate(spec.grpo.rewards if spec.grpo else []):
+        yield from _reward_errors(f"spec.grpo.rewards[{i}]", reward)
+
+
+# The field each reward type needs, and the fields it ignores (set by mistake otherwise).
+_REWARD_FIELDS = {
+    "exact-match": (),
+    "regex": ("pattern",),
+    "json-schema": ("json_schema",),
+    "length": ("min_chars", "max_chars"),
+    "model": ("model",),
+}
+
+
+def _reward_errors(path: str, reward: api.RewardSpec) -> Iterator[FieldError]:
+    own = _REWARD_FIELDS[reward.type]
+    for name in ("pattern", "json_schema", "min_chars", "max_chars", "model"):
+        field = api.RewardSpec.model_fields[name].alias or name
+        if getattr(reward, name) is not None and name not in own:
+            yield FieldError(f"{path}.{field}", f"does not apply to reward type {reward.type}")
+    if own and all(getattr(reward, name) is None for name in own):
+        fields = " or ".join(api.RewardSpec.model_fields[n].alias or n for n in own)
+        yield FieldError(
+            f"{path}.{fields.split(' ')[0]}", f"reward type {reward.type} needs {fields}"
+        )
+    if reward.pattern is not None:
+        try:
+            re.compile(reward.pattern)
+        except re.error as exc:
+            yield FieldError(f"{path}.pattern", f"is not a regular expression: {exc}")
+    if (reward.min_chars or 0) > (reward.max_chars or float("inf")):
+        yield FieldError(f"{path}.minChars", "must be <= maxChars")
+
+
 def _unique_names(path: str, names: list[str]) -> Iterator[FieldError]:
     seen: set[str] = set()
     for i, name in enumerate(names):
@@ -740,6 +793,16 @@ _LABELLED_METRICS = ("accuracy", "precision", "recall", "f1")
 def _rule_evaluation(run: api.TrainingRun, limits: Limits) -> Iterator[FieldError]:
     ev = run.spec.evaluation
     yield from _unique_names("spec.evaluation.datasets", [d.name for d in ev.datasets])
+    for i, metric in enumerate(ev.metrics):
+        if metric == "reward" and run.spec.method != "grpo":
+            yield FieldError(
+                f"spec.evaluation.metrics[{i}]", "reward is the mean reward of method grpo"
+            )
+        elif metric in ("loss", "perplexity") and run.spec.method == "grpo":
+            yield FieldError(
+                f"spec.evaluation.metrics[{i}]",
+                f"method grpo has no validation {metric}; evaluate reward (metrics: [reward])",
+            )
     if not ev.datasets:
         for i, metric in enumerate(ev.metrics):
             if metric in _LABELLED_METRICS:
@@ -748,6 +811,13 @@ def _rule_evaluation(run: api.TrainingRun, limits: Limits) -> Iterator[FieldErro
                     f"{metric} needs a labelled set in spec.evaluation.datasets",
                 )
     for i, ds in enumerate(ev.datasets):
+        if ds.task == "preference" and (ds.labels or ds.scoring):
+            field = "labels" if ds.labels else "scoring"
+            yield FieldError(
+                f"spec.evaluation.datasets[{i}].{field}",
+                "a preference set compares each pair's chosen and rejected completions; "
+                "it has no labels or scoring",
+            )
         if ds.task == "classification" and not ds.labels:
             yield FieldError(
                 f"spec.evaluation.datasets[{i}].labels", "classification needs its labels"
@@ -827,6 +897,7 @@ RULES: tuple[Rule, ...] = (
     _rule_no_secret_values,
     _rule_data,
     _rule_evaluation,
+    _rule_method,
     _rule_checkpoint,
     _rule_serve,
     _rule_failure_rules,

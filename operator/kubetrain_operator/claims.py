@@ -41,6 +41,7 @@ def readers(spec: api.TrainingRunSpec) -> dict[str, frozenset[str]]:
         uris.append((spec.model.tokenizer, both))
     uris += [(src.uri, both) for src in spec.data.sources]
     uris += [(ds.uri, frozenset({ROLE_WORKER})) for ds in spec.evaluation.datasets]
+    uris += [(uri, frozenset({ROLE_WORKER})) for _, uri in api.reward_models(spec)]
     out: dict[str, frozenset[str]] = {}
     for uri, roles in uris:
         claim = contract.pvc_claim(uri)
