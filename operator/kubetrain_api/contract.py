@@ -164,6 +164,20 @@ counts and file hashes; a model trained on the snapshot records the id in its li
 SNAPSHOT_SFT_FILE: Final = "sft.jsonl"
 """In a dataset snapshot's folder: the SFT examples (chat conversations ending in a
 correction), which a retraining run adds to its data sources."""
+SNAPSHOT_PREFERENCES_FILE: Final = "preferences.jsonl"
+"""In a dataset snapshot's folder: preference pairs (TRL's conversational preference
+format: prompt, chosen, rejected), the feedback a dpo retraining run adds."""
+SNAPSHOT_BINARY_FILE: Final = "binary.jsonl"
+"""In a dataset snapshot's folder: answers labelled good or bad (TRL's unpaired preference
+format: prompt, completion, label), the feedback a kto retraining run adds."""
+# The snapshot file, and its data format, a retraining run of each method trains on.
+SNAPSHOT_SOURCE_BY_METHOD: Final[dict[str, tuple[str, str]]] = {
+    "pretrain": (SNAPSHOT_SFT_FILE, "chat"),
+    "sft": (SNAPSHOT_SFT_FILE, "chat"),
+    "instruction": (SNAPSHOT_SFT_FILE, "chat"),
+    "dpo": (SNAPSHOT_PREFERENCES_FILE, "preference"),
+    "kto": (SNAPSHOT_BINARY_FILE, "unpaired-preference"),
+}
 IMAGE_ENV: Final = "KUBETRAIN_IMAGE"
 """The container image the trainer runs in, as the operator names it in the pod (recorded
 in the lineage of the models it exports); unset on a laptop."""

@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kubetrain_api import k8s_rules, routing
+from kubetrain_api import contract, k8s_rules, routing
 from kubetrain_api import modelservice as ms
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.validation import (
@@ -321,6 +321,13 @@ def _rule_retraining(service: ms.ModelService, limits: Limits) -> Iterator[Field
             "metadata.name",
             f"with spec.retraining, must be at most {room} characters (retraining runs are "
             f"named <name>-retrain-<n>, at most {limits.max_name_length} characters)",
+        )
+    method = retraining.template.spec.method
+    if method not in contract.SNAPSHOT_SOURCE_BY_METHOD:
+        yield FieldError(
+            f"{base}.template.spec.method",
+            f"feedback has nothing for method {method} to learn from; use "
+            f"{', '.join(contract.SNAPSHOT_SOURCE_BY_METHOD)}",
         )
     # The template must make a valid TrainingRun.
     probe = api.TrainingRun(

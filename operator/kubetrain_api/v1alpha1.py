@@ -30,7 +30,12 @@ CATEGORIES = ["kubetrain", "ml"]
 # Tiny model configs that need no download; the trainer maps each name to a config.
 BUILTIN_MODELS = ("tiny-llama", "tiny-qwen2")
 # Small datasets the trainer generates or ships, for the quickstart and tests.
-BUILTIN_DATASETS = ("quickstart-corpus", "quickstart-instructions", "quickstart-sentiment")
+BUILTIN_DATASETS = (
+    "quickstart-corpus",
+    "quickstart-instructions",
+    "quickstart-sentiment",
+    "quickstart-preferences",
+)
 
 # Kubernetes-style bounds. Every string and list is bounded so that a spec stays small
 # (the resolved spec is stored in a ConfigMap) and the API server can cost it.
@@ -211,7 +216,7 @@ class DataSource(ApiModel):
     uri: Uri
     """Location: `file://`, `pvc://claim/path` (the claim is mounted read-only into the head
     and worker pods), `s3://`, `gs://`, `hf://org/dataset` or `builtin://NAME`
-    (quickstart-corpus, quickstart-instructions, quickstart-sentiment)."""
+    (quickstart-corpus, quickstart-instructions, quickstart-sentiment, quickstart-preferences)."""
     format: DataFormat = "text"
     """Record format. `preference` (prompt, chosen, rejected), `unpaired-preference`
     (prompt, completion, label true/false) and `prompt-only` (prompt, optional reference

@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete an earlier run first")
     run.add_argument("--workers", type=int, help="training processes (default: spec)")
     run.add_argument("--max-steps", type=int, help="override spec.hyperparameters.maxSteps")
+    run.add_argument(
+        "--model",
+        metavar="URI",
+        help="override spec.model.source: a URI or a local model folder (e.g. the model of "
+        "an earlier run: runs/NAME/model)",
+    )
     run.add_argument("--metrics-port", type=int, help="serve /metrics and /progress on PORT")
     run.add_argument(
         "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: local)"

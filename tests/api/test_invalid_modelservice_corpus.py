@@ -69,6 +69,7 @@ CASES: dict[str, tuple[str, str]] = {
         "rules",
         "spec.retraining.template.spec.hyperparameters.globalBatchSize",
     ),
+    "retraining-grpo-template": ("rules", "spec.retraining.template.spec.method"),
     "retraining-name-too-long-xxxxxxxxxxxxxx": ("rules", "metadata.name"),
     "evaluation-without-data": ("rules", "spec.evaluation"),
     "evaluation-perplexity-without-held-out": ("rules", "spec.evaluation.metrics"),

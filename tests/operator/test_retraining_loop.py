@@ -8,6 +8,8 @@ whole loop on real pods is tests/e2e's `test_the_model_keeps_improving_from_its_
 from __future__ import annotations
 
 import json
+
+import pytest
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -381,3 +383,41 @@ def test_drift_of_the_champion_triggers() -> None:
     plan = retraining.step(view(service, champion_drift=0.35))
     assert plan.actions == [retraining.CreateExportJob("helper-retrain-1")]
     assert plan.status.runs[0].reasons == ["drift 0.35 is above 0.2"]
+
+
+@pytest.mark.parametrize(
+    ("method", "data_format", "file"),
+    [
+        ("dpo", "preference", contract.SNAPSHOT_PREFERENCES_FILE),
+        ("kto", "unpaired-preference", contract.SNAPSHOT_BINARY_FILE),
+    ],
+)
+def test_a_preference_template_learns_from_the_snapshots_pairs_or_labels(
+    method: str, data_format: str, file: str
+) -> None:
+    """Feedback is mostly comparisons and thumbs up/down: a dpo template trains on the
+    snapshot's pairs, a kto template on its labelled answers (not on the SFT file)."""
+    template = example().spec.retraining.template.model_dump(by_alias=True)  # type: ignore[union-attr]
+    template["spec"]["method"] = method
+    template["spec"]["data"]["sources"] = [
+        {"name": "pairs", "uri": "builtin://quickstart-preferences", "format": data_format}
+    ]
+    service = example(template=template)
+    status = retraining.step(view(service=service, new_feedback=40)).status
+    plan = retraining.step(
+        view(
+            service=service,
+            status=status,
+            export_jobs={"helper-retrain-1": finished_export(json.dumps(SNAPSHOT))},
+        )
+    )
+    (action,) = plan.actions
+    assert isinstance(action, retraining.CreateRun)
+    feedback = action.body["spec"]["data"]["sources"][-1]
+    assert (feedback["uri"], feedback["format"]) == (
+        f"pvc://feedback-snapshots/helper/{SNAPSHOT['id']}/{file}",
+        data_format,
+    )
+    from kubetrain_api.validation import validate_document
+
+    assert validate_document({**action.body, "metadata": {"name": "helper-retrain-1"}}) == []

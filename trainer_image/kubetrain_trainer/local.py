@@ -25,10 +25,14 @@ class RunError(SpecFailure):
 
 
 def load_run(
-    path: Path, max_steps: int | None = None, run_uid: str | None = None
+    path: Path,
+    max_steps: int | None = None,
+    run_uid: str | None = None,
+    model: str | None = None,
 ) -> api.TrainingRun:
     """The one TrainingRun in `path`, validated; `run_uid` (the operator's --run-uid)
-    becomes its metadata.uid, which travels with the run to the workers (lineage)."""
+    becomes its metadata.uid, which travels with the run to the workers (lineage).
+    `model` replaces spec.model.source: a URI, or a local folder (made a file:// URI)."""
     try:
         docs = validation.load_documents(validation.read_file(path))
     except (OSError, validation.InvalidYaml) as exc:
@@ -44,6 +48,12 @@ def load_run(
         hp = spec.setdefault("hyperparameters", {})
         if isinstance(hp, dict):
             hp["maxSteps"] = max_steps
+    if model is not None and isinstance(spec, dict):
+        # A model trained here before (e.g. the base of a preference run), for laptop runs
+        # of an example that names its cluster location.
+        source = model if "://" in model else f"file://{Path(model).resolve()}"
+        if isinstance(spec.get("model"), dict):
+            spec["model"]["source"] = source
     try:
         run = validation.parse(doc)
     except validation.InvalidSpec as exc:
@@ -280,9 +290,10 @@ def run_local(
     termination_log: Path | None = None,
     run_uid: str | None = None,
     max_failures: int | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     # The file first: a bad one is refused before torch and Ray load (seconds).
-    run = load_run(path, max_steps=max_steps, run_uid=run_uid)
+    run = load_run(path, max_steps=max_steps, run_uid=run_uid, model=model)
 
     from kubetrain_trainer import metrics
     from kubetrain_trainer.driver import run_training
@@ -379,11 +390,12 @@ def main(args: Any) -> int:
             termination_log=Path(args.termination_log) if args.termination_log else None,
             run_uid=args.run_uid,
             max_failures=getattr(args, "max_failures", None),
+            model=getattr(args, "model", None),
         )
     except Exception as exc:  # the one place a failure becomes an exit code
         return report(exc)
     if args.serve:
-        run = load_run(Path(args.file), max_steps=args.max_steps)
+        run = load_run(Path(args.file), max_steps=args.max_steps, model=args.model)
         out = run_folder(run, Path(args.output_dir), args.run_uid)
         serve_after(run, result, out, args.serve_port)
     return 0

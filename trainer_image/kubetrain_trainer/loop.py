@@ -32,6 +32,7 @@ from kubetrain_trainer import (
     run_storage,
     sharded_init,
 )
+from kubetrain_trainer.alignment import objective
 from kubetrain_trainer.config import TrainConfig
 from kubetrain_trainer.data.shards import open_split
 from kubetrain_trainer.parallelize import compute_dtype, set_gradient_sync
@@ -205,6 +206,8 @@ class Trainer:
         # Steps between step events. On CPU reading the loss costs nothing, so every step;
         # on GPU it waits for the device, so only every LOG_INTERVAL_STEPS_GPU.
         self.log_interval = LOG_INTERVAL_STEPS_GPU if config.use_gpu else 1
+        # dpo, kto, grpo: their own step and validation, and a frozen reference model.
+        self.objective = objective.build(self)
         self._built = time.time()
 
     def _tokenizer(self) -> Any:
@@ -248,17 +251,27 @@ class Trainer:
         tokens stay on the device (0-d tensors); `fit` reads them at logging steps."""
         self.model.train()
         _seed_everything(step_seed(self.config.hp.seed, self.step, self.ctx.rank))
-        micro_batches = [
-            self._model_batch(
-                {
-                    k: _to_device(v, self.device)
-                    for k, v in _tensors(self.train_data.take(rows)).items()
-                }
+        micro = [
+            (
+                rows,
+                self._model_batch(
+                    {
+                        k: _to_device(v, self.device)
+                        for k, v in _tensors(self.train_data.take(rows)).items()
+                    }
+                ),
             )
             for rows in self.order.micro_batches(self.step, self.ctx.rank)
         ]
-        loss, trained = accumulate_gradients(self.model, micro_batches, self.device)
-        tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
+        numbers: dict[str, torch.Tensor] = {}
+        if self.objective is not None:
+            out = self.objective.accumulate(self.model, micro)
+            loss, trained, numbers = out.loss, out.trained, out.numbers
+            tokens = out.tokens
+        else:
+            micro_batches = [batch for _, batch in micro]
+            loss, trained = accumulate_gradients(self.model, micro_batches, self.device)
+            tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
@@ -270,6 +283,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": tokens * self.ctx.world_size,
             "trained_tokens": trained,
+            "numbers": numbers,
         }
 
     def _model_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -289,7 +303,9 @@ class Trainer:
             self._model_batch,
             map(_tensors, self.val_data.batches(self.config.micro_batch_size, ev.max_batches)),
         )
-        if self.val_data.rows:
+        if self.objective is not None:
+            results.update(self.objective.evaluate(self.model, ev.metrics))
+        elif self.val_data.rows:
             loss, _ = evaluate.evaluate_loss(self.model, batches, self.device)
             if "loss" in ev.metrics:
                 results["loss"] = loss
@@ -306,6 +322,12 @@ class Trainer:
         ev = self.spec.evaluation
         out: dict[str, float] = {}
         for ds in ev.datasets:
+            if ds.task == "preference":
+                if "accuracy" in wanted:  # the one metric of a set of pairs
+                    accuracy = self._preference_accuracy(ds)
+                    out.setdefault("accuracy", accuracy)
+                    out[f"{ds.name}/accuracy"] = accuracy
+                continue
             examples = load_eval_examples(ds)
             prompts = [e.prompt for e in examples]
             truth = [e.label for e in examples]
@@ -317,13 +339,24 @@ class Trainer:
                 prompts,
                 truth,
                 ev.average,
-                chat=self.spec.method in ("sft", "instruction"),
+                chat=self.spec.method != "pretrain",
             )
             for name in wanted:
                 # The first dataset also reports under the bare name the gate checks.
                 out.setdefault(name, scores[name])
                 out[f"{ds.name}/{name}"] = scores[name]
         return out
+
+    def _preference_accuracy(self, ds: api.EvalDataset) -> float:
+        from kubetrain_trainer.data import load_preference_examples
+
+        return objective.preference_accuracy(
+            self.model,
+            self.tokenizer,
+            load_preference_examples(ds),
+            self.spec.data.sequence_length,
+            self.config.micro_batch_size,
+        )
 
     def save_checkpoint(self) -> None:
         # Global values only: an elastic resume hands rank 0's extras to every rank.
@@ -399,6 +432,7 @@ class Trainer:
                     gpu_memory_peak_bytes=_peak_memory_bytes(),
                     epoch=self.order.epoch(self.step),
                     tokens_seen=self.tokens_seen,
+                    **{k: float(v) for k, v in out["numbers"].items()},
                 )
             if self.step % ev.interval_steps == 0 and self.step < self.total_steps:
                 self._emit(kind="eval", step=self.step, metrics=self.evaluate())

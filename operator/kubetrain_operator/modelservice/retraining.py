@@ -504,7 +504,8 @@ def model_uri(source: ModelSource) -> str:
 
 def build_run(view: RetrainingView, name: str, snapshot: ms.FeedbackSnapshotStatus) -> Obj:
     """The retraining TrainingRun: the template, from the champion's model, on the
-    template's data plus the snapshot's SFT examples."""
+    template's data plus the snapshot's file for the template's method (SFT examples,
+    preference pairs or labelled answers)."""
     spec = view.service.spec.retraining
     assert spec is not None
     assert view.champion_model is not None
@@ -515,11 +516,14 @@ def build_run(view: RetrainingView, name: str, snapshot: ms.FeedbackSnapshotStat
     if view.champion_model.object_store_secret and run_spec.secrets.object_store is None:
         run_spec.secrets.object_store = api.SecretRef(name=view.champion_model.object_store_secret)
     sources = [s for s in run_spec.data.sources if s.name != FEEDBACK_SOURCE]
+    # The snapshot's file the method learns from: corrections (SFT), pairs (dpo) or
+    # thumbs up and down (kto).
+    file, data_format = contract.SNAPSHOT_SOURCE_BY_METHOD[run_spec.method]
     sources.append(
         api.DataSource(
             name=FEEDBACK_SOURCE,
-            uri=f"{snapshot_uri(spec, snapshot)}/{contract.SNAPSHOT_SFT_FILE}",
-            format="chat",
+            uri=f"{snapshot_uri(spec, snapshot)}/{file}",
+            format=data_format,  # type: ignore[arg-type]
             weight=spec.feedback.weight,
         )
     )

@@ -10,6 +10,10 @@
   same world, small sums, weekday order, word reversal); rows also carry `messages`.
 - `quickstart-sentiment`: reviews with `prompt` and `label` (positive / negative), balanced;
   split `test` holds reviews that never appear in `train`.
+- `quickstart-preferences`: the instruction tasks with a known preference, a house style:
+  answers start with `answer: `. `response` is in either style (half each: an SFT base that
+  is indifferent), `chosen`/`rejected` the styled and the plain answer (dpo), `completion`
+  either with `desirable` true when styled (kto), `answer` the styled reference (grpo).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def rows(name: str, split: str = "train") -> Iterator[dict[str, Any]]:
         "quickstart-corpus": lambda: {"train": quickstart_corpus()},
         "quickstart-instructions": quickstart_instructions,
         "quickstart-sentiment": quickstart_sentiment,
+        "quickstart-preferences": quickstart_preferences,
     }
     if name not in generators:
         raise ValueError(f"unknown built-in dataset {name!r} (known: {', '.join(generators)})")
@@ -320,6 +325,43 @@ def quickstart_sentiment(seed: int = 13) -> dict[str, list[dict[str, Any]]]:
             label = "positive" if positive else "negative"
             prompt = f"review: {review}\nsentiment:"
             out[split].append({"prompt": prompt, "label": label, "response": label})
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# quickstart-preferences
+# --------------------------------------------------------------------------------------
+
+STYLE = "answer: "
+_PREFERENCE_SPLITS = {"train": 1500, "test": 200}
+
+
+def quickstart_preferences(seed: int = 14) -> dict[str, list[dict[str, Any]]]:
+    """Unique prompts of the instruction tasks (no word reversal: its answers are long)
+    with answers in the preferred style and without it, by split."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for split, size in _PREFERENCE_SPLITS.items():
+        out[split] = []
+        while len(out[split]) < size:
+            prompt, plain = _instruction(rng)
+            if prompt in seen or prompt.startswith("reverse"):
+                continue
+            seen.add(prompt)
+            styled = STYLE + plain
+            desirable = rng.random() < 0.5
+            out[split].append(
+                {
+                    "prompt": prompt,
+                    "response": styled if len(out[split]) % 2 == 0 else plain,
+                    "chosen": styled,
+                    "rejected": plain,
+                    "completion": styled if desirable else plain,
+                    "desirable": desirable,
+                    "answer": styled,
+                }
+            )
     return out
 
 

@@ -47,8 +47,8 @@ from .pii import scrub
 
 FORMAT_VERSION = 1
 SFT_FILE = contract.SNAPSHOT_SFT_FILE
-PREFERENCES_FILE = "preferences.jsonl"
-BINARY_FILE = "binary.jsonl"
+PREFERENCES_FILE = contract.SNAPSHOT_PREFERENCES_FILE
+BINARY_FILE = contract.SNAPSHOT_BINARY_FILE
 FILES = {"sft": SFT_FILE, "preferences": PREFERENCES_FILE, "binary": BINARY_FILE}
 MANIFEST_FILE = contract.SNAPSHOT_MANIFEST_FILE
 LATEST_FILE = "latest"
