@@ -8,11 +8,11 @@ whole loop on real pods is tests/e2e's `test_the_model_keeps_improving_from_its_
 from __future__ import annotations
 
 import json
-
-import pytest
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from kubetrain_api import contract, routing
 from kubetrain_api import modelservice as ms
