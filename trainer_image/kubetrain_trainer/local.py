@@ -199,7 +199,7 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
 
 def sample(model_dir: Path, data_dir: Path) -> tuple[str, str]:
     """A greedy continuation of the start of the first validation row: its first 8 tokens,
-    or, where its prompt was masked (sft, instruction), that whole prompt with the chat
+    or, where its prompt was masked (sft, instruction, dpo, kto, grpo), that whole prompt with the chat
     template's markers, which is what the model learned to answer (and how the server
     renders a chat). Returns the prompt as shown (markers stripped) and the answer."""
     from kubetrain_trainer import export
@@ -210,9 +210,15 @@ def sample(model_dir: Path, data_dir: Path) -> tuple[str, str]:
     if not split.rows:
         split = open_split(data_dir, "train")
     row = split.take([0])
-    ids, labels = row["input_ids"][0].tolist(), row["labels"][0].tolist()
-    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
-    answer_at = trained[0] if trained else 0
+    # dpo rows hold a pair (the chosen answer shows the prompt); grpo rows a prompt alone.
+    key = "chosen_" if "chosen_input_ids" in row else ""
+    ids = row[f"{key}input_ids"][0].tolist()
+    if "prompt_length" in row:
+        answer_at = int(row["prompt_length"][0])
+    else:
+        labels = row[f"{key}labels"][0].tolist()
+        trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+        answer_at = trained[0] if trained else 0
     if answer_at == 0:  # plain text: every token is trained
         prompt = tokenizer.decode(ids[:8], skip_special_tokens=True).strip()
         return prompt, export.generate_sample(model, tokenizer, prompt, max_new_tokens=30)
