@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from kubetrain_monitoring.experiments import experiments
 from kubetrain_monitoring.grafana import (
+    GRID_WIDTH,
     QUANTILES,
     RATE,
     Json,
@@ -114,6 +115,84 @@ def _runs_table(title: str, row: str, width: int = 24) -> Panel:
     )
 
 
+def _series(name: str, *properties: tuple[str, object], regex: bool = False) -> Json:
+    """A field override of the series named `name` (a regular expression with regex)."""
+    return {
+        "matcher": {"id": "byRegexp" if regex else "byName", "options": name},
+        "properties": [{"id": key, "value": value} for key, value in properties],
+    }
+
+
+REWARD_COLOR = ("color", {"mode": "fixed", "fixedColor": "green"})
+
+
+def _preference_and_rl(run: str) -> list[Panel | Row]:
+    """Numbers of the methods that learn from preferences or rewards: absent (no data) for
+    the others."""
+    mean, std = "kubetrain_trainer_reward_mean", "kubetrain_trainer_reward_std"
+    return [
+        Row("Preference and RL"),
+        Panel(
+            "Reward: $run",
+            (
+                Target(per_run(mean), "mean"),
+                Target(per_run(f"{mean} + {std}"), "mean + std"),
+                Target(per_run(f"{mean} - {std}"), "mean - std"),
+            ),
+            description="grpo: mean reward of each step's sampled completions, with a band "
+            "of one standard deviation (the spread the group advantages are scaled by; a "
+            "band that shrinks to nothing leaves no signal to learn from). One panel per run.",
+            # A band is filled between two named series, so each run gets its own panel.
+            repeat="run",
+            width=GRID_WIDTH,
+            overrides=(
+                _series("mean", REWARD_COLOR, ("custom.fillOpacity", 0), ("custom.lineWidth", 2)),
+                _series(
+                    "mean + std",
+                    REWARD_COLOR,
+                    ("custom.lineWidth", 0),
+                    ("custom.fillOpacity", 20),
+                    ("custom.fillBelowTo", "mean - std"),
+                ),
+                _series(
+                    "mean - std",
+                    REWARD_COLOR,
+                    ("custom.lineWidth", 0),
+                    ("custom.fillOpacity", 0),
+                    ("custom.hideFrom", {"legend": True, "tooltip": False, "viz": False}),
+                ),
+            ),
+        ),
+        Panel(
+            "Reward margin and accuracy",
+            (
+                Target(per_run("kubetrain_trainer_reward_margin"), f"{run} margin"),
+                Target(per_run("kubetrain_trainer_reward_accuracy"), f"{run} accuracy"),
+            ),
+            description="dpo, kto: mean implicit reward (beta x log-ratio to the reference) "
+            "of chosen (desirable) minus rejected (undesirable) completions; dpo: the share "
+            "of pairs whose chosen completion has the higher implicit reward (right axis).",
+            overrides=(
+                _series(
+                    ".* accuracy",
+                    ("unit", "percentunit"),
+                    ("min", 0),
+                    ("max", 1),
+                    ("custom.axisPlacement", "right"),
+                    regex=True,
+                ),
+            ),
+        ),
+        Panel(
+            "KL to the reference",
+            (Target(per_run("kubetrain_trainer_kl"), run),),
+            description="kto, grpo: estimated KL divergence of the policy from the frozen "
+            "reference model (the starting model, or the base without adapters under LoRA). "
+            "A steady climb is the policy drifting from where it started.",
+        ),
+    ]
+
+
 def training() -> Json:
     run = "{{run}}"
     items: list[Panel | Row] = [
@@ -141,6 +220,7 @@ def training() -> Json:
             description="Latest evaluation: perplexity, and accuracy/precision/recall/F1 "
             "for labelled datasets. Each value holds until the next evaluation.",
         ),
+        *_preference_and_rl(run),
         Row("Optimization"),
         Panel(
             "Learning rate",
@@ -224,8 +304,9 @@ def training() -> Json:
     return dashboard(
         "kubetrain-training",
         "kubetrain / Training",
-        "Per-run training: loss and evaluation curves, learning rate, throughput, MFU, "
-        "gradient norm, checkpoints and progress.",
+        "Per-run training: loss and evaluation curves, rewards, margins and KL of the "
+        "preference and RL methods, learning rate, throughput, MFU, gradient norm, "
+        "checkpoints and progress.",
         items,
         variables,
     )

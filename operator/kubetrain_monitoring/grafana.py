@@ -60,6 +60,10 @@ class Panel:
     transformations: tuple[Json, ...] = ()
     overrides: tuple[Json, ...] = ()
     mappings: tuple[Json, ...] = ()  # value mappings, e.g. a state's number to its name
+    # A variable to repeat the panel for, one copy per selected value side by side (at
+    # most `max_per_row` to a row): where series of one value must not meet another's.
+    repeat: str = ""
+    max_per_row: int = 4
 
     def to_json(self, panel_id: int, x: int, y: int) -> Json:
         defaults: Json = {"unit": self.unit}
@@ -80,6 +84,13 @@ class Panel:
             defaults["mappings"] = list(self.mappings)
         options: Json = dict(_DEFAULT_OPTIONS[self.kind])
         options.update(self.options)
+        repeat: Json = {}
+        if self.repeat:
+            repeat = {
+                "repeat": self.repeat,
+                "repeatDirection": "h",
+                "maxPerRow": self.max_per_row,
+            }
         return {
             "id": panel_id,
             "type": self.kind,
@@ -91,6 +102,7 @@ class Panel:
             "fieldConfig": {"defaults": defaults, "overrides": list(self.overrides)},
             "options": options,
             "transformations": list(self.transformations),
+            **repeat,
         }
 
 

@@ -152,6 +152,10 @@ def test_dashboards_cover_what_the_issue_asks() -> None:
         "Checkpoint age",
         "ETA",
         "Runs",
+        "Preference and RL",
+        "Reward: $run",
+        "Reward margin and accuracy",
+        "KL to the reference",
     } <= titles["training"]
     assert {"Runs by phase", "Failures and retries", "GPU-hours (time range)", "Queue"} <= titles[
         "fleet"

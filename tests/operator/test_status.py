@@ -912,6 +912,25 @@ def test_previous_progress_is_kept_when_the_head_is_unreachable() -> None:
     assert newer["checkpoints"] == before["checkpoints"]
 
 
+def test_reward_numbers_are_copied_and_out_of_bounds_ones_dropped() -> None:
+    dpo = {"step": 30, "rewardMargin": -0.5, "rewardAccuracy": 0.75, "kl": 0.02}
+    status = reconcile(running_status(), pods=cluster(), progress=dpo).status
+    assert status["progress"] == dpo
+    grpo = {"step": 31, "rewardMean": -1.25, "rewardStd": 0.5}
+    status = reconcile(status, pods=cluster(), progress=grpo).status
+    # A new report replaces the numbers: dpo's margin does not outlive its report.
+    assert status["progress"] == grpo
+    bad = {
+        "step": 32,
+        "rewardMean": "high",
+        "rewardStd": -0.1,
+        "rewardAccuracy": 1.5,
+        "rewardMargin": True,
+        "kl": float("nan"),
+    }
+    assert reconcile(status, pods=cluster(), progress=bad).status["progress"] == {"step": 32}
+
+
 def test_gate_failure_is_reported_in_evaluated() -> None:
     evaluation = {
         "step": 200,

@@ -135,8 +135,29 @@ def _claim(out: Path, run_uid: str) -> None:
         )
 
 
+def step_postfix(event: dict[str, Any]) -> dict[str, str]:
+    """What the progress bar shows after a step: loss, tokens/s and, for the preference
+    and RL methods, the numbers the step has (None or absent: not this method's)."""
+
+    def has(key: str) -> bool:
+        return event.get(key) is not None
+
+    shown = {"loss": f"{event['loss']:.3f}", "tok_s": f"{event['tokens_per_second']:.0f}"}
+    if has("reward_mean"):
+        spread = f"±{event['reward_std']:.2g}" if has("reward_std") else ""
+        shown["reward"] = f"{event['reward_mean']:.3g}{spread}"
+    if has("reward_margin"):
+        shown["margin"] = f"{event['reward_margin']:.3g}"
+    if has("reward_accuracy"):
+        shown["acc"] = f"{event['reward_accuracy']:.2f}"
+    if has("kl"):
+        shown["kl"] = f"{event['kl']:.3g}"
+    return shown
+
+
 class ProgressBar:
-    """A tqdm bar fed by rank 0's events: step, loss, tokens/s, ETA."""
+    """A tqdm bar fed by rank 0's events: step, loss, tokens/s, ETA, and the reward,
+    margin, accuracy and KL of the methods that have them (`step_postfix`)."""
 
     def __init__(self) -> None:
         from tqdm import tqdm
@@ -150,9 +171,7 @@ class ProgressBar:
             self.bar = self._tqdm(total=event["total_steps"], unit="step", dynamic_ncols=True)
         if kind == "step" and self.bar is not None:
             self.bar.n = event["step"]
-            self.bar.set_postfix(
-                loss=f"{event['loss']:.3f}", tok_s=f"{event['tokens_per_second']:.0f}"
-            )
+            self.bar.set_postfix(step_postfix(event))
         elif kind == "eval":
             shown = ", ".join(f"{k} {v:.4g}" for k, v in event["metrics"].items())
             self._write(f"eval @ step {event['step']}: {shown}")

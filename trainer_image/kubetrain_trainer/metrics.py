@@ -139,10 +139,16 @@ TRAINING_FIELDS: Mapping[str, str] = {
     "epoch": "Fractional epoch.",
     "tokens_seen": "Training tokens consumed so far, all workers.",
     "gpu_memory_peak_bytes": "Peak GPU memory allocated by rank 0's process (GPU runs only).",
+    # Preference and RL methods only (absent, or None, for the others).
+    "reward_mean": "grpo: mean reward of the latest step's sampled completions.",
+    "reward_std": "grpo: standard deviation of those rewards.",
+    "reward_margin": "dpo, kto: mean implicit reward of chosen minus rejected completions.",
+    "reward_accuracy": "dpo: share of pairs whose chosen completion has the higher reward, 0-1.",
+    "kl": "kto, grpo: estimated KL divergence of the policy from the reference.",
 }
 # What the trainer is doing; the names it shares with the run's `status.phase` mean the same.
 PHASES = TRAINER_PHASES
-EVAL_METRICS = ("loss", "perplexity", "accuracy", "precision", "recall", "f1")
+EVAL_METRICS = ("loss", "perplexity", "accuracy", "precision", "recall", "f1", "reward")
 # The spec allows 16 labelled evaluation datasets; this caps the `dataset` label values.
 MAX_EVAL_DATASETS = 16
 # Stages and outcomes of the data summary (`data.pipeline`); the drop reasons are
@@ -341,6 +347,11 @@ class Telemetry:
                 tokens_per_second=_finite(f.get("tokens_per_second")),
                 mfu=_finite(f.get("mfu")),
                 eta_seconds=self._eta_seconds(),
+                reward_mean=_finite(f.get("reward_mean")),
+                reward_std=_finite(f.get("reward_std")),
+                reward_margin=_finite(f.get("reward_margin")),
+                reward_accuracy=_finite(f.get("reward_accuracy")),
+                kl=_finite(f.get("kl")),
                 latest_checkpoint=checkpoint,
                 evaluation=evaluation,
                 updated_at=_moment(self._updated_at),

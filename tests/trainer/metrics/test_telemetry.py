@@ -238,6 +238,12 @@ def test_progress_document(telemetry, clock, base_url):
         "tokensPerSecond": 5120.0,
         "mfu": 0.42,
         "etaSeconds": 180,  # 90 steps left at 0.5 steps/s
+        # sft reports no reward numbers: null, as every unknown number is.
+        "rewardMean": None,
+        "rewardStd": None,
+        "rewardMargin": None,
+        "rewardAccuracy": None,
+        "kl": None,
         "latestCheckpoint": {
             "step": 10,
             "path": "/ckpt/step-000010",
@@ -256,6 +262,85 @@ def test_progress_document(telemetry, clock, base_url):
     assert fields - set(progress) == set()
     api.CheckpointRef.model_validate(progress["latestCheckpoint"])
     api.EvaluationStatus.model_validate(progress["evaluation"])
+
+
+# Step events of the preference and RL methods, as loop.py emits them (minus kind and
+# time): each carries its own numbers and None for those it has not.
+DPO_STEP = {"step": 4, "loss": 0.6, "reward_margin": 0.35, "reward_accuracy": 0.75}
+GRPO_STEP = {
+    "step": 5,
+    "loss": 0.1,
+    "reward_mean": 0.625,
+    "reward_std": 0.25,
+    "kl": 0.0125,
+    "reward_margin": None,
+    "reward_accuracy": None,
+}
+
+
+def test_reward_numbers_reach_the_gauges_and_the_progress_document(telemetry, base_url):
+    telemetry.update(total_steps=10, **DPO_STEP)
+    samples = scrape(base_url)
+    assert value(samples, "kubetrain_trainer_reward_margin") == 0.35
+    assert value(samples, "kubetrain_trainer_reward_accuracy") == 0.75
+    assert ("kubetrain_trainer_reward_mean", ()) not in samples  # dpo has none
+    progress = json.loads(get(f"{base_url}/progress")[2])
+    assert (progress["rewardMargin"], progress["rewardAccuracy"]) == (0.35, 0.75)
+    assert (progress["rewardMean"], progress["rewardStd"], progress["kl"]) == (None,) * 3
+
+    # A None clears a number: nothing stale survives into the next method's steps.
+    telemetry.update(**GRPO_STEP)
+    samples = scrape(base_url)
+    assert value(samples, "kubetrain_trainer_reward_mean") == 0.625
+    assert value(samples, "kubetrain_trainer_reward_std") == 0.25
+    assert value(samples, "kubetrain_trainer_kl") == 0.0125
+    assert ("kubetrain_trainer_reward_margin", ()) not in samples
+    assert ("kubetrain_trainer_reward_accuracy", ()) not in samples
+    progress = json.loads(get(f"{base_url}/progress")[2])
+    assert {k: progress[k] for k in ("rewardMean", "rewardStd", "kl", "rewardMargin")} == {
+        "rewardMean": 0.625,
+        "rewardStd": 0.25,
+        "kl": 0.0125,
+        "rewardMargin": None,
+    }
+
+
+def test_reward_numbers_reach_the_run_status_as_the_operator_reads_them(telemetry, base_url):
+    """The whole path: a step event, the head's /progress over HTTP, the operator's
+    lenient parse, status.progress."""
+    from kubetrain_operator.progress import parse
+    from kubetrain_operator.results import copy_progress
+
+    telemetry.update(total_steps=10, **GRPO_STEP)
+    status: dict = {}
+    copy_progress(status, parse(get(f"{base_url}/progress")[2].encode()))
+    assert status["progress"] == {
+        "step": 5,
+        "totalSteps": 10,
+        "percent": 50,
+        "loss": 0.1,
+        "rewardMean": 0.625,
+        "rewardStd": 0.25,
+        "kl": 0.0125,
+        "updatedAt": "2026-01-01T00:00:00Z",
+    }
+
+
+def test_a_non_finite_reward_is_null_in_the_progress_document(telemetry, base_url):
+    telemetry.update(step=1, reward_mean=float("nan"), kl=float("inf"), reward_std=0.5)
+    progress = json.loads(get(f"{base_url}/progress")[2])
+    assert (progress["rewardMean"], progress["kl"], progress["rewardStd"]) == (None, None, 0.5)
+
+
+def test_every_api_evaluation_metric_is_exported(telemetry):
+    """The grpo evaluation's `reward` among them: an unknown metric is never a label value."""
+    from typing import get_args
+
+    assert set(EVAL_METRICS) == set(get_args(api.EvalMetric))
+    telemetry.record_eval(3, {"reward": 0.5, "prompts/reward": 0.25})
+    (family,) = [f for f in telemetry.collect() if f.name == "kubetrain_trainer_eval"]
+    found = {(s.labels["metric"], s.labels["dataset"]): s.value for s in family.samples}
+    assert found == {("reward", ""): 0.5, ("reward", "prompts"): 0.25}
 
 
 def test_progress_before_anything_happened_is_all_null(telemetry):
@@ -372,3 +457,23 @@ def test_concurrent_writers_and_scrapers(telemetry, base_url):
     for w in writers:
         w.join()
     assert errors == []
+
+
+def test_the_local_progress_bar_shows_the_numbers_a_step_has(capsys):
+    """`kubetrain run`'s bar (real tqdm, on stderr) after sft, dpo and grpo steps."""
+    from kubetrain_trainer.local import ProgressBar
+
+    common = {"kind": "step", "tokens_per_second": 5120.0}
+    bar = ProgressBar()
+    bar({"kind": "phase", "phase": "Running", "total_steps": 10})
+    bar({**common, "step": 3, "loss": 2.0, "reward_mean": None, "kl": None})
+    sft = capsys.readouterr().err.rsplit("\r", 1)[-1]
+    bar({**common, **DPO_STEP})
+    dpo = capsys.readouterr().err.rsplit("\r", 1)[-1]
+    bar({**common, **GRPO_STEP})
+    grpo = capsys.readouterr().err.rsplit("\r", 1)[-1]
+    bar.close()
+    assert "3/10" in sft
+    assert "loss=2.000, tok_s=5120]" in sft  # nothing else
+    assert "loss=0.600, tok_s=5120, margin=0.35, acc=0.75]" in dpo
+    assert "loss=0.100, tok_s=5120, reward=0.625±0.25, kl=0.0125]" in grpo
