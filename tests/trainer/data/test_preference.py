@@ -25,6 +25,7 @@ from kubetrain_trainer.data import (
     open_split,
     prepare_data,
     read_answers,
+    read_source,
     tokenize,
 )
 from kubetrain_trainer.feedback import export
@@ -442,3 +443,10 @@ def test_preference_eval_set_loads_pairs(tmp_path: Path) -> None:
     assert len(load_preference_examples(ds, limit=1)) == 1
     with pytest.raises(DataError, match="load_preference_examples"):
         load_eval_examples(ds)
+
+
+def test_the_document_readers_refuse_preference_formats(tmp_path: Path) -> None:
+    uri = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "completion": "c", "label": True}])
+    source = api.DataSource(name="p", uri=uri, format="unpaired-preference")
+    with pytest.raises(DataError, match="prepared for methods kto only"):
+        list(read_source(source))
