@@ -127,7 +127,14 @@ def prepare_data(
     preparation of the same data spec, method, seed and tokenizer. Without a `tokenizer`
     (built-in models), a byte-level BPE tokenizer of `vocab_size` is trained on the
     training documents. `seed` defaults to `spec.hyperparameters.seed`. `parallel`: Ray
-    tasks or in-process; by default Ray tasks when `large_input` and Ray is initialized."""
+    tasks or in-process; by default Ray tasks when `large_input` and Ray is initialized.
+    Methods dpo, kto and grpo take preference data: `preference.prepare_preference_data`."""
+    if spec.method in api.METHOD_FORMATS:
+        from .preference import prepare_preference_data  # it builds on this module
+
+        return prepare_preference_data(
+            spec, out_dir, tokenizer=tokenizer, vocab_size=vocab_size, seed=seed, log=log
+        )
     out_dir = Path(out_dir)
     seed = spec.hyperparameters.seed if seed is None else seed
     key = fingerprint(spec, seed, tokenizer, vocab_size)

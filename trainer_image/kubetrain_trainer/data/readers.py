@@ -73,14 +73,31 @@ def read_source(
         yield _to_record(row, source, where)
 
 
+def source_rows(source: api.DataSource, limit: int | None = None) -> Iterator[Row]:
+    """(where, row) of one data source as stored, at most `limit` of them: for formats whose
+    rows are not documents (the preference formats, see `preference`)."""
+    rows = _rows(source.name, source.uri, source.format, source.split, source.fields.text)
+    return islice(rows, limit)
+
+
+def eval_rows(ds: api.EvalDataset, limit: int | None = None) -> Iterator[Row]:
+    """(where, row) of an evaluation set as stored (built-in sets: their `test` split)."""
+    split = "test" if ds.uri.startswith("builtin://") else None
+    return islice(_rows(ds.name, ds.uri, ds.format, split, ds.fields.text), limit)
+
+
 def load_eval_examples(ds: api.EvalDataset, limit: int | None = None) -> list[EvalExample]:
     """A labelled evaluation set. `prompt-response` sets take the label from the response
     field; the others from the label field. Built-in sets are read from their held-out
     `test` split, so they never overlap the built-in training data."""
+    if ds.task == "preference":
+        raise DataError(
+            f"evaluation set {ds.name!r}: task preference has pairs, not labels: "
+            "read it with load_preference_examples"
+        )
     label_field = ds.fields.response if ds.format == "prompt-response" else ds.fields.label
-    split = "test" if ds.uri.startswith("builtin://") else None
     out = []
-    for where, row in islice(_rows(ds.name, ds.uri, ds.format, split, ds.fields.text), limit):
+    for where, row in eval_rows(ds, limit):
         prompt = _field(row, ds.fields.prompt, ds.name, where)
         label = _field(row, label_field, ds.name, where)
         out.append(EvalExample(prompt=str(prompt), label=str(label)))
@@ -289,6 +306,12 @@ def _parquet_rows(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Row]:
 
 def _to_record(row: Mapping[str, Any], source: api.DataSource, where: str) -> Record:
     fields = source.fields
+    if source.format in api.PREFERENCE_FORMATS:
+        # Not documents: pairs, labelled completions or prompts (`preference`).
+        raise DataError(
+            f"source {source.name!r}: format {source.format} is prepared for methods "
+            f"{', '.join(m for m, f in api.METHOD_FORMATS.items() if source.format in f)} only"
+        )
     if source.format == "prompt-response":
         prompt = _string(row, fields.prompt, source.name, where)
         response = _string(row, fields.response, source.name, where)

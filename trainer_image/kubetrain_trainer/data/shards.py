@@ -138,20 +138,25 @@ class SplitReader:
         return key in self.keys
 
     def take(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """The given rows, in the given order: {key: int32 [len(rows), sequenceLength]}."""
+        """The given rows, in the given order: {key: int32 [len(rows), sequenceLength]}, or
+        [len(rows)] for a key of one number per row (kto's `desirable`)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
             raise IndexError(f"rows out of range 0..{self.rows - 1} in {self.folder}")
         shard = np.searchsorted(self._starts, rows, side="right") - 1
-        out = {k: np.empty((len(rows), self.sequence_length), np.int32) for k in self.keys}
+        out: dict[str, np.ndarray] = {}
         for s in np.unique(shard).tolist():
             at = np.flatnonzero(shard == s)
             local = rows[at] - self._starts[s]
             for key in self.keys:
                 array = self._array(s, key)
+                if key not in out:
+                    out[key] = np.empty((len(rows), *array.shape[1:]), np.int32)
                 out[key][at] = array[local]
                 _release(array)
-        return out
+        for key in self.keys:  # no rows asked for
+            out.setdefault(key, np.empty((0, self.sequence_length), np.int32))
+        return {k: out[k] for k in self.keys}
 
     def batches(self, size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Consecutive blocks of `size` rows from the start, at most `limit` of them."""
