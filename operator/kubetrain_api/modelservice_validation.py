@@ -247,6 +247,19 @@ def _rule_evaluation(service: ms.ModelService, limits: Limits) -> Iterator[Field
         yield FieldError(f"{base}.datasets", f"duplicate name {name!r}")
     for i, dataset in enumerate(evaluation.datasets):
         yield from uri_errors(f"{base}.datasets[{i}].uri", dataset.uri, "evaluation data")
+        if dataset.task == "preference":
+            # Pairs are scored by the model's log-probabilities, which a served API does
+            # not give; a TrainingRun's evaluation scores them.
+            yield FieldError(
+                f"{base}.datasets[{i}].task",
+                "preference sets are scored in training (TrainingRun evaluation), not on "
+                "a served model",
+            )
+    for i, metric in enumerate(evaluation.metrics):
+        if metric == "reward":
+            yield FieldError(
+                f"{base}.metrics[{i}]", "reward is a grpo training metric, not a served one"
+            )
     if evaluation.held_out is not None:
         yield from uri_errors(f"{base}.heldOut", evaluation.held_out, "held-out text")
     text_metrics = {"loss", "perplexity"} & set(evaluation.metrics)

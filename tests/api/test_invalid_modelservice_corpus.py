@@ -72,6 +72,7 @@ CASES: dict[str, tuple[str, str]] = {
     "retraining-grpo-template": ("rules", "spec.retraining.template.spec.method"),
     "retraining-name-too-long-xxxxxxxxxxxxxx": ("rules", "metadata.name"),
     "evaluation-without-data": ("rules", "spec.evaluation"),
+    "evaluation-preference-set": ("rules", "spec.evaluation.datasets[0].task"),
     "evaluation-perplexity-without-held-out": ("rules", "spec.evaluation.metrics"),
 }
 SCHEMA_CASES = [name for name, (layer, _) in CASES.items() if layer == "schema"]
