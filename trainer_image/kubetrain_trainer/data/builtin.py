@@ -10,9 +10,10 @@
   same world, small sums, weekday order, word reversal); rows also carry `messages`.
 - `quickstart-sentiment`: reviews with `prompt` and `label` (positive / negative), balanced;
   split `test` holds reviews that never appear in `train`.
-- `quickstart-preferences`: the instruction tasks with a known preference, a house style:
-  answers start with `answer: `. `response` is in either style (half each: an SFT base that
-  is indifferent), `chosen`/`rejected` the styled and the plain answer (dpo), `completion`
+- `quickstart-preferences`: short questions (sums, differences, next numbers, doubles) with
+  a known preference, a house style: answers start with `answer: `. `response` is in the
+  style for differences and next numbers only (a base that follows it on half the
+  prompts), `chosen`/`rejected` the styled and the plain answer (dpo), `completion`
   either with `desirable` true when styled (kto), `answer` the styled reference (grpo).
 """
 
@@ -336,17 +337,34 @@ STYLE = "answer: "
 _PREFERENCE_SPLITS = {"train": 1500, "test": 200}
 
 
+def _question(rng: random.Random) -> tuple[str, str, bool]:
+    """(prompt, plain answer, whether the base answers it in the house style) of one of
+    four kinds of question, each with hundreds of distinct prompts (so every split has all
+    kinds). The base uses the style for two kinds only: it follows the preference on about
+    half of the prompts, by kind, and must learn that it holds for all."""
+    kind, n = rng.randrange(4), rng.randrange(100)
+    prefix = rng.choice(("", "please tell me: ", "question: "))
+    if kind == 0:
+        m = rng.randrange(50)
+        return f"{prefix}what is {n} plus {m}?", f"{n} plus {m} is {n + m}.", False
+    if kind == 1:
+        m = rng.randrange(n + 1)
+        return f"{prefix}what is {n} minus {m}?", f"{n} minus {m} is {n - m}.", True
+    if kind == 2:
+        return f"{prefix}which number comes after {n}?", f"after {n} comes {n + 1}.", True
+    return f"{prefix}what is double {n}?", f"double {n} is {2 * n}.", False
+
+
 def quickstart_preferences(seed: int = 14) -> dict[str, list[dict[str, Any]]]:
-    """Unique prompts of the instruction tasks (no word reversal: its answers are long)
-    with answers in the preferred style and without it, by split."""
+    """Unique prompts with answers in the preferred style and without it, by split."""
     rng = random.Random(seed)
     seen: set[str] = set()
     out: dict[str, list[dict[str, Any]]] = {}
     for split, size in _PREFERENCE_SPLITS.items():
         out[split] = []
         while len(out[split]) < size:
-            prompt, plain = _instruction(rng)
-            if prompt in seen or prompt.startswith("reverse"):
+            prompt, plain, base_styled = _question(rng)
+            if prompt in seen:
                 continue
             seen.add(prompt)
             styled = STYLE + plain
@@ -354,7 +372,7 @@ def quickstart_preferences(seed: int = 14) -> dict[str, list[dict[str, Any]]]:
             out[split].append(
                 {
                     "prompt": prompt,
-                    "response": styled if len(out[split]) % 2 == 0 else plain,
+                    "response": styled if base_styled else plain,
                     "chosen": styled,
                     "rejected": plain,
                     "completion": styled if desirable else plain,
