@@ -218,8 +218,8 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
 
 def sample(model_dir: Path, data_dir: Path) -> tuple[str, str]:
     """A greedy continuation of the start of the first validation row: its first 8 tokens,
-    or, where its prompt was masked (sft, instruction, dpo, kto, grpo), that whole prompt with the chat
-    template's markers, which is what the model learned to answer (and how the server
+    or, where its prompt was masked (every method but pretrain), that whole prompt with the
+    chat template's markers, which is what the model learned to answer (and how the server
     renders a chat). Returns the prompt as shown (markers stripped) and the answer."""
     from kubetrain_trainer import export
     from kubetrain_trainer.data import IGNORE_INDEX, open_split

@@ -523,7 +523,7 @@ def build_run(view: RetrainingView, name: str, snapshot: ms.FeedbackSnapshotStat
         api.DataSource(
             name=FEEDBACK_SOURCE,
             uri=f"{snapshot_uri(spec, snapshot)}/{file}",
-            format=data_format,  # type: ignore[arg-type]
+            format=data_format,
             weight=spec.feedback.weight,
         )
     )
