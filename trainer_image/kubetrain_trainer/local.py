@@ -51,6 +51,8 @@ def load_run(
     if model is not None and isinstance(spec, dict):
         # A model trained here before (e.g. the base of a preference run), for laptop runs
         # of an example that names its cluster location.
+        if "://" not in model and not Path(model).is_dir():
+            raise RunError(f"--model {model}: no such folder")
         source = model if "://" in model else f"file://{Path(model).resolve()}"
         if isinstance(spec.get("model"), dict):
             spec["model"]["source"] = source

@@ -85,8 +85,13 @@ def resolve_model_path(uri: str, cache_dir: Path, *, revision: str | None = None
     """
     path = _local_folder(uri, cache_dir, revision)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{uri}: {path} has no config.json, so it is not a model folder")
+        raise ModelNotFound(f"{uri}: {path} has no config.json, so it is not a model folder")
     return path
+
+
+class ModelNotFound(SpecFailure, FileNotFoundError):
+    """A model or tokenizer URI that names no model folder: the spec's mistake (one line,
+    exit code invalid spec), still a FileNotFoundError for callers that probe."""
 
 
 def _local_folder(uri: str, cache_dir: Path, revision: str | None) -> Path:
@@ -102,7 +107,7 @@ def _local_folder(uri: str, cache_dir: Path, revision: str | None) -> Path:
     else:
         path = _copy_to_cache(uri, cache_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"{uri}: no folder at {path}")
+        raise ModelNotFound(f"{uri}: no folder at {path}")
     return path
 
 

@@ -59,3 +59,24 @@ def test_an_earlier_run_is_not_overwritten_silently(tmp_path: Path) -> None:
     assert out.returncode == contract.EXIT_INVALID_SPEC
     assert "pass --resume" in out.stderr
     assert (earlier / "keep-me").exists()
+
+
+def test_a_missing_model_folder_is_one_line(tmp_path: Path) -> None:
+    """`--model PATH` (a laptop's base model) that is no folder: refused before Ray."""
+    out = run(str(ROOT / "examples" / "dpo.yaml"), "--model", "runs/base/model", cwd=tmp_path)
+    assert out.returncode == contract.EXIT_INVALID_SPEC
+    assert "--model runs/base/model: no such folder" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_model_uri_naming_no_folder_is_a_spec_failure(tmp_path: Path) -> None:
+    from kubetrain_api import v1alpha1 as api
+    from kubetrain_trainer import exits, models
+
+    uri = f"file://{tmp_path}/gone"
+    try:
+        models.load_tokenizer(api.ModelSpec(source=uri), tmp_path)
+    except FileNotFoundError as exc:  # what callers that probe still catch
+        code, message = exits.classify(exc)
+    assert code == contract.EXIT_INVALID_SPEC
+    assert message == f"invalid spec: {uri}: no folder at {tmp_path}/gone"
