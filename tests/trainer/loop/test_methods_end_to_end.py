@@ -115,8 +115,14 @@ def instruction(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sft_lora(instruction: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("sft")
     proc, run_dir = start(tmp, "sft-lora", "sft", base=instruction / "model")
-    # Kill rank 1 like the OOM killer once a checkpoint is committed and a later step has
-    # been logged: that step is then trained twice, before and after the resume.
+    crash_once_and_finish(proc, run_dir)
+    return run_dir
+
+
+def crash_once_and_finish(proc: subprocess.Popen[str], run_dir: Path) -> None:
+    """Kill rank 1 like the OOM killer once a checkpoint is committed and a later step has
+    been logged (that step is then trained twice, before and after the resume), then wait
+    for the run to succeed; its output goes to `output.txt`."""
     deadline = time.monotonic() + 300
     while True:
         seen = events(run_dir)
@@ -128,7 +134,6 @@ def sft_lora(instruction: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         time.sleep(0.1)
     os.kill(int((run_dir / "pids" / "rank1").read_text()), signal.SIGKILL)
     (run_dir / "output.txt").write_text(finish(proc))
-    return run_dir
 
 
 def free_port() -> int:

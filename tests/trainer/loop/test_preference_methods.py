@@ -16,18 +16,15 @@ numbers (loss, and the method's own: margins, rewards, KL), as a straight run wo
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kubetrain_trainer.data.builtin import STYLE, rows
-from tests.trainer.loop.test_methods_end_to_end import serve_and_chat
+from tests.trainer.loop.test_methods_end_to_end import crash_once_and_finish, serve_and_chat
 from tests.trainer.loop.test_ray_fsdp import events, finish
 
 pytestmark = pytest.mark.trainer
@@ -59,22 +56,6 @@ def kubetrain_run(example: str, out: Path, *extra: str) -> subprocess.Popen[str]
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def crash_once_and_finish(proc: subprocess.Popen[str], run_dir: Path) -> None:
-    """SIGKILL rank 1 once a checkpoint is committed and a later step has been logged (so
-    that step is trained again after the resume), then wait for the run to succeed."""
-    deadline = time.monotonic() + 300
-    while True:
-        seen = events(run_dir)
-        saved = [e["step"] for e in seen if e.get("kind") == "checkpoint"]
-        if saved and any(e["kind"] == "step" and e["step"] > saved[0] for e in seen):
-            break
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        assert time.monotonic() < deadline, "no checkpoint and later step within 300 s"
-        time.sleep(0.1)
-    os.kill(int((run_dir / "pids" / "rank1").read_text()), signal.SIGKILL)
-    (run_dir / "output.txt").write_text(finish(proc))
 
 
 @pytest.fixture(scope="module")
