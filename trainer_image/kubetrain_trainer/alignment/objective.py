@@ -14,6 +14,7 @@ policy itself with its adapters disabled (the base), which costs no memory.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import math
@@ -113,7 +114,7 @@ def _sequence_logps(model: nn.Module, input_ids: Tensor, labels: Tensor) -> Tens
     return losses.sequence_logps(logits, labels)
 
 
-class Objective:
+class Objective(abc.ABC):
     """What the loop calls; subclasses per method."""
 
     def __init__(self, trainer: Trainer) -> None:
@@ -124,11 +125,13 @@ class Objective:
     def needs_reference(self) -> bool:
         return True
 
-    def accumulate(self, model: nn.Module, micro: Sequence[tuple[np.ndarray, Batch]]) -> StepOut:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def accumulate(
+        self, model: nn.Module, micro: Sequence[tuple[np.ndarray, Batch]]
+    ) -> StepOut: ...
 
-    def evaluate(self, model: nn.Module, metrics: Sequence[str]) -> dict[str, float]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, metrics: Sequence[str]) -> dict[str, float]: ...
 
     def _val_batches(self) -> Iterator[tuple[np.ndarray, Batch]]:
         """The validation rows every rank evaluates (the same on all: FSDP2)."""
