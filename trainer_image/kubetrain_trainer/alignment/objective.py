@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from kubetrain_api import v1alpha1 as api
 from kubetrain_trainer.data import preference as pref_data
+from kubetrain_trainer.evaluate import _eval_mode  # eval mode without autograd, restored
 from kubetrain_trainer.parallelize import set_gradient_sync
 
 from . import losses
@@ -201,7 +202,7 @@ class Dpo(Objective):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, metrics: Sequence[str]) -> dict[str, float]:
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, n, nll, tokens
-        with _eval(model):
+        with _eval_mode(model):
             for _, b in self._val_batches():
                 terms, _, _ = self._terms(model, b)
                 nll, count = _nll(model, b["chosen_input_ids"], b["chosen_labels"])
@@ -268,7 +269,7 @@ class Kto(Objective):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, metrics: Sequence[str]) -> dict[str, float]:
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, n, nll, tokens
-        with _eval(model):
+        with _eval_mode(model):
             for _, b in self._val_batches():
                 terms, _ = self._terms(model, b)
                 good = b["desirable"].bool()
@@ -428,16 +429,6 @@ class Grpo(Objective):
 # --------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _n(t: Tensor) -> Tensor:
     """len(t) as a float64 0-d tensor on t's device."""
     return torch.tensor(float(len(t)), dtype=torch.float64, device=t.device)
@@ -489,7 +480,7 @@ def preference_accuracy(
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     device = next(model.parameters()).device
     right = 0
-    with _eval(model), torch.no_grad():
+    with _eval_mode(model):
         for start in range(0, len(examples), batch_size):
             part = examples[start : start + batch_size]
             rows = [
