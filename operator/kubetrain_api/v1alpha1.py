@@ -419,6 +419,10 @@ class Resources(ApiModel):
     size), the same number on every worker pod and none on the head."""
     gpus_per_worker: Annotated[int, Field(ge=0, le=16)] = 0
     """`nvidia.com/gpu` per worker pod; 0 trains on CPU."""
+    gpu_memory: Quantity | None = None
+    """Memory of one worker GPU (e.g. `80Gi`), for the memory plan (`kubetrain plan`).
+    Unset: looked up by the `nvidia.com/gpu.product` node selector in a table of common
+    GPUs (README: Will it fit?)."""
     processes_per_worker: Annotated[int, Field(ge=1, le=64)] | None = None
     """Training processes per worker pod. Unset: one per GPU (`gpusPerWorker`), or 1 on
     CPU. On GPUs it must equal `gpusPerWorker` (one process per GPU)."""
@@ -1029,6 +1033,13 @@ class Progress(ApiModel):
     reward."""
     kl: float | None = None
     """kto, grpo: estimated KL divergence of the policy from the reference."""
+    memory_planned_bytes: Annotated[int, Field(ge=0)] | None = None
+    """The memory plan's peak per training process (`kubetrain plan`), at the world size
+    and precision the trainer runs."""
+    memory_peak_bytes: Annotated[int, Field(ge=0)] | None = None
+    """The highest peak memory any training process has allocated: the CUDA allocator's
+    peak on GPUs; on CPUs, which keep no such statistic, the tensors' memory tracked over
+    the attempt's second step (the first with optimizer state)."""
     updated_at: datetime | None = None
     """When these numbers were read."""
 
