@@ -116,7 +116,7 @@ def _pvc_path(uri: str) -> Path:
     return Path(contract.pvc_path(uri))
 
 
-def _hf_token() -> str | None:
+def hf_token() -> str | None:
     """The token in the file named by HF_TOKEN_PATH (the mounted Secret), if any; without
     one huggingface_hub falls back to its own sources (HF_TOKEN, a cached login)."""
     token_path = os.environ.get("HF_TOKEN_PATH")
@@ -131,7 +131,7 @@ def _hub_snapshot(uri: str, cache_dir: Path, revision: str | None) -> Path:
         snapshot = snapshot_download(
             f"{org}/{name}",
             revision=revision,
-            token=_hf_token(),
+            token=hf_token(),
             cache_dir=cache_dir / "hf",
             # Meta's repos repeat the weights as consolidated .pth files for their own code.
             ignore_patterns=["original/*"],
@@ -198,7 +198,7 @@ def _reject_unknown_fields(config: PretrainedConfig, overrides: dict[str, Any]) 
         )
 
 
-def _folder_config(path: Path, overrides: dict[str, Any]) -> PretrainedConfig:
+def folder_config(path: Path, overrides: dict[str, Any]) -> PretrainedConfig:
     config, unused = AutoConfig.from_pretrained(path, return_unused_kwargs=True, **overrides)
     _reject_unknown_fields(config, unused)
     return config
@@ -230,7 +230,7 @@ def model_config(
         set_dropout(config, dropout)
         return config, None
     path = resolve_model_path(model_spec.source, cache_dir, revision=model_spec.revision)
-    config = _folder_config(path, overrides)
+    config = folder_config(path, overrides)
     set_dropout(config, dropout)
     return config, path
 

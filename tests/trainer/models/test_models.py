@@ -190,10 +190,10 @@ def test_object_store_folder_is_copied_into_the_cache_once(tmp_path, model_folde
 
 def test_hub_token_comes_from_the_mounted_file(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
-    assert models._hf_token() is None
+    assert models.hf_token() is None
     (tmp_path / "token").write_text("hf_canary\n")
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "token"))
-    assert models._hf_token() == "hf_canary"
+    assert models.hf_token() == "hf_canary"
 
 
 def test_unreachable_hub_fails_naming_the_uri(tmp_path, monkeypatch):

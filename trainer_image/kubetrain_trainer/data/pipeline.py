@@ -118,7 +118,7 @@ def prepare_data(
     out_dir: Path,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    vocab_size: int = 1024,
+    vocab_size: int = tokenize.DEFAULT_VOCAB_SIZE,
     seed: int | None = None,
     log: Log = print,
     parallel: bool | None = None,

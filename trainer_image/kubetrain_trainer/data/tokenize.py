@@ -22,9 +22,13 @@ IGNORE_INDEX = -100
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 _BATCH = 1024
+# Size of the tokenizer trained for built-in models (the memory plan sizes them with it).
+DEFAULT_VOCAB_SIZE = 1024
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts` (any byte sequence stays encodable),
     with BOS, EOS, PAD and role tokens, and `DEFAULT_CHAT_TEMPLATE` as its chat template."""
     specials = [PAD, BOS, EOS, *ROLE_TOKENS]
