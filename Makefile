@@ -25,7 +25,7 @@ $(BIN)/kubetrain: pyproject.toml
 install: $(BIN)/kubetrain ## create .venv with kubetrain, its trainer and the dev tools
 
 quickstart: install ## train the quickstart run locally (2 CPU workers, FSDP2) into runs/quickstart
-	$(BIN)/kubetrain validate examples/*.yaml
+	$(BIN)/kubetrain validate examples/*.yaml --model-configs examples/model-configs
 	$(BIN)/kubetrain run examples/quickstart.yaml --overwrite
 
 bench: install ## benchmarks vs same-run baselines -> bench/results/bench.json + bench.png

@@ -16,7 +16,7 @@ import yaml
 
 from kubetrain_api import contract, crd, documents, placement, validation
 from kubetrain_api.v1alpha1 import TrainingRun
-from kubetrain_cli import lineage
+from kubetrain_cli import lineage, plan
 
 DESCRIPTION = """\
 kubetrain trains language models on Kubernetes: a TrainingRun resource becomes a Ray
@@ -28,6 +28,8 @@ examples:
   kubetrain validate examples/*.yaml       check TrainingRun and ModelService files, errors
                                            name the field
   kubetrain validate -o yaml run.yaml      print the run with every default filled in
+  kubetrain plan examples/*.yaml --model-configs examples/model-configs
+                                           will it fit? memory per process and replica
   kubetrain crds                           regenerate crds/ and the Helm chart's copy
   kubetrain crds --check                   fail if either is out of date
   kubetrain lineage runs/demo/model        the model's parents and data, back to the base
@@ -64,6 +66,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             if isinstance(obj, TrainingRun):
                 for field, message in placement.warnings(obj.spec):
                     print(f"{where}: {kind} {name}: warning: {field}: {message}", file=sys.stderr)
+                notes, errors = _fit(obj, args.model_configs)
+                for note in notes:
+                    print(f"{where}: {kind} {name}: warning: {note}", file=sys.stderr)
+                if errors:
+                    failed = True
+                    print(f"{where}: {kind} {name}: invalid", file=sys.stderr)
+                    for problem in errors:
+                        print(f"  {problem}", file=sys.stderr)
+                    continue
             if args.output == "name":
                 print(f"{where}: {kind} {name}: valid")
                 continue
@@ -74,6 +85,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 print("---")
                 print(yaml.safe_dump(resolved, sort_keys=False), end="")
     return 1 if failed else 0
+
+
+def _fit(run: TrainingRun, model_configs: Path | None) -> tuple[list[str], list[str]]:
+    """Warnings and errors of the memory plan of a GPU run; a CPU run has no GPU memory to
+    fit, and without the trainer extra (or the model's config) there is no plan."""
+    if run.spec.resources.gpus_per_worker == 0:
+        return [], []
+    missing = plan.trainer_missing()
+    if missing:
+        return [f"spec.model: memory plan skipped: {missing}"], []
+    from kubetrain_trainer.exits import SpecFailure
+
+    try:
+        memory_plan, _ = plan.plan_spec(run.spec, model_configs)
+    except (SpecFailure, ValueError) as exc:
+        return [f"memory plan skipped: {exc}"], []
+    return plan.fit_errors(memory_plan)
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
@@ -180,7 +208,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="name: one line per valid document (default); yaml/json: the resolved document "
         "with defaults filled in",
     )
+    validate.add_argument(
+        "--model-configs",
+        type=Path,
+        metavar="DIR",
+        help="config.json files laid out as SCHEME/PATH (hf/ORG/NAME/config.json), used for "
+        "the memory plan of GPU runs where a model's own folder cannot be read",
+    )
     validate.set_defaults(func=_cmd_validate)
+
+    plan_parser = commands.add_parser(
+        "plan",
+        help="will it fit? the memory plan of each TrainingRun, per process and replica",
+        description="Size each run's model from its config on the meta device (no weights "
+        "are read) and print the memory of one training process under FSDP2 at the run's "
+        "world size and precision, its peak against the GPU's memory, and a serving "
+        "replica's. Exit 1 when a run does not fit or cannot be planned.",
+    )
+    plan_parser.add_argument("files", nargs="+", metavar="FILE")
+    plan_parser.add_argument(
+        "--model-configs",
+        type=Path,
+        metavar="DIR",
+        help="config.json files laid out as SCHEME/PATH (hf/ORG/NAME/config.json, "
+        "pvc/CLAIM/PATH/config.json), used where a model's own folder cannot be read",
+    )
+    plan_parser.set_defaults(func=plan.cmd_plan)
 
     crds = commands.add_parser(
         "crds",

@@ -29,7 +29,7 @@ def kubetrain(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 def test_help_lists_the_commands() -> None:
     out = kubetrain("--help")
     assert out.returncode == 0
-    for command in ("validate", "crds", "run", "operator", "serve", "route", "feedback"):
+    for command in ("validate", "plan", "crds", "run", "operator", "serve", "route", "feedback"):
         assert command in out.stdout
 
 
