@@ -26,12 +26,12 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from kubetrain_api import contract
+from kubetrain_api import contract, memory
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.contract import WORKER_SLOT_RESOURCE
-from kubetrain_trainer import metrics, run_storage
+from kubetrain_trainer import metrics, planning, run_storage
 from kubetrain_trainer.config import TrainConfig, resolve
-from kubetrain_trainer.exits import RayUnavailable
+from kubetrain_trainer.exits import RayUnavailable, SpecFailure
 from kubetrain_trainer.mailbox import Mailbox
 from kubetrain_trainer.prepare import prepare
 from kubetrain_trainer.signals import stop_on_sigterm
@@ -143,7 +143,11 @@ def apply_event(telemetry: metrics.Telemetry, event: dict[str, Any]) -> None:
     """Route one rank-0 event to the telemetry."""
     kind = event.get("kind")
     if kind == "step":
-        telemetry.update(**{k: v for k, v in event.items() if k not in ("kind", "time")})
+        fields = {k: v for k, v in event.items() if k not in ("kind", "time")}
+        peaks = fields.pop("memory_peak_bytes_by_rank", None)
+        telemetry.update(**fields)
+        if peaks:
+            telemetry.set_memory_peaks(peaks)
     elif kind == "eval":
         telemetry.record_eval(event["step"], event["metrics"], gate=event.get("gate"))
     elif kind == "checkpoint":
@@ -154,6 +158,36 @@ def apply_event(telemetry: metrics.Telemetry, event: dict[str, Any]) -> None:
         telemetry.set_phase(event["phase"])
         if event.get("total_steps"):
             telemetry.update(total_steps=event["total_steps"])
+
+
+def plan_memory(config: TrainConfig, log: Callable[[str], None]) -> memory.MemoryPlan | None:
+    """The run's memory plan at the world size and device it got, logged. One that does
+    not fit its GPU by more than the plan's tolerance is the spec's failure (exit code
+    invalid spec, naming the cheapest fix); without the model's config there is no plan
+    and training goes on."""
+    try:
+        plan, _ = planning.plan_run(
+            config.spec, config.output_dir / "cache", world=config.world_size, gpu=config.use_gpu
+        )
+    except SpecFailure as exc:
+        log(f"memory plan skipped: {exc}")
+        return None
+    if plan.gpu_memory is not None:
+        against = f"{plan.verdict} in {memory.format_bytes(plan.gpu_memory)} ({plan.gpu_product})"
+    elif config.use_gpu:
+        against = "GPU memory unknown (set resources.gpuMemory)"
+    else:
+        against = "on CPUs"
+    log(
+        f"memory plan: {memory.format_bytes(plan.training.total)} per training process, "
+        f"{against} (kubetrain plan shows the terms)"
+    )
+    message = memory.fit_message(plan)
+    if message is not None and plan.verdict == "does-not-fit":
+        raise SpecFailure(message)
+    if message is not None:
+        log(f"warning: {message}")
+    return plan
 
 
 def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -183,6 +217,9 @@ def run_training(
     config.output_dir.mkdir(parents=True, exist_ok=True)
     telemetry = telemetry or metrics.Telemetry()
     telemetry.set_phase("Preparing")
+    # Before any data is prepared or worker trains: a run that cannot fit stops here.
+    if (memory_plan := plan_memory(config, log)) is not None:
+        telemetry.update(memory_planned_bytes=memory_plan.training.total)
     # Ray starts while the data is prepared (or found prepared): both take seconds, and
     # ray.init mostly waits on the processes it spawns.
     # A large input waits for Ray, then runs as Ray tasks (prepare.py).
