@@ -133,7 +133,7 @@ def run_variant(name: str, steps: int, warmup: int, gpus: int) -> dict[str, Any]
         "first_loss": steps_seen[0]["loss"],
         "final_loss": steady[-1]["loss"],
         "peak_memory_gib": round(
-            max(e.get("gpu_memory_peak_bytes") or 0 for e in steady) / 2**30, 3
+            max(max(e.get("memory_peak_bytes_by_rank") or [0]) for e in steady) / 2**30, 3
         ),
     }
 

@@ -261,6 +261,23 @@ def training() -> Json:
             description="Remaining steps over the step rate of the last 10 minutes.",
             width=8,
         ),
+        Panel(
+            "Memory: planned vs measured peak",
+            (
+                Target(per_run("kubetrain_trainer_memory_planned_bytes"), f"{run} planned"),
+                Target(
+                    f"max by (run) ({per_run('kubetrain_trainer_memory_peak_bytes')})",
+                    f"{run} measured (busiest rank)",
+                ),
+            ),
+            unit="bytes",
+            description="Per training process: the memory plan's peak (kubetrain plan, at "
+            "the world size and precision the run got) and the highest peak a rank has "
+            "allocated (GPU: the CUDA allocator's peak; CPU: tensors tracked over the "
+            "attempt's second step). A measured line above the planned one by more than a "
+            "quarter means the plan misses something this model does.",
+            width=24,
+        ),
         Row("Checkpoints and data"),
         Panel(
             "Checkpoint age",

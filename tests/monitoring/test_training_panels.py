@@ -1,7 +1,7 @@
-"""The Training dashboard's Preference and RL row against a real Prometheus scraping real
-trainer telemetry endpoints (a grpo, a dpo and an sft run; no control plane): each panel
-shows the numbers of the runs that have them, under the right run, and nothing for the
-others."""
+"""The Training dashboard's Preference and RL row, and its memory panel, against a real
+Prometheus scraping real trainer telemetry endpoints (a grpo, a dpo and an sft run; no
+control plane): each panel shows the numbers of the runs that have them, under the right
+run, and nothing for the others."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ STEPS = {
     "dpo-run": {"reward_margin": 0.4, "reward_accuracy": 0.75},
     "sft-run": {},
 }
+# Planned bytes per process, and each rank's measured peak (the sft run has measured none).
+MEMORY = {
+    "grpo-run": (100_000_000, [90_000_000, 95_000_000]),
+    "dpo-run": (200_000_000, [210_000_000]),
+    "sft-run": (50_000_000, []),
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +38,9 @@ def prom() -> Iterator[prometheus.Prometheus]:
         telemetry = Telemetry(run, "builtin://tiny-llama")
         telemetry.set_phase("Running")
         telemetry.update(step=3, total_steps=10, loss=1.0, **numbers)
+        planned, peaks = MEMORY[run]
+        telemetry.update(memory_planned_bytes=planned)
+        telemetry.set_memory_peaks(peaks)
         server, port = serve_telemetry(telemetry, host="127.0.0.1")
         servers.append(server)
         targets.append(f"127.0.0.1:{port}")
@@ -105,3 +114,14 @@ def test_margin_accuracy_and_kl_panels_show_the_runs_that_have_them(
         "dpo-run accuracy": 0.75,
     }
     assert shown(prom, "KL to the reference") == {"grpo-run": 0.0125}
+
+
+def test_memory_panel_sets_the_busiest_rank_beside_the_plan(prom: prometheus.Prometheus) -> None:
+    assert shown(prom, "Memory: planned vs measured peak") == {
+        "grpo-run planned": 100_000_000,
+        "grpo-run measured (busiest rank)": 95_000_000,
+        "dpo-run planned": 200_000_000,
+        "dpo-run measured (busiest rank)": 210_000_000,
+        "sft-run planned": 50_000_000,
+    }
+    assert panel("Memory: planned vs measured peak")["fieldConfig"]["defaults"]["unit"] == "bytes"

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kubetrain_api import contract, validation
+from kubetrain_api import contract, memory, validation
 from kubetrain_api import v1alpha1 as api
 from kubetrain_api.lineage import LineageError, ModelLineage, read_lineage
 from kubetrain_api.reports import ReportedModel, RunResult, lenient
@@ -166,6 +166,7 @@ class ProgressBar:
 
         self._tqdm = tqdm
         self.bar: Any = None
+        self._peaks_shown = False
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("kind")
@@ -174,6 +175,14 @@ class ProgressBar:
         if kind == "step" and self.bar is not None:
             self.bar.n = event["step"]
             self.bar.set_postfix(step_postfix(event))
+        if kind == "step" and event.get("memory_peak_bytes_by_rank") and not self._peaks_shown:
+            # Once: on a CPU the peak is measured at one step (peak_memory).
+            self._peaks_shown = True
+            peaks = ", ".join(
+                f"rank {rank} {memory.format_bytes(peak)}"
+                for rank, peak in enumerate(event["memory_peak_bytes_by_rank"])
+            )
+            self._write(f"memory: measured peak per training process: {peaks}")
         elif kind == "eval":
             shown = ", ".join(f"{k} {v:.4g}" for k, v in event["metrics"].items())
             self._write(f"eval @ step {event['step']}: {shown}")

@@ -36,6 +36,7 @@ from kubetrain_trainer.alignment import objective
 from kubetrain_trainer.config import TrainConfig
 from kubetrain_trainer.data.shards import open_split
 from kubetrain_trainer.parallelize import compute_dtype, set_gradient_sync
+from kubetrain_trainer.peak_memory import PeakMemory
 from kubetrain_trainer.sampler import DataOrder
 
 Report = Callable[[dict[str, Any]], None]
@@ -184,6 +185,7 @@ class Trainer:
             models.uses_flash_attention(self.model) and "position_ids" in self.train_data
         )
         self.optimizer = optim.build_optimizer(self.model, hp)
+        self.peak_memory = PeakMemory(self.model, self.optimizer, self.device)
         self.scheduler = optim.build_scheduler(self.optimizer, hp, self.total_steps)
         self.checkpoints = checkpoint.CheckpointManager(
             config.checkpoint_root,
@@ -264,18 +266,19 @@ class Trainer:
             for rows in self.order.micro_batches(self.step, self.ctx.rank)
         ]
         numbers: dict[str, torch.Tensor] = {}
-        if self.objective is not None:
-            out = self.objective.accumulate(self.model, micro)
-            loss, trained, numbers = out.loss, out.trained, out.numbers
-            tokens = out.tokens
-        else:
-            micro_batches = [batch for _, batch in micro]
-            loss, trained = accumulate_gradients(self.model, micro_batches, self.device)
-            tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
-        grad_norm = self._clip()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.peak_memory.step():
+            if self.objective is not None:
+                out = self.objective.accumulate(self.model, micro)
+                loss, trained, numbers = out.loss, out.trained, out.numbers
+                tokens = out.tokens
+            else:
+                micro_batches = [batch for _, batch in micro]
+                loss, trained = accumulate_gradients(self.model, micro_batches, self.device)
+                tokens = sum(int(b["input_ids"].numel()) for b in micro_batches)
+            grad_norm = self._clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens * self.ctx.world_size
         return {
@@ -285,6 +288,15 @@ class Trainer:
             "trained_tokens": trained,
             "numbers": numbers,
         }
+
+    def _memory_peaks(self) -> list[int] | None:
+        """Every rank's peak memory so far (a collective on every rank at the same step),
+        when it may have changed; None otherwise."""
+        if not self.peak_memory.changed():
+            return None
+        peak = self.peak_memory.peak()
+        peaks = _all_gather_int(-1 if peak is None else peak)
+        return None if min(peaks) < 0 else peaks
 
     def _model_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return models.flatten_rows(batch) if self.flat_rows else batch
@@ -429,7 +441,7 @@ class Trainer:
                     learning_rate=self.scheduler.get_last_lr()[0],
                     tokens_per_second=tps,
                     mfu=self._mfu(tps),
-                    gpu_memory_peak_bytes=_peak_memory_bytes(),
+                    memory_peak_bytes_by_rank=self._memory_peaks(),
                     epoch=self.order.epoch(self.step),
                     tokens_seen=self.tokens_seen,
                     **{k: float(v) for k, v in out["numbers"].items()},
@@ -566,11 +578,3 @@ def _write_pid(config: TrainConfig, ctx: WorkerContext) -> None:
     pids = config.output_dir / "pids"
     pids.mkdir(parents=True, exist_ok=True)
     (pids / f"rank{ctx.rank}").write_text(str(os.getpid()))
-
-
-def _peak_memory_bytes() -> int | None:
-    """This process's peak GPU memory so far (what an out-of-memory run would hit); None
-    on CPU."""
-    if not torch.cuda.is_available():
-        return None
-    return int(torch.cuda.max_memory_allocated())

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -138,7 +138,7 @@ TRAINING_FIELDS: Mapping[str, str] = {
     "grad_norm": "Global gradient norm before clipping.",
     "epoch": "Fractional epoch.",
     "tokens_seen": "Training tokens consumed so far, all workers.",
-    "gpu_memory_peak_bytes": "Peak GPU memory allocated by rank 0's process (GPU runs only).",
+    "memory_planned_bytes": "The memory plan's peak per training process (kubetrain plan).",
     # Preference and RL methods only (absent, or None, for the others).
     "reward_mean": "grpo: mean reward of the latest step's sampled completions.",
     "reward_std": "grpo: standard deviation of those rewards.",
@@ -176,6 +176,10 @@ _ETA_WINDOW = 20  # recent (time, step) samples the step rate is measured over
 def _finite(value: float | None) -> float | None:
     """JSON has no NaN or infinity: such values become null."""
     return value if value is not None and math.isfinite(value) else None
+
+
+def _whole(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _moment(timestamp: float | None) -> datetime | None:
@@ -226,6 +230,7 @@ class Telemetry:
         self._data: dict[tuple[str, str], float] = {}
         self._eval_datasets: set[str] = set()
         self._updated_at: float | None = None
+        self._memory_peaks: list[int] = []
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -248,6 +253,12 @@ class Telemetry:
                 if self._steps and step < self._steps[-1][1]:
                     self._steps.clear()  # resumed from an earlier checkpoint
                 self._steps.append((now, float(step)))
+
+    def set_memory_peaks(self, peaks: Sequence[int]) -> None:
+        """Each training process's peak allocated memory, in rank order."""
+        with self._lock:
+            self._touch()
+            self._memory_peaks = [int(p) for p in peaks]
 
     def record_eval(
         self,
@@ -352,6 +363,8 @@ class Telemetry:
                 reward_margin=_finite(f.get("reward_margin")),
                 reward_accuracy=_finite(f.get("reward_accuracy")),
                 kl=_finite(f.get("kl")),
+                memory_planned_bytes=_whole(f.get("memory_planned_bytes")),
+                memory_peak_bytes=max(self._memory_peaks) if self._memory_peaks else None,
                 latest_checkpoint=checkpoint,
                 evaluation=evaluation,
                 updated_at=_moment(self._updated_at),
@@ -378,6 +391,15 @@ class Telemetry:
                 "Unix time the latest step was reported.",
                 self._steps[-1][0],
             )
+        peaks = GaugeMetricFamily(
+            f"{PREFIX}_memory_peak_bytes",
+            "Peak memory allocated by each training process (GPU: the CUDA allocator's "
+            "peak; CPU: tensors tracked over the attempt's second step).",
+            labels=["rank"],
+        )
+        for rank, peak in enumerate(self._memory_peaks):
+            peaks.add_metric([str(rank)], peak)
+        yield peaks
         yield from self._checkpoint_metrics()
         yield from self._eval_metrics()
         data = GaugeMetricFamily(

@@ -134,6 +134,31 @@ def check_run(run_dir: Path, method: str) -> dict[str, Any]:
     return result
 
 
+def check_memory(run_dir: Path, method: str, base: Path) -> None:
+    """Each attempt's ranks report their peak once (at the attempt's second step); the
+    plan holds dpo's and kto's within its tolerance. grpo's plan takes every prompt at
+    sequenceLength, so it bounds the peak from above (these prompts are far shorter)."""
+    from kubetrain_api import documents, memory, validation
+    from kubetrain_trainer import planning
+
+    peaks = [
+        e["memory_peak_bytes_by_rank"]
+        for e in events(run_dir)
+        if e["kind"] == "step" and e["memory_peak_bytes_by_rank"]
+    ]
+    assert peaks, "no rank reported its peak memory"
+    doc = validation.load_documents(validation.read_file(EXAMPLES / f"{method}.yaml"))[0]
+    spec = documents.parse_document(doc).spec
+    spec.model.source = f"file://{base}"
+    plan, _ = planning.plan_run(spec, run_dir / "plan-cache", world=2, gpu=False)
+    total = plan.training.total
+    for peak in (p for attempt in peaks for p in attempt):
+        if method == "grpo":
+            assert peak <= total, (peak, total)
+        else:
+            assert abs(total / peak - 1) <= memory.TOLERANCE, (method, total, peak)
+
+
 def served_answer(run_dir: Path) -> str:
     """`kubetrain serve` on the export answers a held-out prompt (greedy, via openai)."""
     prompt = next(rows("quickstart-preferences", "test"))["prompt"]
@@ -146,8 +171,9 @@ def test_the_base_prefers_neither_style(baseline: float) -> None:
     assert 0.25 <= baseline <= 0.75, baseline
 
 
-def test_dpo_learns_the_preference_from_pairs(dpo: Path, baseline: float) -> None:
+def test_dpo_learns_the_preference_from_pairs(dpo: Path, base: Path, baseline: float) -> None:
     result = check_run(dpo, "dpo")
+    check_memory(dpo, "dpo", base)
     accuracy = result["metrics"]["held-out/accuracy"]
     assert accuracy >= 0.9 > baseline, (baseline, accuracy)
     # The trainer's number is the exported model's: LoRA merged right.
@@ -158,16 +184,20 @@ def test_dpo_learns_the_preference_from_pairs(dpo: Path, baseline: float) -> Non
     assert served_answer(dpo).startswith(STYLE.strip())
 
 
-def test_kto_learns_the_preference_from_thumbs_up_and_down(kto: Path, baseline: float) -> None:
+def test_kto_learns_the_preference_from_thumbs_up_and_down(
+    kto: Path, base: Path, baseline: float
+) -> None:
     result = check_run(kto, "kto")
+    check_memory(kto, "kto", base)
     accuracy = result["metrics"]["held-out/accuracy"]
     assert accuracy >= baseline + 0.2, (baseline, accuracy)
     assert all(e["kl"] >= 0 for e in events(kto) if e["kind"] == "step")
     assert served_answer(kto).startswith(STYLE.strip())
 
 
-def test_grpo_raises_a_verifiable_reward(grpo: Path) -> None:
+def test_grpo_raises_a_verifiable_reward(grpo: Path, base: Path) -> None:
     result = check_run(grpo, "grpo")
+    check_memory(grpo, "grpo", base)
     rewards = [e["reward_mean"] for e in events(grpo) if e["kind"] == "step"]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last >= first + 0.2, rewards

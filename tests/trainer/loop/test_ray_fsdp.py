@@ -137,6 +137,27 @@ def test_each_rank_holds_about_half_the_parameters(straight: tuple[Path, str]) -
     assert 0.45 <= setup["params_local"] / setup["params_total"] <= 0.55, setup
 
 
+def test_each_rank_reports_its_peak_memory_within_the_plan(straight: tuple[Path, str]) -> None:
+    """The driver logs the plan; each rank measures its peak (on a CPU over its second
+    step, which must leave the golden loss above unchanged) and the plan holds it."""
+    from kubetrain_api import documents, memory, validation
+    from kubetrain_trainer import planning
+
+    run_dir, output = straight
+    peaks = [e["memory_peak_bytes_by_rank"] for e in events(run_dir) if e["kind"] == "step"]
+    reported = [p for p in peaks if p]
+    assert len(reported) == 1, peaks  # measured once, at step 2
+    assert peaks[1] == reported[0]
+    assert len(reported[0]) == 2
+    run = documents.parse_document(validation.load_documents(RUN_YAML)[0])
+    plan, _ = planning.plan_run(run.spec, run_dir / "plan-cache", world=2, gpu=False)
+    assert f"memory plan: {memory.format_bytes(plan.training.total)} per training process" in (
+        output
+    )
+    for peak in reported[0]:
+        assert abs(plan.training.total / peak - 1) <= memory.TOLERANCE, (plan.training, peak)
+
+
 def test_checkpoints_evaluation_and_export(straight: tuple[Path, str]) -> None:
     run_dir, output = straight
     committed = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))

@@ -244,6 +244,9 @@ def test_progress_document(telemetry, clock, base_url):
         "rewardMargin": None,
         "rewardAccuracy": None,
         "kl": None,
+        # No plan given, no peak measured yet.
+        "memoryPlannedBytes": None,
+        "memoryPeakBytes": None,
         "latestCheckpoint": {
             "step": 10,
             "path": "/ckpt/step-000010",
@@ -477,3 +480,30 @@ def test_the_local_progress_bar_shows_the_numbers_a_step_has(capsys):
     assert "loss=2.000, tok_s=5120]" in sft  # nothing else
     assert "loss=0.600, tok_s=5120, margin=0.35, acc=0.75]" in dpo
     assert "loss=0.100, tok_s=5120, reward=0.625±0.25, kl=0.0125]" in grpo
+
+
+def test_memory_plan_and_per_rank_peaks_reach_gauges_and_status(telemetry, base_url):
+    """The driver's plan and the ranks' peaks (a step event, as apply_event routes it):
+    one gauge per rank, the busiest rank in the progress document and status.progress."""
+    from kubetrain_operator.progress import parse
+    from kubetrain_operator.results import copy_progress
+    from kubetrain_trainer.driver import apply_event
+
+    telemetry.update(total_steps=10, memory_planned_bytes=64_000_000)
+    apply_event(telemetry, {"kind": "step", "step": 2, "memory_peak_bytes_by_rank": None})
+    assert json.loads(get(f"{base_url}/progress")[2])["memoryPeakBytes"] is None
+    apply_event(
+        telemetry,
+        {"kind": "step", "step": 3, "memory_peak_bytes_by_rank": [61_000_000, 63_500_000]},
+    )
+    samples = scrape(base_url)
+    assert value(samples, "kubetrain_trainer_memory_planned_bytes") == 64_000_000
+    assert value(samples, "kubetrain_trainer_memory_peak_bytes", rank="0") == 61_000_000
+    assert value(samples, "kubetrain_trainer_memory_peak_bytes", rank="1") == 63_500_000
+    status: dict = {}
+    copy_progress(status, parse(get(f"{base_url}/progress")[2].encode()))
+    assert status["progress"]["memoryPlannedBytes"] == 64_000_000
+    assert status["progress"]["memoryPeakBytes"] == 63_500_000
+    # A later step without a measurement keeps the peaks.
+    apply_event(telemetry, {"kind": "step", "step": 4, "memory_peak_bytes_by_rank": None})
+    assert value(scrape(base_url), "kubetrain_trainer_memory_peak_bytes", rank="1") == 63_500_000
