@@ -634,8 +634,10 @@ def _key_errors(key: str, path: str) -> Iterator[FieldError]:
 
 
 def _quantity_fields(spec: api.TrainingRunSpec) -> Iterator[tuple[str, int | str | None, bool]]:
-    """(path, quantity, must be positive) of every quantity that reaches a pod or a claim."""
+    """(path, quantity, must be positive) of every quantity that reaches a pod or a claim,
+    and the GPU memory the memory plan is judged against."""
     res = spec.resources
+    yield "spec.resources.gpuMemory", res.gpu_memory, True
     yield "spec.resources.cpuPerWorker", res.cpu_per_worker, False
     yield "spec.resources.memoryPerWorker", res.memory_per_worker, False
     yield "spec.resources.sharedMemory", res.shared_memory, False

@@ -83,6 +83,7 @@ CASES: dict[str, tuple[str, str]] = {
     "toleration-seconds-without-noexecute": ("rules", "spec.resources.tolerations[0].effect"),
     "toleration-equal-without-key": ("rules", "spec.resources.tolerations[0].operator"),
     "negative-cpu-quantity": ("rules", "spec.resources.cpuPerWorker"),
+    "zero-gpu-memory": ("rules", "spec.resources.gpuMemory"),
     "fractional-exponent-quantity": ("rules", "spec.resources.memoryPerWorker"),
     "zero-claim-size": ("rules", "spec.checkpoint.storage.pvc.size"),
     "env-name-dot-dot": ("rules", "spec.env[0].name"),
