@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -348,7 +349,10 @@ def apply_lora(
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config, low_cpu_mem_usage=low_cpu_mem_usage)
+    with warnings.catch_warnings():
+        # peft probes the attribute transformers renamed; its deprecation is not ours to fix.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        return get_peft_model(model, config, low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def merge_lora(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
