@@ -141,7 +141,10 @@ def events(name: str, namespace: str) -> list[str]:
 def test_the_operator_rolls_back_a_treatment_users_dislike(
     ms_operator: None, routed: tuple[Process, Path], namespace: str
 ) -> None:
-    apply(model_service("ab"), namespace)
+    # The latency guardrail is off here: on a loaded 2-core machine the two fake engines'
+    # p95 can differ by 20% by chance, and this test is about the statistical decision
+    # (the next test breaks a guardrail on purpose).
+    apply(model_service("ab", guardrails={"maxLatencyIncrease": 100.0}), namespace)
     first = started("ab", namespace)
     assert first["traffic"] == "a=50,b=50"
     assert router_weights("ab", namespace) == {"a": 50, "b": 50}
@@ -170,7 +173,8 @@ def test_the_operator_rolls_back_a_treatment_users_dislike(
     experiment = status["experiment"]
     assert experiment["decision"] == "Rollback", experiment
     assert experiment["winner"] == "a"
-    assert experiment["pValue"] <= 0.05
+    assert experiment.get("guardrailBreach") is None, experiment
+    assert experiment["pValue"] <= 0.05, experiment
     assert experiment["applied"] is True
     assert [v["name"] for v in experiment["variants"]] == ["a", "b"]
     assert all(v["samples"] >= 30 for v in experiment["variants"])
