@@ -404,6 +404,27 @@ def test_the_schema_is_created_once_and_a_newer_one_is_refused(target: str) -> N
         open_store(target)
 
 
+def test_replicas_opening_a_fresh_sqlite_file_together_all_succeed(tmp_path: Path) -> None:
+    # Switching a fresh file to WAL needs an exclusive lock, and SQLite refuses it at once
+    # (no busy wait) while another opener migrates: the race fails about one round in
+    # eight with eight openers, so many rounds make a missing retry show.
+    for round_ in range(40):
+        failures: list[BaseException] = []
+
+        def open_one(path: Path = tmp_path / f"r{round_}" / "log.db") -> None:
+            try:
+                open_store(path).close()
+            except BaseException as exc:
+                failures.append(exc)
+
+        openers = [threading.Thread(target=open_one) for _ in range(8)]
+        for t in openers:
+            t.start()
+        for t in openers:
+            t.join()
+        assert failures == [], f"round {round_}"
+
+
 def test_an_unreachable_database_is_a_clear_error(postgres: PostgresServer) -> None:
     wrong = postgres.dsn().replace(postgres.password, "not-the-password")
     with pytest.raises(StoreError, match="password authentication failed") as caught:

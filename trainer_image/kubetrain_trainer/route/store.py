@@ -44,6 +44,7 @@ Decisions (each enforced and tested in tests/route/test_store.py):
 from __future__ import annotations
 
 import math
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -298,7 +299,7 @@ def _sqlite_engine(path: Path) -> Engine:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         try:
-            mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _enable_wal(cursor)
             if str(mode).lower() != "wal":
                 raise StoreError(
                     f"SQLite store {path}: the file system does not support WAL "
@@ -317,6 +318,21 @@ def _sqlite_engine(path: Path) -> Engine:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _enable_wal(cursor: sqlite3.Cursor) -> str:
+    """Switch to WAL and return the journal mode. The switch needs an exclusive lock, and
+    SQLite answers SQLITE_BUSY at once, without its busy handler (waiting could deadlock),
+    while another connection writes, e.g. a replica migrating the same fresh file: retry
+    within the busy timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            return str(cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _postgresql_engine(url: sa.URL) -> Engine:
