@@ -193,4 +193,6 @@ class Controller:
         with self._lock:
             if meta["uid"] in self._known:  # not deleted meanwhile
                 self._handled[meta["uid"]] = meta["resourceVersion"]
+            else:  # deleted during this reconcile, which has just set its metrics again
+                self._forget(meta["uid"], key)
         return again

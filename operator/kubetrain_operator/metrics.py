@@ -74,6 +74,10 @@ class RunIndex(Collector):
             self._phases.pop(uid, None)
             self._gpus.pop(uid, None)
 
+    def __contains__(self, uid: object) -> bool:
+        with self._lock:
+            return uid in self._phases
+
     def counts(self) -> Counter[str]:
         with self._lock:
             return Counter(self._phases.values())

@@ -53,6 +53,30 @@ def test_a_deleted_run_is_left_alone(kube: Kube, namespace: str) -> None:
     assert kube.mutations == {}
 
 
+def test_a_run_deleted_during_its_reconcile_leaves_the_metrics(
+    kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The watch's DELETED event can arrive while a worker reconciles the run, after its
+    # status write; the worker's last step sets the run's phase gauge, which must not bring
+    # the deleted run back (nothing would ever forget it again).
+    apply(quickstart("midway"), namespace)
+    controller = _controller(kube)
+    body = get_run("midway", namespace)
+    controller.run_event("ADDED", body)
+    patch_status = kube.patch_status
+
+    def patch_then_delete(ns: str, name: str, *args: object, **kwargs: object) -> object:
+        written = patch_status(ns, name, *args, **kwargs)
+        kubectl("delete", "tr", name, "-n", ns)
+        controller.run_event("DELETED", body)
+        return written
+
+    monkeypatch.setattr(kube, "patch_status", patch_then_delete)
+    controller.reconcile(controller.queue.get() or ("", "", ""))
+
+    assert body["metadata"]["uid"] not in metrics.RUNS
+
+
 def conflicts() -> float:
     """409 answers the operator's client has counted in this process."""
     value = metrics.REGISTRY.get_sample_value(
