@@ -374,20 +374,7 @@ def test_concurrent_writers_on_two_replicas_lose_nothing(target: str) -> None:
 
 def test_the_schema_is_created_once_and_a_newer_one_is_refused(target: str) -> None:
     # Replicas starting together: every one opens (and migrates) the same fresh database.
-    opened: list[Store] = []
-    failures: list[BaseException] = []
-
-    def open_one() -> None:
-        try:
-            opened.append(open_store(target))
-        except BaseException as exc:
-            failures.append(exc)
-
-    starters = [threading.Thread(target=open_one) for _ in range(4)]
-    for s in starters:
-        s.start()
-    for s in starters:
-        s.join()
+    opened, failures = open_together(target, 4)
     assert failures == []
     store = opened[0]
     record(store, "r-1")
@@ -409,20 +396,29 @@ def test_replicas_opening_a_fresh_sqlite_file_together_all_succeed(tmp_path: Pat
     # (no busy wait) while another opener migrates: the race fails about one round in
     # eight with eight openers, so many rounds make a missing retry show.
     for round_ in range(40):
-        failures: list[BaseException] = []
-
-        def open_one(path: Path = tmp_path / f"r{round_}" / "log.db") -> None:
-            try:
-                open_store(path).close()
-            except BaseException as exc:
-                failures.append(exc)
-
-        openers = [threading.Thread(target=open_one) for _ in range(8)]
-        for t in openers:
-            t.start()
-        for t in openers:
-            t.join()
+        opened, failures = open_together(tmp_path / f"r{round_}" / "log.db", 8)
+        for store in opened:
+            store.close()
         assert failures == [], f"round {round_}"
+
+
+def open_together(target: str | Path, openers: int) -> tuple[list[Store], list[BaseException]]:
+    """`openers` threads opening `target` at once: the stores opened, and what was raised."""
+    opened: list[Store] = []
+    failures: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            opened.append(open_store(target))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(openers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return opened, failures
 
 
 def test_an_unreachable_database_is_a_clear_error(postgres: PostgresServer) -> None:
