@@ -352,16 +352,11 @@ def gpu_memory(spec: api.TrainingRunSpec) -> tuple[int | None, str | None]:
     if res.gpus_per_worker == 0:
         return None, None
     if res.gpu_memory is not None:
-        return int(quantity_bytes(res.gpu_memory)), "resources.gpuMemory"
+        return int(quantity_value(res.gpu_memory)), "resources.gpuMemory"
     product = res.node_selector.get(GPU_PRODUCT_LABEL)
     if product in GPU_MEMORY_MIB:
         return GPU_MEMORY_MIB[product] * MIB, product
     return None, product
-
-
-def quantity_bytes(quantity: int | str) -> float:
-    """A Kubernetes memory quantity in bytes (16Gi, 80G, 1e9, 500M)."""
-    return float(quantity_value(quantity))
 
 
 def judge(total: int, capacity: int | None) -> Literal["fits", "tight", "does-not-fit", "unknown"]:

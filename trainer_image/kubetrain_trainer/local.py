@@ -172,17 +172,18 @@ class ProgressBar:
         kind = event.get("kind")
         if kind == "phase" and event.get("total_steps") and self.bar is None:
             self.bar = self._tqdm(total=event["total_steps"], unit="step", dynamic_ncols=True)
-        if kind == "step" and self.bar is not None:
-            self.bar.n = event["step"]
-            self.bar.set_postfix(step_postfix(event))
-        if kind == "step" and event.get("memory_peak_bytes_by_rank") and not self._peaks_shown:
-            # Once: on a CPU the peak is measured at one step (peak_memory).
-            self._peaks_shown = True
-            peaks = ", ".join(
-                f"rank {rank} {memory.format_bytes(peak)}"
-                for rank, peak in enumerate(event["memory_peak_bytes_by_rank"])
-            )
-            self._write(f"memory: measured peak per training process: {peaks}")
+        if kind == "step":
+            if self.bar is not None:
+                self.bar.n = event["step"]
+                self.bar.set_postfix(step_postfix(event))
+            peaks = event.get("memory_peak_bytes_by_rank")
+            if peaks and not self._peaks_shown:
+                # Once: on a CPU the peak is measured at one step (peak_memory).
+                self._peaks_shown = True
+                shown = ", ".join(
+                    f"rank {rank} {memory.format_bytes(peak)}" for rank, peak in enumerate(peaks)
+                )
+                self._write(f"memory: measured peak per training process: {shown}")
         elif kind == "eval":
             shown = ", ".join(f"{k} {v:.4g}" for k, v in event["metrics"].items())
             self._write(f"eval @ step {event['step']}: {shown}")

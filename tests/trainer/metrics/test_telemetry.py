@@ -482,6 +482,23 @@ def test_the_local_progress_bar_shows_the_numbers_a_step_has(capsys):
     assert "loss=0.100, tok_s=5120, reward=0.625±0.25, kl=0.0125]" in grpo
 
 
+def test_the_local_run_prints_the_measured_peaks_once(capsys):
+    """`kubetrain run` prints every rank's peak at the first step that carries them."""
+    from kubetrain_trainer.local import ProgressBar
+
+    bar = ProgressBar()
+    bar({"kind": "phase", "phase": "Running", "total_steps": 10})
+    step = {"kind": "step", "loss": 2.0, "tokens_per_second": 100.0}
+    bar({**step, "step": 1})
+    peaks = {"memory_peak_bytes_by_rank": [60 * 2**20, 61 * 2**20]}
+    bar({**step, "step": 2, **peaks})
+    bar({**step, "step": 3, **peaks})
+    bar.close()
+    printed = capsys.readouterr()
+    lines = [line for line in (printed.out + printed.err).splitlines() if "memory:" in line]
+    assert lines == ["memory: measured peak per training process: rank 0 60.0 MiB, rank 1 61.0 MiB"]
+
+
 def test_memory_plan_and_per_rank_peaks_reach_gauges_and_status(telemetry, base_url):
     """The driver's plan and the ranks' peaks (a step event, as apply_event routes it):
     one gauge per rank, the busiest rank in the progress document and status.progress."""
