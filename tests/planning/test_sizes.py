@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from kubetrain_api import v1alpha1 as api
+from tests.support.s3 import S3Server
 
 pytestmark = pytest.mark.trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "examples" / "model-configs"
+LLAMA_1B = "hf/meta-llama/Llama-3.2-1B/config.json"
 
 
 def _model(source: str, **extra: object) -> api.ModelSpec:
@@ -76,6 +78,23 @@ def test_local_folders_file_and_pvc(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         _model(f"file://{folder}", configOverrides={"num_hidden_layers": 2}), tmp_path
     )
     assert planning.measure(planning.build_meta(shallow, None)).layers == 2
+
+
+def test_object_store_config_is_read_alone_and_bounded(tmp_path: Path, s3: S3Server) -> None:
+    """s3:// reads config.json from a real S3 server (SeaweedFS), without the weights; a
+    "config" far over any real one's size is refused, not read whole."""
+    from kubetrain_trainer import planning
+
+    bucket = s3.make_bucket()
+    with s3.environ():
+        fs = s3.filesystem()
+        fs.pipe(f"{bucket}/base/config.json", (CONFIGS / LLAMA_1B).read_bytes())
+        config, where = planning.config_for(_model(f"s3://{bucket}/base"), tmp_path)
+        assert config.hidden_size == 2048
+        assert Path(where).parent == tmp_path / "configs"
+        fs.pipe(f"{bucket}/huge/config.json", b" " * (planning.MAX_CONFIG_BYTES + 1))
+        with pytest.raises(planning.ConfigUnavailable, match="over 1048576 bytes"):
+            planning.config_for(_model(f"s3://{bucket}/huge"), tmp_path)
 
 
 def test_unreadable_configs_name_the_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ nothing but the config is read. The arithmetic of the plan is `kubetrain_api.mem
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -23,6 +24,8 @@ from kubetrain_trainer.data.tokenize import DEFAULT_VOCAB_SIZE
 from kubetrain_trainer.exits import SpecFailure
 
 HUB_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+# A model's config.json is a few KiB; a file far larger than that is not one.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:
@@ -104,9 +107,14 @@ def _config_only(model_spec: api.ModelSpec, cache_dir: Path) -> Path:
     import fsspec
 
     fs, remote = fsspec.core.url_to_fs(source.rstrip("/") + "/config.json")
-    target = cache_dir / "configs" / f"{abs(hash(source))}.json"
+    with fs.open(remote, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)  # the bucket is the user's: read a bounded amount
+    if len(data) > MAX_CONFIG_BYTES:
+        raise RuntimeError(f"config.json is over {MAX_CONFIG_BYTES} bytes: not a model config")
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    target = cache_dir / "configs" / f"{digest}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(fs.cat_file(remote))
+    target.write_bytes(data)
     return target
 
 
